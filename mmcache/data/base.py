@@ -1,0 +1,186 @@
+"""Contract 1: datasets in their native layouts become `Sample` records plus a `LabelSpace`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmcache.errors import MMCacheError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One example: paths to its raw media (never pixels), its text and its labels.
+
+    `labels` maps a task name to a class index in the dataset's `LabelSpace`; an
+    unlabeled sample (e.g. a hidden test split) has an empty dict.
+    """
+
+    id: str
+    split: str
+    text: str | None = None
+    image: str | None = None
+    video: str | None = None
+    audio: str | None = None
+    entity: str | None = None
+    context: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of the sample."""
+        return asdict(self)
+
+
+@dataclass
+class LabelSpace:
+    """Task name -> ordered class names; the first task is the primary one."""
+
+    tasks: dict[str, list[str]]
+    metric: str = "accuracy"  # primary selection metric for this dataset (e.g. "auroc")
+
+    @property
+    def primary(self) -> str:
+        """The task reported first and used for model selection by default."""
+        return next(iter(self.tasks))
+
+    def num_classes(self, task: str | None = None) -> int:
+        """Number of classes of `task` (default: the primary task)."""
+        return len(self.tasks[task or self.primary])
+
+    def index(self, task: str, name: str, where: str = "") -> int:
+        """Class index of `name` in `task`; a clear error names `where` it came from."""
+        names = self.tasks.get(task)
+        if names is None:
+            raise MMCacheError(f"{where}unknown task {task!r}; tasks are {list(self.tasks)}")
+        try:
+            return names.index(str(name))
+        except ValueError:
+            raise MMCacheError(
+                f"{where}label {name!r} is not in the label space of task {task!r} {names}; "
+                "fix the row or the label list"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (inverse of `from_json`)."""
+        return {"tasks": self.tasks, "metric": self.metric}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LabelSpace:
+        """Rebuild from `to_json` output."""
+        return cls(tasks={k: list(v) for k, v in obj["tasks"].items()}, metric=obj.get("metric", "accuracy"))
+
+
+@dataclass
+class Dataset:
+    """The samples of a dataset, its label space, and where it lives on disk."""
+
+    name: str
+    samples: list[Sample]
+    labels: LabelSpace
+    root: Path
+
+    def __post_init__(self) -> None:
+        dup = [k for k, n in Counter(s.id for s in self.samples).items() if n > 1]
+        if dup:
+            raise MMCacheError(
+                f"dataset {self.name!r} at {self.root}: duplicate sample ids {dup[:5]}"
+                f"{' ...' if len(dup) > 5 else ''}; ids must be unique"
+            )
+
+    def split(self, name: str) -> list[Sample]:
+        """The samples of one split, in dataset order."""
+        return [s for s in self.samples if s.split == name]
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """Sample ids, of one split or all."""
+        return [s.id for s in self.samples if split is None or s.split == split]
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names present, in first-seen order."""
+        return list(dict.fromkeys(s.split for s in self.samples))
+
+    def by_id(self) -> dict[str, Sample]:
+        """Index of samples by id."""
+        return {s.id: s for s in self.samples}
+
+    def counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """split -> task -> class name -> count (for `mmcache data show`)."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for sp in self.splits:
+            out[sp] = {}
+            for task, names in self.labels.tasks.items():
+                c = Counter(s.labels[task] for s in self.split(sp) if task in s.labels)
+                out[sp][task] = {n: c.get(i, 0) for i, n in enumerate(names)}
+        return out
+
+    def write_manifest(self, path: Path) -> None:
+        """Write ids, splits and labels as JSON (the store's `verify` checks ids against it)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        obj = {
+            "name": self.name,
+            "labels": self.labels.to_json(),
+            "samples": [{"id": s.id, "split": s.split, "labels": s.labels} for s in self.samples],
+        }
+        path.write_text(json.dumps(obj))
+
+
+Adapter = Callable[..., Dataset]
+DATASETS: dict[str, Adapter] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_dataset(name: str, *aliases: str) -> Callable[[Adapter], Adapter]:
+    """Decorator: register an adapter `fn(root: Path, **options) -> Dataset` under `name`."""
+
+    def deco(fn: Adapter) -> Adapter:
+        DATASETS[name] = fn
+        for a in aliases:
+            ALIASES[a] = name
+        return fn
+
+    return deco
+
+
+def dataset_names() -> list[str]:
+    """All registered dataset names and aliases, sorted."""
+    _import_adapters()
+    return sorted([*DATASETS, *ALIASES])
+
+
+def default_root(name: str, data_dir: Path | str = "data") -> Path:
+    """Where `name` is looked for by default: `data/<name>/`."""
+    return Path(data_dir) / name
+
+
+def load_dataset(name: str, root: Path | str | None = None, **options: Any) -> Dataset:
+    """Load dataset `name` from `root` (default `data/<name>`) through its registered adapter."""
+    _import_adapters()
+    canonical = ALIASES.get(name, name)
+    if canonical not in DATASETS:
+        raise MMCacheError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    root = Path(root) if root is not None else default_root(name)
+    if not root.exists():
+        raise MMCacheError(
+            f"dataset folder {root} does not exist; put {name!r} there in its official layout "
+            "or pass --data-dir"
+        )
+    return DATASETS[canonical](root, **options)
+
+
+def _import_adapters() -> None:
+    # Adapters register themselves on import; importing the package imports them all.
+    import mmcache.data  # noqa: F401
+
+
+def check_unique(ids: Iterable[str], where: str) -> None:
+    """Raise a clear error naming `where` if `ids` has duplicates."""
+    dup = [k for k, n in Counter(ids).items() if n > 1]
+    if dup:
+        raise MMCacheError(f"{where}: duplicate ids {dup[:5]}; ids must be unique")

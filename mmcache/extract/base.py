@@ -1,0 +1,156 @@
+"""Contract 2: an extractor turns decoded raw inputs into named feature arrays.
+
+Presets are data (a dict per preset name, as open_clip's model configs); extractor
+classes are code, registered by family. `build_extractor("clip", "image")` looks the
+preset up, picks the family's class and builds it for one modality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from mmcache.errors import MMCacheError
+
+# Store folder names. `context` is a second text (caption, OCR); `teacher` holds logits.
+MODALITIES = ("image", "text", "context", "video", "audio", "teacher")
+# Raw fields a decoder can produce for a sample (see extract/decode.py).
+FIELDS = ("image", "text", "context", "entity", "video", "audio")
+
+
+class DecodeError(Exception):
+    """A raw input (image, video, audio) is missing, empty or corrupt; the runner records it as failed."""
+
+
+class Extractor(nn.Module):
+    """One pretrained encoder for one modality, usable frozen (extract) or live (finetune).
+
+    Subclasses set `family` and implement `preprocess` (runs in DataLoader workers, CPU,
+    per sample) and `forward` (runs on the device, per batch). `forward` returns a dict of
+    tensors with a leading batch dim: `pooled [B,d]` always, optionally `tokens [B,T,d]`
+    (+ `mask [B,T]`, bool, True = real token), `boxes [B,R,5]`, `logits [B,C]`.
+    Shapes after the batch dim are fixed per spec (pad to a fixed T), so stores are dense.
+    """
+
+    family: ClassVar[str] = ""
+    # Modalities this family can serve; the instance serves `self.modality`.
+    modalities: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
+        super().__init__()
+        if modality not in self.modalities:
+            raise MMCacheError(
+                f"preset {preset!r} ({self.family}) cannot encode {modality!r}; it serves {list(self.modalities)}"
+            )
+        self.preset = preset
+        self.config = dict(config)
+        self.modality = modality
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Raw fields of a sample this extractor reads (default: the modality's own field)."""
+        return ("text",) if self.modality == "text" else (self.modality,)
+
+    @property
+    def decode_options(self) -> dict[str, int]:
+        """Options for the shared decoder of each input field, e.g. {"video_frames": 16}.
+
+        The runner decodes each field once per sample for all extractors, with the
+        element-wise max of their options; an extractor subsamples what it needs.
+        """
+        return {}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description of everything that determines the output (model, weights, preprocessing)."""
+        return {"preset": self.preset, "family": self.family, "modality": self.modality, **self.config}
+
+    def spec_hash(self) -> str:
+        """Stable short hash of `spec` (stores refuse rows of a different hash)."""
+        return spec_hash(self.spec)
+
+    def preprocess(self, decoded: dict[str, Any]) -> Any:
+        """Turn one sample's decoded raw fields into model input (CPU, in a worker)."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        """Batch preprocessed items (default: torch's default_collate)."""
+        return default_collate(items)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Encode one batch on the module's device."""
+        raise NotImplementedError
+
+
+Decoder = Callable[[Any, dict[str, int]], Any]
+# Raw field -> decoder(value, options) -> decoded object (PIL image, frames, waveform, str).
+# Raises DecodeError for a missing / empty / corrupt input.
+DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(field: str) -> Callable[[Decoder], Decoder]:
+    """Decorator registering the shared decoder of one raw field."""
+
+    def deco(fn: Decoder) -> Decoder:
+        DECODERS[field] = fn
+        return fn
+
+    return deco
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a spec, first 16 hex digits."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+ExtractorClass = type[Extractor]
+FAMILIES: dict[str, ExtractorClass] = {}
+# Preset name -> config dict. "family" picks the class; the rest is passed to it.
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_family(name: str) -> Callable[[ExtractorClass], ExtractorClass]:
+    """Decorator registering an Extractor subclass as family `name`."""
+
+    def deco(cls: ExtractorClass) -> ExtractorClass:
+        cls.family = name
+        FAMILIES[name] = cls
+        return cls
+
+    return deco
+
+
+def register_preset(name: str, family: str, **config: Any) -> None:
+    """Register preset `name` as data: family + its config (model id, weights, preprocessing)."""
+    PRESETS[name] = {"family": family, **config}
+
+
+def resolve_preset(name: str) -> tuple[str, dict[str, Any]]:
+    """Preset name -> (canonical name, config). Families may parse free-form names (e.g. `arch:tag`)."""
+    _import_families()
+    if name in PRESETS:
+        return name, dict(PRESETS[name])
+    for cls in FAMILIES.values():
+        parsed = getattr(cls, "parse_preset", None)
+        cfg = parsed(name) if parsed else None
+        if cfg is not None:
+            return name, {"family": cls.family, **cfg}
+    raise MMCacheError(f"unknown extractor preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+
+
+def build_extractor(preset: str, modality: str, **overrides: Any) -> Extractor:
+    """Build the extractor of `preset` for `modality`, config entries replaced by `overrides`."""
+    name, cfg = resolve_preset(preset)
+    family = cfg.pop("family")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return FAMILIES[family](name, cfg, modality)
+
+
+def _import_families() -> None:
+    import mmcache.extract  # noqa: F401  (families register on import)

@@ -1,0 +1,65 @@
+"""Small shared helpers: seeding, library versions, device choice, JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LIBS = ("mmcache", "torch", "torchvision", "open_clip_torch", "transformers", "h5py", "numpy", "scikit-learn")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries that determine results, plus the git commit if any."""
+    out: dict[str, str] = {}
+    for lib in LIBS:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    commit = git_commit()
+    if commit:
+        out["git_commit"] = commit
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the mmcache source tree, when it is a git checkout."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` if given, else cuda when available, else cpu."""
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
