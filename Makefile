@@ -1,0 +1,90 @@
+# mmcache: every target sets up .venv on first use (a stamp file makes later calls instant).
+#
+#   make demo                      generate demo data, extract features, train heads, print a table
+#   make test                      the full test suite
+#   make features DATASET=mvsa     extract the dataset's default features into cache/<dataset>/
+#   make train DATASET=mvsa VTYPE=clip TTYPE=clip D=256
+#   make sweep DATASET=mvsa GRID='head=linear,gated;D=128,256'
+#   make bench                     benchmarks (ratios within one run)
+#
+# TORCH_SPEC picks the torch/torchvision pair installed into .venv. Default: the normal
+# PyPI wheels (CUDA builds) where an NVIDIA GPU is present; on a CPU-only x86_64 machine
+# the pinned pair below (the only pair that imports beside the CPU wheel on such hosts);
+# on aarch64 a CPU pair. Override: make setup TORCH_SPEC='torch==2.5.1 torchvision==0.20.1'
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mmcache-installed
+EXTRAS ?= dev,lora,video
+
+ARCH   := $(shell uname -m)
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch torchvision
+else ifeq ($(ARCH),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+DATASET ?= demo
+DATA_DIR ?= data/$(DATASET)
+CACHE_DIR ?= cache
+VTYPE ?= clip
+TTYPE ?= clip
+D ?= 256
+HEAD ?= linear
+GRID ?= head=linear,gated;D=128,256
+EXTRACT_ARGS ?=
+TRAIN_ARGS ?=
+
+# Default features per dataset (store name=preset where the name differs from the preset).
+FEATURES_demo          := --image clip=clip-tiny --text clip=clip-tiny
+FEATURES_mvsa          := --image clip,resnet --text clip,roberta
+FEATURES_mvsa-single   := $(FEATURES_mvsa)
+FEATURES_mvsa-multiple := $(FEATURES_mvsa)
+FEATURES_hateful-memes := --image clip,clip-l14 --text clip,clip-l14,roberta
+FEATURES_twitter15     := --image clip,resnet,frcnn --text clip,roberta --teacher nli-teacher
+FEATURES_twitter17     := $(FEATURES_twitter15)
+FEATURES_mmhs150k      := --image clip,resnet --text clip,roberta --context clip,roberta
+FEATURES_fakeddit      := --image clip,resnet --text clip,roberta
+FEATURES_meld          := --text roberta --video r3d --audio mel
+FEATURES ?= $(or $(FEATURES_$(DATASET)),--image clip --text clip)
+
+.PHONY: setup demo test features train sweep bench lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/mmcache data demo --out data/demo
+	$(MAKE) --no-print-directory features DATASET=demo
+	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --D $(D) --grid 'ablation=0,1,2' --name demo-ablation
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+features: $(STAMP)
+	$(BIN)/mmcache extract $(DATASET) --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) $(FEATURES) $(EXTRACT_ARGS)
+
+train: $(STAMP)
+	$(BIN)/heads train --dataset $(DATASET) --cache-dir $(CACHE_DIR) --head $(HEAD) --vtype $(VTYPE) --ttype $(TTYPE) --D $(D) $(TRAIN_ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(TRAIN_ARGS)
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check mmcache tests bench
+
+clean-demo:
+	rm -rf data/demo cache/demo runs/demo
