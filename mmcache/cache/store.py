@@ -1,23 +1,50 @@
 """Contract 3: the HDF5 feature store, one file per (dataset, modality, name).
 
-Rows are keyed by sample id. Writes are append-only: each batch is written, flushed,
-and only then counted as committed (`n_committed`), so a killed run loses at most the
-batch in flight. Attributes are JSON.
+Crash safety by construction. HDF5 is not crash-consistent while it changes its own
+structure (a file killed before a flush cannot be opened again), so a store's HDF5
+structure is only ever written whole: every dataset is contiguous, allocated up front
+for `capacity` rows (sparse on disk: unwritten rows take no blocks), the file is built
+under a temporary name, fsynced and renamed into place. After that, extraction writes
+only raw row bytes at fixed offsets (`os.pwrite`) and then commits them with one 32-byte
+write of the `_state` counters (rows, failed, updated time). A kill at any moment leaves
+a valid HDF5 file whose committed rows are complete; rows past the counter are ignored
+and overwritten on resume. Growing past `capacity` rebuilds the file under a temporary
+name and renames it (amortised by doubling; pass `capacity` to avoid it).
+
+Static metadata (spec, spec hash, dataset, dtype, versions, created time) are JSON HDF5
+attributes; what changes during extraction (committed rows, failed ids with reasons,
+updated time) lives in the fixed-size datasets above. `StoreReader.attrs` presents both
+as one JSON-able dict. Readers take no lock and never block, even while a writer runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from filelock import FileLock, Timeout
 
 from mmcache.errors import MMCacheError
 
 DEFAULT_CACHE = Path("cache")
+FORMAT = "mmcache-store/2"
+DEFAULT_CAPACITY = 1024
+REASON_BYTES = 512
+# Rows are copied / scanned in blocks of about this many bytes, so memory stays bounded.
+BLOCK_BYTES = 64 << 20
+# pread/pwrite move at most this many bytes per call on Linux.
+_IO_MAX = 0x7FFFF000
+_STATE = "_state"  # int64 [n_rows, n_failed, updated_ns, reserved]
+_META = ("ids", "failed_ids", "failed_reasons", _STATE)
 
 
 def store_path(cache_dir: Path | str, dataset: str, modality: str, name: str) -> Path:
@@ -30,85 +57,372 @@ def manifest_path(cache_dir: Path | str, dataset: str) -> Path:
     return Path(cache_dir) / dataset / "manifest.json"
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def default_manifest(path: Path | str) -> Path:
+    """The manifest a store at `cache/<dataset>/<modality>/<name>.h5` belongs to."""
+    return Path(path).parent.parent / "manifest.json"
+
+
+def lock_path(path: Path | str) -> Path:
+    """The lock file a writer of `path` holds."""
+    return Path(f"{path}.lock")
+
+
+def partial_path(path: Path | str) -> Path:
+    """Where a store is (re)built before it is renamed into place."""
+    return Path(f"{path}.partial")
+
+
+def manifest_ids(manifest: Path | str, split: str | None = None) -> list[str]:
+    """Sample ids listed in a dataset manifest, of one split or all, in dataset order."""
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise MMCacheError(f"manifest {manifest} not found; run `mmcache extract` for this dataset to write it")
+    try:
+        samples = json.loads(manifest.read_text())["samples"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise MMCacheError(
+            f"manifest {manifest} is not valid ({e}); run `mmcache extract` again to rewrite it"
+        ) from None
+    ids = [s["id"] for s in samples if split is None or s["split"] == split]
+    if split is not None and not ids:
+        splits = sorted({s["split"] for s in samples})
+        raise MMCacheError(f"manifest {manifest} has no split {split!r}; its splits are {splits}")
+    return ids
+
+
+def _iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ns / 1e9)) if ns else ""
+
+
+def _corrupt(path: Path, why: str) -> MMCacheError:
+    return MMCacheError(
+        f"{path} is not a readable feature store ({why}); remove it with `mmcache cache rm {path}` "
+        "and run `mmcache extract` again"
+    )
+
+
+def _pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
+    mv = memoryview(np.ascontiguousarray(buf)).cast("B")
+    while len(mv):
+        n = os.pwrite(fd, mv[:_IO_MAX], offset)
+        mv, offset = mv[n:], offset + n
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    mv = memoryview(out).cast("B")
+    while len(mv):
+        n = os.preadv(fd, [mv[:_IO_MAX]], offset)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset}")
+        mv, offset = mv[n:], offset + n
+
+
+@dataclass(frozen=True)
+class _Array:
+    """Where one contiguous dataset lives in the file."""
+
+    offset: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _layout(f: h5py.File) -> dict[str, _Array]:
+    out: dict[str, _Array] = {}
+    for k, ds in f.items():
+        off = ds.id.get_offset()
+        if off is None:
+            raise ValueError(f"dataset {k!r} is not contiguous")
+        out[k] = _Array(int(off), tuple(ds.shape[1:]), ds.dtype)
+    return out
+
+
+def _create_contiguous(f: h5py.File, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    # Early allocation fixes every row's address for the file's life; no fill means the
+    # unwritten tail stays a sparse hole instead of gigabytes of zeros written up front.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), h5py.h5s.create_simple(shape),
+                    dcpl=dcpl)
+
+
+def _encode_ids(ids: Sequence[str], width: int) -> np.ndarray:
+    return np.array([i.encode() for i in ids], dtype=f"S{width}")
+
+
+def _decode(arr: np.ndarray) -> list[str]:
+    return [b.decode("utf-8", "replace") for b in arr.tolist()]
 
 
 class FeatureStore:
-    """Writer: appends batches of rows keyed by id; refuses a store built with another spec."""
+    """Writer: appends batches of rows keyed by id, crash-safely; resumes; refuses another spec or writer.
+
+    `capacity` is the number of rows (committed + failed) the store should hold; pass the
+    dataset's size to avoid growth copies. `durable=True` also fsyncs every batch, which
+    protects against power loss, not only against a killed process.
+    """
 
     def __init__(self, path: Path | str, spec: dict[str, Any], dataset: str, dtype: str = "float16",
-                 versions: dict[str, str] | None = None) -> None:
+                 versions: dict[str, str] | None = None, capacity: int | None = None,
+                 durable: bool = False) -> None:
         from mmcache.extract.base import spec_hash
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dtype = np.dtype(dtype)
+        self.spec = json.loads(json.dumps(spec, sort_keys=True, default=str))
         self.hash = spec_hash(spec)
-        new = not self.path.exists()
-        self.f = h5py.File(self.path, "a")
-        if new or "spec" not in self.f.attrs:
-            self.f.attrs["spec"] = json.dumps(spec, sort_keys=True)
-            self.f.attrs["spec_hash"] = self.hash
-            self.f.attrs["dataset"] = dataset
-            self.f.attrs["dtype"] = self.dtype.name
-            self.f.attrs["versions"] = json.dumps(versions or {})
-            self.f.attrs["created"] = _now()
-            self.f.attrs["failed"] = "{}"
-            self.f.attrs["n_committed"] = 0
-        elif self.f.attrs["spec_hash"] != self.hash:
-            old = self.f.attrs["spec"]
-            self.f.close()
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise MMCacheError(f"store dtype must be a float type (float16 or float32), not {dtype!r}")
+        self.dataset = dataset
+        self.durable = durable
+        self._fd = -1
+        # flock is released by the kernel when the holder dies, so a killed run never leaves a stale lock.
+        self._lock = FileLock(lock_path(self.path), timeout=0, fallback_to_soft=False)
+        try:
+            self._lock.acquire()
+        except Timeout:
             raise MMCacheError(
-                f"{self.path} was built with a different spec:\n  store: {old}\n  asked: "
-                f"{json.dumps(spec, sort_keys=True)}\nremove it (`mmcache cache rm {self.path}`) or write elsewhere"
+                f"{self.path} is being written by another process (it holds {lock_path(self.path)}); "
+                "wait for it to finish or stop it, then rerun to resume"
+            ) from None
+        try:
+            self._open(versions, capacity)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- opening / building -------------------------------------------------------
+
+    def _open(self, versions: dict[str, str] | None, capacity: int | None) -> None:
+        # A leftover partial file is a rebuild killed before its rename: the store itself is intact.
+        partial_path(self.path).unlink(missing_ok=True)
+        if self.path.exists():
+            self._load_existing(versions)
+            if capacity and capacity > self.capacity:
+                self._rebuild(capacity, self._id_width, self._arrays_meta())
+        else:
+            from mmcache.utils import versions as lib_versions
+
+            self.attrs: dict[str, Any] = {
+                "format": FORMAT, "spec": self.spec, "spec_hash": self.hash, "dataset": self.dataset,
+                "dtype": self.dtype.name, "versions": versions if versions is not None else lib_versions(),
+                "created": _iso(time.time_ns()),
+            }
+            self._ids: list[str] = []
+            self._done: set[str] = set()
+            self.failed: dict[str, str] = {}
+            self._n = self._nf = 0
+            self._rebuild(capacity or DEFAULT_CAPACITY, 64, {})
+
+    def _load_existing(self, versions: dict[str, str] | None) -> None:
+        reader = StoreReader(self.path)
+        if reader.attrs.get("spec_hash") != self.hash:
+            raise MMCacheError(
+                f"{self.path} was built with a different spec; rows of two specs are never mixed.\n"
+                f"  store spec ({reader.attrs.get('spec_hash')}): {json.dumps(reader.spec, sort_keys=True)}\n"
+                f"  asked spec ({self.hash}): {json.dumps(self.spec, sort_keys=True)}\n"
+                f"remove the store (`mmcache cache rm {self.path}`) or give this spec another store name"
             )
-        n = int(self.f.attrs["n_committed"])
-        self._committed = [x.decode() for x in self.f["ids"][:n]] if "ids" in self.f else []
-        self.failed: dict[str, str] = json.loads(self.f.attrs["failed"])
+        if reader.attrs.get("dtype") != self.dtype.name:
+            raise MMCacheError(
+                f"{self.path} stores {reader.attrs.get('dtype')} rows but {self.dtype.name} was asked; "
+                f"resume with the store's dtype, or remove it (`mmcache cache rm {self.path}`) to switch"
+            )
+        stored_versions = reader.attrs.get("versions", {})
+        if versions is not None:
+            changed = {k: (stored_versions[k], v) for k, v in versions.items()
+                       if k in stored_versions and stored_versions[k] != v and k not in ("git_commit", "mmcache")}
+            if changed:
+                warnings.warn(f"{self.path}: resuming with other library versions than the store was begun with "
+                              f"{changed}; rows may differ in the last bits", stacklevel=3)
+        self.attrs = {k: reader.attrs[k] for k in ("format", "spec", "spec_hash", "dataset", "dtype", "versions",
+                                                    "created")}
+        self._ids = list(reader.ids)
+        self._done = set(self._ids)
+        self.failed = dict(reader._failed_all)
+        self._n, self._nf = len(self._ids), len(self.failed)
+        self._id_width = reader._layout["ids"].dtype.itemsize
+        self.capacity = reader.capacity
+        self._layout = reader._layout
+        self._fd = os.open(self.path, os.O_RDWR)
+
+    def _arrays_meta(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {k: (a.row_shape, a.dtype) for k, a in self._layout.items() if k not in _META}
+
+    def _rebuild(self, capacity: int, id_width: int, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """Write the whole file anew under a temporary name, copy committed rows, rename it into place."""
+        tmp = partial_path(self.path)
+        tmp.unlink(missing_ok=True)
+        with h5py.File(tmp, "w", locking=False) as f:
+            for k, v in self.attrs.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+            _create_contiguous(f, "ids", (capacity,), np.dtype(f"S{id_width}"))
+            _create_contiguous(f, "failed_ids", (capacity,), np.dtype(f"S{id_width}"))
+            _create_contiguous(f, "failed_reasons", (capacity,), np.dtype(f"S{REASON_BYTES}"))
+            _create_contiguous(f, _STATE, (4,), np.dtype("<i8"))
+            for k, (row_shape, dt) in arrays.items():
+                _create_contiguous(f, k, (capacity, *row_shape), dt)
+            new = _layout(f)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            if self._fd >= 0:
+                for k in arrays:
+                    if k in self._layout:
+                        self._copy_rows(self._fd, self._layout[k], fd, new[k], self._n)
+            _pwrite(fd, _encode_ids(self._ids, id_width), new["ids"].offset)
+            _pwrite(fd, _encode_ids(list(self.failed), id_width), new["failed_ids"].offset)
+            reasons = np.array([r.encode()[:REASON_BYTES] for r in self.failed.values()], dtype=f"S{REASON_BYTES}")
+            _pwrite(fd, reasons, new["failed_reasons"].offset)
+            _pwrite(fd, np.array([self._n, self._nf, time.time_ns(), 0], dtype="<i8"), new[_STATE].offset)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.replace(tmp, self.path)
+        self._fsync_dir()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._layout = new
+        self.capacity = capacity
+        self._id_width = id_width
+
+    @staticmethod
+    def _copy_rows(src: int, a: _Array, dst: int, b: _Array, n: int) -> None:
+        step = max(1, BLOCK_BYTES // max(1, a.row_bytes))
+        for lo in range(0, n, step):
+            buf = np.empty((min(step, n - lo) * a.row_bytes,), dtype=np.uint8)
+            _pread_into(src, buf, a.offset + lo * a.row_bytes)
+            _pwrite(dst, buf, b.offset + lo * b.row_bytes)
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # -- writing ------------------------------------------------------------------
 
     @property
     def done(self) -> set[str]:
         """Ids committed or recorded as failed (a rerun skips them)."""
-        return set(self._committed)
+        return self._done | set(self.failed)
 
-    def write(self, ids: list[str], arrays: dict[str, np.ndarray]) -> None:
-        """Append one batch of rows and commit it (flushed before it counts)."""
-        n0 = len(self._committed)
-        n1 = n0 + len(ids)
-        if "ids" not in self.f:
-            self.f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
-        self._put("ids", np.asarray(ids, dtype=object), n0, n1)
-        for key, arr in arrays.items():
-            arr = np.asarray(arr)
-            if arr.dtype.kind == "f":
-                arr = arr.astype(self.dtype)
-            self._put(key, arr, n0, n1)
-        self.f.flush()
-        self.f.attrs["n_committed"] = n1
-        self.f.attrs["updated"] = _now()
-        self.f.flush()
-        self._committed.extend(ids)
+    @property
+    def n_rows(self) -> int:
+        """Number of committed rows."""
+        return self._n
 
-    def _put(self, key: str, arr: np.ndarray, n0: int, n1: int) -> None:
-        if key not in self.f:
-            chunk = (max(1, min(256, (1 << 20) // max(1, arr[0].nbytes))),) + arr.shape[1:]
-            self.f.create_dataset(key, shape=(0,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:],
-                                  dtype=arr.dtype if key == "ids" else arr.dtype, chunks=chunk)
-        ds = self.f[key]
-        ds.resize(n1, axis=0)
-        ds[n0:n1] = arr
+    def write(self, ids: Sequence[str], arrays: dict[str, Any]) -> None:
+        """Append one batch of rows and commit it: rows first, then the counter that makes them count."""
+        self._check_open()
+        ids = [str(i) for i in ids]
+        if not ids:
+            return
+        batch = self._prepare(ids, arrays)
+        width = max(len(i.encode()) for i in ids)
+        need = self._n + self._nf + len(ids)
+        if need > self.capacity or width > self._id_width or not self._arrays_meta():
+            # Doubling keeps growth copies amortised O(1) per row; the first batch fixes the arrays.
+            cap = max(need, 2 * self.capacity) if need > self.capacity else self.capacity
+            meta = self._arrays_meta() or {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+            self._rebuild(cap, max(self._id_width, 1 << (width - 1).bit_length()), meta)
+        n0 = self._n
+        for k, v in batch.items():
+            a = self._layout[k]
+            _pwrite(self._fd, v, a.offset + n0 * a.row_bytes)
+        _pwrite(self._fd, _encode_ids(ids, self._id_width), self._layout["ids"].offset + n0 * self._id_width)
+        self._commit(n0 + len(ids), self._nf)
+        self._ids.extend(ids)
+        self._done.update(ids)
+
+    def _prepare(self, ids: list[str], arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+        if len(set(ids)) != len(ids):
+            dup = [k for k, c in Counter(ids).items() if c > 1]
+            raise MMCacheError(f"{self.path}: batch has duplicate ids {dup[:5]}; ids must be unique")
+        again = [i for i in ids if i in self._done]
+        if again:
+            raise MMCacheError(f"{self.path}: ids already committed {again[:5]}; skip ids in `store.done`")
+        out: dict[str, np.ndarray] = {}
+        for k, v in arrays.items():
+            if hasattr(v, "detach"):  # a torch tensor
+                v = v.detach().cpu().numpy()
+            v = np.asarray(v)
+            if v.shape[:1] != (len(ids),):
+                raise MMCacheError(f"{self.path}: array {k!r} has {v.shape[:1]} rows for {len(ids)} ids")
+            if v.dtype.kind == "f" and v.dtype != self.dtype:
+                cast = v.astype(self.dtype)
+                if not np.isfinite(cast).all() and np.isfinite(v).all():
+                    raise MMCacheError(
+                        f"{self.path}: array {k!r} has values beyond the {self.dtype.name} range "
+                        f"(max |x| {float(np.abs(v).max()):.3g}); extract with float32"
+                    )
+                v = cast
+            out[k] = np.ascontiguousarray(v)
+        meta = self._arrays_meta()
+        if meta:
+            got = {k: (v.shape[1:], v.dtype) for k, v in out.items()}
+            if got != meta:
+                raise MMCacheError(
+                    f"{self.path}: batch arrays {_describe(got)} do not match the store's {_describe(meta)}; "
+                    "every row of a store has the same arrays and shapes"
+                )
+        return out
 
     def fail(self, sample_id: str, reason: str) -> None:
-        """Record that `sample_id` could not be extracted, and why."""
+        """Record that `sample_id` could not be extracted, and why (committed at once)."""
+        self._check_open()
+        sample_id = str(sample_id)
+        if sample_id in self._done:
+            raise MMCacheError(f"{self.path}: id {sample_id!r} is already committed; it cannot also fail")
+        if sample_id in self.failed:
+            return
+        width = len(sample_id.encode())
+        if self._n + self._nf + 1 > self.capacity or width > self._id_width:
+            self._rebuild(max(self.capacity * 2, self._n + self._nf + 1),
+                          max(self._id_width, 1 << (width - 1).bit_length()), self._arrays_meta())
+        i = self._nf
+        _pwrite(self._fd, _encode_ids([sample_id], self._id_width),
+                self._layout["failed_ids"].offset + i * self._id_width)
+        _pwrite(self._fd, np.array([reason.encode()[:REASON_BYTES]], dtype=f"S{REASON_BYTES}"),
+                self._layout["failed_reasons"].offset + i * REASON_BYTES)
+        self._commit(self._n, i + 1)
         self.failed[sample_id] = reason
-        self.f.attrs["failed"] = json.dumps(self.failed)
-        self.f.flush()
+
+    def clear_failed(self) -> None:
+        """Forget recorded failures, so the next run tries those ids again."""
+        self._check_open()
+        self._commit(self._n, 0)
+        self.failed = {}
+
+    def _commit(self, n: int, nf: int) -> None:
+        if self.durable:
+            os.fdatasync(self._fd)
+        # One small pwrite: a killed process never tears it, so the counters are old or new, never mixed.
+        _pwrite(self._fd, np.array([n, nf, time.time_ns(), 0], dtype="<i8"), self._layout[_STATE].offset)
+        if self.durable:
+            os.fdatasync(self._fd)
+        self._n, self._nf = n, nf
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise MMCacheError(f"{self.path}: the store is closed")
 
     def close(self) -> None:
-        """Flush and close the file."""
-        if self.f.id.valid:
-            self.f.close()
+        """Sync to disk, close the file and release the writer lock."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock.is_locked:
+            self._lock.release()
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -116,45 +430,273 @@ class FeatureStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
+
+def _describe(meta: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
+    return "{" + ", ".join(f"{k}: {list(s)} {np.dtype(d).name}" for k, (s, d) in sorted(meta.items())) + "}"
+
 
 class StoreReader:
-    """Reads committed rows of a store, aligned to requested ids."""
+    """Reads the committed rows of a store, aligned to requested ids; takes no lock, never blocks."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise MMCacheError(f"feature store {self.path} not found; run `mmcache extract` first")
         try:
-            with h5py.File(self.path, "r") as f:
-                self.attrs = {k: f.attrs[k] for k in f.attrs}
-                n = int(f.attrs.get("n_committed", 0))
-                self.ids = [x.decode() for x in f["ids"][:n]] if "ids" in f else []
-                self.shapes = {k: f[k].shape[1:] for k in f if k != "ids"}
-                self.dtypes = {k: f[k].dtype for k in f if k != "ids"}
-        except OSError as e:
-            raise MMCacheError(f"{self.path} is not a readable HDF5 store ({e}); remove it and extract again") from None
-        self.spec: dict[str, Any] = json.loads(self.attrs["spec"])
-        self.failed: dict[str, str] = json.loads(self.attrs.get("failed", "{}"))
+            with h5py.File(self.path, "r", locking=False) as f:
+                raw = {k: f.attrs[k] for k in f.attrs}
+                if raw.get("format") != FORMAT:
+                    raise _corrupt(self.path, f"format {raw.get('format')!r}, expected {FORMAT!r}; it was written "
+                                              "by another version of mmcache or is not a feature store")
+                self._layout = _layout(f)
+                missing = [k for k in _META if k not in self._layout]
+                if missing:
+                    raise _corrupt(self.path, f"datasets {missing} are missing")
+                self.capacity = int(f["ids"].shape[0])
+                state = f[_STATE][:]
+                self.shapes: dict[str, tuple[int, ...]] = {
+                    k: a.row_shape for k, a in self._layout.items() if k not in _META}
+                self.dtypes: dict[str, np.dtype] = {k: a.dtype for k, a in self._layout.items() if k not in _META}
+                n, nf = int(state[0]), int(state[1])
+                if not (0 <= n and 0 <= nf and n + nf <= self.capacity):
+                    raise _corrupt(self.path, f"counters {n} rows + {nf} failed exceed its {self.capacity} slots")
+                self.ids: list[str] = _decode(f["ids"][:n])
+                fids = _decode(f["failed_ids"][:nf])
+                reasons = _decode(f["failed_reasons"][:nf])
+        except MMCacheError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise _corrupt(self.path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        end = max(a.offset + self.capacity * a.row_bytes for k, a in self._layout.items() if k != _STATE)
+        if os.path.getsize(self.path) < end:
+            raise _corrupt(self.path, f"it is truncated: {os.path.getsize(self.path)} bytes, expected {end}")
+        try:
+            self.attrs: dict[str, Any] = {k: _maybe_json(k, v) for k, v in raw.items()}
+        except ValueError as e:
+            raise _corrupt(self.path, f"bad JSON attribute ({e})") from None
         self.index = {k: i for i, k in enumerate(self.ids)}
+        self._failed_all = dict(zip(fids, reasons, strict=True))
+        # A later run may have extracted an id that once failed; the committed row wins.
+        self.failed: dict[str, str] = {k: v for k, v in self._failed_all.items() if k not in self.index}
+        self.attrs.update(rows=n, failed=self.failed, updated=_iso(int(state[2])), capacity=self.capacity)
+        self.spec: dict[str, Any] = self.attrs.get("spec", {})
 
     @property
     def keys(self) -> list[str]:
         """Names of the arrays per row (pooled, tokens, mask, ...)."""
         return list(self.shapes)
 
-    def load(self, ids: list[str] | None = None, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays for `ids` (default: all committed rows), in that order; missing ids are an error."""
-        keys = keys or self.keys
-        n = len(self.ids)
-        with h5py.File(self.path, "r") as f:
-            full = {k: f[k][:n] for k in keys}
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def manifest(self) -> Path:
+        """The dataset manifest this store belongs to (`cache/<dataset>/manifest.json`)."""
+        return default_manifest(self.path)
+
+    def load(self, ids: Sequence[str] | None = None, keys: Sequence[str] | None = None, *,
+             split: str | None = None, manifest: Path | str | None = None) -> dict[str, np.ndarray]:
+        """Arrays for `ids`, or for the ids of `split` in the dataset manifest, or all rows; aligned, in order.
+
+        Ids not in the store are an error. Rows are read with sequential reads of the file
+        (one per array when the ids are a contiguous run), then reordered in memory.
+        """
+        if split is not None:
+            if ids is not None:
+                raise MMCacheError("pass either ids or split to load(), not both")
+            ids = manifest_ids(manifest or self.manifest(), split)
+        keys = list(keys) if keys is not None else self.keys
+        unknown = [k for k in keys if k not in self.shapes]
+        if unknown:
+            raise MMCacheError(f"{self.path} has no arrays {unknown}; it has {self.keys}")
         if ids is None:
-            return full
-        missing = [i for i in ids if i not in self.index]
+            rows = np.arange(len(self.ids), dtype=np.int64)
+        else:
+            rows = self.rows(ids)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return {k: self._gather(fd, self._layout[k], rows) for k in keys}
+        finally:
+            os.close(fd)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of `ids`; a clear error lists ids that are missing (and why, if they failed)."""
+        index = self.index
+        missing = [i for i in ids if i not in index]
         if missing:
+            failed = [i for i in missing if i in self.failed]
+            why = ""
+            if failed:
+                why = f"; {len(failed)} of them failed extraction (e.g. {failed[0]!r}: {self.failed[failed[0]]})"
             raise MMCacheError(
-                f"{self.path}: {len(missing)} requested ids are not in the store (e.g. {missing[:3]}); "
-                "run `mmcache extract` again to fill them"
+                f"{self.path}: {len(missing)} of {len(ids)} requested ids are not in the store "
+                f"(e.g. {missing[:3]}){why}; rerun `mmcache extract` to fill them, or drop them from the request"
             )
-        rows = np.fromiter((self.index[i] for i in ids), dtype=np.int64, count=len(ids))
-        return {k: v[rows] for k, v in full.items()}
+        return np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))
+
+    def _gather(self, fd: int, a: _Array, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *a.row_shape), dtype=a.dtype)
+        if len(rows) == 0:
+            return out
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo == len(rows) and (np.diff(rows) == 1).all():
+            _pread_into(fd, out, a.offset + lo * a.row_bytes)  # one contiguous read, straight into the result
+            return out
+        if len(rows) * 8 < hi - lo:
+            # A few rows scattered over a long span: read only their pages instead of the span.
+            mm = np.memmap(self.path, dtype=a.dtype, mode="r", offset=a.offset, shape=(hi, *a.row_shape))
+            out[:] = mm[rows]
+            del mm
+            return out
+        # Dense but unordered: sweep the span in sequential blocks and scatter rows to their places.
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        step = max(1, BLOCK_BYTES // max(1, a.row_bytes))
+        buf = np.empty((min(step, hi - lo), *a.row_shape), dtype=a.dtype)
+        for b0 in range(lo, hi, step):
+            b1 = min(hi, b0 + step)
+            i0, i1 = np.searchsorted(srt, [b0, b1])
+            if i0 == i1:
+                continue
+            blk = buf[: b1 - b0]
+            _pread_into(fd, blk, a.offset + b0 * a.row_bytes)
+            out[order[i0:i1]] = blk[srt[i0:i1] - b0]
+        return out
+
+
+def _maybe_json(key: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if key in ("spec", "versions") and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def find_stores(cache_dir: Path | str) -> Iterator[Path]:
+    """Every `*.h5` store under `cache_dir`, sorted."""
+    root = Path(cache_dir)
+    if root.is_file():
+        yield root
+        return
+    yield from sorted(p for p in root.rglob("*.h5") if p.is_file())
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes a file occupies on disk (stores are sparse: unwritten capacity takes no blocks)."""
+    st = path.stat()
+    return min(st.st_size, st.st_blocks * 512) if hasattr(st, "st_blocks") else st.st_size
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `verify_store`: problems fail verification; warnings are reported only."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    rows: int = 0
+    failed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def _examples(ids: Sequence[str], k: int = 3) -> str:
+    return ", ".join(repr(i) for i in ids[:k]) + (" ..." if len(ids) > k else "")
+
+
+def verify_store(path: Path | str, manifest: Path | str | None = None) -> VerifyReport:
+    """Check a store: it opens, shapes agree, values are finite, ids are unique, and ids match the manifest."""
+    path = Path(path)
+    rep = VerifyReport(path)
+    try:
+        r = StoreReader(path)
+    except MMCacheError as e:
+        rep.problems.append(str(e))
+        return rep
+    rep.rows, rep.failed = len(r.ids), len(r.failed)
+    if "pooled" not in r.shapes and r.ids:
+        rep.problems.append(f"no `pooled` array (arrays: {r.keys})")
+    if "tokens" in r.shapes or "mask" in r.shapes:
+        t, m = r.shapes.get("tokens"), r.shapes.get("mask")
+        if t is None or m is None or len(t) != 2 or tuple(m) != tuple(t[:1]):
+            rep.problems.append(f"tokens {t} and mask {m} disagree: expected tokens [T,d] with mask [T]")
+        if m is not None and r.dtypes["mask"] != np.bool_:
+            rep.problems.append(f"mask has dtype {r.dtypes['mask']}, expected bool")
+    if "boxes" in r.shapes and (len(r.shapes["boxes"]) != 2 or r.shapes["boxes"][-1] != 5):
+        rep.problems.append(f"boxes rows have shape {list(r.shapes['boxes'])}, expected [R,5]")
+    dup = [k for k, c in Counter(r.ids).items() if c > 1]
+    if dup:
+        rep.problems.append(f"{len(dup)} duplicate ids ({_examples(dup)})")
+    if any(not i for i in r.ids):
+        rep.problems.append("empty ids among the rows")
+    # Scan values block by block so a store larger than memory can be verified.
+    step = max(1, BLOCK_BYTES // max(1, sum(a.row_bytes for k, a in r._layout.items() if k in r.shapes)))
+    bad: dict[str, list[str]] = {k: [] for k in r.keys}
+    zero: list[str] = []
+    empty_mask: list[str] = []
+    for lo in range(0, len(r.ids), step):
+        rows = np.arange(lo, min(len(r.ids), lo + step))
+        blk = _block(r, lo, len(rows))
+        for k, v in blk.items():
+            flat = v.reshape(len(rows), -1)
+            if v.dtype.kind == "f":
+                nonfinite = ~np.isfinite(flat).all(axis=1)
+                bad[k] += [r.ids[lo + i] for i in np.flatnonzero(nonfinite)]
+            if k == "pooled":
+                zero += [r.ids[lo + i] for i in np.flatnonzero(~flat.any(axis=1))]
+            if k == "mask":
+                empty_mask += [r.ids[lo + i] for i in np.flatnonzero(~flat.any(axis=1))]
+    for k, b in bad.items():
+        if b:
+            rep.problems.append(f"{len(b)} rows with NaN/inf in {k!r} ({_examples(b)})")
+    if zero:
+        rep.problems.append(f"{len(zero)} all-zero `pooled` rows ({_examples(zero)}): rows never written or a broken "
+                            "encoder; remove the store and extract again")
+    if empty_mask:
+        rep.warnings.append(f"{len(empty_mask)} rows whose mask has no real token ({_examples(empty_mask)})")
+    if r.failed:
+        reasons = Counter(r.failed.values()).most_common(3)
+        rep.warnings.append(f"{len(r.failed)} ids failed extraction ({_examples(list(r.failed))}); reasons: "
+                            + "; ".join(f"{c}x {why}" for why, c in reasons))
+    mpath = Path(manifest) if manifest is not None else r.manifest()
+    if not mpath.exists():
+        rep.warnings.append(f"no manifest at {mpath}; ids were not checked against the dataset")
+        return rep
+    try:
+        mobj = json.loads(mpath.read_text())
+        expected = [s["id"] for s in mobj["samples"]]
+    except (ValueError, KeyError, TypeError) as e:
+        rep.problems.append(f"manifest {mpath} is not valid ({e})")
+        return rep
+    if mobj.get("name") and r.attrs.get("dataset") and mobj["name"] != r.attrs["dataset"]:
+        rep.problems.append(f"store is of dataset {r.attrs['dataset']!r} but manifest {mpath} is of {mobj['name']!r}")
+    exp = set(expected)
+    stale = [i for i in r.ids if i not in exp]
+    if stale:
+        rep.problems.append(f"{len(stale)} rows have ids not in manifest {mpath} ({_examples(stale)}): the dataset "
+                            "changed since extraction; remove the store and extract again")
+    have = set(r.ids) | set(r.failed)
+    todo = [i for i in expected if i not in have]
+    if todo:
+        rep.problems.append(f"{len(todo)} of {len(expected)} manifest ids are neither stored nor failed "
+                            f"({_examples(todo)}): rerun `mmcache extract` to resume")
+    gone = [i for i in r.failed if i not in exp]
+    if gone:
+        rep.warnings.append(f"{len(gone)} failed ids are not in the manifest ({_examples(gone)})")
+    return rep
+
+
+def _block(r: StoreReader, lo: int, n: int) -> dict[str, np.ndarray]:
+    fd = os.open(r.path, os.O_RDONLY)
+    try:
+        return {k: r._gather(fd, r._layout[k], np.arange(lo, lo + n, dtype=np.int64)) for k in r.keys}
+    finally:
+        os.close(fd)
