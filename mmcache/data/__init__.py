@@ -14,6 +14,16 @@ from mmcache.data.base import (
 )
 
 # Adapters register themselves on import.
-from mmcache.data import demo, table  # noqa: E402,F401  isort: skip
+from mmcache.data import (  # noqa: E402,F401  isort: skip
+    demo,
+    fakeddit,
+    hateful_memes,
+    meld,
+    mmhs150k,
+    mvsa,
+    table,
+    twitter,
+    webdataset,
+)
 
 __all__ = ["DATASETS", "SPLITS", "Dataset", "LabelSpace", "Sample", "dataset_names", "load_dataset", "register_dataset"]

@@ -84,6 +84,8 @@ class Dataset:
     samples: list[Sample]
     labels: LabelSpace
     root: Path
+    # What the adapter dropped or assumed, one line each (printed by `mmcache data show`).
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         dup = [k for k, n in Counter(s.id for s in self.samples).items() if n > 1]

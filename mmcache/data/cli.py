@@ -1,13 +1,19 @@
-"""`mmcache data`: generate the demo dataset, show a dataset's splits and classes."""
+"""`mmcache data`: generate the demo dataset, list adapters, show a dataset's splits and classes."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
+from mmcache.errors import MMCacheError
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+MEDIA = ("image", "video", "audio")
 
 
 @app.command("demo")
@@ -24,32 +30,92 @@ def demo(
     typer.echo(f"wrote {n} rows to {root / 'data.csv'} (images under {root / 'images'})")
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> adapter options; values are JSON where they parse (true, 3), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MMCacheError(f"option {pair!r} is not KEY=VALUE (e.g. -o skip_missing=true)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def dataset_options(fold: int | None, seed: int | None, task: str | None, option: list[str] | None) -> dict[str, Any]:
+    """The adapter options given on the command line (only those set)."""
+    opts = parse_options(option or [])
+    opts.update({k: v for k, v in (("fold", fold), ("seed", seed), ("task", task)) if v is not None})
+    return opts
+
+
+def missing_media(samples: list[Any]) -> dict[str, int]:
+    """Per media field, how many samples point to a file that does not exist."""
+    out = {}
+    for f in MEDIA:
+        paths = [getattr(s, f) for s in samples if getattr(s, f)]
+        if paths:
+            out[f] = sum(not os.path.exists(p) for p in paths)
+    return out
+
+
 @app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="Registered dataset name (see `mmcache data list`).")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset folder (default data/<name>).")] = None,
-    fold: Annotated[Optional[int], typer.Option(help="Cross-validation fold, for datasets without official splits.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<name>).")] = None,
+    fold: Annotated[int | None, typer.Option(
+        help="Cross-validation fold 0-9, for datasets without official splits (MVSA, table, webdataset).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the generated split (datasets without splits).")] = None,
+    task: Annotated[str | None, typer.Option(help="Make this task primary (multi-task datasets).")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="Adapter option KEY=VALUE, repeatable (e.g. -o skip_missing=true).")] = None,
+    check: Annotated[bool, typer.Option(help="Also count media files that are missing on disk.")] = False,
+    samples: Annotated[int, typer.Option(help="Print the first N samples as JSON lines.")] = 0,
 ) -> None:
     """Print counts per split and class, to check against the paper before extracting."""
     from mmcache.data import load_dataset
+    from mmcache.data.io import split_sort_key
 
-    opts = {} if fold is None else {"fold": fold}
-    ds = load_dataset(name, data_dir, **opts)
+    ds = load_dataset(name, data_dir, **dataset_options(fold, seed, task, option))
     typer.echo(f"{ds.name}: {len(ds.samples)} samples at {ds.root}")
-    for task, names in ds.labels.tasks.items():
+    typer.echo(f"tasks: {', '.join(ds.labels.tasks)} (primary {ds.labels.primary!r}, metric {ds.labels.metric})")
+    for note in ds.notes:
+        typer.echo(f"  - {note}")
+    splits = sorted(ds.splits, key=split_sort_key)
+    counts = ds.counts()
+    for task_name, names in ds.labels.tasks.items():
         width = max(8, *(len(n) for n in names))
-        typer.echo(f"\ntask {task!r} ({len(names)} classes)")
-        typer.echo("split".ljust(8) + "".join(n.rjust(width + 1) for n in names) + "total".rjust(width + 1))
-        for split, per_task in ds.counts().items():
-            counts = per_task[task]
-            typer.echo(split.ljust(8) + "".join(str(counts[n]).rjust(width + 1) for n in names)
-                       + str(len(ds.split(split))).rjust(width + 1))
+        typer.echo(f"\ntask {task_name!r} ({len(names)} classes)")
+        typer.echo("split".ljust(12) + "".join(n.rjust(width + 1) for n in names)
+                   + "no label".rjust(width + 1) + "total".rjust(width + 1))
+        for split in splits:
+            per_class = counts[split][task_name]
+            total = len(ds.split(split))
+            typer.echo(split.ljust(12) + "".join(str(per_class[n]).rjust(width + 1) for n in names)
+                       + str(total - sum(per_class.values())).rjust(width + 1) + str(total).rjust(width + 1))
+    fields = [f for f in ("text", "image", "video", "audio", "entity", "context")
+              if any(getattr(s, f) for s in ds.samples)]
+    typer.echo(f"\nfields: {', '.join(fields)}")
+    if check:
+        typer.echo("missing media files:")
+        for split in splits:
+            miss = missing_media(ds.split(split))
+            typer.echo(f"  {split}: " + (", ".join(f"{k} {v}" for k, v in miss.items()) or "no media fields"))
+    for s in ds.samples[:samples]:
+        typer.echo(json.dumps(s.to_json(), ensure_ascii=False))
 
 
 @app.command("list")
 def list_() -> None:
-    """List registered dataset names."""
-    from mmcache.data import dataset_names
+    """List registered datasets, their aliases and what each reads."""
+    from mmcache.data.base import ALIASES, DATASETS
+    from mmcache.data.base import dataset_names as _names
 
-    for n in dataset_names():
-        typer.echo(n)
+    _names()  # imports the adapters
+    for name in sorted(DATASETS):
+        aliases = sorted(a for a, c in ALIASES.items() if c == name)
+        doc = (DATASETS[name].__doc__ or "").strip().splitlines()
+        extra = f" (alias {', '.join(aliases)})" if aliases else ""
+        typer.echo(f"{name}{extra}: {doc[0] if doc else ''}")

@@ -1,126 +1,256 @@
-"""Generic table adapter: any CSV / TSV / JSON / JSONL of image, text, label."""
+"""Generic table adapter: any CSV / TSV / JSON / JSONL of image, text, label (+ optional columns).
+
+Columns: `image` or `image_path`, `text`, `label`, and optionally `id`, `split`, `entity`,
+`ctx_text` (or `context`), `video`, `audio`, and `label_<task>` for extra tasks (multi-task).
+A folder may hold one table (splits from its `split` column, else a seeded 8:1:1 split) or one
+table per split (`train.csv`, `dev.csv`/`val.csv`, `test.csv`, ...).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.splits import stratified_split
+from mmcache.data.io import IdCheck, assign_splits, decode_bytes, normalise_split, read_delimited, text_lines
 from mmcache.errors import MMCacheError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 LABELS_FILE = "labels.json"
+LABEL_PREFIX = "label_"
+PRIMARY_TASK = "label"
+
+
+def find_tables(root: Path) -> list[tuple[Path, str | None]]:
+    """(table, split) pairs: `root` itself if it is a file, the single table in `root`, or one table per split."""
+    if root.is_file():
+        return [(root, None)]
+    found = sorted(p for p in root.iterdir()
+                   if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and p.name != LABELS_FILE)
+    if len(found) == 1:
+        return [(found[0], None)]
+    splits = {p: normalise_split(p.stem) for p in found}
+    if found and all(s in ("train", "val", "test") or "unseen" in s for s in splits.values()):
+        if len(set(splits.values())) != len(found):
+            raise MMCacheError(f"{root}: two tables for the same split ({[p.name for p in found]}); keep one per split")
+        return [(p, splits[p]) for p in found]
+    raise MMCacheError(
+        f"{root}: expected one table file (.csv/.tsv/.json/.jsonl) or one per split (train/val/test), found "
+        f"{[p.name for p in found] or 'none'}; pass the file itself as --data-dir"
+    )
 
 
 def find_table(root: Path) -> Path:
-    """The table file: `root` itself if it is a file, else the single table inside `root`."""
-    if root.is_file():
-        return root
-    found = sorted(p for p in root.iterdir() if p.suffix.lower() in TABLE_SUFFIXES and p.name != LABELS_FILE)
-    if len(found) != 1:
-        raise MMCacheError(
-            f"{root}: expected exactly one table file (.csv/.tsv/.json/.jsonl), found "
-            f"{[p.name for p in found] or 'none'}; pass the file itself as --data-dir"
-        )
-    return found[0]
+    """The single table file: `root` itself if it is a file, else the one table inside `root`."""
+    tables = find_tables(root)
+    if len(tables) != 1:
+        raise MMCacheError(f"{root}: holds one table per split; load it with the `table` adapter")
+    return tables[0][0]
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV/TSV/JSON/JSONL file as dicts; errors name the file and line."""
+def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a CSV/TSV/JSON/JSONL file as (where, dict) pairs; `where` names the file and line for errors."""
     suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return [(f"{path}, line {n}", row) for n, row in read_delimited(path, "\t" if suffix == ".tsv" else ",")]
     try:
-        if suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise MMCacheError(f"{path}:{line_no}: unreadable JSON line ({e.msg}); fix or remove it") from None
-            return rows
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise MMCacheError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
+        raw = decode_bytes(path.read_bytes())
+    except OSError as e:
+        raise MMCacheError(f"{path}: cannot read ({e.strerror})") from None
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text_lines(raw), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MMCacheError(f"{path}, line {n}: unreadable JSON ({e.msg}); fix or remove the line") from None
+            if not isinstance(obj, dict):
+                raise MMCacheError(f"{path}, line {n}: expected a JSON object per line, got {type(obj).__name__}")
+            rows.append((f"{path}, line {n}", obj))
+        return rows
+    try:
+        obj = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise MMCacheError(f"{path}: unreadable JSON ({e}); fix the file") from None
+        raise MMCacheError(f"{path}: unreadable JSON at line {e.lineno} ({e.msg}); fix the file") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
     if isinstance(obj, dict):  # {"id": {...}, ...}
-        return [{"id": k, **v} for k, v in obj.items()]
-    return list(obj)
+        items = [{"id": k, **v} if isinstance(v, dict) else v for k, v in obj.items()]
+    else:
+        items = list(obj)
+    out = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise MMCacheError(f"{path}, item {i}: expected a JSON object, got {type(item).__name__}")
+        out.append((f"{path}, item {i}", item))
+    return out
 
 
 def _get(row: dict[str, Any], *names: str) -> Any:
     for n in names:
         v = row.get(n)
-        if v not in (None, ""):
+        if v is not None and str(v).strip() != "":
             return v
     return None
 
 
+def _label_str(v: Any) -> str:
+    # JSON may give 1 or 1.0 or True for a class written "1" elsewhere.
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def sorted_names(values: set[str]) -> list[str]:
+    """Class names in a stable order: numeric order if all are integers, else alphabetical."""
+    try:
+        return sorted(values, key=int)
+    except ValueError:
+        return sorted(values)
+
+
+def label_columns(rows: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """Task name -> column: `label` is the primary task, each `label_<task>` column an extra one."""
+    cols: dict[str, str] = {}
+    for _, row in rows:
+        for c in row:
+            if c == "label":
+                cols.setdefault(PRIMARY_TASK, c)
+            elif c.startswith(LABEL_PREFIX) and len(c) > len(LABEL_PREFIX):
+                cols.setdefault(c[len(LABEL_PREFIX):], c)
+    if PRIMARY_TASK in cols:
+        cols = {PRIMARY_TASK: cols[PRIMARY_TASK], **cols}
+    return cols
+
+
+def load_label_space(path: Path) -> LabelSpace | None:
+    """The saved label space beside a table, if any."""
+    if not path.exists():
+        return None
+    try:
+        return LabelSpace.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise MMCacheError(f"{path}: unreadable label file ({e}); fix it or delete it to rebuild it") from None
+
+
 @register_dataset("table")
 def load_table(
-    root: Path, name: str = "table", seed: int = 0, label_names: list[str] | None = None, **_: Any
+    root: Path,
+    name: str = "table",
+    seed: int = 0,
+    fold: int | None = None,
+    label_names: list[str] | None = None,
+    image_root: str | Path | None = None,
+    metric: str | None = None,
+    **_: Any,
 ) -> Dataset:
-    """Load a table with columns image/image_path, text, label [, id, split, entity, ctx_text, video, audio].
+    """Load a table (or one table per split); label names -> indices, saved to `labels.json` beside it.
 
-    Label names are mapped to indices in sorted order (or the order of `labels.json` beside
-    the table, if present) and saved there so indices stay stable. Rows without a `split`
-    column get a seeded, stratified 8:1:1 split.
+    Class order comes from `labels.json` if present (so indices stay stable when rows change), else
+    from `label_names` (primary task), else sorted names; a label outside a saved space is an error.
+    Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV.
     """
-    table = find_table(root)
-    base = table.parent
-    rows = read_rows(table)
+    root = Path(root)
+    tables = find_tables(root)
+    base = tables[0][0].parent
+    media_root = Path(image_root) if image_root is not None else base
+    rows: list[tuple[str, dict[str, Any], str | None]] = []
+    for table, split in tables:
+        rows += [(where, row, split) for where, row in read_rows(table)]
     if not rows:
-        raise MMCacheError(f"{table}: the table has no rows")
+        raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
+
+    cols = label_columns([(w, r) for w, r, _ in rows])
     labels_path = base / LABELS_FILE
-    if label_names is None and labels_path.exists():
-        label_names = LabelSpace.from_json(json.loads(labels_path.read_text())).tasks["label"]
-    raw_labels = [_get(r, "label") for r in rows]
-    if label_names is None:
-        label_names = sorted({str(v) for v in raw_labels if v is not None})
-        labels_path.write_text(json.dumps(LabelSpace({"label": label_names}).to_json(), indent=1))
-    space = LabelSpace({"label": label_names})
+    saved = load_label_space(labels_path)
+    tasks: dict[str, list[str]] = {}
+    for task, col in cols.items():
+        if saved is not None and task in saved.tasks:
+            tasks[task] = list(saved.tasks[task])
+        elif task == PRIMARY_TASK and label_names is not None:
+            tasks[task] = list(label_names)
+        else:
+            tasks[task] = sorted_names({_label_str(r[col]) for _, r, _ in rows if _get(r, col) is not None})
+    space = LabelSpace(tasks, metric=metric or (saved.metric if saved else "accuracy"))
+    if cols and (saved is None or saved.tasks != tasks or (metric and saved.metric != metric)):
+        try:
+            labels_path.write_text(json.dumps(space.to_json(), indent=1))
+        except OSError:
+            pass  # a read-only dataset folder still loads; indices then follow the sorted names
 
     def media(v: Any) -> str | None:
-        return None if v is None else str(base / str(v))
+        return None if v is None else str(media_root / str(v).strip())
 
+    ids = IdCheck()
     samples: list[Sample] = []
-    label_idx: list[int] = []
-    for i, row in enumerate(rows):
-        where = f"{table}, row {i + 1}: "
-        lab = raw_labels[i]
-        labels = {} if lab is None else {"label": space.index("label", str(lab), where)}
-        label_idx.append(labels.get("label", -1))
+    for n, (where, row, table_split) in enumerate(rows):
+        labels = {}
+        for task, col in cols.items():
+            v = _get(row, col)
+            if v is not None:
+                labels[task] = space.index(task, _label_str(v), f"{where}: ")
         image, text = _get(row, "image", "image_path"), _get(row, "text")
-        if image is None and text is None and _get(row, "video", "audio") is None:
-            raise MMCacheError(f"{where}no image, text, video or audio; fill it in or drop the row")
+        video, audio = _get(row, "video", "video_path"), _get(row, "audio", "audio_path")
+        if image is None and text is None and video is None and audio is None:
+            raise MMCacheError(f"{where}: no image, text, video or audio; fill it in or drop the row")
+        sid = _get(row, "id")
+        if sid is None:
+            sid = f"{table_split}-{n}" if len(tables) > 1 else str(n)
+        sid = _label_str(sid)
+        ids.add(sid, where)
+        split = table_split or _get(row, "split")
+        entity, context = _get(row, "entity", "target"), _get(row, "ctx_text", "context")
         samples.append(
             Sample(
-                id=str(_get(row, "id") or i),
-                split=str(_get(row, "split") or ""),
+                id=sid,
+                split=normalise_split(split) if split is not None else "",
                 text=None if text is None else str(text),
                 image=media(image),
-                video=media(_get(row, "video")),
-                audio=media(_get(row, "audio")),
-                entity=_get(row, "entity"),
-                context=_get(row, "ctx_text", "context"),
+                video=media(video),
+                audio=media(audio),
+                entity=None if entity is None else str(entity),
+                context=None if context is None else str(context),
                 labels=labels,
             )
         )
+    notes = []
     if any(not s.split for s in samples):
-        splits = stratified_split(label_idx, seed=seed)
-        samples = [s if s.split else _with_split(s, sp) for s, sp in zip(samples, splits, strict=True)]
-    return Dataset(name=name, samples=samples, labels=space, root=base)
+        if any(s.split for s in samples):
+            raise MMCacheError(f"{tables[0][0]}: some rows have a split and some do not; fill in every split "
+                               "or drop the column")
+        primary = next(iter(cols), None)
+        y = [s.labels.get(primary, -1) if primary else 0 for s in samples]
+        splits = assign_splits(y, seed=seed, fold=fold)
+        samples = [replace(s, split=sp) for s, sp in zip(samples, splits, strict=True)]
+        notes.append("no split column: splits assigned " + (f"by 10-fold CV, fold {fold}" if fold is not None
+                                                             else f"8:1:1 stratified, seed {seed}"))
+    elif fold is not None:
+        raise MMCacheError(f"{tables[0][0]}: the table has its own splits; --fold applies only to tables without "
+                           "a split column")
+    return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes)
 
 
-def _with_split(s: Sample, split: str) -> Sample:
-    from dataclasses import replace
-
-    return replace(s, split=split)
+def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as CSV/TSV/JSON/JSONL by suffix (e.g. to export a dataset for the `table` adapter)."""
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".csv", ".tsv"):
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        raise MMCacheError(f"{path}: unknown table format; use .csv, .tsv, .json or .jsonl")
+    return path

@@ -1,0 +1,73 @@
+"""Fakeddit (Nakamura et al. 2020): multimodal fake news from Reddit, 2-, 3- and 6-way labels.
+
+    <root>/multimodal_train.tsv  multimodal_validate.tsv  multimodal_test_public.tsv
+        columns include id, clean_title, 2_way_label, 3_way_label, 6_way_label
+    <root>/public_image_set/<id>.jpg   (or images/ or img/; the dataset's image download names them by id)
+
+Class meanings (from the dataset authors): 2-way 0 fake / 1 true; 3-way 0 true / 1 fake with
+true text / 2 fake with false text; 6-way 0 true / 1 satire-parody / 2 false connection /
+3 imposter content / 4 manipulated content / 5 misleading content.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
+from mmcache.data.io import IdCheck, check_options, iter_delimited, locate, order_tasks
+from mmcache.errors import MMCacheError
+
+TASKS = {
+    "2_way": ["fake", "true"],
+    "3_way": ["true", "fake_with_true_text", "fake_with_false_text"],
+    "6_way": ["true", "satire_parody", "false_connection", "imposter_content", "manipulated_content",
+              "misleading_content"],
+}
+SPLITS = (("train", "multimodal_train.tsv"), ("val", "multimodal_validate.tsv"),
+          ("test", "multimodal_test_public.tsv"))
+IMAGE_DIRS = ("public_image_set", "images", "img")
+
+
+def _label(value: str, task: str, where: str) -> int:
+    try:
+        idx = int(float(value))
+    except ValueError:
+        raise MMCacheError(f"{where}: {task}_label {value!r} is not a class number; fix the row") from None
+    if not 0 <= idx < len(TASKS[task]):
+        raise MMCacheError(f"{where}: {task}_label {idx} is outside 0..{len(TASKS[task]) - 1} {TASKS[task]}; "
+                           "fix the row")
+    return idx
+
+
+@register_dataset("fakeddit")
+def load_fakeddit(root: Path, seed: int = 0, task: str | None = None, text_column: str = "clean_title",
+                  image_ext: str = ".jpg", **options: Any) -> Dataset:
+    """Load the three multimodal splits; tasks 2_way (primary unless `task`), 3_way, 6_way."""
+    check_options("fakeddit", options)
+    space = LabelSpace(order_tasks(dict(TASKS), task, "fakeddit"), metric="accuracy")
+    train = locate(root, SPLITS[0][1])
+    assert train is not None
+    base = train.parent
+    image_dir = next((d for d in (locate(root, n, kind="dir", required=False) for n in IMAGE_DIRS) if d), None)
+    if image_dir is None:
+        raise MMCacheError(f"{root}: no image folder ({', '.join(IMAGE_DIRS)}); download the images named "
+                           "<id>.jpg into public_image_set/")
+    required = ("id", text_column, *(f"{t}_label" for t in TASKS))
+    ids = IdCheck()
+    samples: list[Sample] = []
+    for split, fname in SPLITS:
+        path = base / fname
+        rows = iter_delimited(path, "\t", required=required, stream=True)
+        for line, row in tqdm(rows, desc=f"fakeddit {split}", unit="row", leave=False):
+            where = f"{path}, line {line}"
+            sid = row["id"].strip()
+            if not sid:
+                raise MMCacheError(f"{where}: empty id; fix or remove the row")
+            ids.add(sid, path, line)
+            labels = {t: _label(row[f"{t}_label"], t, where) for t in TASKS}
+            samples.append(Sample(id=sid, split=split, text=row[text_column].strip(),
+                                  image=str(image_dir / f"{sid}{image_ext}"), labels=labels))
+    return Dataset(name="fakeddit", samples=samples, labels=space, root=base)

@@ -1,0 +1,195 @@
+"""Shared reading helpers for the adapters: robust text, delimited files, split names, file lookup."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mmcache.errors import MMCacheError
+
+# Split names as datasets spell them -> the canonical train / val / test.
+SPLIT_ALIASES = {
+    "train": "train", "training": "train", "trn": "train",
+    "val": "val", "valid": "val", "validation": "val", "validate": "val", "dev": "val", "development": "val",
+    "dev_seen": "val", "test": "test", "testing": "test", "tst": "test", "test_seen": "test",
+    "test_public": "test",
+}
+SPLIT_ORDER = ("train", "val", "test")
+
+# Fields of Fakeddit/MMHS150K can be long; the csv module's default limit (128 KiB) is not enough everywhere.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def normalise_split(name: str) -> str:
+    """Canonical split name: dev/valid/validation -> val, training -> train, ...; others lower-cased."""
+    key = str(name).strip().lower().replace("-", "_")
+    return SPLIT_ALIASES.get(key, key)
+
+
+def split_sort_key(name: str) -> tuple[int, str]:
+    """Sort key that puts train, val, test first, then other splits alphabetically."""
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
+
+def decode_bytes(raw: bytes) -> str:
+    """Decode text of unknown encoding: UTF-8 (with or without BOM), else cp1252, else latin-1 (never fails)."""
+    for enc in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")
+
+
+def fix_mojibake(s: str) -> str:
+    """Undo UTF-8 text that was decoded as cp1252 once ("donâ€™t" -> "don’t"); leave other text alone."""
+    if not any(ch in s for ch in "âÃ\x92\x93\x94\x85"):
+        return s
+    try:
+        return s.encode("cp1252").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return s
+
+
+def read_text(path: Path) -> str:
+    """A short text file (a tweet, a caption) read robustly: any encoding, NULs dropped, stripped."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MMCacheError(f"{path}: cannot read ({e.strerror}); restore the file or drop its row") from None
+    return decode_bytes(raw).replace("\x00", "").strip()
+
+
+def text_lines(text: str) -> list[str]:
+    """Split on newlines only: str.splitlines also splits on U+2028, \\x85, \\x1c..., which occur inside tweets."""
+    return [ln.rstrip("\r") for ln in text.split("\n")]
+
+
+def open_text(path: Path) -> list[str]:
+    """Lines of a text file of unknown encoding (decoded as a whole, so one odd byte does not break it)."""
+    if not path.is_file():
+        raise MMCacheError(f"{path} not found; check the dataset layout (see README, 'Datasets')")
+    lines = text_lines(decode_bytes(path.read_bytes()))
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def iter_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL,
+                   required: Iterable[str] = (), stream: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a CSV/TSV as (line number, dict); a missing column or ragged row names the file and line.
+
+    `stream=True` reads a large file as UTF-8 (bad bytes replaced) without holding it in memory.
+    """
+    if not path.is_file():
+        raise MMCacheError(f"{path} not found; check the dataset layout (see README, 'Datasets')")
+    f: Any
+    if stream:
+        f = path.open(encoding="utf-8-sig", errors="replace", newline="")
+    else:
+        f = io.StringIO(decode_bytes(path.read_bytes()), newline="")
+    with f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise MMCacheError(f"{path}: the file is empty; restore it from the dataset archive") from None
+        except csv.Error as e:
+            raise MMCacheError(f"{path}, line 1: unreadable header ({e}); is this the right file?") from None
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise MMCacheError(f"{path}: missing column(s) {missing}; the header is {header}. "
+                               "Is this the right file?")
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise MMCacheError(f"{path}, line {reader.line_num}: unreadable row ({e}); fix or remove it") from None
+            line = reader.line_num
+            if not fields or all(not x.strip() for x in fields):
+                continue
+            if len(fields) != len(header):
+                raise MMCacheError(f"{path}, line {line}: {len(fields)} fields where the header has "
+                                   f"{len(header)}; fix or remove the row")
+            yield line, dict(zip(header, fields, strict=True))
+
+
+def read_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL,
+                   required: Iterable[str] = ()) -> list[tuple[int, dict[str, str]]]:
+    """All rows of a (small) CSV/TSV as (line number, dict) pairs; see `iter_delimited`."""
+    return list(iter_delimited(path, delimiter, quoting, required))
+
+
+def locate(root: Path, name: str, kind: str = "file", hint: str = "", required: bool = True) -> Path | None:
+    """Find `name` in `root` or up to two folder levels below it (archives often add a top folder).
+
+    Several hits are resolved by `hint` (a substring of the path, e.g. "2015"); still ambiguous is an error.
+    """
+    want = Path.is_file if kind == "file" else Path.is_dir
+    direct = root / name
+    if want(direct):
+        return direct
+    hits = [p for pattern in (f"*/{name}", f"*/*/{name}") for p in sorted(root.glob(pattern)) if want(p)]
+    if hint and len(hits) > 1:
+        hits = [p for p in hits if hint in str(p.relative_to(root))] or hits
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise MMCacheError(f"{root}: several {name!r} found ({[str(p) for p in hits[:4]]}); "
+                           "point --data-dir at the one you mean")
+    if required:
+        raise MMCacheError(f"{root}: no {kind} {name!r} (looked in the folder and two levels below); "
+                           "check the dataset layout (see README, 'Datasets') or --data-dir")
+    return None
+
+
+class IdCheck:
+    """Remembers where each id was seen (file, line), so a duplicate names both places."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[Path | str, int | None]] = {}
+
+    def add(self, sid: str, path: Path | str, line: int | None = None) -> None:
+        """Record `sid` seen at `path`, `line`; raise if it was seen before."""
+        first = self.seen.get(sid)
+        if first is not None:
+            raise MMCacheError(f"{where(path, line)}: duplicate id {sid!r} (first seen at {where(*first)}); "
+                               "ids must be unique, remove one of the rows")
+        self.seen[sid] = (path, line)
+
+
+def where(path: Path | str, line: int | None = None) -> str:
+    """`file, line N` for error messages."""
+    return f"{path}" if line is None else f"{path}, line {line}"
+
+
+def check_options(dataset: str, options: dict[str, Any], allowed: Iterable[str] = ()) -> None:
+    """Refuse options an adapter does not understand (None values count as not given)."""
+    extra = sorted(k for k, v in options.items() if v is not None and k not in set(allowed))
+    if extra:
+        raise MMCacheError(f"dataset {dataset!r} does not take option(s) {extra}; "
+                           f"it takes {sorted(set(allowed)) or 'none'}")
+
+
+def order_tasks(tasks: dict[str, list[str]], primary: str | None, dataset: str) -> dict[str, list[str]]:
+    """Tasks reordered so `primary` comes first (it becomes the LabelSpace's primary task)."""
+    if primary is None:
+        return tasks
+    if primary not in tasks:
+        raise MMCacheError(f"dataset {dataset!r} has no task {primary!r}; tasks are {list(tasks)}")
+    return {primary: tasks[primary], **{k: v for k, v in tasks.items() if k != primary}}
+
+
+def assign_splits(labels: list[int], seed: int = 0, fold: int | None = None, k: int = 10) -> list[str]:
+    """Splits for a dataset without official ones: stratified 8:1:1 by seed, or fold `fold` of k-fold CV."""
+    from mmcache.data.splits import kfold_split, stratified_split
+
+    if fold is None:
+        return stratified_split(labels, seed=seed)
+    if not 0 <= int(fold) < k:
+        raise MMCacheError(f"--fold must be in 0..{k - 1} ({k}-fold cross-validation), got {fold}")
+    return kfold_split(labels, int(fold), k=k, seed=seed)
