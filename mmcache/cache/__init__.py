@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
-from mmcache.cache.store import FeatureStore, StoreReader, manifest_path, store_path
+from mmcache.cache.store import (
+    FeatureStore,
+    StoreReader,
+    VerifyReport,
+    find_stores,
+    manifest_ids,
+    manifest_path,
+    store_path,
+    verify_store,
+)
 
-__all__ = ["FeatureStore", "StoreReader", "manifest_path", "store_path"]
+__all__ = ["FeatureStore", "StoreReader", "VerifyReport", "find_stores", "manifest_ids", "manifest_path",
+           "store_path", "verify_store"]

@@ -1,12 +1,160 @@
-"""`cache` commands (being built)."""
+"""`mmcache cache`: list, inspect, verify and remove feature stores."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from filelock import FileLock, Timeout
 
+from mmcache.cache.store import (
+    DEFAULT_CACHE,
+    StoreReader,
+    disk_bytes,
+    find_stores,
+    lock_path,
+    partial_path,
+    verify_store,
+)
 from mmcache.cliutil import run_app
+from mmcache.errors import MMCacheError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5K'."""
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def spec_summary(spec: dict[str, Any], spec_hash: str) -> str:
+    """A short description of an extractor spec: preset, model, weights, hash."""
+    parts = [str(spec[k]) for k in ("preset", "model", "weights", "pretrained") if spec.get(k) not in (None, "")]
+    return " ".join(dict.fromkeys(parts)) + f" #{spec_hash[:8]}"
+
+
+def dims(reader: StoreReader) -> str:
+    """'pooled 512, tokens 77x768, mask 77'."""
+    return ", ".join(f"{k} {'x'.join(map(str, s)) or '1'}" for k, s in reader.shapes.items()) or "-"
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    """Print rows as an aligned plain-text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@app.command("ls")
+def ls(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Folder holding cache/<dataset>/<modality>/*.h5.")]
+    = DEFAULT_CACHE,
+) -> None:
+    """List the feature stores under the cache folder: rows, dims, dtype, size on disk, spec."""
+    if not cache_dir.exists():
+        raise MMCacheError(f"cache folder {cache_dir} does not exist; run `mmcache extract` or pass --cache-dir")
+    rows: list[list[str]] = []
+    for p in find_stores(cache_dir):
+        name = str(p.relative_to(cache_dir)) if p != cache_dir else str(p)
+        try:
+            r = StoreReader(p)
+        except MMCacheError as e:
+            rows.append([name, "?", "?", "unreadable: see `mmcache cache verify`", "", human_bytes(disk_bytes(p)),
+                         str(e).split(" (", 1)[-1].split(";")[0][:60]])
+            continue
+        rows.append([name, str(len(r)), str(len(r.failed)), dims(r), str(r.attrs.get("dtype", "")),
+                     human_bytes(disk_bytes(p)), spec_summary(r.spec, str(r.attrs.get("spec_hash", "")))])
+    if not rows:
+        typer.echo(f"no feature stores under {cache_dir}")
+        return
+    print_table(rows, ["store", "rows", "failed", "arrays", "dtype", "size", "spec"])
+
+
+@app.command("info")
+def info(
+    path: Annotated[Path, typer.Argument(help="A store (.h5).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object.")] = False,
+    show_failed: Annotated[int, typer.Option("--failed", help="How many failed ids to list.")] = 20,
+) -> None:
+    """Show one store: its spec, versions, times, arrays and failed ids with reasons."""
+    r = StoreReader(path)
+    arrays = {k: {"shape": [len(r), *r.shapes[k]], "dtype": r.dtypes[k].name} for k in r.keys}
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "size_on_disk": disk_bytes(path), **r.attrs, "arrays": arrays},
+                              indent=1))
+        return
+    a = r.attrs
+    typer.echo(f"store     {path}  ({human_bytes(disk_bytes(path))} on disk)")
+    typer.echo(f"dataset   {a.get('dataset')}")
+    typer.echo(f"rows      {len(r)} committed, {len(r.failed)} failed (room for {r.capacity})")
+    for k, v in arrays.items():
+        typer.echo(f"array     {k:<8} {v['shape']} {v['dtype']}")
+    typer.echo(f"spec      {a.get('spec_hash')}  {json.dumps(r.spec, sort_keys=True)}")
+    typer.echo(f"created   {a.get('created')}")
+    typer.echo(f"updated   {a.get('updated')}")
+    typer.echo(f"versions  {', '.join(f'{k} {v}' for k, v in a.get('versions', {}).items())}")
+    for i, (sid, why) in enumerate(r.failed.items()):
+        if i == show_failed:
+            typer.echo(f"failed    ... {len(r.failed) - show_failed} more (--failed N)")
+            break
+        typer.echo(f"failed    {sid}: {why}")
+
+
+@app.command("verify")
+def verify(
+    paths: Annotated[list[Path], typer.Argument(help="Stores (.h5) or folders to search for stores.")],
+    manifest: Annotated[Path | None, typer.Option(
+        help="Dataset manifest to check ids against (default: cache/<dataset>/manifest.json).")] = None,
+    strict: Annotated[bool, typer.Option(help="Count failed ids as problems too.")] = False,
+) -> None:
+    """Check stores: shapes, NaN/inf, all-zero rows, duplicate ids, ids vs the manifest, failed ids.
+
+    Exits 1 when any store has a problem.
+    """
+    stores = [s for p in paths for s in (find_stores(p) if p.is_dir() else [p])]
+    if not stores:
+        raise MMCacheError(f"no feature stores under {', '.join(map(str, paths))}")
+    n_bad = 0
+    for p in stores:
+        rep = verify_store(p, manifest, strict=strict)
+        typer.echo(f"{p}: {'ok' if rep.ok else 'FAILED'} ({rep.rows} rows, {rep.failed} failed)")
+        for msg in rep.problems:
+            typer.echo(f"  problem: {msg}")
+        for msg in rep.warnings:
+            typer.echo(f"  warning: {msg}")
+        n_bad += not rep.ok
+    if n_bad:
+        typer.echo(f"{n_bad} of {len(stores)} stores failed verification", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("rm")
+def rm(
+    paths: Annotated[list[Path], typer.Argument(help="Stores (.h5) to delete.")],
+) -> None:
+    """Delete stores (and their lock files); refuses a store that a writer is using."""
+    for p in paths:
+        if p.is_dir() or p.suffix != ".h5":
+            raise MMCacheError(f"{p} is not a feature store file (*.h5); `cache rm` deletes stores one by one")
+        if not p.exists():
+            raise MMCacheError(f"{p} does not exist; `mmcache cache ls` lists the stores")
+    for p in paths:
+        lock = FileLock(lock_path(p), timeout=0, fallback_to_soft=False)
+        try:
+            with lock:
+                size = disk_bytes(p)
+                p.unlink()
+                partial_path(p).unlink(missing_ok=True)
+        except Timeout:
+            raise MMCacheError(f"{p} is being written by another process; stop it before removing the store") from None
+        lock_path(p).unlink(missing_ok=True)
+        typer.echo(f"removed {p} ({human_bytes(size)})")
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ BLOCK_BYTES = 64 << 20
 _IO_MAX = 0x7FFFF000
 _STATE = "_state"  # int64 [n_rows, n_failed, updated_ns, reserved]
 _META = ("ids", "failed_ids", "failed_reasons", _STATE)
+_ORDER = ("pooled", "tokens", "mask", "boxes", "logits")  # the order arrays are listed in
 
 
 def store_path(cache_dir: Path | str, dataset: str, modality: str, name: str) -> Path:
@@ -358,7 +359,8 @@ class FeatureStore:
             if v.shape[:1] != (len(ids),):
                 raise MMCacheError(f"{self.path}: array {k!r} has {v.shape[:1]} rows for {len(ids)} ids")
             if v.dtype.kind == "f" and v.dtype != self.dtype:
-                cast = v.astype(self.dtype)
+                with np.errstate(over="ignore"):  # overflow is checked right below, with a clear message
+                    cast = v.astype(self.dtype)
                 if not np.isfinite(cast).all() and np.isfinite(v).all():
                     raise MMCacheError(
                         f"{self.path}: array {k!r} has values beyond the {self.dtype.name} range "
@@ -458,9 +460,10 @@ class StoreReader:
                     raise _corrupt(self.path, f"datasets {missing} are missing")
                 self.capacity = int(f["ids"].shape[0])
                 state = f[_STATE][:]
-                self.shapes: dict[str, tuple[int, ...]] = {
-                    k: a.row_shape for k, a in self._layout.items() if k not in _META}
-                self.dtypes: dict[str, np.dtype] = {k: a.dtype for k, a in self._layout.items() if k not in _META}
+                names = sorted((k for k in self._layout if k not in _META),
+                               key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
+                self.shapes: dict[str, tuple[int, ...]] = {k: self._layout[k].row_shape for k in names}
+                self.dtypes: dict[str, np.dtype] = {k: self._layout[k].dtype for k in names}
                 n, nf = int(state[0]), int(state[1])
                 if not (0 <= n and 0 <= nf and n + nf <= self.capacity):
                     raise _corrupt(self.path, f"counters {n} rows + {nf} failed exceed its {self.capacity} slots")
@@ -612,8 +615,11 @@ def _examples(ids: Sequence[str], k: int = 3) -> str:
     return ", ".join(repr(i) for i in ids[:k]) + (" ..." if len(ids) > k else "")
 
 
-def verify_store(path: Path | str, manifest: Path | str | None = None) -> VerifyReport:
-    """Check a store: it opens, shapes agree, values are finite, ids are unique, and ids match the manifest."""
+def verify_store(path: Path | str, manifest: Path | str | None = None, strict: bool = False) -> VerifyReport:
+    """Check a store: it opens, shapes agree, values are finite, ids are unique, and ids match the manifest.
+
+    Failed ids are warnings, or problems when `strict`.
+    """
     path = Path(path)
     rep = VerifyReport(path)
     try:
@@ -664,8 +670,9 @@ def verify_store(path: Path | str, manifest: Path | str | None = None) -> Verify
         rep.warnings.append(f"{len(empty_mask)} rows whose mask has no real token ({_examples(empty_mask)})")
     if r.failed:
         reasons = Counter(r.failed.values()).most_common(3)
-        rep.warnings.append(f"{len(r.failed)} ids failed extraction ({_examples(list(r.failed))}); reasons: "
-                            + "; ".join(f"{c}x {why}" for why, c in reasons))
+        msg = (f"{len(r.failed)} ids failed extraction ({_examples(list(r.failed))}); reasons: "
+               + "; ".join(f"{c}x {why}" for why, c in reasons))
+        (rep.problems if strict else rep.warnings).append(msg)
     mpath = Path(manifest) if manifest is not None else r.manifest()
     if not mpath.exists():
         rep.warnings.append(f"no manifest at {mpath}; ids were not checked against the dataset")

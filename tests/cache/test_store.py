@@ -1,0 +1,241 @@
+"""FeatureStore / StoreReader behaviour: round trips, resume, refusals, clear errors, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mmcache.cache import FeatureStore, StoreReader, store_path, verify_store
+from mmcache.cache.store import FORMAT, _layout
+from mmcache.errors import MMCacheError
+
+SPEC = {"preset": "toy", "family": "toy", "modality": "image", "model": "toy-net", "weights": "random"}
+
+
+def rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "pooled": rng.standard_normal((n, 12)).astype(np.float32),
+        "tokens": rng.standard_normal((n, 5, 8)).astype(np.float32),
+        "mask": rng.random((n, 5)) > 0.3,
+    }
+
+
+def ids_(n: int, start: int = 0) -> list[str]:
+    return [f"id{i}" for i in range(start, start + n)]
+
+
+def write_manifest(cache: Path, ids: list[str], splits: list[str]) -> Path:
+    m = cache / "toy" / "manifest.json"
+    m.parent.mkdir(parents=True, exist_ok=True)
+    samples = [{"id": i, "split": s, "labels": {"y": 0}} for i, s in zip(ids, splits, strict=True)]
+    m.write_text(json.dumps({"name": "toy", "labels": {"tasks": {"y": ["a", "b"]}}, "samples": samples}))
+    return m
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return store_path(tmp_path, "toy", "image", "toy")
+
+
+def test_roundtrip_order_dtype_and_attrs(path: Path) -> None:
+    data = rows(300)
+    ids = ids_(300)
+    with FeatureStore(path, SPEC, "toy", capacity=16) as st:  # small capacity: the file grows during the writes
+        for b in range(0, 300, 32):
+            st.write(ids[b:b + 32], {k: v[b:b + 32] for k, v in data.items()})
+        st.fail("bad1", "cannot decode bad1.jpg")
+        assert st.done == set(ids) | {"bad1"}
+    r = StoreReader(path)
+    assert r.ids == ids and r.failed == {"bad1": "cannot decode bad1.jpg"}
+    assert r.shapes == {"pooled": (12,), "tokens": (5, 8), "mask": (5,)}
+    assert r.dtypes["pooled"] == np.float16 and r.dtypes["mask"] == np.bool_
+    assert r.spec == SPEC and r.attrs["dataset"] == "toy" and r.attrs["format"] == FORMAT
+    assert len(r.attrs["spec_hash"]) == 16 and r.attrs["created"] and r.attrs["updated"]
+    assert "torch" in r.attrs["versions"] or "numpy" in r.attrs["versions"]
+    full = r.load()
+    np.testing.assert_array_equal(full["pooled"], data["pooled"].astype(np.float16))
+    # reversed, contiguous slice, sparse subset: each comes back aligned to the request
+    for sel in (ids[::-1], ids[40:90], ids[::37], [ids[5], ids[5], ids[0]]):
+        got = r.load(sel)
+        idx = [int(i[2:]) for i in sel]
+        np.testing.assert_array_equal(got["tokens"], data["tokens"][idx].astype(np.float16))
+        np.testing.assert_array_equal(got["mask"], data["mask"][idx])
+    assert set(r.load(ids[:3], keys=["mask"])) == {"mask"}
+
+
+def test_float32_flag_and_float16_overflow(path: Path, tmp_path: Path) -> None:
+    data = rows(4)
+    with FeatureStore(path, SPEC, "toy", dtype="float32") as st:
+        st.write(ids_(4), data)
+    r = StoreReader(path)
+    assert r.dtypes["pooled"] == np.float32
+    np.testing.assert_array_equal(r.load()["pooled"], data["pooled"])
+    with pytest.raises(MMCacheError, match="float16"):
+        FeatureStore(path, SPEC, "toy")  # resuming with another dtype
+    big = rows(2)
+    big["pooled"][0, 0] = 1e6
+    with FeatureStore(tmp_path / "b.h5", SPEC, "toy") as st, pytest.raises(MMCacheError, match="float32"):
+        st.write(ids_(2), big)
+
+
+def test_resume_skips_committed_and_appends(path: Path) -> None:
+    data = rows(20)
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(10), {k: v[:10] for k, v in data.items()})
+        st.fail("id10", "missing file")
+    with FeatureStore(path, SPEC, "toy") as st:
+        assert st.done == set(ids_(11))
+        with pytest.raises(MMCacheError, match="already committed"):
+            st.write(["id3"], {k: v[:1] for k, v in data.items()})
+        st.write(ids_(9, 11), {k: v[11:] for k, v in data.items()})
+    r = StoreReader(path)
+    assert r.ids == ids_(10) + ids_(9, 11)
+    np.testing.assert_array_equal(r.load(["id19"])["pooled"][0], data["pooled"][19].astype(np.float16))
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.clear_failed()
+        assert "id10" not in st.done
+        st.write(["id10"], {k: v[10:11] for k, v in data.items()})
+    r = StoreReader(path)
+    assert r.failed == {} and r.load(["id10"])["mask"].shape == (1, 5)
+
+
+def test_spec_mismatch_names_both_specs(path: Path) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(2), rows(2))
+    other = {**SPEC, "weights": "laion2b"}
+    with pytest.raises(MMCacheError) as e:
+        FeatureStore(path, other, "toy")
+    msg = str(e.value)
+    assert '"weights": "random"' in msg and '"weights": "laion2b"' in msg and "cache rm" in msg
+    assert StoreReader(path).ids == ids_(2)  # the refused writer changed nothing
+
+
+def test_second_writer_refused_readers_never_block(path: Path) -> None:
+    data = rows(8)
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(4), {k: v[:4] for k, v in data.items()})
+        with pytest.raises(MMCacheError, match="another process"):
+            FeatureStore(path, SPEC, "toy")
+        assert StoreReader(path).ids == ids_(4)  # a reader opens while the writer holds the lock
+        st.write(ids_(4, 4), {k: v[4:] for k, v in data.items()})
+        assert len(StoreReader(path)) == 8  # and sees each commit at once
+    with FeatureStore(path, SPEC, "toy") as st:  # the lock is released on close
+        assert len(st.done) == 8
+
+
+def test_batch_mismatch_refused(path: Path) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(2), rows(2))
+        bad = rows(2)
+        bad["tokens"] = bad["tokens"][:, :3]
+        with pytest.raises(MMCacheError, match="do not match"):
+            st.write(ids_(2, 2), bad)
+        with pytest.raises(MMCacheError, match="duplicate"):
+            st.write(["x", "x"], rows(2))
+        with pytest.raises(MMCacheError, match="rows for"):
+            st.write(["y"], rows(2))
+
+
+def test_missing_ids_clear_error(path: Path) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(3), rows(3))
+        st.fail("gone", "corrupt jpeg")
+    r = StoreReader(path)
+    with pytest.raises(MMCacheError, match=r"2 of 3 requested ids.*'nope'.*corrupt jpeg"):
+        r.load(["id0", "nope", "gone"])
+    with pytest.raises(MMCacheError, match="not found"):
+        StoreReader(path.with_name("absent.h5"))
+
+
+def test_load_split_via_manifest(path: Path, tmp_path: Path) -> None:
+    data = rows(6)
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(6), data)
+    write_manifest(tmp_path, ["id5", "id1", "id2", "id0", "id3", "id4"],
+                   ["test", "train", "train", "test", "val", "val"])
+    r = StoreReader(path)
+    got = r.load(split="test")
+    np.testing.assert_array_equal(got["pooled"], data["pooled"][[5, 0]].astype(np.float16))
+    with pytest.raises(MMCacheError, match="no split 'dev'"):
+        r.load(split="dev")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "foreign"])
+def test_corrupt_file_message(path: Path, damage: str) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(50), rows(50))
+    if damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        path.unlink()
+        with h5py.File(path, "w") as f:
+            f["pooled"] = np.zeros((3, 4))
+    with pytest.raises(MMCacheError) as e:
+        StoreReader(path)
+    assert str(path) in str(e.value) and "cache rm" in str(e.value)
+    with pytest.raises(MMCacheError, match="cache rm"):
+        FeatureStore(path, SPEC, "toy")
+
+
+def test_batch_writes_touch_no_hdf5_structure(path: Path) -> None:
+    """After the file is built, a batch changes only its own row bytes and the counters."""
+    data = rows(8)
+    with FeatureStore(path, SPEC, "toy", capacity=8) as st:
+        st.write(ids_(4), {k: v[:4] for k, v in data.items()})
+        before = path.read_bytes()
+        st.write(ids_(4, 4), {k: v[4:] for k, v in data.items()})
+        after = path.read_bytes()
+    with h5py.File(path, "r") as f:
+        lay = _layout(f)
+    allowed = np.zeros(len(after), dtype=bool)
+    for k, a in lay.items():
+        lo, hi = (a.offset, a.offset + 32) if k == "_state" else (a.offset + 4 * a.row_bytes,
+                                                                   a.offset + 8 * a.row_bytes)
+        allowed[lo:hi] = True
+    diff = np.flatnonzero(np.frombuffer(before, np.uint8) != np.frombuffer(after, np.uint8))
+    assert len(before) == len(after) and len(diff) > 0
+    assert allowed[diff].all(), "a batch write changed bytes outside its rows and the counters"
+
+
+def test_verify_catches_nan_duplicates_and_manifest_drift(path: Path, tmp_path: Path) -> None:
+    data = rows(10)
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(10), data)
+        st.fail("id10", "truncated jpeg")
+    write_manifest(tmp_path, ids_(11), ["train"] * 11)
+    rep = verify_store(path)
+    assert rep.ok and rep.rows == 10 and any("1 ids failed" in w for w in rep.warnings)
+    assert not verify_store(path, strict=True).ok
+    # a NaN row and a duplicated id, forged behind the writer's back
+    with h5py.File(path, "r+") as f:
+        f["pooled"][3, 0] = np.nan
+        f["tokens"][4, 1, 1] = np.inf
+        f["ids"][7] = b"id2"
+    rep = verify_store(path)
+    text = " | ".join(rep.problems)
+    assert "NaN/inf in 'pooled' ('id3')" in text and "NaN/inf in 'tokens' ('id4')" in text
+    assert "1 duplicate ids ('id2')" in text
+    assert "manifest ids are neither stored nor failed ('id7')" in text
+    # rows of ids the dataset no longer has
+    write_manifest(tmp_path, ids_(5), ["train"] * 5)
+    assert any("not in manifest" in p for p in verify_store(path).problems)
+
+
+def test_verify_all_zero_rows_and_unreadable(path: Path, tmp_path: Path) -> None:
+    data = rows(4)
+    data["pooled"][2] = 0
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(4), data)
+    assert any("all-zero `pooled` rows ('id2')" in p for p in verify_store(path).problems)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"nope")
+    rep = verify_store(junk)
+    assert not rep.ok and "junk.h5" in rep.problems[0]
