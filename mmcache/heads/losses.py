@@ -1,4 +1,26 @@
-"""Training criteria. One interface: `criterion(logits, targets, teacher=None, epoch=0) -> (loss, parts)`."""
+"""Training criteria. One interface: `criterion(logits, targets, teacher=None, epoch=0) -> (loss, parts)`.
+
+Registered by name in `CRITERIA` and built with `build_criterion(name, tasks, class_counts, **options)`:
+
+- `ce`: cross-entropy per task (optional inverse-frequency class weights, label smoothing);
+- `focal`: focal loss (Lin et al.), `gamma` 2, class-balanced alpha from the train class counts
+  with `beta` 0.999 (Cui et al., effective number of samples);
+- `scabg`: the 3-way loss (CE, or focal with `focal=True`) plus coarse (neutral vs emotional)
+  and fine (negative vs positive, emotional rows only) losses on the head's `_coarse` / `_fine`
+  outputs, weighted by learned homoscedastic uncertainty (Kendall & Gal):
+  0.5 e^-s1 L_coarse + 0.5 s1 + 0.5 e^-s2 L_fine + 0.5 s2.
+
+Options every criterion takes:
+
+- multi-task: task losses are summed, or with `uncertainty=True` weighted by one learned
+  log-variance per task (0.5 e^-s_t L_t + 0.5 s_t);
+- distillation: with a teacher, `kd_lambda` * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+  on the primary task (`kd_task`), T = `kd_T` (3), `kd_lambda` 0.02, linearly warmed up from 0 at
+  epoch 0 to full weight at epoch `kd_warmup` (0 = no warm-up); skipped when teacher is None.
+
+Learned log-variances are parameters of the criterion: the trainer must optimise
+`criterion.parameters()` together with the head's (without weight decay).
+"""
 
 from __future__ import annotations
 
@@ -8,48 +30,239 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcache.errors import MMCacheError
+
+IGNORE = -100
+
+
+def _flag(value: Any) -> bool:
+    """Booleans from the CLI may arrive as strings."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _labelled(target: torch.Tensor) -> torch.Tensor:
+    return target != IGNORE
+
+
+def _zero_like(logits: torch.Tensor) -> torch.Tensor:
+    # Keeps the graph connected when a batch has no labelled row for a task.
+    return logits.sum() * 0.0
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over labelled rows of -alpha_y (1 - p_y)^gamma log p_y; 0 when no row is labelled."""
+    keep = _labelled(target)
+    if not keep.any():
+        return _zero_like(logits)
+    logits, target = logits[keep], target[keep]
+    logp = logits.float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()).clamp(min=0) ** gamma) * logp
+    if alpha is not None:
+        loss = loss * alpha.to(loss.device)[target]
+    return loss.mean()
+
+
+def class_balanced_alpha(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
+    """Cui et al. weights (1 - beta) / (1 - beta^n_c), normalised to sum to the number of classes."""
+    n = counts.float().clamp(min=1)
+    w = (1 - beta) / (1 - beta ** n)
+    return w * len(w) / w.sum()
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 3.0) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean over rows whose teacher is finite."""
+    if teacher.shape != student.shape:
+        raise MMCacheError(f"teacher logits have shape {tuple(teacher.shape)} but the student's are "
+                           f"{tuple(student.shape)}; the teacher store must have one logit per class of the task")
+    ok = torch.isfinite(teacher).all(-1)
+    if not ok.any():
+        return _zero_like(student)
+    s = (student[ok].float() / T).log_softmax(-1)
+    t = (teacher[ok].float() / T).log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
+
 
 class Criterion(nn.Module):
-    """Sum of per-task cross-entropies (the default); subclasses add focal, uncertainty weighting, KD.
+    """Sum of per-task cross-entropies (the default); subclasses change the per-task loss or add terms.
 
     `logits`: task -> [B,C]; `targets`: task -> [B] long, -100 where a row has no label for the task;
     `teacher`: [B,C] cached teacher logits of the primary task or None; `epoch` drives warm-ups.
     Returns the scalar loss and a dict of float parts for logging.
     """
 
+    part = "ce"
+
     def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
-                 class_weights: bool = False, label_smoothing: float = 0.0, **_: Any) -> None:
+                 class_weights: bool = False, label_smoothing: float = 0.0, uncertainty: bool = False,
+                 kd_lambda: float = 0.02, kd_T: float = 3.0, kd_warmup: int = 0, kd_task: str | None = None,
+                 **unknown: Any) -> None:
         super().__init__()
+        if unknown:
+            raise MMCacheError(f"loss {self.part}: unknown options {sorted(unknown)}; see `heads train --help` "
+                               "for the loss options")
         self.tasks = dict(tasks)
-        self.label_smoothing = label_smoothing
-        if class_weights and class_counts:
+        self.label_smoothing = float(label_smoothing)
+        self.kd_lambda, self.kd_T, self.kd_warmup = float(kd_lambda), float(kd_T), int(kd_warmup)
+        self.kd_task = kd_task or next(iter(self.tasks))
+        if self.kd_task not in self.tasks:
+            raise MMCacheError(f"kd_task={kd_task!r} is not one of the tasks {list(self.tasks)}")
+        if _flag(class_weights) and class_counts:
             for t, c in class_counts.items():
                 # Inverse-frequency weights, normalised to mean 1.
                 w = c.float().sum() / (len(c) * c.float().clamp(min=1))
                 self.register_buffer(f"w_{t}", w)
+        # Kendall & Gal log-variances, one per task (learned with the head).
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if _flag(uncertainty) else None
+
+    def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one task (cross-entropy here); 0 when no row is labelled."""
+        if not _labelled(target).any():
+            return _zero_like(logits)
+        return F.cross_entropy(logits.float(), target, weight=getattr(self, f"w_{task}", None), ignore_index=IGNORE,
+                               label_smoothing=self.label_smoothing)
+
+    def extra_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                   parts: dict[str, float]) -> torch.Tensor | None:
+        """Additional terms of a subclass (None here)."""
+        return None
+
+    def kd_weight(self, epoch: int) -> float:
+        """KD weight at `epoch` (0-based): kd_lambda, linearly warmed up over `kd_warmup` epochs."""
+        if self.kd_warmup <= 0:
+            return self.kd_lambda
+        return self.kd_lambda * min(1.0, epoch / self.kd_warmup)
 
     def forward(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],  # type: ignore[override]
                 teacher: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         parts: dict[str, float] = {}
-        total = torch.zeros((), device=next(iter(logits.values())).device)
-        for t in self.tasks:
-            w = getattr(self, f"w_{t}", None)
-            loss = F.cross_entropy(logits[t].float(), targets[t], weight=w, ignore_index=-100,
-                                   label_smoothing=self.label_smoothing)
-            parts[f"ce_{t}"] = float(loss.detach())
+        total = _zero_like(next(iter(logits.values())))
+        for i, t in enumerate(self.tasks):
+            if t not in targets:
+                continue
+            loss = self.task_loss(t, logits[t], targets[t])
+            parts[f"{self.part}_{t}"] = float(loss.detach())
+            if self.log_vars is not None and _labelled(targets[t]).any():
+                s = self.log_vars[i]
+                loss = 0.5 * torch.exp(-s) * loss + 0.5 * s
+                parts[f"logvar_{t}"] = float(s.detach())
             total = total + loss
+        extra = self.extra_loss(logits, targets, parts)
+        if extra is not None:
+            total = total + extra
+        weight = self.kd_weight(epoch)
+        if teacher is not None and weight > 0:
+            kd = kd_loss(logits[self.kd_task], teacher, self.kd_T)
+            parts["kd"] = float(kd.detach())
+            parts["kd_weight"] = weight
+            total = total + weight * kd
         return total, parts
 
 
-CRITERIA: dict[str, type[Criterion]] = {"ce": Criterion}
+class FocalCriterion(Criterion):
+    """Focal loss per task, with class-balanced alpha (`alpha="balanced"`, from class counts) or none."""
+
+    part = "focal"
+
+    def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
+                 gamma: float = 2.0, beta: float = 0.999, alpha: str = "balanced", **options: Any) -> None:
+        super().__init__(tasks, class_counts=class_counts, **options)
+        if alpha not in ("balanced", "none"):
+            raise MMCacheError(f"loss {self.part}: alpha={alpha!r} must be 'balanced' or 'none'")
+        if not 0 <= float(beta) < 1:
+            raise MMCacheError(f"loss {self.part}: beta={beta} must be in [0, 1)")
+        self.gamma = float(gamma)
+        if self.label_smoothing and type(self) is FocalCriterion:
+            raise MMCacheError("loss focal: label_smoothing applies to cross-entropy only; drop it or use loss ce")
+        for t in self.tasks:
+            a = None
+            if alpha == "balanced" and class_counts and t in class_counts:
+                a = class_balanced_alpha(class_counts[t], float(beta))
+            w = getattr(self, f"w_{t}", None)
+            if w is not None:  # class_weights on top of alpha
+                a = w if a is None else a * w
+            if a is not None:
+                self.register_buffer(f"alpha_{t}", a)
+
+    def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Focal loss of one task."""
+        return focal_loss(logits, target, self.gamma, getattr(self, f"alpha_{task}", None))
+
+
+class SCABGCriterion(FocalCriterion):
+    """3-way CE/focal plus uncertainty-weighted coarse/fine losses on the `scabg` head's `_coarse` / `_fine`."""
+
+    part = "main"
+
+    def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
+                 focal: bool = False, aux_uncertainty: bool = True, aux_weight: float = 1.0,
+                 classes: Any = (0, 1, 2), task: str | None = None, **options: Any) -> None:
+        super().__init__(tasks, class_counts=class_counts, **options)
+        from mmcache.heads.scabg import check_classes
+
+        self.focal = _flag(focal)
+        if self.focal and self.label_smoothing:
+            raise MMCacheError("loss scabg: label_smoothing applies to cross-entropy only; drop it or focal=false")
+        self.task = task or next(iter(self.tasks))
+        if self.task not in self.tasks or self.tasks[self.task] != 3:
+            raise MMCacheError(f"loss scabg: task {self.task!r} must be a 3-way task (negative, neutral, positive) "
+                               f"among {self.tasks}; set loss option task=<name>")
+        self.classes = check_classes(classes, "loss scabg")
+        self.aux_weight = float(aux_weight)
+        # s1 (coarse), s2 (fine): Kendall & Gal log-variances.
+        self.aux_log_vars = nn.Parameter(torch.zeros(2)) if _flag(aux_uncertainty) else None
+
+    def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Focal loss with `focal=True`, else cross-entropy."""
+        if self.focal:
+            return super().task_loss(task, logits, target)
+        return Criterion.task_loss(self, task, logits, target)
+
+    def aux_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse targets (0 neutral, 1 emotional) and fine targets (0 negative, 1 positive; -100 if neutral)."""
+        neg, neu, pos = self.classes
+        lab = _labelled(target)
+        if (lab & ((target < 0) | (target > 2))).any():
+            raise MMCacheError(f"loss scabg: targets of task {self.task!r} must be 0, 1, 2 or -100")
+        ignore = torch.full_like(target, IGNORE)
+        coarse = torch.where(lab, (target != neu).long(), ignore)
+        fine = torch.where(lab & (target != neu), (target == pos).long(), ignore)
+        return coarse, fine
+
+    def extra_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                   parts: dict[str, float]) -> torch.Tensor | None:
+        """0.5 e^-s1 L_coarse + 0.5 s1 + 0.5 e^-s2 L_fine + 0.5 s2 (or aux_weight * (L_coarse + L_fine))."""
+        if "_coarse" not in logits or "_fine" not in logits:
+            raise MMCacheError("loss scabg needs the `_coarse` and `_fine` outputs of head scabg; "
+                               "use --head scabg or another loss")
+        if self.task not in targets:
+            return None
+        yc, yf = self.aux_targets(targets[self.task])
+        total = _zero_like(logits["_coarse"])
+        for i, (name, out, y) in enumerate((("coarse", logits["_coarse"], yc), ("fine", logits["_fine"], yf))):
+            if not _labelled(y).any():
+                continue  # e.g. a batch with no emotional row: no fine term, and no pull on s2
+            loss = F.cross_entropy(out.float(), y, ignore_index=IGNORE)
+            parts[name] = float(loss.detach())
+            if self.aux_log_vars is not None:
+                s = self.aux_log_vars[i]
+                loss = 0.5 * torch.exp(-s) * loss + 0.5 * s
+                parts[f"logvar_{name}"] = float(s.detach())
+            else:
+                loss = self.aux_weight * loss
+            total = total + loss
+        return total
+
+
+CRITERIA: dict[str, type[Criterion]] = {"ce": Criterion, "focal": FocalCriterion, "scabg": SCABGCriterion}
 
 
 def build_criterion(name: str, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                     **options: Any) -> Criterion:
-    """Build criterion `name` ("ce", ...) for `tasks`; `class_counts` (task -> [C] train counts) feeds
-    class weights / class-balanced alphas; `options` are the loss flags (label_smoothing, gamma, kd_T, ...)."""
-    from mmcache.errors import MMCacheError
-
+    """Build criterion `name` ("ce", "focal", "scabg") for `tasks`; `class_counts` (task -> [C] train counts)
+    feeds class weights / class-balanced alphas; `options` are the loss flags (label_smoothing, gamma, kd_T, ...)."""
     if name not in CRITERIA:
         raise MMCacheError(f"unknown loss {name!r}; known: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name](tasks, class_counts=class_counts, **options)

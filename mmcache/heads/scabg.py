@@ -1,0 +1,328 @@
+"""SCABG: Self-Calibrated Adaptive Band Gating, with masks.
+
+Per modality (its `tokens` + `mask`, or `pooled` as one token), projected to `hidden`:
+
+1. self-calibration (`calibrate`): h = LayerNorm(T + SelfAttn(T)), padding masked;
+2. condition (`condition`): h = W h + W_c c, where c is the condition modality's (`cond`, the
+   text) `pooled` vector projected to `hidden`; without it h = W h;
+3. band gate: p = softmax_K(W_g tanh(h)) per token (`bands` = K, 1 switches bands off);
+   band k = T * p_k;
+4. band summary (`band_queries`): `queries` learned queries per band attend over the band's real
+   tokens (masked attention), averaged; otherwise a masked mean of the band. Band k = T * p_k
+   is never materialised as [B,K,T,H] for the projections: W (p_k T) = p_k (W T).
+
+Per branch, a pair of modalities (x, y) (image-text, and image-context, text-context when a
+`context` modality exists; or `branches`):
+
+5. band aggregator: f_k = MLP_k([hx_k; hy_k]); w = softmax_k(<f_k, c> / sqrt(hidden))
+   (`aggregate`; otherwise uniform weights); out = MLP(sum_k w_k f_k), `out_dim` wide.
+
+Across branches:
+
+6. cross-branch attention (`cross_branch`): z = LayerNorm(b + MHA(b, b, b)) over the branch
+   vectors; then weighted pooling (learned scores, softmax over present branches) and an MLP;
+7. output (`compose`): coarse (neutral vs emotional) and fine (negative vs positive) heads
+   give the 3-way logits [emo + neg, neu, emo + pos] of `task` (the first task by default),
+   placed at the class indices `classes` = [negative, neutral, positive]; `compose_mode="logprob"`
+   composes log-probabilities instead of raw logits (an exact hierarchical factorisation). With
+   `compose=False` the task gets a plain linear classifier; `_coarse` and `_fine` are returned
+   either way so the `scabg` loss can supervise them. Other tasks get linear classifiers.
+
+The reference implementation attends over padding; here every attention and pooling step
+uses the token masks, so padded values never change the output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcache.errors import MMCacheError
+from mmcache.heads.base import Features, Head, InputSpec, register_head
+from mmcache.heads.gated import batch_size, check_spec, reject_unknown, row_presence
+from mmcache.heads.linear import select_modalities
+from mmcache.heads.xattn import masked_attention, seq_dim, token_sequence
+
+# Branch order of the reference: image-vs-text first, then the context branches.
+MODALITY_ORDER = ("image", "text", "context", "video", "audio")
+
+
+def default_branches(mods: list[str]) -> list[tuple[str, str]]:
+    """All unordered pairs of the used modalities, image-text first; one modality pairs with itself."""
+    order = sorted(mods, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else len(MODALITY_ORDER), m))
+    if len(order) == 1:
+        return [(order[0], order[0])]
+    return [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
+
+
+def check_classes(classes: Any, where: str) -> list[int]:
+    """Validate `classes` = [negative, neutral, positive] indices: a permutation of 0, 1, 2."""
+    try:
+        cl = [int(c) for c in (classes.split(",") if isinstance(classes, str) else classes)]
+    except (TypeError, ValueError):
+        cl = []
+    if sorted(cl) != [0, 1, 2]:
+        raise MMCacheError(f"{where}: classes={classes!r} must list the indices of negative, neutral, positive "
+                           "(a permutation of 0,1,2, e.g. 0,1,2 for the label order negative,neutral,positive)")
+    return cl
+
+
+def compose_three_way(coarse: torch.Tensor, fine: torch.Tensor, classes: list[int] | tuple[int, ...] = (0, 1, 2),
+                      mode: str = "logits") -> torch.Tensor:
+    """3-way logits [emo + neg, neu, emo + pos] from coarse [neu, emo] and fine [neg, pos], at `classes`."""
+    if mode == "logprob":
+        coarse, fine = coarse.log_softmax(-1), fine.log_softmax(-1)
+    neu, emo = coarse[:, 0], coarse[:, 1]
+    neg, pos = fine[:, 0], fine[:, 1]
+    vals = torch.stack([emo + neg, neu, emo + pos], 1)  # in (negative, neutral, positive) order
+    inv = torch.argsort(torch.as_tensor(list(classes), device=vals.device))
+    return vals[:, inv]
+
+
+class BandQueryAttention(nn.Module):
+    """Learned queries per band attending over that band's tokens T * p_k, with a key padding mask.
+
+    Multi-head attention written out so that the key/value projections of the K bands share one
+    matmul: W (p_k * T) + b = p_k * (W T) + b, which makes K bands cost about as much as one.
+    """
+
+    def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
+        B, T, H = t.shape
+        K, Q = self.queries.shape[:2]
+        nh, hd = self.heads, H // self.heads
+        pk = p.permute(0, 2, 1)[..., None]  # [B,K,T,1]
+        k = pk * F.linear(t, self.k.weight)[:, None] + self.k.bias  # [B,K,T,H]
+        v = pk * F.linear(t, self.v.weight)[:, None] + self.v.bias
+        q = self.q(self.queries)  # [K,Q,H]
+        q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
+        k = k.view(B, K, T, nh, hd).transpose(2, 3)
+        v = v.view(B, K, T, nh, hd).transpose(2, 3)
+        has = mask.any(-1)
+        # A row without real tokens would give NaN; let it see position 0 and zero its output below.
+        keep = mask | (~has[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.o(out.transpose(2, 3).reshape(B, K, Q, H)).mean(2)
+        return out * has[:, None, None].to(out.dtype)
+
+
+class BandGate(nn.Module):
+    """Steps 1-4 for one modality: calibrated, conditioned soft split into K bands, each summarised to a vector."""
+
+    def __init__(self, dim: int, hidden: int, bands: int, queries: int, heads: int, dropout: float,
+                 calibrate: bool, condition: bool, band_queries: bool) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) if calibrate else None
+        self.norm = nn.LayerNorm(hidden) if calibrate else None
+        self.W = nn.Linear(hidden, hidden)
+        self.W_c = nn.Linear(hidden, hidden, bias=False) if condition else None
+        self.W_g = nn.Linear(hidden, bands)
+        self.bands = bands
+        self.band_attn = BandQueryAttention(hidden, bands, queries, heads, dropout) if band_queries else None
+
+    def probabilities(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected tokens T [B,T,H] and band probabilities p [B,T,K] (softmax over K per token)."""
+        t = self.proj(x)
+        t = torch.where(mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+        h = t
+        if self.self_attn is not None and self.norm is not None:
+            h = self.norm(t + masked_attention(self.self_attn, t, t, mask))
+        h = self.W(h)
+        if self.W_c is not None:
+            h = h + self.W_c(c)[:, None, :]
+        return t, torch.softmax(self.W_g(torch.tanh(h)), -1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Band summaries [B,K,H] (zeros for rows without real tokens)."""
+        t, p = self.probabilities(x, mask, c)
+        if self.band_attn is not None:
+            return self.band_attn(t, p, mask)
+        # Masked mean of band k = sum_t p_tk T_t / n_real: one batched matmul, no [B,K,T,H] tensor.
+        w = p * mask[..., None].to(p.dtype)
+        return torch.einsum("btk,bth->bkh", w, t) / mask.sum(-1).clamp(min=1)[:, None, None].to(t.dtype)
+
+
+class BandAggregator(nn.Module):
+    """Step 5 for one branch: f_k = MLP_k([hx_k; hy_k]), weighted by agreement with c, then an MLP."""
+
+    def __init__(self, hidden: int, out_dim: int, bands: int, dropout: float, aggregate: bool) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList([
+            nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+            for _ in range(bands)
+        ])
+        self.aggregate = aggregate
+        self.out = nn.Sequential(nn.Linear(hidden, out_dim), nn.GELU(), nn.Dropout(dropout))
+
+    def weights(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Band weights [B,K]: softmax_k(<f_k, c> / sqrt(H)), or uniform when aggregation is off."""
+        if not self.aggregate:
+            return torch.full(f.shape[:2], 1.0 / f.shape[1], dtype=f.dtype, device=f.device)
+        return torch.softmax((f * c[:, None, :]).sum(-1) / math.sqrt(f.shape[-1]), -1)
+
+    def forward(self, sx: torch.Tensor, sy: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Branch vector [B,out_dim] from band summaries sx, sy [B,K,H]."""
+        f = torch.stack([mlp(torch.cat([sx[:, k], sy[:, k]], -1)) for k, mlp in enumerate(self.mlps)], 1)
+        return self.out((self.weights(f, c)[..., None] * f).sum(1))
+
+
+@register_head("scabg")
+class SCABGHead(Head):
+    """Self-Calibrated Adaptive Band Gating over token sequences, with coarse/fine 3-way composition."""
+
+    uses = ("pooled", "tokens", "mask")  # arrays the trainer loads per store
+
+    def __init__(self, inputs: InputSpec, tasks: dict[str, int], hidden: int = 512, out_dim: int = 128,
+                 bands: int = 3, queries: int = 8, heads: int = 8, branch_heads: int = 4, dropout: float = 0.1,
+                 cond: str = "text", calibrate: bool = True, condition: bool = True, band_queries: bool = True,
+                 aggregate: bool = True, cross_branch: bool = True, compose: bool = True,
+                 compose_mode: str = "logits", classes: Any = (0, 1, 2), task: str | None = None,
+                 branches: Any = None, use_tokens: bool = True, ablation: int = 0, modalities: list[str] | None = None,
+                 D: int | None = None,
+                 **extra: Any) -> None:
+        reject_unknown("scabg", extra, type(self))
+        if D is not None:  # `--D` of the trainer sets the hidden size
+            hidden = int(D)
+        task = task or next(iter(tasks))
+        if isinstance(classes, str):
+            classes = [int(c) for c in classes.split(",") if c.strip()]
+        if isinstance(branches, str):
+            branches = [b for b in branches.split(",") if b]
+        super().__init__(inputs, tasks, hidden=hidden, out_dim=out_dim, bands=bands, queries=queries, heads=heads,
+                         branch_heads=branch_heads, dropout=dropout, cond=cond, calibrate=calibrate,
+                         condition=condition, band_queries=band_queries, aggregate=aggregate,
+                         cross_branch=cross_branch, compose=compose, compose_mode=compose_mode,
+                         classes=list(classes), task=task, branches=list(branches) if branches else None,
+                         use_tokens=use_tokens, ablation=ablation, modalities=modalities)
+        where = "head scabg"
+        if hidden % heads or out_dim % branch_heads:
+            raise MMCacheError(f"{where}: hidden={hidden} must divide by heads={heads} and "
+                               f"out_dim={out_dim} by branch_heads={branch_heads}")
+        if bands < 1 or queries < 1:
+            raise MMCacheError(f"{where}: bands={bands} and queries={queries} must be at least 1")
+        if compose_mode not in ("logits", "logprob"):
+            raise MMCacheError(f"{where}: compose_mode={compose_mode!r} must be 'logits' or 'logprob'")
+        if task not in self.tasks:
+            raise MMCacheError(f"{where}: task={task!r} is not one of the tasks {list(self.tasks)}")
+        if compose and self.tasks[task] != 3:
+            raise MMCacheError(f"{where}: coarse/fine composition needs a 3-way task (negative, neutral, positive), "
+                               f"but {task!r} has {self.tasks[task]} classes; set compose=false or task=<3-way task>")
+        self.classes = check_classes(classes, where)
+        self.mods = select_modalities(list(self.inputs), modalities, ablation)
+        check_spec(self.inputs, self.mods, "scabg")
+        self.branch_pairs = self._branches(branches)
+        self.task = task
+        self.cond = cond
+        self.use_tokens = use_tokens
+        self.compose = compose
+        self.compose_mode = compose_mode
+        self.gates = nn.ModuleDict({
+            m: BandGate(seq_dim(self.inputs[m]) if use_tokens else self.inputs[m]["pooled"][-1], hidden, bands,
+                        queries, heads, dropout, calibrate, condition, band_queries)
+            for m in self.mods
+        })
+        self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) if cond in self.mods else None
+        # Used where the condition modality is absent (not loaded, or missing in a row).
+        self.cond_default = nn.Parameter(torch.zeros(hidden))
+        self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate)
+                                          for _ in self.branch_pairs])
+        self.branch_attn = nn.MultiheadAttention(out_dim, branch_heads, dropout=dropout, batch_first=True) \
+            if cross_branch else None
+        self.branch_norm = nn.LayerNorm(out_dim) if cross_branch else None
+        self.branch_score = nn.Linear(out_dim, 1)
+        self.fuse = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
+        self.coarse = nn.Linear(out_dim, 2)
+        self.fine = nn.Linear(out_dim, 2)
+        self.classifiers = nn.ModuleDict({t: nn.Linear(out_dim, c) for t, c in self.tasks.items()
+                                          if not (compose and t == task)})
+
+    def _branches(self, branches: list[str] | None) -> list[tuple[str, str]]:
+        if not branches:
+            return default_branches(self.mods)
+        pairs = []
+        for b in branches:
+            parts = b.split("-")
+            if len(parts) != 2 or any(p not in self.mods for p in parts):
+                raise MMCacheError(f"head scabg: branch {b!r} must be 'a-b' with a, b among the used modalities "
+                                   f"{self.mods}, e.g. image-text")
+            pairs.append((parts[0], parts[1]))
+        return pairs
+
+    def condition_vector(self, features: Features) -> torch.Tensor:
+        """c [B,H]: the projected `pooled` of the condition modality (a learned default where it is missing)."""
+        B, device = batch_size(features)
+        dtype = self.cond_default.dtype
+        c = self.cond_default[None].expand(B, -1)
+        f = features.get(self.cond)
+        if self.cond_proj is None or f is None or "pooled" not in f:
+            return c
+        p = row_presence(f, B, device)
+        x = torch.where(p[:, None], f["pooled"].to(dtype), torch.zeros((), dtype=dtype, device=device))
+        return torch.where(p[:, None], self.cond_proj(x), c)
+
+    def _sequences(self, features: Features) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        B, device = batch_size(features)
+        dtype = self.cond_default.dtype
+        out = {}
+        for m in self.mods:
+            s = token_sequence(features.get(m), row_presence(features.get(m), B, device), dtype, self.use_tokens)
+            if s is not None:
+                out[m] = s
+        return out
+
+    def band_probabilities(self, features: Features) -> dict[str, torch.Tensor]:
+        """Per present modality, the band probabilities [B,T,K] of each token (for inspection and tests)."""
+        c = self.condition_vector(features)
+        return {m: self.gates[m].probabilities(x, mask, c)[1] for m, (x, mask) in self._sequences(features).items()}
+
+    def fused(self, features: Features) -> torch.Tensor:
+        """The fused vector [B,out_dim] before the output heads (zeros for rows with no modality)."""
+        B, device = batch_size(features)
+        c = self.condition_vector(features)
+        H = self.hparams["hidden"]
+        K = self.hparams["bands"]
+        seqs = self._sequences(features)
+        summaries, present = {}, {}
+        for m in self.mods:
+            seq = seqs.get(m)
+            if seq is None:
+                summaries[m] = torch.zeros(B, K, H, dtype=c.dtype, device=device)
+                present[m] = torch.zeros(B, dtype=torch.bool, device=device)
+            else:
+                x, mask = seq
+                summaries[m] = self.gates[m](x, mask, c)
+                present[m] = mask.any(-1)
+        b = torch.stack([agg(summaries[x], summaries[y], c)
+                         for agg, (x, y) in zip(self.aggregators, self.branch_pairs, strict=True)], 1)
+        # A branch counts when at least one of its modalities is present, so one modality still informs.
+        bp = torch.stack([present[x] | present[y] for x, y in self.branch_pairs], 1)
+        b = b * bp[..., None].to(b.dtype)
+        if self.branch_attn is not None and self.branch_norm is not None:
+            b = self.branch_norm(b + masked_attention(self.branch_attn, b, b, bp))
+        s = self.branch_score(b).squeeze(-1).masked_fill(~bp, float("-inf"))
+        w = torch.softmax(torch.where(bp.any(1, keepdim=True), s, torch.zeros_like(s)), 1) * bp
+        return self.fuse((w[..., None] * b).sum(1)) * bp.any(1, keepdim=True).to(b.dtype)
+
+    def forward(self, features: Features) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Logits per task, plus `_coarse` [B,2] (neutral, emotional) and `_fine` [B,2] (negative, positive)."""
+        z = self.fused(features)
+        coarse, fine = self.coarse(z), self.fine(z)
+        out = {t: clf(z) for t, clf in self.classifiers.items()}
+        if self.compose:
+            out[self.task] = compose_three_way(coarse, fine, self.classes, self.compose_mode)
+        out["_coarse"] = coarse
+        out["_fine"] = fine
+        return {t: out[t] for t in [*self.tasks, "_coarse", "_fine"]}
