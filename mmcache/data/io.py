@@ -188,6 +188,9 @@ def assign_splits(labels: list[int], seed: int = 0, fold: int | None = None, k: 
     """Splits for a dataset without official ones: stratified 8:1:1 by seed, or fold `fold` of k-fold CV."""
     from mmcache.data.splits import kfold_split, stratified_split
 
+    if len(labels) < k:
+        raise MMCacheError(f"only {len(labels)} rows: a generated split (8:1:1 or {k}-fold) needs at least {k}; "
+                           "give the rows a split column instead")
     if fold is None:
         return stratified_split(labels, seed=seed)
     if not 0 <= int(fold) < k:

@@ -1,0 +1,141 @@
+"""The generic table adapter (CSV / TSV / JSON / JSONL) and the demo built on it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mmcache.data import load_dataset
+from mmcache.data.demo import generate_demo
+from mmcache.data.table import write_table
+from mmcache.errors import MMCacheError
+
+ROWS = [
+    {"id": "a", "image": "img/a.jpg", "text": "good day", "label": "pos", "split": "train", "entity": "day",
+     "ctx_text": "a sunny street", "label_topic": "weather"},
+    {"id": "b", "image_path": "img/b.jpg", "text": "bad day", "label": "neg", "split": "dev", "entity": "",
+     "ctx_text": "", "label_topic": "mood"},
+    {"id": "c", "image": "img/c.jpg", "text": "a day", "label": "neu", "split": "validation", "entity": "",
+     "ctx_text": "", "label_topic": ""},
+    {"id": "d", "image": "img/d.jpg", "text": "meh", "label": "neg", "split": "test", "entity": "",
+     "ctx_text": "", "label_topic": "mood", "video": "v/d.mp4", "audio": "a/d.wav"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
+def test_every_format_gives_the_same_samples(tmp_path: Path, suffix: str) -> None:
+    root = tmp_path / suffix[1:]
+    write_table(root / f"data{suffix}", ROWS)
+    ds = load_dataset("table", root)
+    assert [s.id for s in ds.samples] == ["a", "b", "c", "d"]
+    assert [s.split for s in ds.samples] == ["train", "val", "val", "test"]
+    assert ds.labels.tasks == {"label": ["neg", "neu", "pos"], "topic": ["mood", "weather"]}
+    a, b, c, d = ds.samples
+    assert a.labels == {"label": 2, "topic": 1} and c.labels == {"label": 1}  # empty cell: no label for that task
+    assert a.image == str(root / "img/a.jpg") and b.image == str(root / "img/b.jpg")  # image_path column too
+    assert a.entity == "day" and a.context == "a sunny street" and b.entity is None
+    assert d.video == str(root / "v/d.mp4") and d.audio == str(root / "a/d.wav")
+    saved = json.loads((root / "labels.json").read_text())
+    assert saved["tasks"] == ds.labels.tasks
+
+
+def test_saved_label_order_keeps_indices_stable(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "b", "split": "train"},
+                                     {"text": "y", "label": "c", "split": "test"}])
+    (tmp_path / "labels.json").write_text(json.dumps({"tasks": {"label": ["c", "b", "a"]}, "metric": "f1_macro"}))
+    ds = load_dataset("table", tmp_path)
+    assert [s.labels["label"] for s in ds.samples] == [1, 0]
+    assert ds.labels.metric == "f1_macro"
+
+
+def test_numeric_labels_sort_numerically(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.jsonl", [{"text": str(i), "label": lab, "split": "train"} for i, lab in
+                                       enumerate([10, 2, 1, 2.0, 10])])
+    ds = load_dataset("table", tmp_path)
+    assert ds.labels.tasks["label"] == ["1", "2", "10"]
+    assert [s.labels["label"] for s in ds.samples] == [2, 1, 0, 1, 2]
+
+
+def test_label_outside_saved_space_names_file_and_line(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "zzz"}])
+    (tmp_path / "labels.json").write_text(json.dumps({"tasks": {"label": ["a", "b"]}}))
+    with pytest.raises(MMCacheError, match=r"t\.csv, line 3: label 'zzz' is not in the label space"):
+        load_dataset("table", tmp_path)
+
+
+def test_duplicate_id_names_both_rows(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"id": "1", "text": "x", "label": "a"}, {"id": "2", "text": "y", "label": "a"},
+                                     {"id": "1", "text": "z", "label": "a"}])
+    with pytest.raises(MMCacheError, match=r"t\.csv, line 4: duplicate id '1' \(first seen at .*t\.csv, line 2\)"):
+        load_dataset("table", tmp_path)
+
+
+def test_unreadable_jsonl_line_and_empty_row(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_text('{"text": "ok", "label": "a"}\n{"text": broken\n')
+    with pytest.raises(MMCacheError, match=r"t\.jsonl, line 2: unreadable JSON"):
+        load_dataset("table", tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"text": "ok", "label": "a"}\n{"label": "a"}\n')
+    with pytest.raises(MMCacheError, match=r"t\.jsonl, line 2: no image, text, video or audio"):
+        load_dataset("table", tmp_path)
+
+
+def test_missing_table_and_two_tables(tmp_path: Path) -> None:
+    with pytest.raises(MMCacheError, match="expected one table file"):
+        load_dataset("table", tmp_path)
+    write_table(tmp_path / "a.csv", [{"text": "x", "label": "a"}])
+    write_table(tmp_path / "b.csv", [{"text": "x", "label": "a"}])
+    with pytest.raises(MMCacheError, match="expected one table file"):
+        load_dataset("table", tmp_path)
+
+
+def test_one_table_per_split(tmp_path: Path) -> None:
+    write_table(tmp_path / "train.csv", [{"text": f"t{i}", "label": "a" if i % 2 else "b"} for i in range(4)])
+    write_table(tmp_path / "dev.jsonl", [{"text": "v", "label": "a"}])
+    write_table(tmp_path / "test.tsv", [{"text": "s", "label": "b"}])
+    ds = load_dataset("table", tmp_path)
+    assert Counter(s.split for s in ds.samples) == {"train": 4, "val": 1, "test": 1}
+    assert len(set(ds.ids())) == 6  # ids made unique per split file
+
+
+def test_rows_without_split_get_seeded_stratified_or_fold_splits(tmp_path: Path) -> None:
+    rows = [{"id": str(i), "text": f"t{i}", "label": "ab"[i % 2]} for i in range(40)]
+    write_table(tmp_path / "t.csv", rows)
+    ds = load_dataset("table", tmp_path, seed=3)
+    assert Counter(s.split for s in ds.samples) == {"train": 32, "val": 4, "test": 4}
+    assert [s.split for s in load_dataset("table", tmp_path, seed=3).samples] == [s.split for s in ds.samples]
+    tests = [set(load_dataset("table", tmp_path, fold=k).ids("test")) for k in range(10)]
+    assert set().union(*tests) == set(ds.ids()) and sum(map(len, tests)) == 40
+
+
+def test_too_few_rows_to_split_is_a_clear_error(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}])
+    with pytest.raises(MMCacheError, match="only 2 rows: .* give the rows a split column"):
+        load_dataset("table", tmp_path)
+
+
+def test_fold_on_a_table_with_splits_is_refused(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", ROWS)
+    with pytest.raises(MMCacheError, match="--fold applies only"):
+        load_dataset("table", tmp_path, fold=1)
+
+
+def test_image_root_option(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"image_path": "x.jpg", "label": "a", "split": "train"}])
+    ds = load_dataset("table", tmp_path / "t.csv", image_root=str(tmp_path / "pics"))
+    assert ds.samples[0].image == str(tmp_path / "pics" / "x.jpg")
+
+
+def test_demo_is_deterministic_by_seed_and_loads(tmp_path: Path) -> None:
+    a = generate_demo(tmp_path / "a", n=40, seed=5)
+    b = generate_demo(tmp_path / "b", n=40, seed=5)
+    c = generate_demo(tmp_path / "c", n=40, seed=6)
+    assert (a / "data.csv").read_bytes() == (b / "data.csv").read_bytes()
+    assert (a / "data.csv").read_bytes() != (c / "data.csv").read_bytes()
+    assert (a / "images" / "demo00007.jpg").read_bytes() == (b / "images" / "demo00007.jpg").read_bytes()
+    ds = load_dataset("demo", a)
+    assert len(ds.samples) == 40 and ds.labels.tasks == {"label": ["negative", "neutral", "positive"]}
+    assert set(ds.splits) <= {"train", "val", "test"}
+    assert all(Path(s.image).is_file() for s in ds.samples)
