@@ -1,12 +1,120 @@
-"""`heads` commands (being built)."""
+"""`heads train` / `heads predict`: train fusion heads on cached features, predict with a trained run."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from mmcache.cliutil import run_app
+from mmcache.errors import MMCacheError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+# CLI flag -> modality of the store it selects.
+STORE_FLAGS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video"}
+
+
+def parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """`KEY=VALUE` pairs -> dict; values are JSON when they parse (numbers, true/false, lists), else strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MMCacheError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("train")
+def train_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
+    vtype: Annotated[str | None, typer.Option(help="Image store name (cache/<dataset>/image/<name>.h5).")] = None,
+    ttype: Annotated[str | None, typer.Option(help="Text store name (cache/<dataset>/text/<name>.h5).")] = None,
+    ctype: Annotated[str | None, typer.Option(help="Context-text store name (e.g. captions).")] = None,
+    atype: Annotated[str | None, typer.Option(help="Audio store name.")] = None,
+    videotype: Annotated[str | None, typer.Option(help="Video store name.")] = None,
+    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, ...")] = "linear",
+    D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (linear: 0 = no branch).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout of the head's branches.")] = None,
+    ablation: Annotated[int | None, typer.Option(help="0 all modalities, 1 text only, 2 image only.")] = None,
+    use: Annotated[str | None, typer.Option(help="Comma list of modalities the head uses (others are "
+                                                     "loaded, so rows match, but get no branch).")] = None,
+    l2norm: Annotated[bool, typer.Option("--l2norm", help="L2-normalise each modality's inputs.")] = False,
+    hp: Annotated[list[str] | None, typer.Option(help="Extra head hparam KEY=VALUE (repeatable).")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Task(s) to train (repeatable; default all).")] = None,
+    loss: Annotated[str, typer.Option(help="Criterion name (ce, focal, ...).")] = "ce",
+    loss_opt: Annotated[list[str] | None, typer.Option(help="Criterion option KEY=VALUE (repeatable).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher logits store under cache/<dataset>/teacher/.")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd (momentum 0.9).")] = "adam",
+    schedule: Annotated[str, typer.Option(help="cosine, plateau (halve after 3 flat epochs) or none.")] = "cosine",
+    class_weights: Annotated[bool, typer.Option("--class-weights", help="Inverse-frequency class weights.")] = False,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    oversample: Annotated[bool, typer.Option("--oversample", help="Draw train rows class-balanced.")] = False,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
+    select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric: accuracy, "
+                                                        "macro_f1, weighted_f1, auroc, top2_accuracy, loss "
+                                                        "(default: the dataset's metric).")] = None,
+    solver: Annotated[str, typer.Option(help="adam (minibatch, see --optimizer) or lbfgs (full-batch "
+                                              "logistic-regression probe, L2 chosen on val).")] = "adam",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
+    runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
+    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+) -> None:
+    """Train a fusion head on cached features; writes runs/<dataset>/<run>/ and prints val/test metrics."""
+    from mmcache.heads.train import TrainConfig, train
+
+    given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
+    modalities = {STORE_FLAGS[f]: v for f, v in given.items() if v}
+    hparams = parse_kv(hp, "--hp")
+    for key, value in (("D", D), ("dropout", dropout), ("ablation", ablation)):
+        if value is not None:
+            hparams[key] = value
+    if use:
+        hparams["modalities"] = [m.strip() for m in use.split(",") if m.strip()]
+    if l2norm:
+        hparams["l2norm"] = True
+    cfg = TrainConfig(dataset=dataset, modalities=modalities, cache_dir=str(cache_dir), runs_dir=str(runs_dir),
+                      head=head, head_hparams=hparams, tasks=task or None, teacher=teacher, loss=loss,
+                      loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, class_weights=class_weights,
+                      label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
+                      select_metric=select, seed=seed, device=device, solver=solver, run_name=run_name,
+                      overwrite=overwrite, quiet=quiet)
+    result = train(cfg)
+    if quiet and result.run_dir is not None:
+        typer.echo(str(result.run_dir))
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Option(help="Run folder written by `heads train`.")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset to predict on (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="Split to predict (train, val, test, or all).")] = "test",
+    out: Annotated[Path | None, typer.Option(help="CSV to write (default: <run>/predictions_<ds>_<split>.csv).")]
+    = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: the run's).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+) -> None:
+    """Write predictions of a trained run as CSV: id, label, predicted, one probability column per class."""
+    from mmcache.heads.train import predict
+
+    path = predict(run, dataset=dataset, split=split, cache_dir=str(cache_dir) if cache_dir else None, out=out,
+                   device=device)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

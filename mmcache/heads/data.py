@@ -1,0 +1,202 @@
+"""Load the feature stores and manifest of a dataset once into memory, as tensors aligned by id.
+
+The trainer batches by index into these tensors (no DataLoader, no per-sample Python):
+`features[modality][key][idx]` for a LongTensor `idx` of rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcache.cache.store import StoreReader, manifest_path, store_path
+from mmcache.data.base import LabelSpace
+from mmcache.errors import MMCacheError
+from mmcache.heads.base import Features, InputSpec
+
+IGNORE = -100  # target value of a row with no label for a task (cross_entropy's ignore_index)
+
+
+@dataclass
+class Manifest:
+    """Ids, splits and labels of a dataset as written by `Dataset.write_manifest`."""
+
+    name: str
+    labels: LabelSpace
+    ids: list[str]
+    splits: list[str]
+    targets: dict[str, np.ndarray]  # task -> [N] int64 class index, IGNORE where unlabeled
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """Read `cache/<dataset>/manifest.json`; a clear error when it is missing or malformed."""
+        if not path.exists():
+            raise MMCacheError(f"manifest {path} not found; run `mmcache extract` for this dataset first "
+                               "(it writes the manifest next to the stores)")
+        try:
+            obj = json.loads(path.read_text())
+            labels = LabelSpace.from_json(obj["labels"])
+            samples = obj["samples"]
+            ids = [str(s["id"]) for s in samples]
+            splits = [str(s["split"]) for s in samples]
+            targets = {t: np.array([s["labels"].get(t, IGNORE) for s in samples], dtype=np.int64)
+                       for t in labels.tasks}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise MMCacheError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); "
+                               "run `mmcache extract` again to rewrite it") from None
+        return cls(name=str(obj.get("name", path.parent.name)), labels=labels, ids=ids, splits=splits,
+                   targets=targets)
+
+
+@dataclass
+class CachedData:
+    """All rows of a dataset that every requested store holds, as tensors on one device."""
+
+    dataset: str
+    ids: list[str]
+    split_index: dict[str, torch.Tensor]  # split -> LongTensor of row positions
+    features: Features  # modality -> key -> [N, ...] tensor
+    targets: dict[str, torch.Tensor]  # task -> [N] long, IGNORE where unlabeled
+    labels: LabelSpace
+    inputs: InputSpec
+    teacher: torch.Tensor | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # "<modality>/<name>" -> rows missing there
+    specs: dict[str, str] = field(default_factory=dict)  # "<modality>/<name>" -> spec hash
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        """task -> number of classes."""
+        return {t: len(v) for t, v in self.labels.tasks.items()}
+
+    def batch(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> Features:
+        """Features of rows `idx`, floats cast to `dtype` (stores may be float16)."""
+        return {m: {k: (v[idx].to(dtype) if v.is_floating_point() else v[idx]) for k, v in d.items()}
+                for m, d in self.features.items()}
+
+    def class_counts(self, split: str = "train") -> dict[str, torch.Tensor]:
+        """task -> [C] label counts in `split` (for class weights, balanced alphas, oversampling)."""
+        idx = self.split_index.get(split, torch.zeros(0, dtype=torch.long))
+        out = {}
+        for t, n in self.tasks.items():
+            y = self.targets[t][idx.to(self.targets[t].device)]
+            y = y[y != IGNORE]
+            out[t] = torch.bincount(y.cpu(), minlength=n)
+        return out
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str = "cache",
+                keys: Iterable[str] | None = None, tasks: list[str] | None = None, teacher: str | None = None,
+                device: str = "cpu", dtype: torch.dtype | None = None, val_fraction: float = 0.1,
+                seed: int = 0, manifest: Path | None = None) -> CachedData:
+    """Load the stores `modalities` ({modality: store name}) of `dataset` and its manifest into tensors.
+
+    `keys`: arrays to load per store (None = all the store holds). Rows missing from any store
+    (failed or not extracted) are dropped from all modalities, with a printed count. Floats become
+    `dtype` (default float32 on CPU, where float16 math is slow, and the store's dtype on GPU,
+    cast per batch). Without a `val` split, `val_fraction` of train becomes validation (seeded).
+    """
+    if not modalities:
+        raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
+                           "--videotype")
+    man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
+    labels = man.labels
+    if tasks:
+        unknown = [t for t in tasks if t not in labels.tasks]
+        if unknown:
+            raise MMCacheError(f"unknown task(s) {unknown} for dataset {dataset!r}; tasks are {list(labels.tasks)}")
+        labels = LabelSpace(tasks={t: labels.tasks[t] for t in tasks}, metric=labels.metric)
+
+    readers: dict[str, StoreReader] = {}
+    for mod, name in modalities.items():
+        readers[f"{mod}/{name}"] = StoreReader(store_path(cache_dir, dataset, mod, name))
+    if teacher:
+        readers[f"teacher/{teacher}"] = StoreReader(store_path(cache_dir, dataset, "teacher", teacher))
+        if "logits" not in readers[f"teacher/{teacher}"].keys:
+            raise MMCacheError(f"{readers[f'teacher/{teacher}'].path} holds no `logits` array; "
+                               "a teacher store needs per-row logits")
+
+    keep = np.ones(len(man.ids), dtype=bool)
+    dropped: dict[str, int] = {}
+    for tag, r in readers.items():
+        have = np.fromiter((i in r.index for i in man.ids), dtype=bool, count=len(man.ids))
+        miss = int((~have).sum())
+        if miss:
+            n_failed = sum(1 for i in man.ids if i in r.failed)
+            dropped[tag] = miss
+            _warn(f"{miss} of {len(man.ids)} rows are missing from {r.path} ({n_failed} failed, "
+                  f"{miss - n_failed} not extracted); dropped from all modalities")
+        keep &= have
+    if not keep.any():
+        raise MMCacheError(f"no row of {dataset!r} is present in every selected store ({', '.join(readers)}); "
+                           "run `mmcache extract` for them")
+    if dropped:
+        _warn(f"training on {int(keep.sum())} of {len(man.ids)} rows")
+    ids = [i for i, k in zip(man.ids, keep, strict=True) if k]
+    splits = np.asarray(man.splits)[keep]
+
+    dev = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else None  # type: ignore[assignment]
+    features: Features = {}
+    inputs: InputSpec = {}
+    teacher_t = None
+    specs: dict[str, str] = {}
+    for tag, r in readers.items():
+        mod = tag.split("/", 1)[0]
+        specs[tag] = str(r.attrs.get("spec_hash", ""))
+        if mod == "teacher":
+            arr = r.load(ids, keys=["logits"])["logits"]
+            teacher_t = torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)
+            continue
+        want = list(keys) if keys is not None else r.keys
+        want = [k for k in want if k in r.keys]
+        if not want:
+            raise MMCacheError(f"{r.path} holds {r.keys}, none of the arrays this head needs ({list(keys or [])})")
+        arrays = r.load(ids, keys=want)
+        feats = {}
+        for k, a in arrays.items():
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            if t.is_floating_point() and dtype is not None:
+                t = t.to(dtype)
+            feats[k] = t.to(dev)
+        features[mod] = feats
+        inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
+
+    targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
+    split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
+    if "train" not in split_index:
+        raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
+    if "val" not in split_index:
+        split_index = _carve_val(split_index, targets[labels.primary], val_fraction, seed)
+        _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
+              f"seed {seed}) for validation")
+    return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=features, targets=targets,
+                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs)
+
+
+def _carve_val(split_index: dict[str, torch.Tensor], y: torch.Tensor, frac: float,
+               seed: int) -> dict[str, torch.Tensor]:
+    from sklearn.model_selection import train_test_split
+
+    train = split_index["train"].cpu().numpy()
+    labels = y.cpu().numpy()[train]
+    counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, dtype=int)
+    present = counts[counts > 0]
+    # Stratify when every row is labeled and every class has two rows to split.
+    strat = labels if (labels >= 0).all() and present.size and present.min() >= 2 else None
+    tr, va = train_test_split(train, test_size=frac, random_state=seed, stratify=strat)
+    out = dict(split_index)
+    dev = split_index["train"].device
+    out["train"] = torch.from_numpy(np.sort(tr)).to(dev)
+    out["val"] = torch.from_numpy(np.sort(va)).to(dev)
+    return out
