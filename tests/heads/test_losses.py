@@ -1,0 +1,215 @@
+"""Criteria: focal vs CE, class-balanced alpha, KD, uncertainty weighting, the SCABG coarse/fine loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmcache.errors import MMCacheError
+from mmcache.heads.losses import (
+    CRITERIA,
+    FocalCriterion,
+    SCABGCriterion,
+    build_criterion,
+    class_balanced_alpha,
+    focal_loss,
+    kd_loss,
+)
+
+
+def _batch(n: int = 32, c: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * 2, torch.randint(0, c, (n,), generator=g)
+
+
+def test_registry_has_all_losses() -> None:
+    assert {"ce", "focal", "scabg"} <= set(CRITERIA)
+    with pytest.raises(MMCacheError, match="unknown loss"):
+        build_criterion("nope", {"y": 3})
+    with pytest.raises(MMCacheError, match="unknown options"):
+        build_criterion("focal", {"y": 3}, gama=2)
+
+
+def test_focal_gamma0_uniform_alpha_equals_ce() -> None:
+    logits, y = _batch()
+    y[:5] = -100
+    ce = F.cross_entropy(logits, y, ignore_index=-100)
+    assert torch.allclose(focal_loss(logits, y, gamma=0.0), ce, atol=1e-6)
+    # Through the criteria: uniform class counts make the class-balanced alpha uniform (all ones).
+    counts = {"y": torch.tensor([50, 50, 50])}
+    foc = build_criterion("focal", {"y": 3}, class_counts=counts, gamma=0.0)
+    ce_crit = build_criterion("ce", {"y": 3}, class_counts=counts)
+    lf, pf = foc({"y": logits}, {"y": y})
+    lc, pc = ce_crit({"y": logits}, {"y": y})
+    assert torch.allclose(lf, lc, atol=1e-6) and torch.allclose(lf, ce, atol=1e-6)
+    assert set(pf) == {"focal_y"} and set(pc) == {"ce_y"}
+
+
+def test_focal_formula_and_easy_examples_downweighted() -> None:
+    logits, y = _batch()
+    p = logits.softmax(-1)[torch.arange(len(y)), y]
+    alpha = torch.tensor([0.5, 1.0, 1.5])
+    want = (-alpha[y] * (1 - p) ** 2 * p.log()).mean()
+    assert torch.allclose(focal_loss(logits, y, 2.0, alpha), want, atol=1e-6)
+    assert focal_loss(logits, y, 2.0) < focal_loss(logits, y, 0.0)
+
+
+def test_class_balanced_alpha() -> None:
+    counts = torch.tensor([1000, 100, 10])
+    a = class_balanced_alpha(counts, 0.999)
+    raw = torch.tensor([(1 - 0.999) / (1 - 0.999 ** n) for n in (1000, 100, 10)])
+    assert torch.allclose(a, raw / raw.sum() * 3, atol=1e-5)
+    assert a[2] > a[1] > a[0] and math.isclose(float(a.sum()), 3.0, rel_tol=1e-5)
+    crit = build_criterion("focal", {"y": 3}, class_counts={"y": counts})
+    assert torch.allclose(crit.alpha_y, a)
+    # alpha="none": no weights at all.
+    assert not hasattr(build_criterion("focal", {"y": 3}, class_counts={"y": counts}, alpha="none"), "alpha_y")
+
+
+def test_unlabelled_batch_gives_zero_not_nan() -> None:
+    logits = torch.randn(4, 3, requires_grad=True)
+    y = torch.full((4,), -100)
+    for name in ("ce", "focal"):
+        loss, _ = build_criterion(name, {"y": 3})({"y": logits}, {"y": y})
+        assert float(loss.detach()) == 0.0
+        loss.backward()
+        assert torch.isfinite(logits.grad).all()
+
+
+def test_kd_zero_when_student_equals_teacher() -> None:
+    logits, _ = _batch()
+    assert abs(float(kd_loss(logits, logits.clone(), 3.0))) < 1e-6
+    other = torch.randn_like(logits)
+    T = 3.0
+    want = (T * T) * (F.softmax(other / T, -1) * (F.log_softmax(other / T, -1) - F.log_softmax(logits / T, -1))
+                      ).sum(-1).mean()
+    assert torch.allclose(kd_loss(logits, other, T), want, atol=1e-5)
+    assert float(want) > 0
+
+
+def test_kd_warmup_skip_and_nan_rows() -> None:
+    logits, y = _batch()
+    teacher = torch.randn_like(logits)
+    crit = build_criterion("ce", {"y": 3}, kd_lambda=0.5, kd_T=2.0, kd_warmup=4)
+    base, parts0 = crit({"y": logits}, {"y": y}, None, 2)
+    assert "kd" not in parts0  # no teacher: no KD term
+    kd = float(kd_loss(logits, teacher, 2.0))
+    for epoch, frac in ((0, 0.0), (2, 0.5), (4, 1.0), (9, 1.0)):
+        assert crit.kd_weight(epoch) == pytest.approx(0.5 * frac)
+        loss, parts = crit({"y": logits}, {"y": y}, teacher, epoch)
+        assert float(loss) == pytest.approx(float(base) + 0.5 * frac * kd, rel=1e-5)
+    # Rows whose teacher is missing (NaN) are left out of the KD term.
+    t2 = teacher.clone()
+    t2[:4] = float("nan")
+    assert float(kd_loss(logits, t2, 2.0)) == pytest.approx(float(kd_loss(logits[4:], teacher[4:], 2.0)), rel=1e-5)
+    with pytest.raises(MMCacheError, match="teacher logits"):
+        kd_loss(logits, teacher[:, :2], 2.0)
+    # KD on the focal criterion too ("usable with any criterion").
+    foc = build_criterion("focal", {"y": 3}, kd_lambda=0.02)
+    lf, pf = foc({"y": logits}, {"y": y}, teacher, 0)
+    lf0, _ = foc({"y": logits}, {"y": y}, None, 0)
+    assert float(lf - lf0) == pytest.approx(0.02 * float(kd_loss(logits, teacher, 3.0)), rel=1e-4)
+
+
+def test_uncertainty_weights_learn() -> None:
+    """Kendall & Gal: s_t moves toward log L_t; the task with the larger loss gets the larger variance."""
+    torch.manual_seed(0)
+    tasks = {"easy": 2, "hard": 3}
+    crit = build_criterion("ce", tasks, uncertainty=True)
+    assert [p.shape for p in crit.parameters()] == [torch.Size([2])]
+    x = torch.randn(256, 8)
+    targets = {"easy": (x[:, 0] > 0).long(), "hard": torch.randint(0, 3, (256,))}  # hard: pure noise
+    model = torch.nn.ModuleDict({t: torch.nn.Linear(8, c) for t, c in tasks.items()})
+    opt = torch.optim.Adam([*model.parameters(), *crit.parameters()], lr=0.05)
+    for _ in range(150):
+        loss, parts = crit({t: m(x) for t, m in model.items()}, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    s_easy, s_hard = crit.log_vars.tolist()
+    assert s_hard > s_easy + 1.0
+    assert s_hard == pytest.approx(math.log(parts["ce_hard"]), abs=0.3)
+    assert parts["logvar_easy"] == pytest.approx(s_easy, abs=0.1)
+
+
+def test_scabg_aux_targets_and_class_order() -> None:
+    crit = build_criterion("scabg", {"sent": 3})
+    y = torch.tensor([0, 1, 2, -100])
+    yc, yf = crit.aux_targets(y)
+    assert yc.tolist() == [1, 0, 1, -100] and yf.tolist() == [0, -100, 1, -100]
+    # Label order positive, negative, neutral: classes = [negative, neutral, positive] indices = [1, 2, 0].
+    crit2 = build_criterion("scabg", {"sent": 3}, classes=[1, 2, 0])
+    yc, yf = crit2.aux_targets(torch.tensor([0, 1, 2]))
+    assert yc.tolist() == [1, 1, 0] and yf.tolist() == [1, 0, -100]
+    with pytest.raises(MMCacheError, match="permutation"):
+        build_criterion("scabg", {"sent": 3}, classes=[0, 0, 1])
+    with pytest.raises(MMCacheError, match="3-way"):
+        build_criterion("scabg", {"emo": 7})
+
+
+def test_scabg_fine_loss_ignores_neutral_rows() -> None:
+    crit = build_criterion("scabg", {"sent": 3}, aux_uncertainty=False)
+    logits, y = _batch(16)
+    y[:6] = 1  # neutral rows
+    fine = torch.randn(16, 2, requires_grad=True)
+    out = {"sent": logits, "_coarse": torch.randn(16, 2), "_fine": fine}
+    loss, parts = crit(out, {"sent": y})
+    loss.backward()
+    assert torch.all(fine.grad[:6] == 0) and torch.any(fine.grad[6:] != 0)
+    changed = fine.detach().clone()
+    changed[:6] += 100.0
+    loss2, _ = crit({**out, "_fine": changed}, {"sent": y})
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+    emo = y != 1
+    assert parts["fine"] == pytest.approx(float(F.cross_entropy(fine[emo], (y[emo] == 2).long())), rel=1e-5)
+    want = float(F.cross_entropy(logits, y)) + parts["coarse"] + parts["fine"]
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_scabg_uncertainty_formula_and_learning() -> None:
+    torch.manual_seed(0)
+    crit = build_criterion("scabg", {"sent": 3})
+    assert isinstance(crit, SCABGCriterion) and crit.aux_log_vars is not None
+    logits, y = _batch(64)
+    coarse, fine = torch.randn(64, 2), torch.randn(64, 2)
+    with torch.no_grad():
+        crit.aux_log_vars.copy_(torch.tensor([0.3, -0.4]))
+    loss, parts = crit({"sent": logits, "_coarse": coarse, "_fine": fine}, {"sent": y})
+    s1, s2 = 0.3, -0.4
+    want = (float(F.cross_entropy(logits, y)) + 0.5 * math.exp(-s1) * parts["coarse"] + 0.5 * s1
+            + 0.5 * math.exp(-s2) * parts["fine"] + 0.5 * s2)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # The log-variances are parameters and learn: gradient steps move them toward log L.
+    with torch.no_grad():
+        crit.aux_log_vars.zero_()
+    opt = torch.optim.SGD(crit.parameters(), lr=0.5)
+    for _ in range(50):
+        loss, parts = crit({"sent": logits, "_coarse": coarse, "_fine": fine}, {"sent": y})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    s = crit.aux_log_vars.detach()
+    assert s.tolist() == pytest.approx([math.log(parts["coarse"]), math.log(parts["fine"])], abs=0.05)
+    with pytest.raises(MMCacheError, match="_coarse"):
+        crit({"sent": logits}, {"sent": y})
+
+
+def test_scabg_focal_option_and_multitask() -> None:
+    logits, y = _batch(32)
+    coarse, fine = torch.randn(32, 2), torch.randn(32, 2)
+    counts = {"sent": torch.tensor([10, 50, 40]), "emo": torch.tensor([5] * 7)}
+    tasks = {"sent": 3, "emo": 7}
+    emo_logits, emo_y = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    out = {"sent": logits, "emo": emo_logits, "_coarse": coarse, "_fine": fine}
+    crit = build_criterion("scabg", tasks, class_counts=counts, focal=True, aux_uncertainty=False)
+    loss, parts = crit(out, {"sent": y, "emo": emo_y})
+    assert isinstance(crit, FocalCriterion)
+    want = (float(focal_loss(logits, y, 2.0, class_balanced_alpha(counts["sent"])))
+            + float(focal_loss(emo_logits, emo_y, 2.0, class_balanced_alpha(counts["emo"])))
+            + parts["coarse"] + parts["fine"])
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(MMCacheError, match="label_smoothing"):
+        build_criterion("scabg", {"sent": 3}, focal=True, label_smoothing=0.1)
