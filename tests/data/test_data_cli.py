@@ -1,0 +1,82 @@
+"""`mmcache data show` / `list` as a user runs them (in process, through typer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmcache.data.cli import app, parse_options
+from mmcache.errors import MMCacheError
+from tests.data.layouts import write_meld, write_mvsa
+
+runner = CliRunner()
+
+
+def table_rows(out: str, first: str) -> dict[str, list[int]]:
+    """Rows of the count table that follows the header starting with `first`, by split."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(first))
+    rows = {}
+    for ln in lines[start + 1:]:
+        parts = ln.split()
+        if not parts or not parts[-1].isdigit():
+            break
+        rows[parts[0]] = [int(x) for x in parts[1:]]
+    return rows
+
+
+def test_parse_options() -> None:
+    assert parse_options(["skip_missing=true", "k=3", "path=a/b.json"]) == {"skip_missing": True, "k": 3,
+                                                                             "path": "a/b.json"}
+    with pytest.raises(MMCacheError, match="not KEY=VALUE"):
+        parse_options(["oops"])
+
+
+def test_show_mvsa_counts_and_fold(tmp_path: Path) -> None:
+    rows = [(str(i), [["positive,positive", "negative,neutral", "neutral,neutral", "positive,negative"][i % 4]])
+            for i in range(1, 81)]
+    root = write_mvsa(tmp_path / "mvsa", rows)
+    (root / "data" / "2.jpg").unlink()
+    res = runner.invoke(app, ["show", "mvsa", "--data-dir", str(root), "--fold", "4", "--check"])
+    assert res.exit_code == 0, res.output
+    counts = table_rows(res.output, "split")
+    assert list(counts) == ["train", "val", "test"]
+    # columns: negative neutral positive no-label total; 20 conflicts of 80 dropped.
+    assert sum(r[-1] for r in counts.values()) == 60
+    assert [sum(r[i] for r in counts.values()) for i in range(3)] == [20, 20, 20]
+    assert counts["test"][-1] == 6
+    assert "10-fold CV, fold 4" in res.output and "dropped 20: positive/negative conflict" in res.output
+    missing = {ln.split(":")[0].strip(): ln for ln in res.output.splitlines() if ln.startswith("  ") and "image" in ln}
+    assert sum(int(ln.split()[-1]) for ln in missing.values()) == 1
+
+
+def test_show_multitask_prints_each_task_and_samples(tmp_path: Path) -> None:
+    root = write_meld(tmp_path / "meld", {
+        "train": [("Hi", "joy", "positive", 0, 0), ("No", "anger", "negative", 0, 1)],
+        "dev": [("Eh", "neutral", "neutral", 0, 0)], "test": [("Oh", "fear", "negative", 0, 0)]})
+    res = runner.invoke(app, ["show", "meld", "--data-dir", str(root), "--task", "sentiment", "--samples", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.index("task 'sentiment'") < res.output.index("task 'emotion'")
+    assert table_rows(res.output.split("task 'sentiment'")[1], "split")["train"] == [0, 1, 1, 0, 2]
+    assert '"id": "train/dia0_utt0"' in res.output and "fields: text, video, audio" in res.output
+
+
+def test_show_passes_adapter_options_and_reports_user_errors(tmp_path: Path) -> None:
+    root = write_mvsa(tmp_path / "mvsa", [(str(i), ["positive,positive"]) for i in range(1, 13)])
+    (root / "data" / "3.txt").unlink()
+    res = runner.invoke(app, ["show", "mvsa-single", "--data-dir", str(root)])
+    assert isinstance(res.exception, MMCacheError) and "3.txt is missing" in str(res.exception)
+    res = runner.invoke(app, ["show", "mvsa-single", "--data-dir", str(root), "-o", "skip_missing=true"])
+    assert res.exit_code == 0, res.output
+    assert "11 samples" in res.output
+
+
+def test_list_names_every_adapter_with_aliases() -> None:
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0
+    names = {ln.split(":")[0].split(" (")[0] for ln in res.output.splitlines()}
+    assert names == {"demo", "table", "mvsa-single", "mvsa-multiple", "hateful-memes", "meld", "twitter15",
+                     "twitter17", "mmhs150k", "fakeddit", "webdataset"}
+    assert "mvsa-single (alias mvsa, mvsa_single)" in res.output

@@ -1,0 +1,99 @@
+"""WebDataset shards: keys, labels in json / .cls / class folders, splits, unpacked media."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mmcache.data import load_dataset
+from mmcache.data.webdataset import split_from_path, split_key
+from mmcache.errors import MMCacheError
+from tests.data.layouts import jpeg_bytes, write_shard
+
+
+def test_key_rule_and_split_from_path() -> None:
+    assert split_key("00001.jpg") == ("00001", "jpg")
+    assert split_key("dir/abc.seg.JSON") == ("dir/abc", "seg.json")
+    assert split_from_path(Path("train/00000.tar")) == "train"
+    assert split_from_path(Path("validation-0001.tar")) == "val"
+    assert split_from_path(Path("class_3/00001.tar")) is None
+
+
+def sample(i: int, label: object, split: str | None = None, **extra: object) -> dict:
+    meta = {"label": label, **extra}
+    if split:
+        meta["split"] = split
+    return {"jpg": jpeg_bytes((i * 20 % 255, 0, 0)), "txt": f"caption {i}", "json": meta}
+
+
+def test_split_folders_string_labels_and_unpacked_images(tmp_path: Path) -> None:
+    root = tmp_path / "wds"
+    write_shard(root / "train" / "00000.tar", {f"{i:05d}": sample(i, ["Hate", "True"][i % 2]) for i in range(6)})
+    write_shard(root / "val" / "00000.tar", {"10000": sample(10, "Satire", entity="x", ctx_text="c")})
+    write_shard(root / "test-00000.tar", {"20000": sample(20, "True")})
+    ds = load_dataset("webdataset", root)
+    assert Counter(s.split for s in ds.samples) == {"train": 6, "val": 1, "test": 1}
+    assert ds.labels.tasks == {"label": ["Hate", "Satire", "True"]}
+    assert json.loads((root / "labels.json").read_text())["tasks"] == ds.labels.tasks
+    s = ds.by_id()["00003"]
+    assert s.text == "caption 3" and s.labels == {"label": 2}
+    assert Path(s.image).read_bytes() == jpeg_bytes((60, 0, 0))  # the member's bytes, unpacked once
+    assert Path(s.image).is_relative_to(root / "_unpacked")
+    v = ds.by_id()["10000"]
+    assert v.entity == "x" and v.context == "c"
+    # A second load reuses the unpacked files and gives the same samples.
+    assert load_dataset("wds", root).samples == ds.samples
+
+
+def test_class_folders_and_cls_members_give_labels(tmp_path: Path) -> None:
+    root = tmp_path / "wds"
+    for c in ("cat", "dog"):
+        write_shard(root / c / "00001.tar", {f"{c}{i}": {"jpg": jpeg_bytes(), "txt": c} for i in range(6)})
+    ds = load_dataset("webdataset", root)
+    assert ds.labels.tasks == {"label": ["cat", "dog"]}
+    assert ds.by_id()["dog3"].labels == {"label": 1}
+    split_counts = Counter(s.split for s in ds.samples)
+    assert set(split_counts) == {"train", "val", "test"} and split_counts["train"] >= 8
+    root2 = tmp_path / "cls"
+    write_shard(root2 / "train" / "a.tar", {f"k{i}": {"jpg": jpeg_bytes(), "cls": str(i % 3)} for i in range(12)})
+    ds2 = load_dataset("webdataset", root2)
+    assert ds2.labels.tasks == {"label": ["0", "1", "2"]} and ds2.by_id()["k5"].labels == {"label": 2}
+
+
+def test_multitask_json_labels_and_folds(tmp_path: Path) -> None:
+    root = tmp_path / "wds"
+    write_shard(root / "00000.tar", {f"k{i}": sample(i, i % 2, label_fine=i % 3) for i in range(20)})
+    ds = load_dataset("webdataset", root, fold=2)
+    assert ds.labels.tasks == {"label": ["0", "1"], "fine": ["0", "1", "2"]}
+    assert ds.by_id()["k5"].labels == {"label": 1, "fine": 2}
+    tests = [set(load_dataset("webdataset", root, fold=k).ids("test")) for k in range(10)]
+    assert set().union(*tests) == set(ds.ids()) and sum(map(len, tests)) == 20
+
+
+def test_webdataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(MMCacheError, match="no .tar shards found"):
+        load_dataset("webdataset", tmp_path)
+    root = tmp_path / "dup"
+    write_shard(root / "train" / "a.tar", {"k1": sample(1, "x")})
+    write_shard(root / "train" / "b.tar", {"k1": sample(2, "y")})
+    with pytest.raises(MMCacheError, match=r"b\.tar, sample 'k1': duplicate id 'k1' .*prefix_shard=true"):
+        load_dataset("webdataset", root)
+    ds = load_dataset("webdataset", root, prefix_shard=True)
+    assert sorted(ds.ids()) == ["train/a/k1", "train/b/k1"]
+    root = tmp_path / "badjson"
+    write_shard(root / "train" / "a.tar", {"k1": {"jpg": jpeg_bytes(), "json": "{not json"}})
+    with pytest.raises(MMCacheError, match=r"a\.tar, member k1\.json: unreadable JSON"):
+        load_dataset("webdataset", root)
+    root = tmp_path / "corrupt"
+    root.mkdir()
+    (root / "x.tar").write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(MMCacheError, match=r"x\.tar: unreadable tar shard"):
+        load_dataset("webdataset", root)
+    root = tmp_path / "space"
+    write_shard(root / "train" / "a.tar", {"k1": sample(1, "zzz")})
+    (root / "labels.json").write_text(json.dumps({"tasks": {"label": ["a", "b"]}}))
+    with pytest.raises(MMCacheError, match=r"a\.tar, sample 'k1': label 'zzz' is not in the label space"):
+        load_dataset("webdataset", root)
