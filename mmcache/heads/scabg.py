@@ -5,7 +5,8 @@ Per modality (its `tokens` + `mask`, or `pooled` as one token), projected to `hi
 1. self-calibration (`calibrate`): h = LayerNorm(T + SelfAttn(T)), padding masked;
 2. condition (`condition`): h = W h + W_c c, where c is the condition modality's (`cond`, the
    text) `pooled` vector projected to `hidden`; without it h = W h;
-3. band gate: p = softmax_K(W_g tanh(h)) per token (`bands` = K, 1 switches bands off);
+3. band gate: p = softmax_K(W_g tanh(h)) per token (`bands` = K; 1 switches bands off, and with
+   them steps 1-2, which only feed the gate);
    band k = T * p_k;
 4. band summary (`band_queries`): `queries` learned queries per band attend over the band's real
    tokens (masked attention), averaged; otherwise a masked mean of the band. Band k = T * p_k
@@ -125,11 +126,14 @@ class BandGate(nn.Module):
                  calibrate: bool, condition: bool, band_queries: bool) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
-        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) if calibrate else None
-        self.norm = nn.LayerNorm(hidden) if calibrate else None
-        self.W = nn.Linear(hidden, hidden)
-        self.W_c = nn.Linear(hidden, hidden, bias=False) if condition else None
-        self.W_g = nn.Linear(hidden, bands)
+        # One band means p = 1 for every token: no gate to compute, so none of its parts are built.
+        gate = bands > 1
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) \
+            if calibrate and gate else None
+        self.norm = nn.LayerNorm(hidden) if calibrate and gate else None
+        self.W = nn.Linear(hidden, hidden) if gate else None
+        self.W_c = nn.Linear(hidden, hidden, bias=False) if condition and gate else None
+        self.W_g = nn.Linear(hidden, bands) if gate else None
         self.bands = bands
         self.band_attn = BandQueryAttention(hidden, bands, queries, heads, dropout) if band_queries else None
 
@@ -137,6 +141,8 @@ class BandGate(nn.Module):
         """Projected tokens T [B,T,H] and band probabilities p [B,T,K] (softmax over K per token)."""
         t = self.proj(x)
         t = torch.where(mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+        if self.W is None or self.W_g is None:
+            return t, torch.ones(*t.shape[:2], 1, dtype=t.dtype, device=t.device)
         h = t
         if self.self_attn is not None and self.norm is not None:
             h = self.norm(t + masked_attention(self.self_attn, t, t, mask))
@@ -234,7 +240,9 @@ class SCABGHead(Head):
                         queries, heads, dropout, calibrate, condition, band_queries)
             for m in self.mods
         })
-        self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) if cond in self.mods else None
+        # c feeds the gate (condition) and the band weights (aggregate); both vanish with one band.
+        uses_c = bands > 1 and (condition or aggregate)
+        self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) if cond in self.mods and uses_c else None
         # Used where the condition modality is absent (not loaded, or missing in a row).
         self.cond_default = nn.Parameter(torch.zeros(hidden))
         self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate)
