@@ -58,7 +58,9 @@ def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: list[
         out["weighted_f1"] = float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0))
         out["auroc"] = auroc(y, prob)
         if n_classes > k:
-            out[f"top{k}_accuracy"] = float(skm.top_k_accuracy_score(y, prob, k=k, labels=labels))
+            # NaN scores have no ranking; the no_nan check reports them instead of a crash here.
+            out[f"top{k}_accuracy"] = (float(skm.top_k_accuracy_score(y, prob, k=k, labels=labels))
+                                       if np.isfinite(prob).all() else None)
     out["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
     if class_names:
         out["classes"] = list(class_names)

@@ -66,7 +66,8 @@ class TrainConfig:
     device: str | None = None
     solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
     lbfgs_grid: list[float] | None = None  # L2 penalties tried by the lbfgs solver (None = LBFGS_GRID)
-    lbfgs_max_iter: int = 300
+    lbfgs_max_iter: int = 500
+    lbfgs_tol: float = 1e-4  # max |gradient| at convergence, as scikit-learn's lbfgs `tol`
     val_fraction: float = 0.1  # carved from train when the manifest has no val split
     run_name: str | None = None
     overwrite: bool = False
@@ -302,7 +303,7 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
     for i, lam in enumerate(tqdm(grid, desc="lbfgs", unit="fit", leave=False, disable=cfg.quiet)):
         t0 = time.perf_counter()
         opt = torch.optim.LBFGS(params, lr=1, max_iter=cfg.lbfgs_max_iter, history_size=10,
-                                tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+                                tolerance_grad=cfg.lbfgs_tol, tolerance_change=1e-9, line_search_fn="strong_wolfe")
         state: dict[str, Any] = {}
         opt.step(_lbfgs_closure(opt, crit, clfs, z_train, targets, teacher, weights, lam, state))
         iters = int(opt.state[params[0]].get("n_iter", 0))
@@ -374,6 +375,8 @@ def train(cfg: TrainConfig) -> RunResult:
     if cfg.solver == "lbfgs":
         curves, best_epoch, best_val, lam = _fit_lbfgs(cfg, head, crit, data, sel_task, sel_metric)
         select["l2"] = lam
+        # The same objective in scikit-learn's terms: LogisticRegression(C=1 / (l2 * n_train)).
+        select["sklearn_C"] = 1.0 / (lam * len(data.split_index["train"]))
     else:
         curves, best_epoch, best_val = _fit_minibatch(cfg, head, crit, data, sel_task, sel_metric)
     fit_seconds = time.perf_counter() - t_fit
