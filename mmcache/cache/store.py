@@ -41,6 +41,8 @@ DEFAULT_CAPACITY = 1024
 REASON_BYTES = 512
 # Rows are copied / scanned in blocks of about this many bytes, so memory stays bounded.
 BLOCK_BYTES = 64 << 20
+# A dense request whose row span is at most this large is read in one go and indexed in memory.
+SPAN_BYTES = 1 << 30
 # pread/pwrite move at most this many bytes per call on Linux.
 _IO_MAX = 0x7FFFF000
 _STATE = "_state"  # int64 [n_rows, n_failed, updated_ns, reserved]
@@ -73,22 +75,37 @@ def partial_path(path: Path | str) -> Path:
     return Path(f"{path}.partial")
 
 
+_MANIFESTS: dict[tuple[str, int, int], dict[str, list[str]]] = {}
+
+
 def manifest_ids(manifest: Path | str, split: str | None = None) -> list[str]:
     """Sample ids listed in a dataset manifest, of one split or all, in dataset order."""
     manifest = Path(manifest)
     if not manifest.exists():
         raise MMCacheError(f"manifest {manifest} not found; run `mmcache extract` for this dataset to write it")
-    try:
-        samples = json.loads(manifest.read_text())["samples"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise MMCacheError(
-            f"manifest {manifest} is not valid ({e}); run `mmcache extract` again to rewrite it"
-        ) from None
-    ids = [s["id"] for s in samples if split is None or s["split"] == split]
-    if split is not None and not ids:
-        splits = sorted({s["split"] for s in samples})
+    st = manifest.stat()
+    # Parsing a large manifest costs more than reading a split of features, and train/val/test
+    # loads parse the same file: keep the last few parsed, keyed by their identity.
+    key = (str(manifest.resolve()), st.st_mtime_ns, st.st_size)
+    by_split = _MANIFESTS.get(key)
+    if by_split is None:
+        try:
+            samples = json.loads(manifest.read_text())["samples"]
+            by_split = {"": [s["id"] for s in samples]}
+            for s in samples:
+                by_split.setdefault(f"={s['split']}", []).append(s["id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise MMCacheError(
+                f"manifest {manifest} is not valid ({e}); run `mmcache extract` again to rewrite it"
+            ) from None
+        if len(_MANIFESTS) >= 4:
+            _MANIFESTS.pop(next(iter(_MANIFESTS)))
+        _MANIFESTS[key] = by_split
+    ids = by_split.get("" if split is None else f"={split}")
+    if ids is None:
+        splits = sorted(k[1:] for k in by_split if k)
         raise MMCacheError(f"manifest {manifest} has no split {split!r}; its splits are {splits}")
-    return ids
+    return list(ids)
 
 
 def _iso(ns: int) -> str:
@@ -157,7 +174,10 @@ def _encode_ids(ids: Sequence[str], width: int) -> np.ndarray:
 
 
 def _decode(arr: np.ndarray) -> list[str]:
-    return [b.decode("utf-8", "replace") for b in arr.tolist()]
+    try:
+        return arr.astype("U").tolist()  # vectorised; ASCII ids, the common case
+    except UnicodeDecodeError:
+        return [b.decode("utf-8", "replace") for b in arr.tolist()]
 
 
 class FeatureStore:
@@ -328,7 +348,8 @@ class FeatureStore:
         if not ids:
             return
         batch = self._prepare(ids, arrays)
-        width = max(len(i.encode()) for i in ids)
+        raw_ids = [i.encode() for i in ids]
+        width = max(map(len, raw_ids))
         need = self._n + self._nf + len(ids)
         if need > self.capacity or width > self._id_width or not self._arrays_meta():
             # Doubling keeps growth copies amortised O(1) per row; the first batch fixes the arrays.
@@ -339,7 +360,8 @@ class FeatureStore:
         for k, v in batch.items():
             a = self._layout[k]
             _pwrite(self._fd, v, a.offset + n0 * a.row_bytes)
-        _pwrite(self._fd, _encode_ids(ids, self._id_width), self._layout["ids"].offset + n0 * self._id_width)
+        _pwrite(self._fd, np.array(raw_ids, dtype=f"S{self._id_width}"),
+                self._layout["ids"].offset + n0 * self._id_width)
         self._commit(n0 + len(ids), self._nf)
         self._ids.extend(ids)
         self._done.update(ids)
@@ -353,8 +375,8 @@ class FeatureStore:
             raise MMCacheError(f"{self.path}: ids already committed {again[:5]}; skip ids in `store.done`")
         out: dict[str, np.ndarray] = {}
         for k, v in arrays.items():
-            if hasattr(v, "detach"):  # a torch tensor
-                v = v.detach().cpu().numpy()
+            if hasattr(v, "detach"):  # a torch tensor: cast before the copy to host (half the bytes moved)
+                v = self._from_torch(k, v)
             v = np.asarray(v)
             if v.shape[:1] != (len(ids),):
                 raise MMCacheError(f"{self.path}: array {k!r} has {v.shape[:1]} rows for {len(ids)} ids")
@@ -362,10 +384,7 @@ class FeatureStore:
                 with np.errstate(over="ignore"):  # overflow is checked right below, with a clear message
                     cast = v.astype(self.dtype)
                 if not np.isfinite(cast).all() and np.isfinite(v).all():
-                    raise MMCacheError(
-                        f"{self.path}: array {k!r} has values beyond the {self.dtype.name} range "
-                        f"(max |x| {float(np.abs(v).max()):.3g}); extract with float32"
-                    )
+                    self._overflow(k, float(np.abs(v).max()))
                 v = cast
             out[k] = np.ascontiguousarray(v)
         meta = self._arrays_meta()
@@ -377,6 +396,23 @@ class FeatureStore:
                     "every row of a store has the same arrays and shapes"
                 )
         return out
+
+    def _from_torch(self, key: str, t: Any) -> np.ndarray:
+        import torch
+
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != getattr(torch, self.dtype.name):
+            cast = t.to(getattr(torch, self.dtype.name))
+            if not torch.isfinite(cast).all() and torch.isfinite(t).all():
+                self._overflow(key, float(t.abs().max()))
+            t = cast
+        return t.cpu().numpy()
+
+    def _overflow(self, key: str, peak: float) -> None:
+        raise MMCacheError(
+            f"{self.path}: array {key!r} has values beyond the {self.dtype.name} range (max |x| {peak:.3g}); "
+            "extract with float32"
+        )
 
     def fail(self, sample_id: str, reason: str) -> None:
         """Record that `sample_id` could not be extracted, and why (committed at once)."""
@@ -481,10 +517,11 @@ class StoreReader:
             self.attrs: dict[str, Any] = {k: _maybe_json(k, v) for k, v in raw.items()}
         except ValueError as e:
             raise _corrupt(self.path, f"bad JSON attribute ({e})") from None
-        self.index = {k: i for i, k in enumerate(self.ids)}
+        self._index: dict[str, int] | None = None
         self._failed_all = dict(zip(fids, reasons, strict=True))
         # A later run may have extracted an id that once failed; the committed row wins.
-        self.failed: dict[str, str] = {k: v for k, v in self._failed_all.items() if k not in self.index}
+        committed = set(self.ids) if self._failed_all else set()
+        self.failed: dict[str, str] = {k: v for k, v in self._failed_all.items() if k not in committed}
         self.attrs.update(rows=n, failed=self.failed, updated=_iso(int(state[2])), capacity=self.capacity)
         self.spec: dict[str, Any] = self.attrs.get("spec", {})
 
@@ -492,6 +529,13 @@ class StoreReader:
     def keys(self) -> list[str]:
         """Names of the arrays per row (pooled, tokens, mask, ...)."""
         return list(self.shapes)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Id -> row number (built on first use)."""
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.ids)}
+        return self._index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -527,18 +571,25 @@ class StoreReader:
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of `ids`; a clear error lists ids that are missing (and why, if they failed)."""
-        index = self.index
-        missing = [i for i in ids if i not in index]
-        if missing:
-            failed = [i for i in missing if i in self.failed]
-            why = ""
-            if failed:
-                why = f"; {len(failed)} of them failed extraction (e.g. {failed[0]!r}: {self.failed[failed[0]]})"
-            raise MMCacheError(
-                f"{self.path}: {len(missing)} of {len(ids)} requested ids are not in the store "
-                f"(e.g. {missing[:3]}){why}; rerun `mmcache extract` to fill them, or drop them from the request"
-            )
-        return np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))
+        ids = list(ids)
+        n = len(ids)
+        if n and n <= len(self.ids) and ids[0] in self.index:
+            lo = self.index[ids[0]]
+            if self.ids[lo:lo + n] == ids:  # a run of stored rows, in order: no per-id lookups
+                return np.arange(lo, lo + n, dtype=np.int64)
+        try:
+            return np.array(list(map(self.index.__getitem__, ids)), dtype=np.int64)
+        except KeyError:
+            pass
+        missing = [i for i in ids if i not in self.index]
+        failed = [i for i in missing if i in self.failed]
+        why = ""
+        if failed:
+            why = f"; {len(failed)} of them failed extraction (e.g. {failed[0]!r}: {self.failed[failed[0]]})"
+        raise MMCacheError(
+            f"{self.path}: {len(missing)} of {n} requested ids are not in the store "
+            f"(e.g. {missing[:3]}){why}; rerun `mmcache extract` to fill them, or drop them from the request"
+        )
 
     def _gather(self, fd: int, a: _Array, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *a.row_shape), dtype=a.dtype)
@@ -548,17 +599,26 @@ class StoreReader:
         if hi - lo == len(rows) and (np.diff(rows) == 1).all():
             _pread_into(fd, out, a.offset + lo * a.row_bytes)  # one contiguous read, straight into the result
             return out
+        # Rows are moved as opaque fixed-size records: numpy gathers those about 2x faster than typed rows.
+        rec = np.dtype((np.void, a.row_bytes))
+        out_v = out.reshape(len(rows), -1).view(rec).reshape(-1)
         if len(rows) * 8 < hi - lo:
             # A few rows scattered over a long span: read only their pages instead of the span.
-            mm = np.memmap(self.path, dtype=a.dtype, mode="r", offset=a.offset, shape=(hi, *a.row_shape))
-            out[:] = mm[rows]
+            mm = np.memmap(self.path, dtype=rec, mode="r", offset=a.offset, shape=(hi,))
+            out_v[:] = mm[rows]
             del mm
             return out
-        # Dense but unordered: sweep the span in sequential blocks and scatter rows to their places.
+        if (hi - lo) * a.row_bytes <= SPAN_BYTES:
+            # Dense: one sequential read of the span, then pick the rows in memory.
+            buf = np.empty((hi - lo,), dtype=rec)
+            _pread_into(fd, buf, a.offset + lo * a.row_bytes)
+            out_v[:] = buf[rows - lo]
+            return out
+        # A span too large to hold: sweep it in sequential blocks and scatter rows to their places.
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         step = max(1, BLOCK_BYTES // max(1, a.row_bytes))
-        buf = np.empty((min(step, hi - lo), *a.row_shape), dtype=a.dtype)
+        buf = np.empty((min(step, hi - lo),), dtype=rec)
         for b0 in range(lo, hi, step):
             b1 = min(hi, b0 + step)
             i0, i1 = np.searchsorted(srt, [b0, b1])
@@ -566,7 +626,7 @@ class StoreReader:
                 continue
             blk = buf[: b1 - b0]
             _pread_into(fd, blk, a.offset + b0 * a.row_bytes)
-            out[order[i0:i1]] = blk[srt[i0:i1] - b0]
+            out_v[order[i0:i1]] = blk[srt[i0:i1] - b0]
         return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mmcache.cache import FeatureStore, StoreReader, store_path, verify_store
 from mmcache.cache.store import FORMAT, _layout
@@ -80,8 +81,14 @@ def test_float32_flag_and_float16_overflow(path: Path, tmp_path: Path) -> None:
         FeatureStore(path, SPEC, "toy")  # resuming with another dtype
     big = rows(2)
     big["pooled"][0, 0] = 1e6
-    with FeatureStore(tmp_path / "b.h5", SPEC, "toy") as st, pytest.raises(MMCacheError, match="float32"):
-        st.write(ids_(2), big)
+    with FeatureStore(tmp_path / "b.h5", SPEC, "toy") as st:
+        with pytest.raises(MMCacheError, match="float32"):
+            st.write(ids_(2), big)
+        with pytest.raises(MMCacheError, match="float32"):
+            st.write(ids_(2), {k: torch.from_numpy(v) for k, v in big.items()})
+        # torch tensors (as extractors return them) are cast and stored like numpy arrays
+        st.write(ids_(4), {k: torch.from_numpy(v) for k, v in data.items()})
+    np.testing.assert_array_equal(StoreReader(tmp_path / "b.h5").load()["tokens"], data["tokens"].astype(np.float16))
 
 
 def test_resume_skips_committed_and_appends(path: Path) -> None:
