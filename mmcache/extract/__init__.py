@@ -15,5 +15,8 @@ from mmcache.extract.base import (
     resolve_preset,
 )
 
+# Decoders and families register themselves on import.
+from mmcache.extract import decode, clip  # noqa: E402,F401  isort: skip
+
 __all__ = ["DECODERS", "FAMILIES", "PRESETS", "DecodeError", "Extractor", "build_extractor",
            "register_decoder", "register_family", "register_preset", "resolve_preset"]

@@ -1,8 +1,66 @@
-"""`mmcache extract` (being built)."""
+"""`mmcache extract DATASET --image clip,resnet --text clip,roberta`: fill the feature stores of a dataset."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
 
-def extract(dataset: str) -> None:
-    """Extract features of DATASET into feature stores."""
-    raise NotImplementedError
+import typer
+
+from mmcache.errors import MMCacheError
+
+_STORES = "Comma-separated NAME=PRESET or PRESET (preset options: PRESET\\[key=value,...]); repeatable."
+
+
+def _default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def extract(
+    dataset: Annotated[str, typer.Argument(help="Registered dataset name (see `mmcache data list`).")],
+    image: Annotated[list[str] | None, typer.Option(help=f"Image stores. {_STORES}")] = None,
+    text: Annotated[list[str] | None, typer.Option(help=f"Text stores. {_STORES}")] = None,
+    context: Annotated[list[str] | None, typer.Option(help=f"Context-text stores (caption, OCR). {_STORES}")] = None,
+    video: Annotated[list[str] | None, typer.Option(help=f"Video stores. {_STORES}")] = None,
+    audio: Annotated[list[str] | None, typer.Option(help=f"Audio stores. {_STORES}")] = None,
+    teacher: Annotated[list[str] | None, typer.Option(help=f"Teacher logits. {_STORES}")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder or table file.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Root of the feature stores.")] = Path("cache"),
+    device: Annotated[str | None, typer.Option(help="Device (default cuda when available, else cpu).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per batch.")] = 64,
+    num_workers: Annotated[int | None, typer.Option(min=0, help="Decoding workers (default: cores-1, max 8).")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored float type: float16 or float32.")] = "float16",
+    amp: Annotated[bool, typer.Option(help="bf16/fp16 autocast on GPU.")] = True,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only this split (train/val/test).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Dataset option KEY=VALUE.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Extract features of DATASET into feature stores cache/<dataset>/<modality>/<name>.h5 (resumable)."""
+    from mmcache.data import load_dataset
+    from mmcache.extract.runner import _dist_info, format_summary, parse_requests
+    from mmcache.extract.runner import extract as run
+
+    if dtype not in ("float16", "float32"):
+        raise MMCacheError(f"--dtype must be float16 or float32, not {dtype!r}")
+    opts: dict[str, object] = {}
+    for kv in option or []:
+        if "=" not in kv:
+            raise MMCacheError(f"--option {kv!r} must be KEY=VALUE")
+        k, v = kv.split("=", 1)
+        opts[k.strip()] = v
+    if fold is not None:
+        opts["fold"] = fold
+    requests = [r for m, v in (("image", image), ("text", text), ("context", context), ("video", video),
+                               ("audio", audio), ("teacher", teacher)) for r in parse_requests(m, v)]
+    if not requests:
+        raise MMCacheError("name at least one store, e.g. `mmcache extract demo --image clip --text clip`")
+    ds = load_dataset(dataset, data_dir, **opts)
+    summaries = run(ds, requests, cache_dir=cache_dir, device=device, batch_size=batch_size,
+                    num_workers=_default_workers() if num_workers is None else num_workers, dtype=dtype,
+                    strict=strict, limit=limit, split=split, amp=amp, progress=progress)
+    if _dist_info()[0] == 0:
+        typer.echo(format_summary(summaries))

@@ -1,0 +1,463 @@
+"""The extraction runner: decode each raw field once, feed every requested extractor, write stores.
+
+One pass over the samples that still miss a row in at least one requested store. In
+DataLoader workers each needed raw field of a sample is decoded once (shared by every
+extractor that reads it) and preprocessed per extractor; on the device each extractor
+encodes its part of the batch under `torch.inference_mode` (autocast on GPU), and the
+rows go to its FeatureStore. Inputs that fail to decode are recorded as failed rows,
+never written as zeros. Under `torchrun` each rank writes its own part file of each
+store, and rank 0 merges the parts into the store at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
+
+from mmcache.cache.store import FeatureStore, StoreReader, manifest_path, store_path
+from mmcache.data.base import Dataset, Sample
+from mmcache.errors import MMCacheError
+from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
+from mmcache.utils import pick_device, versions
+
+MERGE_CHUNK = 4096  # rows per write when merging rank part files
+
+
+@dataclass(frozen=True)
+class Request:
+    """One store to fill: modality, store name, preset and config overrides."""
+
+    modality: str
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StoreSummary:
+    """What one run did to one store."""
+
+    modality: str
+    name: str
+    preset: str
+    path: Path
+    written: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A sample an extractor could not encode, and why (crosses the worker boundary)."""
+
+    reason: str
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that are not inside [...] (preset options use commas too)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Request]:
+    """`--image clip,res=resnet[arch=resnet101]` -> requests; `name=preset[key=value,...]`, name defaults to preset."""
+    if modality not in MODALITIES:
+        raise MMCacheError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    out: list[Request] = []
+    for item in items:
+        for spec in _split_top(item):
+            overrides: dict[str, Any] = {}
+            if spec.endswith("]") and "[" in spec:
+                spec, opts = spec[:-1].split("[", 1)
+                for kv in _split_top(opts):
+                    if "=" not in kv:
+                        raise MMCacheError(
+                            f"preset option {kv!r} in --{modality} must be key=value, e.g. clip[tokens=false]"
+                        )
+                    k, v = kv.split("=", 1)
+                    overrides[k.strip()] = _parse_value(v.strip())
+            name, preset = spec.split("=", 1) if "=" in spec.split(":", 1)[0] else (None, spec)
+            preset = preset.strip()
+            name = (name or preset).strip()
+            if not name or not preset or os.sep in name or name.startswith("."):
+                raise MMCacheError(
+                    f"bad store spec {spec!r} in --{modality}; write NAME=PRESET or PRESET (a preset with a path or "
+                    "a colon needs a plain NAME=, e.g. clip=ViT-B-32:/weights/clip.bin)"
+                )
+            out.append(Request(modality, name, preset, overrides))
+    return out
+
+
+class _DecodeDataset(TorchDataset):
+    """Per sample: decode each needed raw field once, then preprocess it for each extractor that needs it."""
+
+    def __init__(self, samples: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
+                 options: dict[str, int]) -> None:
+        self.samples = samples
+        self.needs = needs
+        self.extractors = extractors
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[str, dict[int, Any]]:
+        sample, need = self.samples[i], self.needs[i]
+        fields = sorted({f for k in need for f in self.extractors[k].inputs})
+        decoded: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for f in fields:
+            if f not in DECODERS:
+                errors[f] = f"no decoder registered for field {f!r}"
+                continue
+            try:
+                decoded[f] = DECODERS[f](getattr(sample, f), self.options)
+            except DecodeError as e:
+                errors[f] = str(e)
+        items: dict[int, Any] = {}
+        for k in need:
+            ext = self.extractors[k]
+            bad = [errors[f] for f in ext.inputs if f in errors]
+            if bad:
+                items[k] = Failure("; ".join(bad))
+                continue
+            try:
+                # Only raw fields reach an extractor (never labels): teachers cannot see gold answers.
+                items[k] = ext.preprocess({f: decoded[f] for f in ext.inputs})
+            except DecodeError as e:
+                items[k] = Failure(str(e))
+        return sample.id, items
+
+
+# One extractor's share of a batch: (ids, collated inputs or None, [(id, failure reason)]).
+_Part = tuple[list[str], Any, list[tuple[str, str]]]
+
+
+class _Collate:
+    """Batch per extractor: (ids, collated inputs or None, failures); runs in the workers."""
+
+    def __init__(self, extractors: list[Extractor]) -> None:
+        self.extractors = extractors
+
+    def __call__(self, batch: list[tuple[str, dict[int, Any]]]) -> dict[int, _Part]:
+        out: dict[int, _Part] = {}
+        for k, ext in enumerate(self.extractors):
+            ids, items, fails = [], [], []
+            for sid, per in batch:
+                if k not in per:
+                    continue
+                if isinstance(per[k], Failure):
+                    fails.append((sid, per[k].reason))
+                else:
+                    ids.append(sid)
+                    items.append(per[k])
+            if ids or fails:
+                out[k] = (ids, ext.collate(items) if items else None, fails)
+        return out
+
+
+def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move tensors nested in dicts / lists / tuples to `device` (non-blocking; pinned when on CUDA)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.to(device, non_blocking=True)
+        if channels_last and t.ndim == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, channels_last) for v in obj)
+    return obj
+
+
+def merge_decode_options(extractors: Sequence[Extractor]) -> dict[str, int]:
+    """Element-wise max of the extractors' decode options (one decode serves them all)."""
+    merged: dict[str, int] = {}
+    for ext in extractors:
+        for k, v in ext.decode_options.items():
+            merged[k] = max(merged.get(k, v), v)
+    return merged
+
+
+def _to_numpy(out: dict[str, torch.Tensor], n: int, where: str) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for key, t in out.items():
+        if t.shape[0] != n:
+            raise RuntimeError(f"{where}: output {key!r} has batch size {t.shape[0]}, expected {n}")
+        t = t.detach()
+        arrays[key] = (t if t.dtype == torch.bool else t.float()).cpu().numpy()
+    return arrays
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not distributed)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _part_path(path: Path, rank: int) -> Path:
+    # Not ending in .h5, so store listings never mistake a part for a store.
+    return path.with_name(f"{path.name}.part{rank}")
+
+
+def merge_parts(path: Path, spec: dict[str, Any], dataset: str, dtype: str) -> int:
+    """Move rows and failures of leftover rank part files of `path` into it; returns rows moved."""
+    parts = sorted(glob.glob(glob.escape(str(path)) + ".part*"))
+    if not parts:
+        return 0
+    moved = 0
+    with FeatureStore(path, spec, dataset, dtype=dtype, versions=versions()) as store:
+        for part in parts:
+            reader = StoreReader(part)
+            if reader.attrs.get("spec_hash") != store.hash:
+                raise MMCacheError(f"{part} was written with another spec than {path}; remove the part file")
+            done = store.done
+            new = [i for i in reader.ids if i not in done]
+            for s in range(0, len(new), MERGE_CHUNK):
+                ids = new[s:s + MERGE_CHUNK]
+                store.write(ids, reader.load(ids))
+                moved += len(ids)
+            done = store.done
+            for sid, reason in reader.failed.items():
+                if sid not in done and sid not in store.failed:
+                    store.fail(sid, reason)
+            os.remove(part)
+    return moved
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    reader = StoreReader(path)
+    return set(reader.ids) | set(reader.failed)
+
+
+def select_samples(ds: Dataset, split: str | None = None, limit: int | None = None) -> list[Sample]:
+    """Samples of one split (or all), the first `limit` of them."""
+    samples = ds.samples if split is None else ds.split(split)
+    if split is not None and not samples:
+        raise MMCacheError(f"dataset {ds.name!r} has no split {split!r}; its splits are {ds.splits}")
+    return samples[:limit] if limit is not None else samples
+
+
+def write_manifest(ds: Dataset, cache_dir: Path | str, selected: Sequence[Sample]) -> Path:
+    """Write the manifest of the selected samples plus those an earlier run listed (so heads train from the cache)."""
+    path = manifest_path(cache_dir, ds.name)
+    keep = {s.id for s in selected}
+    if path.exists():
+        try:
+            keep |= {r["id"] for r in json.loads(path.read_text())["samples"]}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # an unreadable manifest is rewritten from the dataset
+    Dataset(ds.name, [s for s in ds.samples if s.id in keep], ds.labels, ds.root).write_manifest(path)
+    return path
+
+
+def extract(
+    ds: Dataset,
+    requests: Sequence[Request],
+    cache_dir: Path | str = "cache",
+    device: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: str = "float16",
+    strict: bool = False,
+    limit: int | None = None,
+    split: str | None = None,
+    amp: bool = True,
+    progress: bool = True,
+    extractors: Sequence[Extractor] | None = None,
+) -> list[StoreSummary]:
+    """Fill the requested stores of `ds` (resumable); returns a summary per store.
+
+    `extractors` may be given pre-built (aligned with `requests`); otherwise each request's
+    preset is built for its modality. Teachers get the dataset's class names as config.
+    """
+    if not requests:
+        raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
+    names = [(r.modality, r.name) for r in requests]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
+    rank, world, local_rank = _dist_info()
+    distributed = world > 1
+    if distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and (device is None or device.startswith("cuda")) else "gloo"
+        torch.distributed.init_process_group(backend)
+    if device is None and distributed and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    dev = torch.device(pick_device(device))
+    if dev.type == "cuda" and dev.index is None and distributed:
+        dev = torch.device("cuda", local_rank)
+    selected = select_samples(ds, split, limit)
+
+    if extractors is None:
+        built = []
+        for r in requests:
+            extra = dict(r.overrides)
+            if r.modality == "teacher":
+                extra.setdefault("label_space", ds.labels.tasks)
+            built.append(build_extractor(r.preset, r.modality, **extra))
+        extractors = built
+    extractors = list(extractors)
+    paths = [store_path(cache_dir, ds.name, r.modality, r.name) for r in requests]
+    summaries = [StoreSummary(r.modality, r.name, r.preset, p) for r, p in zip(requests, paths, strict=True)]
+
+    def barrier() -> None:
+        if distributed:
+            torch.distributed.barrier()
+
+    # Parts left by an interrupted multi-process run count as done once merged.
+    if rank == 0:
+        for ext, p in zip(extractors, paths, strict=True):
+            merge_parts(p, ext.spec, ds.name, dtype)
+    barrier()
+    done = [_done_ids(p) for p in paths]
+    barrier()
+
+    need_per_sample: list[tuple[int, ...]] = []
+    todo: list[Sample] = []
+    for s in selected:
+        need = tuple(k for k in range(len(extractors)) if s.id not in done[k])
+        for k in range(len(extractors)):
+            if s.id in done[k]:
+                summaries[k].skipped += 1
+        if need:
+            todo.append(s)
+            need_per_sample.append(need)
+    # Each rank takes its own strided slice: no padding, no duplicates, nothing dropped.
+    todo, need_per_sample = todo[rank::world], need_per_sample[rank::world]
+    if distributed:
+        # Skips were counted on every rank; report them once.
+        for sm in summaries:
+            sm.skipped = sm.skipped if rank == 0 else 0
+
+    channels_last = dev.type == "cuda"
+    for ext in extractors:
+        ext.eval()
+        ext.to(dev)
+        if channels_last and getattr(ext, "channels_last", False):
+            ext.to(memory_format=torch.channels_last)
+
+    writers: list[FeatureStore | None] = [None] * len(extractors)
+    try:
+        for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
+            if any(k in n for n in need_per_sample) or not distributed:
+                target = _part_path(p, rank) if distributed else p
+                writers[k] = FeatureStore(target, ext.spec, ds.name, dtype=dtype, versions=versions())
+        if todo:
+            _run_loop(todo, need_per_sample, extractors, writers, summaries, dev, batch_size, num_workers,
+                      strict, amp, progress and rank == 0, world)
+    finally:
+        for w in writers:
+            if w is not None:
+                w.close()
+    barrier()
+    if distributed:
+        # Gather every rank's counts so rank 0 reports the whole run.
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, [(s.written, s.failed) for s in summaries])
+        for k, sm in enumerate(summaries):
+            sm.written = sum(g[k][0] for g in gathered)
+            sm.failed = {sid: r for g in gathered for sid, r in g[k][1].items()}
+        if rank == 0:
+            for ext, p in zip(extractors, paths, strict=True):
+                merge_parts(p, ext.spec, ds.name, dtype)
+        barrier()
+    if rank == 0:
+        write_manifest(ds, cache_dir, selected)
+    return summaries
+
+
+def _autocast(dev: torch.device, amp: bool) -> Any:
+    if dev.type != "cuda" or not amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
+              writers: list[FeatureStore | None], summaries: list[StoreSummary], dev: torch.device,
+              batch_size: int, num_workers: int, strict: bool, amp: bool, progress: bool, world: int) -> None:
+    data = _DecodeDataset(todo, needs, extractors, merge_decode_options(extractors))
+    pin = dev.type == "cuda"
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_Collate(extractors), pin_memory=pin,
+                        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+    bar = tqdm(total=len(todo) * world, desc="extract", unit="item", disable=not progress, dynamic_ncols=True)
+    with bar, torch.inference_mode():
+        for batch in loader:
+            for k, (ids, inputs, fails) in batch.items():
+                writer, sm = writers[k], summaries[k]
+                assert writer is not None
+                for sid, reason in fails:
+                    if strict:
+                        raise MMCacheError(f"sample {sid!r} ({sm.modality}/{sm.name}): {reason} (--strict stops here; "
+                                           "drop --strict to record it as failed and go on)")
+                    writer.fail(sid, reason)
+                    sm.failed[sid] = reason
+                if ids:
+                    ext = extractors[k]
+                    cl = dev.type == "cuda" and getattr(ext, "channels_last", False)
+                    x = to_device(inputs, dev, channels_last=cl)
+                    with _autocast(dev, amp):
+                        out = ext(x)
+                    writer.write(ids, _to_numpy(out, len(ids), f"{sm.modality}/{sm.name}"))
+                    sm.written += len(ids)
+            n_items = len({sid for ids, _, fails in batch.values() for sid in [*ids, *(f[0] for f in fails)]})
+            bar.update(n_items * world)
+
+
+def format_summary(summaries: Sequence[StoreSummary], max_reasons: int = 5) -> str:
+    """A small table of rows written / skipped / failed per store, with the commonest failure reasons."""
+    head = f"{'store':<28}{'written':>9}{'skipped':>9}{'failed':>8}  path"
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        lines.append(f"{s.modality + '/' + s.name:<28}{s.written:>9}{s.skipped:>9}{len(s.failed):>8}  {s.path}")
+    for s in summaries:
+        if not s.failed:
+            continue
+        lines.append(f"failed in {s.modality}/{s.name} (recorded in the store, never written as data):")
+        by_reason: dict[str, list[str]] = {}
+        for sid, reason in s.failed.items():
+            by_reason.setdefault(reason, []).append(sid)
+        for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:max_reasons]:
+            lines.append(f"  {len(ids):>5} x {reason}  (e.g. {ids[0]})")
+        if len(by_reason) > max_reasons:
+            lines.append(f"  ... and {len(by_reason) - max_reasons} other reasons")
+    return "\n".join(lines)
+
+
+__all__ = ["FIELDS", "Failure", "Request", "StoreSummary", "extract", "format_summary", "merge_decode_options",
+           "merge_parts", "parse_requests", "select_samples", "to_device", "write_manifest"]
