@@ -110,9 +110,9 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MI
             except csv.Error as e:
                 raise MMCacheError(f"{path}, line {reader.line_num}: unreadable row ({e}); fix or remove it") from None
             line = reader.line_num
-            if not fields or all(not x.strip() for x in fields):
-                continue
             if len(fields) != len(header):
+                if not "".join(fields).strip():  # blank line
+                    continue
                 raise MMCacheError(f"{path}, line {line}: {len(fields)} fields where the header has "
                                    f"{len(header)}; fix or remove the row")
             yield line, dict(zip(header, fields, strict=True))

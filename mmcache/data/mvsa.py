@@ -6,7 +6,8 @@
 Label rule of the reference comparison (Cheema et al. 2021): keep pairs whose text and image
 labels agree or where one is neutral; the label is the non-neutral one; positive/negative
 conflicts are dropped. MVSA-Multiple first takes, per modality, the label at least two of the
-three annotators gave; an item without such a majority in either modality is dropped.
+three annotators gave; an item without such a majority in either modality is dropped
+(`-o vote=pair` instead takes the text,image pair at least two annotators gave).
 """
 
 from __future__ import annotations
@@ -81,9 +82,15 @@ def _media_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | None = None,
-              skip_missing: bool = False, **options: Any) -> Dataset:
-    """Load MVSA-Single or -Multiple: apply the label rule, then a seeded 8:1:1 split or 10-fold CV fold."""
+              skip_missing: bool = False, vote: str = "modality", **options: Any) -> Dataset:
+    """Load MVSA-Single or -Multiple: apply the label rule, then a seeded 8:1:1 split or 10-fold CV fold.
+
+    `vote` (Multiple only): "modality" takes the majority of the text labels and of the image labels
+    separately; "pair" takes the (text, image) pair that most annotators gave.
+    """
     check_options(name, options)
+    if vote not in ("modality", "pair"):
+        raise MMCacheError(f"vote must be 'modality' or 'pair', got {vote!r}")
     label_file = locate(root, LABEL_FILE)
     assert label_file is not None
     base = label_file.parent
@@ -99,7 +106,11 @@ def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | 
             if len(pairs) != 3:
                 raise MMCacheError(f"{where}: MVSA-Multiple rows have three annotators, found {len(pairs)}; "
                                    "is this MVSA-Single? (use mvsa-single)")
-            t, i = majority([p[0] for p in pairs]), majority([p[1] for p in pairs])
+            if vote == "pair":
+                pair = majority([f"{p[0]},{p[1]}" for p in pairs])
+                t, i = pair.split(",") if pair else (None, None)
+            else:
+                t, i = majority([p[0] for p in pairs]), majority([p[1] for p in pairs])
             if t is None or i is None:
                 dropped["no annotator majority"] += 1
                 continue

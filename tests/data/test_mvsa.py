@@ -78,6 +78,12 @@ def test_multiple_takes_per_modality_majority_first(tmp_path: Path) -> None:
         assert str(2 + 10 * c) not in got and str(3 + 10 * c) not in got
     assert len(ds.samples) == 12
     assert any("dropped 4: no annotator majority" in n for n in ds.notes)
+    # Majority over whole pairs: rows 1-3 have no pair that two annotators share.
+    rows += [(str(int(sid) + 100), cells) for sid, cells in rows]
+    root = write_mvsa(tmp_path / "mm2", rows, multiple=True)
+    by_pair = {s.id: LABELS[s.labels["sentiment"]] for s in load_dataset("mvsa-multiple", root, vote="pair").samples}
+    assert by_pair["4"] == "negative" and by_pair["5"] == "neutral" and len(by_pair) == 16
+    assert not {"1", "2", "3"} & set(by_pair)
 
 
 def test_default_split_is_seeded_stratified_8_1_1(tmp_path: Path) -> None:
