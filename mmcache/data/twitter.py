@@ -85,7 +85,7 @@ def load_twitter(root: Path, year: str, seed: int = 0, captions: str | None = No
     assert train is not None
     base = train.parent
     image_dir = (locate(root, f"twitter{year}_images", kind="dir", required=False)
-                 or locate(root, "images", kind="dir", required=False))
+                 or locate(root, "images", kind="dir", hint=year, required=False))
     if image_dir is None:
         raise MMCacheError(f"{root}: no image folder twitter{year}_images/ or images/; unpack the tweet images "
                            "there or pass --data-dir")
