@@ -120,3 +120,57 @@ def predict_cmd(
 def main() -> None:
     """Console-script entry point."""
     run_app(app)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
+    grid: Annotated[str | None, typer.Option(help="KEY=V1,V2;KEY2=V3,... : TrainConfig fields (head, lr, epochs, "
+                                                  "loss, ...), loss.NAME loss options, other names head hparams "
+                                                  "(D, dropout, gate, bands, ...).")] = None,
+    ablation_scabg: Annotated[bool, typer.Option("--ablation-scabg", help="Run the SCABG ablation: the full model "
+                                                                            "and each part switched off in turn.")]
+    = False,
+    vtype: Annotated[str | None, typer.Option(help="Image store name.")] = None,
+    ttype: Annotated[str | None, typer.Option(help="Text store name.")] = None,
+    ctype: Annotated[str | None, typer.Option(help="Context-text store name.")] = None,
+    atype: Annotated[str | None, typer.Option(help="Audio store name.")] = None,
+    videotype: Annotated[str | None, typer.Option(help="Video store name.")] = None,
+    head: Annotated[str, typer.Option(help="Head when the grid does not set one.")] = "linear",
+    hp: Annotated[list[str] | None, typer.Option(help="Fixed head hparam KEY=VALUE (repeatable).")] = None,
+    loss: Annotated[str, typer.Option(help="Criterion when the grid does not set one.")] = "ce",
+    loss_opt: Annotated[list[str] | None, typer.Option(help="Fixed criterion option KEY=VALUE (repeatable).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher logits store under cache/<dataset>/teacher/.")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Task(s) to train (repeatable; default all).")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma list of seeds; each config runs once per seed.")] = "0",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
+    runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
+    out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
+                                                  "(default: <runs-dir>/<dataset>/sweeps/sweep_<time>).")] = None,
+    save_runs: Annotated[bool, typer.Option("--save-runs", help="Also write a run folder per run.")] = False,
+) -> None:
+    """Train a grid of configs one after another; print and save a table of val/test metrics and seconds."""
+    import time
+
+    from mmcache.heads.sweep import configs_from, format_table, run_sweep, summarize
+    from mmcache.heads.train import TrainConfig
+
+    given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise MMCacheError(f"--seeds expects a comma list of integers, got {seeds!r}") from None
+    base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
+                       cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
+                       tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
+                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device)
+    configs = configs_from(grid, ablation_scabg)
+    out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs)
+    typer.echo(format_table(summarize(rows)))
+    typer.echo(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")

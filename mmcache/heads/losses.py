@@ -235,6 +235,8 @@ class SCABGCriterion(FocalCriterion):
                    parts: dict[str, float]) -> torch.Tensor | None:
         """0.5 e^-s1 L_coarse + 0.5 s1 + 0.5 e^-s2 L_fine + 0.5 s2 (or aux_weight * (L_coarse + L_fine))."""
         if "_coarse" not in logits or "_fine" not in logits:
+            if not self.training:
+                return None  # evaluation code may keep only the task logits; the val loss is then the main loss
             raise MMCacheError("loss scabg needs the `_coarse` and `_fine` outputs of head scabg; "
                                "use --head scabg or another loss")
         if self.task not in targets:

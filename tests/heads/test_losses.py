@@ -162,7 +162,7 @@ def test_scabg_fine_loss_ignores_neutral_rows() -> None:
     changed = fine.detach().clone()
     changed[:6] += 100.0
     loss2, _ = crit({**out, "_fine": changed}, {"sent": y})
-    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+    assert float(loss2) == pytest.approx(float(loss.detach()), rel=1e-6)
     emo = y != 1
     assert parts["fine"] == pytest.approx(float(F.cross_entropy(fine[emo], (y[emo] == 2).long())), rel=1e-5)
     want = float(F.cross_entropy(logits, y)) + parts["coarse"] + parts["fine"]
@@ -195,6 +195,9 @@ def test_scabg_uncertainty_formula_and_learning() -> None:
     assert s.tolist() == pytest.approx([math.log(parts["coarse"]), math.log(parts["fine"])], abs=0.05)
     with pytest.raises(MMCacheError, match="_coarse"):
         crit({"sent": logits}, {"sent": y})
+    # In eval mode (validation loss on task logits only) the aux terms are left out instead.
+    main, parts = crit.eval()({"sent": logits}, {"sent": y})
+    assert float(main) == pytest.approx(float(F.cross_entropy(logits, y))) and "coarse" not in parts
 
 
 def test_scabg_focal_option_and_multitask() -> None:
