@@ -37,7 +37,8 @@ class FasterRCNNExtractor(TorchvisionExtractor):
     (91 = COCO), min_size / max_size (the detector's resize), regions (K), score_thresh,
     min_boxes (regions kept below the threshold when too few pass it), candidate_thresh
     (the detector's own score floor for candidates, torchvision's 0.05), nms_thresh
-    (class-agnostic IoU, on top of the detector's per-class NMS).
+    (class-agnostic IoU, on top of the detector's per-class NMS), proposals (RPN boxes
+    kept per image, None = the detector's default, 1000 for the ResNet-50 FPNs).
     """
 
     modalities = ("image",)
@@ -63,11 +64,14 @@ class FasterRCNNExtractor(TorchvisionExtractor):
         if int(cfg["regions"]) < 1:
             raise MMCacheError(f"preset {preset!r}: regions must be >= 1, not {cfg['regions']}")
         self._weights_spec = weights_spec(cfg["weights"], self.enum_cls)
+        extra: dict[str, int] = {}
+        if cfg.get("proposals"):
+            extra = {"rpn_pre_nms_top_n_test": int(cfg["proposals"]), "rpn_post_nms_top_n_test": int(cfg["proposals"])}
         # weights_backbone=None: never fetch ImageNet backbone weights behind the user's back.
         self.model = build_torchvision(
             getattr(tvd, arch), self.enum_cls, cfg["weights"], int(cfg.get("seed", 0)),
             weights_backbone=None, num_classes=int(cfg["num_classes"]),
-            min_size=int(cfg["min_size"]), max_size=int(cfg["max_size"]),
+            min_size=int(cfg["min_size"]), max_size=int(cfg["max_size"]), **extra,
         )
         self.model.eval()
         heads = self.model.roi_heads
@@ -150,4 +154,4 @@ register_preset("frcnn-v1", "frcnn", arch="fasterrcnn_resnet50_fpn", weights="CO
 # regions come from min_boxes.
 register_preset("frcnn-tiny", "frcnn", arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, seed=0,
                 min_size=96, max_size=128, regions=8, score_thresh=0.5, min_boxes=3, candidate_thresh=0.0,
-                num_classes=5)
+                num_classes=5, proposals=50)

@@ -32,7 +32,7 @@ class MelExtractor(Extractor):
 
     Config: sample_rate, n_mels, n_fft, win_length (Hann window, zero-padded to n_fft), hop,
     max_frames, f_min, f_max (None = Nyquist), mel_scale / norm ("slaney" = librosa's
-    defaults, or "htk" / None), top_db (dynamic range floor, None = off), normalize
+    defaults, or "htk" / "none"), top_db (dynamic range floor, 0 = off), normalize
     ("none", or "clip" = z-score over each clip's real frames).
     """
 
@@ -65,7 +65,8 @@ class MelExtractor(Extractor):
         # [n_fft//2+1, n_mels]; numpy so the extractor pickles cheaply into DataLoader workers.
         self.filters = mel_filter_bank(
             num_frequency_bins=n_fft // 2 + 1, num_mel_filters=int(cfg["n_mels"]), min_frequency=float(cfg["f_min"]),
-            max_frequency=f_max, sampling_rate=sr, norm=cfg["norm"], mel_scale=cfg["mel_scale"],
+            max_frequency=f_max, sampling_rate=sr, norm=None if cfg["norm"] in (None, "none") else cfg["norm"],
+            mel_scale=cfg["mel_scale"],
         )
 
     @property

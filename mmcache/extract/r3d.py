@@ -65,7 +65,8 @@ class R3DExtractor(TorchvisionExtractor):
 
     def preprocess(self, decoded: dict[str, Any]) -> torch.Tensor:
         """uint8 frames [T,H,W,3] -> `frames` frames, resized and centre-cropped, uint8 [3,frames,size,size]."""
-        from torchvision.transforms.v2 import functional as TF
+        # transforms (v1) functional: its uint8 resize rounds as the Kinetics eval transform does.
+        from torchvision.transforms import functional as TF
 
         video = decoded["video"]
         if not isinstance(video, torch.Tensor):
@@ -73,7 +74,9 @@ class R3DExtractor(TorchvisionExtractor):
         # The shared decoder may hold more frames (another extractor asked for more): subsample uniformly.
         idx = uniform_indices(video.shape[0], int(self.config["frames"]))
         clip = video[idx].permute(0, 3, 1, 2)  # [T,3,H,W]
-        clip = TF.resize(clip, self.config["resize"], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        # antialias=False as torchvision's Kinetics eval transform (the weights were trained so);
+        # the decoder has already shrunk frames with an area filter, so little aliasing is left.
+        clip = TF.resize(clip, self.config["resize"], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
         clip = TF.center_crop(clip, [int(self.config["size"])])
         return clip.permute(1, 0, 2, 3).contiguous()
 
