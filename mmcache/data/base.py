@@ -173,7 +173,11 @@ def load_dataset(name: str, root: Path | str | None = None, **options: Any) -> D
             f"dataset folder {root} does not exist; put {name!r} there in its official layout "
             "or pass --data-dir"
         )
-    return DATASETS[canonical](root, **options)
+    ds = DATASETS[canonical](root, **options)
+    if name != canonical:
+        # Caches and runs are keyed by the name as typed (`mvsa` -> cache/mvsa/), as every CLI does.
+        ds.name = name
+    return ds
 
 
 def _import_adapters() -> None:

@@ -175,6 +175,26 @@ def check_options(dataset: str, options: dict[str, Any], allowed: Iterable[str] 
                            f"it takes {sorted(set(allowed)) or 'none'}")
 
 
+def as_bool(value: Any, name: str) -> bool:
+    """An option given as a bool or as text from the command line (`-o ocr=false`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise MMCacheError(f"option {name}={value!r} must be true or false")
+
+
+def as_int(value: Any, name: str) -> int:
+    """An integer option given as int or text (`-o seed=3`)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MMCacheError(f"option {name}={value!r} must be an integer") from None
+
+
 def order_tasks(tasks: dict[str, list[str]], primary: str | None, dataset: str) -> dict[str, list[str]]:
     """Tasks reordered so `primary` comes first (it becomes the LabelSpace's primary task)."""
     if primary is None:
@@ -188,11 +208,13 @@ def assign_splits(labels: list[int], seed: int = 0, fold: int | None = None, k: 
     """Splits for a dataset without official ones: stratified 8:1:1 by seed, or fold `fold` of k-fold CV."""
     from mmcache.data.splits import kfold_split, stratified_split
 
+    seed = as_int(seed, "seed")
+    fold = None if fold is None else as_int(fold, "fold")
     if len(labels) < k:
         raise MMCacheError(f"only {len(labels)} rows: a generated split (8:1:1 or {k}-fold) needs at least {k}; "
                            "give the rows a split column instead")
     if fold is None:
         return stratified_split(labels, seed=seed)
-    if not 0 <= int(fold) < k:
+    if not 0 <= fold < k:
         raise MMCacheError(f"--fold must be in 0..{k - 1} ({k}-fold cross-validation), got {fold}")
-    return kfold_split(labels, int(fold), k=k, seed=seed)
+    return kfold_split(labels, fold, k=k, seed=seed)

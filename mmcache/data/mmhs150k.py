@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, check_options, decode_bytes, locate, open_text, order_tasks, read_text
+from mmcache.data.io import IdCheck, as_bool, check_options, decode_bytes, locate, open_text, order_tasks, read_text
 from mmcache.errors import MMCacheError
 
 CATEGORIES = ["NotHate", "Racist", "Sexist", "Homophobe", "Religion", "OtherHate"]
@@ -50,6 +50,7 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
                   **options: Any) -> Dataset:
     """Load the official splits; the OCR text of an image becomes the sample's context."""
     check_options("mmhs150k", options)
+    ocr = as_bool(ocr, "ocr")
     space = LabelSpace(order_tasks({"hate": BINARY, "category": CATEGORIES}, task, "mmhs150k"), metric="auroc")
     gt_path = locate(root, "MMHS150K_GT.json")
     assert gt_path is not None

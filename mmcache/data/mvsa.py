@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, assign_splits, check_options, locate, open_text, read_text
+from mmcache.data.io import IdCheck, as_bool, assign_splits, check_options, locate, open_text, read_text
 from mmcache.errors import MMCacheError
 
 LABELS = ["negative", "neutral", "positive"]
@@ -89,6 +89,7 @@ def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | 
     separately; "pair" takes the (text, image) pair that most annotators gave.
     """
     check_options(name, options)
+    skip_missing = as_bool(skip_missing, "skip_missing")
     if vote not in ("modality", "pair"):
         raise MMCacheError(f"vote must be 'modality' or 'pair', got {vote!r}")
     label_file = locate(root, LABEL_FILE)

@@ -23,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, assign_splits, check_options, decode_bytes, normalise_split
+from mmcache.data.io import IdCheck, as_bool, assign_splits, check_options, decode_bytes, normalise_split
 from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space, sorted_names
 from mmcache.errors import MMCacheError
 
@@ -109,6 +109,7 @@ def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: i
                     metric: str | None = None, **options: Any) -> Dataset:
     """Load every `.tar` shard under `root`; labels mapped to indices and saved in `labels.json`."""
     check_options(name, options)
+    prefix_shard = as_bool(prefix_shard, "prefix_shard")
     root = Path(root)
     shards = sorted(p for pat in ("*.tar", "*.tar.gz", "*.tgz") for p in root.rglob(pat)
                     if UNPACK_DIR not in p.relative_to(root).parts)

@@ -99,3 +99,7 @@ def test_kfold_test_parts_are_disjoint_and_cover_every_row() -> None:
         assert c["test"] in (9, 10) and c["val"] in (9, 10) and c["train"] == 95 - c["test"] - c["val"]
     with pytest.raises(MMCacheError, match="--fold must be in 0..9"):
         assign_splits(y, fold=10)
+    # Options arrive as text from `-o`: "3" is fold 3.
+    assert assign_splits(y, seed="0", fold="3") == folds[3]
+    with pytest.raises(MMCacheError, match="option seed='x' must be an integer"):
+        assign_splits(y, seed="x")

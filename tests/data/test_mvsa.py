@@ -57,7 +57,10 @@ def test_single_applies_the_rule_to_every_row(tmp_path: Path) -> None:
 
 def test_alias_mvsa_is_single(tmp_path: Path) -> None:
     root = write_mvsa(tmp_path / "mvsa", single_rows())
-    assert load_dataset("mvsa", root).name == "mvsa-single"
+    alias, canonical = load_dataset("mvsa", root), load_dataset("mvsa-single", root)
+    assert alias.samples == canonical.samples
+    # Caches and runs are keyed by the name as typed.
+    assert alias.name == "mvsa" and canonical.name == "mvsa-single"
 
 
 def test_multiple_takes_per_modality_majority_first(tmp_path: Path) -> None:
@@ -147,7 +150,11 @@ def test_missing_text_file_is_an_error_or_skipped_on_request(tmp_path: Path) -> 
     (root / "data" / "5.txt").unlink()
     with pytest.raises(MMCacheError, match=r"line 6: text file .*5\.txt is missing; .*skip_missing=true"):
         load_dataset("mvsa-single", root)
-    ds = load_dataset("mvsa-single", root, skip_missing=True)
+    with pytest.raises(MMCacheError, match="skip_missing='maybe' must be true or false"):
+        load_dataset("mvsa-single", root, skip_missing="maybe")
+    with pytest.raises(MMCacheError, match="text file"):
+        load_dataset("mvsa-single", root, skip_missing="false")  # as the extract CLI passes -o values
+    ds = load_dataset("mvsa-single", root, skip_missing="true")
     assert "5" not in ds.by_id() and len(ds.samples) == 27
     assert any("dropped 1: text file missing" in n for n in ds.notes)
 

@@ -95,7 +95,7 @@ def test_mmhs_binary_and_six_way_tasks_with_ocr_context(tmp_path: Path) -> None:
     assert any("1 tweets of MMHS150K_GT.json are in no split file" in n for n in ds.notes)
     assert ds.counts()["train"]["hate"] == {"NotHate": 1, "Hate": 3}
     assert load_dataset("mmhs", root, task="category").labels.primary == "category"
-    assert all(s.context is None for s in load_dataset("mmhs150k", root, ocr=False).samples)
+    assert all(s.context is None for s in load_dataset("mmhs150k", root, ocr="false").samples)
 
 
 def test_mmhs_errors(tmp_path: Path) -> None:
