@@ -1,14 +1,106 @@
-"""`finetune` commands (being built)."""
+"""`finetune run`: fine-tune the live encoders end to end with a head (optionally LoRA, torchrun/DDP)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from mmcache.cliutil import run_app
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune the encoders end to end with the same heads as `heads train`.")
+
+
+@app.callback()
+def _group() -> None:
+    """Fine-tune the encoders end to end with the same heads as `heads train`."""
+
+
+def _kv(items: list[str] | None, flag: str) -> dict[str, object]:
+    import json
+
+    from mmcache.errors import MMCacheError
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise MMCacheError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} hidden=256")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@app.command("run")
+def run(
+    dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes).")],
+    image: Annotated[str | None, typer.Option(help="Image encoder preset (e.g. clip, clip-b16, resnet).")] = None,
+    text: Annotated[str | None, typer.Option(help="Text encoder preset (e.g. clip, roberta).")] = None,
+    context: Annotated[str | None, typer.Option(help="Context-text encoder preset (captions, OCR).")] = None,
+    video: Annotated[str | None, typer.Option(help="Video encoder preset (e.g. r3d).")] = None,
+    audio: Annotated[str | None, typer.Option(help="Audio encoder preset (e.g. mel).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
+    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg.")] = "linear",
+    D: Annotated[int, typer.Option("--D", help="Hidden size of the head's per-modality projections.")] = 256,
+    dropout: Annotated[float, typer.Option(help="Head dropout.")] = 0.3,
+    hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,
+    loss: Annotated[str, typer.Option(help="Criterion: ce, focal, scabg.")] = "ce",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 32,
+    lr: Annotated[float, typer.Option(help="Encoder (or LoRA adapter) learning rate.")] = 1e-5,
+    head_lr: Annotated[float, typer.Option(help="Head learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of the full encoders.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[str | None, typer.Option(help="Comma list of module names to adapt "
+                                                              "(default per family: clip attn, roberta query,value).")] = None,
+    freeze_encoders: Annotated[bool, typer.Option(help="Keep encoders frozen; train the head on live features.")] = False,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding raw inputs.")] = 2,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each split (smoke runs).")] = None,
+    select: Annotated[str | None, typer.Option(help="Validation metric for the best epoch (default: the dataset's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cuda / cpu (default cuda if available).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold for datasets without official splits.")] = None,
+) -> None:
+    """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
+
+    Example: finetune run --dataset mvsa --image clip --text clip --lora --epochs 5
+    Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
+    """
+    from mmcache.finetune.run import FinetuneConfig, finetune
+
+    encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
+                                  ("audio", audio)) if p}
+    cfg = FinetuneConfig(
+        dataset=dataset, encoders=encoders, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
+        head=head, head_hparams={"D": D, "dropout": dropout, **_kv(hp, "--hp")}, loss=loss, epochs=epochs,
+        batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, lora=lora, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,
+        freeze_encoders=freeze_encoders, grad_accum=grad_accum, amp=amp, num_workers=num_workers, limit=limit,
+        select_metric=select, seed=seed, device=device, run_name=run_name,
+        dataset_options={} if fold is None else {"fold": fold},
+    )
+    res = finetune(cfg)
+    if res:
+        for split, per in res["metrics"].items():
+            for t, m in per.items():
+                typer.echo(f"{split:<5} {t:<10} n={m['n']:<6} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+        typer.echo(f"best epoch {res['best_epoch']}; run folder: {res['run_dir']}")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`finetune run ...`)."""
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()
