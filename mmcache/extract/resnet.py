@@ -211,7 +211,7 @@ class ResNetExtractor(TorchvisionExtractor):
         if m.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        fmap = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        fmap = m.layer4(m.layer3(m.layer2(m.layer1(x)))).float()  # pool in fp32 under autocast
         out = {"pooled": fmap.mean(dim=(2, 3))}
         grid = int(self.config["grid"])
         if grid > 0:
