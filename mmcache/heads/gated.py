@@ -6,8 +6,8 @@ modality: independent sigmoids (`gate="sigmoid"`) or a softmax over modalities
 token or whose `pooled` is not finite, counts as missing: it gets weight 0 and the remaining
 weights are renormalised over the present modalities.
 
-The helpers here (modality selection, per-row presence, hparam checks) are shared by the other
-fusion heads.
+hparams: D, dropout, gate, l2norm (unit-normalise each `pooled`), ablation / modalities (as for
+`linear`). The helpers here (per-row presence, hparam checks) are shared by `xattn` and `scabg`.
 """
 
 from __future__ import annotations

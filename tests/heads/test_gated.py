@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,12 @@ def test_learns_a_task_needing_both_modalities() -> None:
         opt.step()
     acc = (head.eval()(f)["label"].argmax(1) == y).float().mean()
     assert acc > 0.95
+
+
+def test_config_round_trip() -> None:
+    torch.manual_seed(0)
+    head = build_head("gated", INPUTS, TASKS, {"D": 16, "gate": "softmax", "modalities": ["image", "text"]}).eval()
+    cfg = json.loads(json.dumps(head.config))
+    again = build_head(cfg["name"], cfg["inputs"], cfg["tasks"], cfg["hparams"]).eval()
+    again.load_state_dict(head.state_dict())
+    assert torch.equal(again(feats())["label"], head(feats())["label"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -215,3 +217,13 @@ def test_learns_with_scabg_loss() -> None:
     acc = (head.eval()(f)["sentiment"].argmax(1) == y).float().mean()
     assert acc > 0.8
     assert torch.any(crit.aux_log_vars.detach() != 0)
+
+
+def test_config_round_trip() -> None:
+    """head.config (written as head.json by the trainer) rebuilds the same head: same state keys, same outputs."""
+    head = make(bands=2, classes=[2, 1, 0], branches=["image-text", "text-context"]).eval()
+    cfg = json.loads(json.dumps(head.config))
+    again = build_head(cfg["name"], cfg["inputs"], cfg["tasks"], cfg["hparams"]).eval()
+    again.load_state_dict(head.state_dict())
+    f = feats()
+    assert torch.equal(again(f)["sentiment"], head(f)["sentiment"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,12 @@ def test_masked_helpers() -> None:
     attn = torch.nn.MultiheadAttention(3, 1, batch_first=True)
     out = masked_attention(attn, x, x, torch.zeros(1, 4, dtype=torch.bool))
     assert torch.equal(out, torch.zeros(1, 4, 3))
+
+
+def test_config_round_trip() -> None:
+    torch.manual_seed(0)
+    head = build_head("xattn", INPUTS, TASKS, {**HP, "ffn": False}).eval()
+    cfg = json.loads(json.dumps(head.config))
+    again = build_head(cfg["name"], cfg["inputs"], cfg["tasks"], cfg["hparams"]).eval()
+    again.load_state_dict(head.state_dict())
+    assert torch.equal(again(feats())["label"], head(feats())["label"])
