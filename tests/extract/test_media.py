@@ -159,3 +159,13 @@ def test_missing_stream_is_a_decode_error(tmp_path: Path) -> None:
     silent = write_video(tmp_path / "silent.mp4", tone=None)
     with pytest.raises(DecodeError, match="no audio track"):
         decode_audio(silent, {})
+
+
+def test_header_overcounting_frames_still_spans_the_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some containers claim more frames than decode; sampling falls back to the frames really there.
+    import mmcache.extract.media as media
+
+    path = write_video(tmp_path / "clip.mp4", n_frames=30, tone=None)
+    monkeypatch.setattr(media, "_count_video_frames", lambda p: 50)
+    v = decode_video(path, {"video_frames": 5})
+    assert frame_ids(v) == uniform_indices(30, 5)
