@@ -141,11 +141,13 @@ def decode_video(value: Any, options: dict[str, int]) -> torch.Tensor:
             # The header over-counted the frames: sample again over what really decodes.
             wanted = uniform_indices(seen, n)
             frames, _ = _decode_frames(path, wanted, short_side, threads)
+        # np.stack raises ValueError if the resolution changes mid-stream: a failed item, not a crash.
+        video = np.stack([frames[i] for i in wanted])
     except DecodeError:
         raise
-    except (av.FFmpegError, OSError, ValueError, IndexError) as e:
+    except (av.FFmpegError, OSError, ValueError, IndexError, KeyError) as e:
         raise _av_error(path, "video", e) from e
-    return torch.from_numpy(np.stack([frames[i] for i in wanted]))
+    return torch.from_numpy(video)
 
 
 @register_decoder("audio")
