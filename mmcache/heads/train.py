@@ -89,8 +89,9 @@ class RunResult:
     curves: list[dict[str, Any]]
     config: dict[str, Any]
     head: Head
-    seconds: float
+    seconds: float  # the whole call: loading the stores, fitting, evaluating, writing
     select: dict[str, Any] = field(default_factory=dict)  # task, metric, value (+ l2 for lbfgs)
+    fit_seconds: float = 0.0  # fitting alone (epochs with their validation, or the lbfgs grid)
 
 
 def _log(cfg: TrainConfig, msg: str) -> None:
@@ -295,6 +296,9 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
     teacher = data.teacher[train_idx] if data.teacher is not None else None
     clfs: torch.nn.ModuleDict = head.classifiers  # type: ignore[assignment]
     params = list(clfs.parameters())
+    with torch.no_grad():  # start at zero, as scikit-learn does: the fit does not depend on the seed
+        for p in params:
+            p.zero_()
     weights = [c.weight for c in clfs.values()]
     grid = list(cfg.lbfgs_grid or LBFGS_GRID)
     curves: list[dict[str, Any]] = []
@@ -397,13 +401,13 @@ def train(cfg: TrainConfig) -> RunResult:
         "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
         "stores": data.specs, "select": select, "best_epoch": best_epoch, "n_params": n_params}}
     result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=run_cfg,
-                       head=head, seconds=seconds, select=select)
+                       head=head, seconds=seconds, select=select, fit_seconds=fit_seconds)
     for split, per_task in metrics.items():
         for t, m in per_task.items():
             for msg in failed_checks(m):
                 print(f"warning: {split} {t}: check failed: {msg}", file=sys.stderr)
     if cfg.save:
-        result.run_dir = write_run(result, run_dir or _run_dir(cfg), cfg, data, crit, fit_seconds)
+        result.run_dir = write_run(result, run_dir or _run_dir(cfg), cfg, data, crit)
     if not cfg.quiet:
         print(results_table(result))
         if result.run_dir is not None:
@@ -411,8 +415,7 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def write_run(result: RunResult, d: Path, cfg: TrainConfig, data: CachedData, crit: Criterion,
-              fit_seconds: float) -> Path:
+def write_run(result: RunResult, d: Path, cfg: TrainConfig, data: CachedData, crit: Criterion) -> Path:
     """Write model.safetensors, head.json, config.json, metrics.json, versions.json, curves, confusion PNGs."""
     from safetensors.torch import save_file
 
@@ -426,7 +429,7 @@ def write_run(result: RunResult, d: Path, cfg: TrainConfig, data: CachedData, cr
     write_json(d / "head.json", head.config)
     write_json(d / "config.json", result.config)
     write_json(d / "metrics.json", {"best_epoch": result.best_epoch, "select": result.select,
-                                    "fit_seconds": fit_seconds, "seconds": result.seconds,
+                                    "fit_seconds": result.fit_seconds, "seconds": result.seconds,
                                     "splits": result.metrics})
     write_json(d / "versions.json", versions())
     write_json(d / "curves.json", result.curves)

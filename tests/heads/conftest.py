@@ -26,12 +26,14 @@ torch.set_num_threads(1)
 def build_cache(cache: Path, dataset: str = "toy", n: int = 600, d_img: int = 24, d_txt: int = 16, seed: int = 0,
                 noise: float = 0.25, fail_ids: tuple[str, ...] = (), skip_text: tuple[str, ...] = (),
                 second_task: bool = False, teacher: bool = False, splits: tuple[str, ...] = ("train", "val", "test"),
-                tokens: bool = False) -> dict[str, np.ndarray]:
+                tokens: bool = False, majority: float = 0.0) -> dict[str, np.ndarray]:
     """Write cache/<dataset>/{image,text}/feat.h5 and the manifest; return the latent scores and labels."""
     rng = np.random.default_rng(seed)
     s_img = rng.integers(-1, 2, n)
     s_txt = rng.integers(-1, 2, n)
     label = np.sign(s_img + s_txt) + 1
+    if majority:  # imbalance: this share of rows is relabelled "negative" (no draw otherwise: same data)
+        label[rng.random(n) < majority] = 0
     p = {"train": 0.7, "val": 0.15, "test": 0.15}
     probs = np.array([p[s] for s in splits])
     split = rng.choice(list(splits), size=n, p=probs / probs.sum())

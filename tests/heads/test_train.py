@@ -208,3 +208,25 @@ def test_quick_metrics_match_sklearn() -> None:
     assert q["accuracy"] == pytest.approx((pred == y[keep]).mean())
     assert q["macro_f1"] == pytest.approx(f1_score(y[keep], pred, average="macro"))
     assert q["weighted_f1"] == pytest.approx(f1_score(y[keep], pred, average="weighted"))
+
+
+def test_failed_prediction_checks_are_reported(make_cache: Callable[..., Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cache = make_cache(majority=0.5)
+    # An enormous L2 penalty leaves only the biases: every row gets the majority class.
+    r = train(cfg(cache, solver="lbfgs", lbfgs_grid=[1e4], save=False, quiet=False))
+    err = capsys.readouterr().err
+    checks = r.metrics["test"]["label"]["checks"]
+    assert not checks["not_collapsed"]["ok"] and not checks["beats_majority"]["ok"]
+    assert "warning: test label: check failed: not_collapsed" in err
+    assert "warning: test label: check failed: beats_majority" in err
+
+
+def test_predict_multitask_columns(make_cache: Callable[..., Path]) -> None:
+    cache = make_cache(second_task=True)
+    r = train(cfg(cache, epochs=3, run_name="mt"))
+    out = predict(r.run_dir, split="all")
+    rows = list(csv.DictReader(out.open()))
+    assert out.name == "predictions_toy_all.csv" and len(rows) == 600
+    assert list(rows[0])[:4] == ["id", "label_label", "label_predicted", "label_p_negative"]
+    assert "image_score_p_positive" in rows[0]
