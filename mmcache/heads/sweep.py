@@ -132,7 +132,8 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     """Train every (name, overrides) config for each seed, sequentially; return one row per run.
 
     Writes `<out>.csv` and `<out>.json` (raw rows and the per-config summary) when `out` is given.
-    A config that fails with a user error is recorded with its message; the sweep goes on.
+    A config that fails with a user error is recorded with its message and the sweep goes on;
+    when every run fails (e.g. a missing store), that error is raised.
     """
     from mmcache.heads.train import train
 
@@ -152,6 +153,8 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
             print(f"warning: sweep config {name} (seed {seed}) failed: {e}", file=sys.stderr)
             continue
         rows.append(_row(name, overrides, seed, result, time.perf_counter() - t0))
+    if rows and all("error" in r for r in rows):
+        raise MMCacheError(f"every sweep run failed; the first: {rows[0]['error']}")
     if out is not None:
         write_results(rows, Path(out))
     return rows
