@@ -57,6 +57,7 @@ def make_dataset(cache: Path, n: int, seed: int = 0, d_img: int = 32, d_txt: int
     ids = [f"s{i:05d}" for i in range(n)]
 
     def seq(T: int, d: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Distractor tokens [n,T,d] with lengths in [lo, hi], padded with loud noise."""
         lens = rng.integers(lo, hi + 1, n)
         mask = np.arange(T)[None] < lens[:, None]
         tok = rng.normal(size=(n, T, d)) * 0.8
@@ -76,6 +77,7 @@ def make_dataset(cache: Path, n: int, seed: int = 0, d_img: int = 32, d_txt: int
     ctx[np.arange(n), rng.integers(0, lctx)] = score_txt[cap + 1] + 0.3 * rng.normal(size=(n, d_txt))
 
     def pooled(tok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Masked mean of the tokens."""
         return (tok * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
 
     stores = {"image": {"pooled": pooled(img, mimg), "tokens": img, "mask": mimg},

@@ -137,6 +137,7 @@ class Criterion(nn.Module):
 
     def forward(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],  # type: ignore[override]
                 teacher: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """Task losses (summed or uncertainty-weighted) + subclass terms + KD; returns (loss, float parts)."""
         parts: dict[str, float] = {}
         total = _zero_like(next(iter(logits.values())))
         for i, t in enumerate(self.tasks):
