@@ -367,6 +367,8 @@ class FeatureStore:
         self._done.update(ids)
 
     def _prepare(self, ids: list[str], arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+        if not all(ids):
+            raise MMCacheError(f"{self.path}: empty sample id in a batch; every row needs an id")
         if len(set(ids)) != len(ids):
             dup = [k for k, c in Counter(ids).items() if c > 1]
             raise MMCacheError(f"{self.path}: batch has duplicate ids {dup[:5]}; ids must be unique")
@@ -418,6 +420,8 @@ class FeatureStore:
         """Record that `sample_id` could not be extracted, and why (committed at once)."""
         self._check_open()
         sample_id = str(sample_id)
+        if not sample_id:
+            raise MMCacheError(f"{self.path}: fail() needs a sample id")
         if sample_id in self._done:
             raise MMCacheError(f"{self.path}: id {sample_id!r} is already committed; it cannot also fail")
         if sample_id in self.failed:

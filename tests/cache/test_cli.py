@@ -87,11 +87,16 @@ def test_rm(cache: Path) -> None:
     assert "demo/image/clip.h5" not in out and "demo/text/clip.h5" in out
 
 
-def test_user_errors_are_one_line(cache: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmcache.cli import main
 
-    res = subprocess.run([sys.executable, "-m", "mmcache.cli", "cache", "info", str(tmp_path / "none.h5")],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert res.stderr.strip().startswith("error: feature store") and len(res.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    for argv, want in ((["info", str(tmp_path / "none.h5")], "error: feature store"),
+                       (["info", str(bad)], f"error: {bad} is not a readable feature store")):
+        monkeypatch.setattr("sys.argv", ["mmcache", "cache", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(want) and len(err.splitlines()) == 1, err
