@@ -227,3 +227,18 @@ def test_config_round_trip() -> None:
     again.load_state_dict(head.state_dict())
     f = feats()
     assert torch.equal(again(f)["sentiment"], head(f)["sentiment"])
+
+
+def test_gradients_finite_with_missing_rows_and_modalities() -> None:
+    """Fully padded rows and absent modalities must not turn gradients into NaN (softmax over no keys)."""
+    head = make().train()
+    f = feats()
+    f["image"]["mask"][0] = False
+    f["text"]["mask"][1] = False
+    f["text"]["pooled"][2] = float("nan")
+    del f["context"]
+    out = head(f)
+    (out["sentiment"].sum() + out["_coarse"].sum()).backward()
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert head.gates["image"].proj[0].weight.grad.abs().sum() > 0

@@ -123,3 +123,14 @@ def test_config_round_trip() -> None:
     again = build_head(cfg["name"], cfg["inputs"], cfg["tasks"], cfg["hparams"]).eval()
     again.load_state_dict(head.state_dict())
     assert torch.equal(again(feats())["label"], head(feats())["label"])
+
+
+def test_gradients_finite_with_missing_rows() -> None:
+    torch.manual_seed(0)
+    head = build_head("xattn", INPUTS, TASKS, HP).train()
+    f = feats()
+    f["image"]["mask"][0] = False
+    f["text"]["mask"][1] = False
+    head(f)["label"].sum().backward()
+    grads = [p.grad for p in head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
