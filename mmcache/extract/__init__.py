@@ -16,7 +16,7 @@ from mmcache.extract.base import (
 )
 
 # Decoders and families register themselves on import.
-from mmcache.extract import decode, clip  # noqa: E402,F401  isort: skip
+from mmcache.extract import decode, clip, roberta, teachers  # noqa: E402,F401  isort: skip
 from mmcache.extract import frcnn, media, mel, r3d, resnet  # noqa: E402,F401  isort: skip
 
 __all__ = ["DECODERS", "FAMILIES", "PRESETS", "DecodeError", "Extractor", "build_extractor",

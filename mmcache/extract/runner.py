@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -21,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from mmcache.cache.store import FeatureStore, StoreReader, manifest_path, store_path
+from mmcache.cache.store import FeatureStore, StoreReader, lock_path, manifest_path, store_path
 from mmcache.data.base import Dataset, Sample
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
@@ -211,14 +211,12 @@ def merge_decode_options(extractors: Sequence[Extractor]) -> dict[str, int]:
     return merged
 
 
-def _to_numpy(out: dict[str, torch.Tensor], n: int, where: str) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
+def _check_batch(out: dict[str, torch.Tensor], n: int, where: str) -> dict[str, torch.Tensor]:
+    # Tensors go to the store as they are: it casts to the store dtype before the copy to host.
     for key, t in out.items():
         if t.shape[0] != n:
             raise RuntimeError(f"{where}: output {key!r} has batch size {t.shape[0]}, expected {n}")
-        t = t.detach()
-        arrays[key] = (t if t.dtype == torch.bool else t.float()).cpu().numpy()
-    return arrays
+    return out
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -233,13 +231,14 @@ def _part_path(path: Path, rank: int) -> Path:
 
 def merge_parts(path: Path, spec: dict[str, Any], dataset: str, dtype: str) -> int:
     """Move rows and failures of leftover rank part files of `path` into it; returns rows moved."""
-    parts = sorted(glob.glob(glob.escape(str(path)) + ".part*"))
+    parts = sorted(p for p in glob.glob(glob.escape(str(path)) + ".part*") if re.search(r"\.part\d+$", p))
     if not parts:
         return 0
     moved = 0
-    with FeatureStore(path, spec, dataset, dtype=dtype, versions=versions()) as store:
-        for part in parts:
-            reader = StoreReader(part)
+    readers = [StoreReader(p) for p in parts]
+    cap = len(_done_ids(path)) + sum(len(r.ids) + len(r.failed) for r in readers)
+    with FeatureStore(path, spec, dataset, dtype=dtype, versions=versions(), capacity=cap) as store:
+        for part, reader in zip(parts, readers, strict=True):
             if reader.attrs.get("spec_hash") != store.hash:
                 raise MMCacheError(f"{part} was written with another spec than {path}; remove the part file")
             done = store.done
@@ -253,6 +252,7 @@ def merge_parts(path: Path, spec: dict[str, Any], dataset: str, dtype: str) -> i
                 if sid not in done and sid not in store.failed:
                     store.fail(sid, reason)
             os.remove(part)
+            lock_path(part).unlink(missing_ok=True)
     return moved
 
 
@@ -375,7 +375,9 @@ def extract(
         for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
             if any(k in n for n in need_per_sample) or not distributed:
                 target = _part_path(p, rank) if distributed else p
-                writers[k] = FeatureStore(target, ext.spec, ds.name, dtype=dtype, versions=versions())
+                cap = sum(k in n for n in need_per_sample) + (0 if distributed else len(done[k]))
+                writers[k] = FeatureStore(target, ext.spec, ds.name, dtype=dtype, versions=versions(),
+                                          capacity=max(cap, 1))
         if todo:
             _run_loop(todo, need_per_sample, extractors, writers, summaries, dev, batch_size, num_workers,
                       strict, amp, progress and rank == 0, world)
@@ -433,7 +435,7 @@ def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list
                     x = to_device(inputs, dev, channels_last=cl)
                     with _autocast(dev, amp):
                         out = ext(x)
-                    writer.write(ids, _to_numpy(out, len(ids), f"{sm.modality}/{sm.name}"))
+                    writer.write(ids, _check_batch(out, len(ids), f"{sm.modality}/{sm.name}"))
                     sm.written += len(ids)
             n_items = len({sid for ids, _, fails in batch.values() for sid in [*ids, *(f[0] for f in fails)]})
             bar.update(n_items * world)

@@ -1,0 +1,178 @@
+"""RoBERTa-style text encoders through transformers: pooled sentence vector + token sequence.
+
+Presets: `roberta` (roberta-base, masked mean of the last layer), `roberta-cls`,
+`roberta-pooler`, `roberta-sum4`, `roberta-large`, and `roberta-tiny` (random init with a
+byte-level BPE tokenizer trained on the fly, offline). Any Hugging Face id or local
+directory: `roberta:<id-or-dir>` or a bare local directory holding `config.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import torch
+
+from mmcache.errors import MMCacheError
+from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
+
+POOLINGS = ("cls", "pooler", "mean", "sum4")
+
+register_preset("roberta", "roberta", model="roberta-base", pooling="mean", max_length=128)
+register_preset("roberta-cls", "roberta", model="roberta-base", pooling="cls", max_length=128)
+register_preset("roberta-pooler", "roberta", model="roberta-base", pooling="pooler", max_length=128)
+register_preset("roberta-sum4", "roberta", model="roberta-base", pooling="sum4", max_length=128)
+register_preset("roberta-large", "roberta", model="roberta-large", pooling="mean", max_length=128)
+TINY_ROBERTA: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+                                "intermediate_size": 128, "vocab_size": 1000}
+register_preset("roberta-tiny", "roberta", model="tiny", tiny=TINY_ROBERTA, seed=0, pooling="mean", max_length=32)
+
+
+def _corpus() -> list[str]:
+    """A small fixed English corpus (plus the demo's words) to train the tiny tokenizer on."""
+    from mmcache.data import demo
+
+    base = [
+        "the quick brown fox jumps over the lazy dog",
+        "i love this picture so much, it made my day",
+        "this is the worst service i have ever seen",
+        "what a beautiful morning at the station today",
+        "the weather is neither good nor bad, just cloudy",
+        "we watched the game and the crowd was loud",
+        "my friend and i walked past the new poster online",
+        "honestly i cannot stand people who talk during movies",
+        "the president spoke about the economy and jobs",
+        "a sticker, a logo and a painting on the wall",
+        "great news! the team won again this season",
+        "sad to hear that the shop closed for good",
+        "is this an opinion or is it purely objective?",
+        "the mention of the brand conveys a positive opinion",
+    ]
+    words = [w for ws in demo.WORDS.values() for w in ws] + demo.SUBJECTS + demo.NOUNS
+    return base + [" ".join(words)] * 3 + [f"{s} {w} this {n}" for s in demo.SUBJECTS for w in words[:5]
+                                            for n in demo.NOUNS]
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_tokenizer(vocab_size: int = 1000) -> Any:
+    """A RoBERTa tokenizer with a byte-level BPE vocabulary trained on `_corpus()` (deterministic)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
+                            show_progress=False)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return RobertaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def tiny_config(tiny: dict[str, Any], num_labels: int | None = None) -> Any:
+    """A small RobertaConfig; 514 positions as roberta-base, so max_length never changes the init."""
+    from transformers import RobertaConfig
+
+    extra: dict[str, Any] = {}
+    if num_labels is not None:
+        extra = {"num_labels": num_labels, "id2label": {0: "contradiction", 1: "neutral", 2: "entailment"},
+                 "label2id": {"contradiction": 0, "neutral": 1, "entailment": 2}}
+    return RobertaConfig(max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                         bos_token_id=0, eos_token_id=2, **{**tiny, **extra})
+
+
+def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a `model` id or directory, or a seeded tiny random init when model == 'tiny'."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
+    name = str(cfg["model"])
+    if name == "tiny":
+        from transformers import RobertaForSequenceClassification, RobertaModel
+
+        tok = tiny_tokenizer(int(cfg["tiny"].get("vocab_size", 1000)))
+        conf = tiny_config({**cfg["tiny"], "vocab_size": len(tok)}, num_labels)
+        cls = RobertaForSequenceClassification if kind == "classifier" else RobertaModel
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.get("seed", 0)))
+            model = cls(conf)
+        return model.eval(), tok
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = auto.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise MMCacheError(
+            f"could not load {name!r} from Hugging Face ({str(e).splitlines()[0]}); without network, save the model "
+            "and tokenizer elsewhere (save_pretrained) and pass the folder, e.g. --text roberta=roberta:/models/x"
+        ) from None
+    return model.eval(), tok
+
+
+@register_family("roberta")
+class RobertaExtractor(Extractor):
+    """A transformers encoder: `pooled` by cls / pooler / mean / sum4, `tokens` of the last layer + mask."""
+
+    modalities = ("text", "context")
+
+    def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
+        super().__init__(preset, config, modality)
+        self.pooling = str(self.config.get("pooling", "mean"))
+        if self.pooling not in POOLINGS:
+            raise MMCacheError(f"preset {preset!r}: pooling {self.pooling!r} is not one of {list(POOLINGS)}")
+        self.max_length = int(self.config.get("max_length", 128))
+        self.with_tokens = bool(self.config.get("tokens", True))
+        self.model, self.tokenizer = load_hf(self.config)
+        if self.pooling == "pooler" and getattr(self.model, "pooler", None) is None:
+            raise MMCacheError(f"{self.config['model']} has no pooler layer; use pooling=cls, mean or sum4")
+        if self.pooling == "sum4" and self.model.config.num_hidden_layers < 4:
+            raise MMCacheError(f"{self.config['model']} has fewer than 4 layers; sum4 pooling needs at least 4")
+        self.requires_grad_(False)
+
+    @staticmethod
+    def parse_preset(name: str) -> dict[str, Any] | None:
+        """`roberta:<hf-id-or-dir>`, `hf:<id-or-dir>` or a local model folder -> a roberta config."""
+        for prefix in ("roberta:", "hf:"):
+            if name.startswith(prefix):
+                target = name[len(prefix):]
+                if os.path.isdir(os.path.expanduser(target)):
+                    target = os.path.abspath(os.path.expanduser(target))
+                return {"model": target, "pooling": "mean", "max_length": 128}
+        if os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+            return {"model": os.path.abspath(os.path.expanduser(name)), "pooling": "mean", "max_length": 128}
+        return None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The raw text field this encoder reads."""
+        return (self.modality,)
+
+    def preprocess(self, decoded: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Tokenise one text, padded / truncated to `max_length`."""
+        text = decoded[self.modality]
+        if not isinstance(text, str):
+            raise DecodeError(f"expected a text, got {type(text).__name__}")
+        enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Encode a batch of token ids; pooled vectors use the attention mask, so padding never counts."""
+        mask = batch["attention_mask"]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask,
+                         output_hidden_states=self.pooling == "sum4")
+        last = out.last_hidden_state
+        m = mask.unsqueeze(-1).to(last.dtype)
+        if self.pooling == "cls":
+            pooled = last[:, 0]
+        elif self.pooling == "pooler":
+            pooled = out.pooler_output
+        elif self.pooling == "mean":
+            pooled = (last * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            summed = torch.stack(out.hidden_states[-4:]).sum(0)
+            pooled = (summed * m).sum(1) / m.sum(1).clamp(min=1)
+        res = {"pooled": pooled}
+        if self.with_tokens:
+            res.update(tokens=last, mask=mask.bool())
+        return res

@@ -1,0 +1,182 @@
+"""The extraction runner: stores written, decode once, resume, failures recorded, CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mmcache.cache.store import StoreReader, manifest_path, store_path
+from mmcache.errors import MMCacheError
+from mmcache.extract import DECODERS, build_extractor
+from mmcache.extract.runner import Request, extract, format_summary, parse_requests
+
+from .conftest import N_DEMO
+
+
+def test_parse_requests() -> None:
+    assert parse_requests("image", "clip") == [Request("image", "clip", "clip")]
+    assert parse_requests("image", ["clip=clip-tiny,res=resnet", "x=clip-tiny[tokens=false,seed=2]"]) == [
+        Request("image", "clip", "clip-tiny"),
+        Request("image", "res", "resnet"),
+        Request("image", "x", "clip-tiny", {"tokens": False, "seed": 2}),
+    ]
+    # A path or tag after a colon may hold '=' and is never read as NAME=.
+    assert parse_requests("text", "c=ViT-B-32:/w/a=b.bin") == [Request("text", "c", "ViT-B-32:/w/a=b.bin")]
+    assert parse_requests("text", "ViT-B-32:laion2b_s34b_b79k")[0].name == "ViT-B-32:laion2b_s34b_b79k"
+    assert parse_requests("image", None) == []
+    with pytest.raises(MMCacheError, match="key=value"):
+        parse_requests("image", "clip[tokens]")
+    with pytest.raises(MMCacheError, match="modality"):
+        parse_requests("pixels", "clip")
+
+
+def _tiny(ds: Any, cache: Path, **kw: Any) -> list:
+    reqs = [Request("image", "clip", "clip-tiny"), Request("text", "clip", "clip-tiny")]
+    return extract(ds, reqs, cache_dir=cache, progress=False, batch_size=16, **kw)
+
+
+def test_extract_writes_stores_matching_direct_forward(demo_ds: Any, tmp_path: Path) -> None:
+    sums = _tiny(demo_ds, tmp_path, dtype="float32")
+    assert [(s.written, s.skipped, len(s.failed)) for s in sums] == [(N_DEMO, 0, 0), (N_DEMO, 0, 0)]
+    img = StoreReader(store_path(tmp_path, "demo", "image", "clip"))
+    txt = StoreReader(store_path(tmp_path, "demo", "text", "clip"))
+    assert sorted(img.ids) == sorted(demo_ds.ids()) and sorted(txt.ids) == sorted(demo_ds.ids())
+    assert img.shapes == {"pooled": (64,), "tokens": (16, 64), "mask": (16,)}
+    assert txt.shapes["tokens"] == (32, 64) and txt.dtypes["mask"] == np.bool_
+    assert img.spec["preset"] == "clip-tiny" and img.spec["modality"] == "image"
+
+    # Rows equal open_clip's own encode_* on the same inputs, whatever the batch a row landed in.
+    ids = [s.id for s in demo_ds.samples[5:9]]
+    by_id = demo_ds.by_id()
+    ref_img = build_extractor("clip-tiny", "image")
+    ref_txt = build_extractor("clip-tiny", "text")
+    from PIL import Image
+
+    x = torch.stack([ref_img.transform(Image.open(by_id[i].image).convert("RGB")) for i in ids])
+    t = torch.stack([ref_txt.tokenizer([by_id[i].text])[0] for i in ids])
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = open_clip.model.CLIP(**ref_img.config["model_cfg"]).eval()
+    with torch.no_grad():
+        want_img = full.encode_image(x).numpy()
+        want_txt = full.encode_text(t).numpy()
+    got = img.load(ids)
+    np.testing.assert_allclose(got["pooled"], want_img, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(txt.load(ids)["pooled"], want_txt, rtol=1e-4, atol=1e-5)
+    assert got["mask"].all()
+    # Text mask = real BPE tokens (start, words, end); padding is False.
+    n_tok = (t != 0).sum(1).numpy()
+    np.testing.assert_array_equal(txt.load(ids)["mask"].sum(1), n_tok)
+    assert (n_tok < 32).all()
+
+    man = json.loads(manifest_path(tmp_path, "demo").read_text())
+    assert len(man["samples"]) == N_DEMO and man["labels"]["tasks"]["label"] == ["negative", "neutral", "positive"]
+
+
+def test_resume_and_only_missing_extractors_run(demo_ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: Counter[str] = Counter()
+    for field in ("image", "text"):
+        orig = DECODERS[field]
+
+        def counting(value: Any, options: dict, _orig: Any = orig, _f: str = field) -> Any:
+            calls[_f] += 1
+            return _orig(value, options)
+
+        monkeypatch.setitem(DECODERS, field, counting)
+    first = extract(demo_ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, limit=10, progress=False)
+    assert first[0].written == 10 and calls == {"image": 10}
+    calls.clear()
+    sums = _tiny(demo_ds, tmp_path)
+    # Images already stored are neither decoded nor encoded again; the new text store gets every row.
+    assert (sums[0].written, sums[0].skipped) == (N_DEMO - 10, 10)
+    assert (sums[1].written, sums[1].skipped) == (N_DEMO, 0)
+    assert calls == {"image": N_DEMO - 10, "text": N_DEMO}
+    calls.clear()
+    again = _tiny(demo_ds, tmp_path)
+    assert [(s.written, s.skipped) for s in again] == [(0, N_DEMO), (0, N_DEMO)] and not calls
+    assert len(StoreReader(store_path(tmp_path, "demo", "image", "clip")).ids) == N_DEMO
+
+
+def test_decode_once_for_all_extractors(demo_ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: Counter[str] = Counter()
+    orig = DECODERS["image"]
+
+    def counting(value: Any, options: dict) -> Any:
+        calls[str(value)] += 1
+        return orig(value, options)
+
+    monkeypatch.setitem(DECODERS, "image", counting)
+    reqs = parse_requests("image", "a=clip-tiny,b=clip-tiny[tokens=false],c=clip-tiny[seed=1]")
+    sums = extract(demo_ds, reqs, cache_dir=tmp_path, progress=False, batch_size=8)
+    assert [s.written for s in sums] == [N_DEMO] * 3
+    assert len(calls) == N_DEMO and set(calls.values()) == {1}  # one decode per image for three encoders
+    a = StoreReader(store_path(tmp_path, "demo", "image", "a")).load(demo_ds.ids())
+    b = StoreReader(store_path(tmp_path, "demo", "image", "b")).load(demo_ds.ids())
+    c = StoreReader(store_path(tmp_path, "demo", "image", "c")).load(demo_ds.ids())
+    assert set(b) == {"pooled"}
+    np.testing.assert_array_equal(a["pooled"], b["pooled"])
+    assert not np.allclose(a["pooled"], c["pooled"])  # another seed is another model
+
+
+def test_broken_images_are_recorded_not_written(broken_root: Path, tmp_path: Path) -> None:
+    from mmcache.data import load_dataset
+
+    ds = load_dataset("demo", broken_root)
+    sums = _tiny(ds, tmp_path / "cache", num_workers=1)
+    img, txt = sums
+    assert img.written == N_DEMO - 3 and txt.written == N_DEMO and not txt.failed
+    assert set(img.failed) == {"demo00001", "demo00002", "demo00003"}
+    assert "corrupt" in img.failed["demo00001"]
+    assert "empty" in img.failed["demo00002"]
+    assert "not found" in img.failed["demo00003"]
+    reader = StoreReader(store_path(tmp_path / "cache", "demo", "image", "clip"))
+    assert set(reader.failed) == set(img.failed) and not set(reader.failed) & set(reader.ids)
+    assert not (np.abs(reader.load()["pooled"].astype(np.float32)).sum(1) == 0).any()  # no zero rows
+    text = format_summary(sums)
+    assert "image/clip" in text and "corrupt" in text and "demo00001" in text
+    # Failed rows count as done: a rerun neither retries nor duplicates them.
+    again = _tiny(ds, tmp_path / "cache")
+    assert again[0].written == 0 and again[0].skipped == N_DEMO
+
+
+def test_strict_stops_at_first_bad_input(broken_root: Path, tmp_path: Path) -> None:
+    from mmcache.data import load_dataset
+
+    ds = load_dataset("demo", broken_root)
+    with pytest.raises(MMCacheError, match="demo00001.*--strict"):
+        extract(ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, strict=True, progress=False)
+
+
+def test_split_limit_and_duplicate_store_errors(demo_ds: Any, tmp_path: Path) -> None:
+    sums = extract(demo_ds, [Request("text", "clip", "clip-tiny")], cache_dir=tmp_path, split="test", progress=False)
+    assert sums[0].written == len(demo_ds.split("test")) > 0
+    man = json.loads(manifest_path(tmp_path, "demo").read_text())
+    assert {r["split"] for r in man["samples"]} == {"test"}
+    with pytest.raises(MMCacheError, match="no split"):
+        extract(demo_ds, [Request("text", "clip", "clip-tiny")], cache_dir=tmp_path, split="nope", progress=False)
+    with pytest.raises(MMCacheError, match="twice"):
+        extract(demo_ds, parse_requests("text", "clip-tiny,clip-tiny"), cache_dir=tmp_path, progress=False)
+
+
+def test_cli_demo_path(demo_root: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmcache.cli import app
+
+    args = ["extract", "demo", "--data-dir", str(demo_root), "--cache-dir", str(tmp_path), "--image", "clip=clip-tiny",
+            "--text", "clip=clip-tiny", "--num-workers", "0", "--batch-size", "16", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "image/clip" in res.output and f"{N_DEMO:>9}" in res.output
+    for m in ("image", "text"):
+        assert {"pooled", "tokens", "mask"} <= set(StoreReader(store_path(tmp_path, "demo", m, "clip")).keys)
+    bad = CliRunner().invoke(app, ["extract", "demo", "--data-dir", str(demo_root), "--image", "nosuchpreset"])
+    assert isinstance(bad.exception, MMCacheError) and "unknown extractor preset" in str(bad.exception)
