@@ -616,8 +616,7 @@ class StoreReader:
             # Dense: one sequential read of the span, then pick the rows in memory.
             buf = np.empty((hi - lo,), dtype=rec)
             _pread_into(fd, buf, a.offset + lo * a.row_bytes)
-            out_v[:] = buf[rows - lo]
-            return out
+            return buf[rows - lo].view(a.dtype).reshape(len(rows), *a.row_shape)
         # A span too large to hold: sweep it in sequential blocks and scatter rows to their places.
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
