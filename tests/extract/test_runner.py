@@ -47,8 +47,8 @@ def test_extract_writes_stores_matching_direct_forward(demo_ds: Any, tmp_path: P
     img = StoreReader(store_path(tmp_path, "demo", "image", "clip"))
     txt = StoreReader(store_path(tmp_path, "demo", "text", "clip"))
     assert sorted(img.ids) == sorted(demo_ds.ids()) and sorted(txt.ids) == sorted(demo_ds.ids())
-    assert img.shapes == {"pooled": (64,), "tokens": (16, 64), "mask": (16,)}
-    assert txt.shapes["tokens"] == (32, 64) and txt.dtypes["mask"] == np.bool_
+    assert img.shapes == {"pooled": (128,), "tokens": (16, 128), "mask": (16,)}
+    assert txt.shapes["tokens"] == (32, 128) and txt.dtypes["mask"] == np.bool_
     assert img.spec["preset"] == "clip-tiny" and img.spec["modality"] == "image"
 
     # Rows equal open_clip's own encode_* on the same inputs, whatever the batch a row landed in.
