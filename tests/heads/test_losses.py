@@ -167,7 +167,7 @@ def test_scabg_fine_loss_ignores_neutral_rows() -> None:
     want_fine = float(F.cross_entropy(fine.detach()[emo], (y[emo] == 2).long()))
     assert parts["fine"] == pytest.approx(want_fine, rel=1e-5)
     want = float(F.cross_entropy(logits, y)) + parts["coarse"] + parts["fine"]
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_scabg_uncertainty_formula_and_learning() -> None:
