@@ -182,7 +182,7 @@ def test_scabg_uncertainty_formula_and_learning() -> None:
     s1, s2 = 0.3, -0.4
     want = (float(F.cross_entropy(logits, y)) + 0.5 * math.exp(-s1) * parts["coarse"] + 0.5 * s1
             + 0.5 * math.exp(-s2) * parts["fine"] + 0.5 * s2)
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
     # The log-variances are parameters and learn: gradient steps move them toward log L.
     with torch.no_grad():
         crit.aux_log_vars.zero_()
