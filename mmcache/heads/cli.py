@@ -31,6 +31,16 @@ def parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    """A comma list of numbers, or None when not given."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MMCacheError(f"{flag} expects a comma list of numbers, got {text!r}") from None
+
+
 @app.command("train")
 def train_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
@@ -66,6 +76,8 @@ def train_cmd(
                                                         "(default: the dataset's metric).")] = None,
     solver: Annotated[str, typer.Option(help="adam (minibatch, see --optimizer) or lbfgs (full-batch "
                                               "logistic-regression probe, L2 chosen on val).")] = "adam",
+    l2_grid: Annotated[str | None, typer.Option(help="lbfgs: comma list of L2 penalties to try on val "
+                                                     "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
@@ -92,7 +104,8 @@ def train_cmd(
                       loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, class_weights=class_weights,
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
-                      select_metric=select, seed=seed, device=device, solver=solver, run_name=run_name,
+                      select_metric=select, seed=seed, device=device, solver=solver,
+                      lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), run_name=run_name,
                       overwrite=overwrite, quiet=quiet)
     result = train(cfg)
     if quiet and result.run_dir is not None:

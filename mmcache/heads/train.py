@@ -35,6 +35,7 @@ SOLVERS = ("adam", "lbfgs")
 # L2 penalties (on the mean loss) tried by the lbfgs probe, strongest first so each fit warm-starts the next.
 LBFGS_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 EVAL_BATCH = 8192
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}  # report order; other split names follow, sorted
 
 
 @dataclass
@@ -323,6 +324,9 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
             best = (value, i + 1, lam, copy.deepcopy(head.state_dict()))
     if best is None:
         raise MMCacheError(f"validation {sel_metric} was undefined for every penalty; choose another --select metric")
+    if len(grid) > 1 and best[2] in (grid[0], grid[-1]):
+        _log(cfg, f"warning: the best L2 penalty {best[2]:g} is at the end of the grid {grid}; "
+                  "extend it (--l2-grid) to be sure the optimum is inside")
     head.load_state_dict(best[3])
     return curves, best[1], best[0], best[2]
 
@@ -334,8 +338,16 @@ def _run_dir(cfg: TrainConfig) -> Path:
         if d.exists() and any(d.iterdir()) and not cfg.overwrite:
             raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
         return d
-    mods = "+".join(f"{m}-{s}" for m, s in cfg.modalities.items())
-    stem = f"{cfg.head}_{mods}_{time.strftime('%Y%m%d-%H%M%S')}"
+    parts = [cfg.head, "+".join(f"{m}-{s}" for m, s in cfg.modalities.items())]
+    hp = cfg.head_hparams
+    # Name the variants an ablation grid varies, so run folders tell them apart at a glance.
+    if hp.get("modalities"):
+        parts.append("use-" + "+".join(hp["modalities"]))
+    elif hp.get("ablation"):
+        parts.append(f"ablation{hp['ablation']}")
+    if cfg.solver != "adam":
+        parts.append(cfg.solver)
+    stem = "_".join([*parts, time.strftime("%Y%m%d-%H%M%S")])
     d, k = base / stem, 1
     while d.exists():  # never overwrite a run silently
         k += 1
@@ -387,7 +399,9 @@ def train(cfg: TrainConfig) -> RunResult:
     select["value"] = best_val
 
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    for split, idx in data.split_index.items():
+    order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
+    for split in order:
+        idx = data.split_index[split]
         logits = predict_logits(head, data, idx)
         metrics[split] = {}
         for t in task_names:

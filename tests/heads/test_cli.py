@@ -56,9 +56,13 @@ def test_ablation_and_lbfgs_flags(toy_cache: Path, tmp_path: Path, monkeypatch: 
     assert json.loads((runs / "toy" / "t" / "head.json").read_text())["hparams"]["ablation"] == 1
     assert run([*base, "--use", "image", "--run-name", "i"], monkeypatch) == 0
     assert json.loads((runs / "toy" / "i" / "head.json").read_text())["hparams"]["modalities"] == ["image"]
-    assert run([*base, "--solver", "lbfgs", "--run-name", "lb"], monkeypatch) == 0
+    assert run([*base, "--solver", "lbfgs", "--l2-grid", "1e-2,1e-3", "--run-name", "lb"], monkeypatch) == 0
     m = json.loads((runs / "toy" / "lb" / "metrics.json").read_text())
-    assert "l2" in m["select"] and m["splits"]["test"]["label"]["accuracy"] > 0.9
+    assert m["select"]["l2"] in (1e-2, 1e-3) and m["splits"]["test"]["label"]["accuracy"] > 0.9
+    assert [c["l2"] for c in json.loads((runs / "toy" / "lb" / "curves.json").read_text())] == [1e-2, 1e-3]
+    # Default run names tell ablation variants apart.
+    assert run([*base, "--ablation", "2"], monkeypatch) == 0
+    assert len(list((runs / "toy").glob("linear_image-feat+text-feat_ablation2_*"))) == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -69,6 +73,7 @@ def test_ablation_and_lbfgs_flags(toy_cache: Path, tmp_path: Path, monkeypatch: 
     (["train", "--dataset", "toy", "--vtype", "feat", "--head", "nohead"], "unknown head"),
     (["train", "--dataset", "toy", "--vtype", "feat", "--loss", "noloss"], "unknown loss"),
     (["train", "--dataset", "toy", "--vtype", "feat", "--schedule", "step"], "unknown schedule"),
+    (["train", "--dataset", "toy", "--vtype", "feat", "--solver", "lbfgs", "--l2-grid", "a,b"], "--l2-grid expects"),
     (["predict", "--run", "no/such/run"], "not found"),
 ])
 def test_user_errors_are_one_line_exit_2(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -133,6 +133,13 @@ def test_lbfgs_penalty_chosen_on_validation(probe_cache: Path) -> None:
     assert abs(r.metrics["test"]["label"]["accuracy"] - best.score(x[sp["test"]], y[sp["test"]])) <= 0.01
 
 
+def test_lbfgs_warns_when_the_best_penalty_is_at_the_grid_edge(probe_cache: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    train(TrainConfig(dataset="toy", modalities={"image": "feat", "text": "feat"}, cache_dir=str(probe_cache),
+                      solver="lbfgs", lbfgs_grid=[1e3, 1e2], save=False, quiet=False))
+    assert "is at the end of the grid" in capsys.readouterr().err
+
+
 def test_lbfgs_needs_the_linear_head(toy_cache: Path) -> None:
     with pytest.raises(MMCacheError, match="linear probe only"):
         train(TrainConfig(dataset="toy", modalities={"image": "feat"}, cache_dir=str(toy_cache), head="gated",
