@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmcache data demo --out data/demo
 	$(MAKE) --no-print-directory features DATASET=demo
-	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --D $(D) --grid 'ablation=0,1,2' --name demo-ablation
+	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --hp D=$(D) --grid 'ablation=0,1,2'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
