@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, roc_auc_score, top_k_accuracy_score
 
 from mmcache.errors import MMCacheError
 from mmcache.heads.data import IGNORE, load_cached
+from mmcache.heads.metrics import softmax
 from mmcache.heads.train import TrainConfig, load_run, predict, predict_logits, quick_metrics, train
 
 MODS = {"image": "feat", "text": "feat"}
@@ -154,6 +155,7 @@ def test_training_options_run_and_learn(toy_cache: Path) -> None:
     for kw in (dict(optimizer="adamw", weight_decay=1e-2, schedule="plateau"),
                dict(optimizer="sgd", lr=0.05, schedule="none", class_weights=True, label_smoothing=0.1),
                dict(oversample=True, select_metric="loss"),
+               dict(select_metric="auroc", early_stopping=8),
                dict(head_hparams={"l2norm": True, "D": 16, "dropout": 0.1})):
         r = train(cfg(toy_cache, save=False, **kw))
         assert r.metrics["test"]["label"]["accuracy"] > 0.85, kw
@@ -208,6 +210,10 @@ def test_quick_metrics_match_sklearn() -> None:
     assert q["accuracy"] == pytest.approx((pred == y[keep]).mean())
     assert q["macro_f1"] == pytest.approx(f1_score(y[keep], pred, average="macro"))
     assert q["weighted_f1"] == pytest.approx(f1_score(y[keep], pred, average="weighted"))
+    t2 = quick_metrics(torch.from_numpy(y), torch.from_numpy(logits), "top2_accuracy")
+    assert t2["top2_accuracy"] == pytest.approx(top_k_accuracy_score(y[keep], logits[keep], k=2))
+    au = quick_metrics(torch.from_numpy(y), torch.from_numpy(logits), "auroc")
+    assert au["auroc"] == pytest.approx(roc_auc_score(y[keep], softmax(logits[keep]), multi_class="ovr"))
 
 
 def test_failed_prediction_checks_are_reported(make_cache: Callable[..., Path],
