@@ -412,12 +412,14 @@ def train(cfg: TrainConfig) -> RunResult:
     for split in order:
         idx = data.split_index[split]
         logits = predict_logits(head, data, idx)
-        metrics[split] = {}
+        per_task = {}
         for t in task_names:
             m = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
                                        data.labels.tasks[t])
-            if m["n"]:
-                metrics[split][t] = m
+            if m["n"]:  # a hidden (unlabeled) split has no metrics
+                per_task[t] = m
+        if per_task:
+            metrics[split] = per_task
     seconds = time.perf_counter() - t_start
     run_cfg = {**cfg.to_json(), "resolved": {
         "device": device, "head_hparams": head.hparams, "labels": data.labels.to_json(),

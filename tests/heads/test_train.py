@@ -236,3 +236,19 @@ def test_predict_multitask_columns(make_cache: Callable[..., Path]) -> None:
     assert out.name == "predictions_toy_all.csv" and len(rows) == 600
     assert list(rows[0])[:4] == ["id", "label_label", "label_predicted", "label_p_negative"]
     assert "image_score_p_positive" in rows[0]
+
+
+def test_unlabeled_test_split(toy_cache: Path) -> None:
+    # A hidden test split (no labels): metrics skip it, the confusion matrix falls back to val, predict leaves
+    # the label column empty.
+    man = toy_cache / "toy" / "manifest.json"
+    obj = json.loads(man.read_text())
+    for s in obj["samples"]:
+        if s["split"] == "test":
+            s["labels"] = {}
+    man.write_text(json.dumps(obj))
+    r = train(cfg(toy_cache, epochs=2, run_name="hidden"))
+    assert "test" not in r.metrics and set(r.metrics) == {"train", "val"}
+    assert (r.run_dir / "confusion_label.png").exists()
+    rows = list(csv.DictReader(predict(r.run_dir, split="test").open()))
+    assert rows and all(row["label"] == "" and row["predicted"] for row in rows)
