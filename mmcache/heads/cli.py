@@ -80,6 +80,7 @@ def train_cmd(
                                                      "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
@@ -104,7 +105,7 @@ def train_cmd(
                       loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, class_weights=class_weights,
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
-                      select_metric=select, seed=seed, device=device, solver=solver,
+                      select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), run_name=run_name,
                       overwrite=overwrite, quiet=quiet)
     result = train(cfg)

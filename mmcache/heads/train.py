@@ -73,6 +73,7 @@ class TrainConfig:
     select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
     seed: int = 0
     device: str | None = None
+    threads: int | None = None  # torch intra-op CPU threads (None: torch's default)
     solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
     lbfgs_grid: list[float] | None = None  # L2 penalties tried by the lbfgs solver (None = LBFGS_GRID)
     lbfgs_max_iter: int = 500
@@ -214,7 +215,7 @@ def _fit_minibatch(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedDa
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = None
     if cfg.oversample:
-        # Each row drawn with probability 1/count(its primary class): classes come up equally often.
+        # Each row drawn with probability 1/count(its class in the selection task): classes come up equally often.
         y = data.targets[sel_task][train_idx].cpu()
         counts = torch.bincount(y[y != IGNORE], minlength=data.tasks[sel_task]).double()
         weights = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(n).double())
@@ -375,6 +376,9 @@ def train(cfg: TrainConfig) -> RunResult:
         raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    if cfg.threads:
+        # Small heads gain little from many threads, and on a shared CPU extra threads mostly wait.
+        torch.set_num_threads(cfg.threads)
     keys = getattr(HEADS[cfg.head], "uses", None)
     data = load_cached(cfg.dataset, cfg.modalities, cfg.cache_dir, keys=keys, tasks=cfg.tasks, teacher=cfg.teacher,
                        device=device, val_fraction=cfg.val_fraction, seed=cfg.seed)

@@ -27,7 +27,7 @@ def test_train_then_predict(toy_cache: Path, tmp_path: Path, monkeypatch: pytest
     runs = tmp_path / "runs"
     rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--ttype", "feat", "--cache-dir", str(toy_cache),
               "--runs-dir", str(runs), "--epochs", "20", "--batch-size", "64", "--D", "32", "--dropout", "0.1",
-              "--l2norm", "--select", "macro_f1", "--run-name", "cli", "--hp", "key=pooled"], monkeypatch)
+              "--l2norm", "--select", "macro_f1", "--run-name", "cli", "--hp", "key=pooled", "--threads", "1"], monkeypatch)
     out = capsys.readouterr().out
     assert rc == 0
     assert "split" in out and "test" in out and "macro_f1" in out and "best epoch" in out
@@ -35,7 +35,7 @@ def test_train_then_predict(toy_cache: Path, tmp_path: Path, monkeypatch: pytest
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["modalities"] == {"image": "feat", "text": "feat"}
     assert cfg["head_hparams"] == {"key": "pooled", "D": 32, "dropout": 0.1, "l2norm": True}
-    assert cfg["select_metric"] == "macro_f1" and cfg["epochs"] == 20
+    assert cfg["select_metric"] == "macro_f1" and cfg["epochs"] == 20 and cfg["threads"] == 1
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["splits"]["test"]["label"]["macro_f1"] > 0.85
 
