@@ -41,6 +41,8 @@ class Extractor(nn.Module):
     family: ClassVar[str] = ""
     # Modalities this family can serve; the instance serves `self.modality`.
     modalities: ClassVar[tuple[str, ...]] = ()
+    # On CUDA the runner converts the module and 4-D float inputs to channels_last (CNNs run faster so).
+    channels_last: ClassVar[bool] = False
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,9 @@ _STORES = "Comma-separated NAME=PRESET or PRESET (preset options: PRESET\\[key=v
 
 
 def _default_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    from mmcache.extract.runner import usable_cores
+
+    return min(8, max(0, usable_cores() - 1))
 
 
 def extract(
@@ -33,6 +34,7 @@ def extract(
     dtype: Annotated[str, typer.Option(help="Stored float type: float16 or float32.")] = "float16",
     amp: Annotated[bool, typer.Option(help="bf16/fp16 autocast on GPU.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad input.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Try ids recorded as failed again (after fixing files).")] = False,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
     split: Annotated[str | None, typer.Option(help="Only this split (train/val/test).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold.")] = None,
@@ -61,6 +63,6 @@ def extract(
     ds = load_dataset(dataset, data_dir, **opts)
     summaries = run(ds, requests, cache_dir=cache_dir, device=device, batch_size=batch_size,
                     num_workers=_default_workers() if num_workers is None else num_workers, dtype=dtype,
-                    strict=strict, limit=limit, split=split, amp=amp, progress=progress)
+                    strict=strict, retry_failed=retry_failed, limit=limit, split=split, amp=amp, progress=progress)
     if _dist_info()[0] == 0:
         typer.echo(format_summary(summaries))

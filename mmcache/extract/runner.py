@@ -219,6 +219,14 @@ def _check_batch(out: dict[str, torch.Tensor], n: int, where: str) -> dict[str, 
     return out
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not distributed)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -298,11 +306,13 @@ def extract(
     amp: bool = True,
     progress: bool = True,
     extractors: Sequence[Extractor] | None = None,
+    retry_failed: bool = False,
 ) -> list[StoreSummary]:
     """Fill the requested stores of `ds` (resumable); returns a summary per store.
 
     `extractors` may be given pre-built (aligned with `requests`); otherwise each request's
     preset is built for its modality. Teachers get the dataset's class names as config.
+    Ids recorded as failed count as done unless `retry_failed` (e.g. after fixing the files).
     """
     if not requests:
         raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
@@ -342,6 +352,9 @@ def extract(
     if rank == 0:
         for ext, p in zip(extractors, paths, strict=True):
             merge_parts(p, ext.spec, ds.name, dtype)
+            if retry_failed and p.exists():
+                with FeatureStore(p, ext.spec, ds.name, dtype=dtype) as store:
+                    store.clear_failed()
     barrier()
     done = [_done_ids(p) for p in paths]
     barrier()
@@ -418,6 +431,18 @@ def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list
                         collate_fn=_Collate(extractors), pin_memory=pin,
                         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     bar = tqdm(total=len(todo) * world, desc="extract", unit="item", disable=not progress, dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and num_workers > 0:
+        # Decoding workers need cores too; oversubscribed intra-op threads spin and slow the forward down.
+        torch.set_num_threads(max(1, min(threads, usable_cores() - num_workers)))
+    try:
+        _loop(loader, extractors, writers, summaries, dev, strict, amp, bar, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[FeatureStore | None],
+          summaries: list[StoreSummary], dev: torch.device, strict: bool, amp: bool, bar: Any, world: int) -> None:
     with bar, torch.inference_mode():
         for batch in loader:
             for k, (ids, inputs, fails) in batch.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,10 @@ def test_decode_once_for_all_extractors(demo_ds: Any, tmp_path: Path, monkeypatc
         return orig(value, options)
 
     monkeypatch.setitem(DECODERS, "image", counting)
-    reqs = parse_requests("image", "a=clip-tiny,b=clip-tiny[tokens=false],c=clip-tiny[seed=1]")
+    reqs = parse_requests("image", "a=clip-tiny,b=clip-tiny[tokens=false],c=clip-tiny[seed=1],r=resnet-tiny")
     sums = extract(demo_ds, reqs, cache_dir=tmp_path, progress=False, batch_size=8)
-    assert [s.written for s in sums] == [N_DEMO] * 3
-    assert len(calls) == N_DEMO and set(calls.values()) == {1}  # one decode per image for three encoders
+    assert [s.written for s in sums] == [N_DEMO] * 4
+    assert len(calls) == N_DEMO and set(calls.values()) == {1}  # one decode per image for four encoders
     a = StoreReader(store_path(tmp_path, "demo", "image", "a")).load(demo_ds.ids())
     b = StoreReader(store_path(tmp_path, "demo", "image", "b")).load(demo_ds.ids())
     c = StoreReader(store_path(tmp_path, "demo", "image", "c")).load(demo_ds.ids())
@@ -145,6 +146,12 @@ def test_broken_images_are_recorded_not_written(broken_root: Path, tmp_path: Pat
     # Failed rows count as done: a rerun neither retries nor duplicates them.
     again = _tiny(ds, tmp_path / "cache")
     assert again[0].written == 0 and again[0].skipped == N_DEMO
+    # Once the file is fixed, --retry-failed extracts it; the others fail again with their reasons.
+    shutil.copy(broken_root / "images" / "demo00004.jpg", broken_root / "images" / "demo00001.jpg")
+    fixed = _tiny(ds, tmp_path / "cache", retry_failed=True)
+    assert fixed[0].written == 1 and set(fixed[0].failed) == {"demo00002", "demo00003"}
+    reader = StoreReader(store_path(tmp_path / "cache", "demo", "image", "clip"))
+    assert len(reader.ids) == N_DEMO - 2 and set(reader.failed) == {"demo00002", "demo00003"}
 
 
 def test_strict_stops_at_first_bad_input(broken_root: Path, tmp_path: Path) -> None:
