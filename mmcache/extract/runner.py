@@ -425,6 +425,9 @@ def _autocast(dev: torch.device, amp: bool) -> Any:
 def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
               writers: list[FeatureStore | None], summaries: list[StoreSummary], dev: torch.device,
               batch_size: int, num_workers: int, strict: bool, amp: bool, progress: bool, world: int) -> None:
+    if num_workers > 0:
+        # Tokenizers used in the parent before the fork would warn in every worker and drop to one thread anyway.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = _DecodeDataset(todo, needs, extractors, merge_decode_options(extractors))
     pin = dev.type == "cuda"
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
