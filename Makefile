@@ -67,6 +67,7 @@ demo: $(STAMP)
 	$(BIN)/mmcache data demo --out data/demo
 	$(MAKE) --no-print-directory features DATASET=demo
 	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --hp D=$(D) --grid 'ablation=0,1,2'
+	@echo "ablation=0: image + text fusion   ablation=1: text only   ablation=2: image only"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
