@@ -31,7 +31,7 @@ from mmcache.cache.store import FeatureStore, StoreReader, lock_path, manifest_p
 from mmcache.data.base import Dataset, Sample
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
-from mmcache.utils import pick_device, versions
+from mmcache.utils import parse_value, pick_device, split_outside_brackets, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
 
@@ -66,28 +66,6 @@ class Failure:
     reason: str
 
 
-def _split_top(text: str) -> list[str]:
-    """Split on commas that are not inside [...] (preset options use commas too)."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Request]:
     """`--image clip,res=resnet[arch=resnet101]` -> requests; `name=preset[key=value,...]`, name defaults to preset."""
     if modality not in MODALITIES:
@@ -97,17 +75,17 @@ def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Re
     items = [values] if isinstance(values, str) else list(values)
     out: list[Request] = []
     for item in items:
-        for spec in _split_top(item):
+        for spec in split_outside_brackets(item):
             overrides: dict[str, Any] = {}
             if spec.endswith("]") and "[" in spec:
                 spec, opts = spec[:-1].split("[", 1)
-                for kv in _split_top(opts):
+                for kv in split_outside_brackets(opts):
                     if "=" not in kv:
                         raise MMCacheError(
                             f"preset option {kv!r} in --{modality} must be key=value, e.g. clip[tokens=false]"
                         )
                     k, v = kv.split("=", 1)
-                    overrides[k.strip()] = _parse_value(v.strip())
+                    overrides[k.strip()] = parse_value(v.strip())
             name, preset = spec.split("=", 1) if "=" in spec.split(":", 1)[0] else (None, spec)
             preset = preset.strip()
             name = (name or preset).strip()
@@ -120,7 +98,7 @@ def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Re
     return out
 
 
-class _DecodeDataset(TorchDataset):
+class DecodeDataset(TorchDataset):
     """Per sample: decode each needed raw field once, then preprocess it for each extractor that needs it."""
 
     def __init__(self, samples: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
@@ -165,7 +143,7 @@ class _DecodeDataset(TorchDataset):
 _Part = tuple[list[str], Any, list[tuple[str, str]]]
 
 
-class _Collate:
+class BatchCollate:
     """Batch per extractor: (ids, collated inputs or None, failures); runs in the workers."""
 
     def __init__(self, extractors: list[Extractor]) -> None:
@@ -428,10 +406,10 @@ def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list
     if num_workers > 0:
         # Tokenizers used in the parent before the fork would warn in every worker and drop to one thread anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    data = _DecodeDataset(todo, needs, extractors, merge_decode_options(extractors))
+    data = DecodeDataset(todo, needs, extractors, merge_decode_options(extractors))
     pin = dev.type == "cuda"
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_Collate(extractors), pin_memory=pin,
+                        collate_fn=BatchCollate(extractors), pin_memory=pin,
                         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     bar = tqdm(total=len(todo) * world, desc="extract", unit="item", disable=not progress, dynamic_ncols=True)
     threads = torch.get_num_threads()

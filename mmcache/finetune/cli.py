@@ -18,23 +18,6 @@ def _group() -> None:
     """Fine-tune the encoders end to end with the same heads as `heads train`."""
 
 
-def _kv(items: list[str] | None, flag: str) -> dict[str, object]:
-    import json
-
-    from mmcache.errors import MMCacheError
-
-    out: dict[str, object] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise MMCacheError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} hidden=256")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 @app.command("run")
 def run(
     dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes).")],
@@ -77,12 +60,13 @@ def run(
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
     from mmcache.finetune.run import FinetuneConfig, finetune
+    from mmcache.heads.cli import parse_kv
 
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
     cfg = FinetuneConfig(
         dataset=dataset, encoders=encoders, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
-        head=head, head_hparams={"D": D, "dropout": dropout, **_kv(hp, "--hp")}, loss=loss, epochs=epochs,
+        head=head, head_hparams={"D": D, "dropout": dropout, **parse_kv(hp, "--hp")}, loss=loss, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,
         freeze_encoders=freeze_encoders, grad_accum=grad_accum, amp=amp, num_workers=num_workers, limit=limit,

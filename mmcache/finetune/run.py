@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mmcache.data.base import Dataset, Sample, load_dataset
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, build_extractor
-from mmcache.extract.runner import _Collate, _DecodeDataset, merge_decode_options, to_device
+from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, to_device
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
 from mmcache.heads.metrics import better, classification_metrics, failed_checks
@@ -115,9 +115,9 @@ def _loader(samples: list[Sample], extractors: list[Extractor], cfg: FinetuneCon
         order = g.permutation(len(samples))
         samples = [samples[i] for i in order[rank::world]]  # each rank its own slice, no padded duplicates
     needs = [tuple(range(len(extractors)))] * len(samples)
-    ds = _DecodeDataset(samples, needs, extractors, merge_decode_options(extractors))
+    ds = DecodeDataset(samples, needs, extractors, merge_decode_options(extractors))
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                      collate_fn=_Collate(extractors), pin_memory=torch.cuda.is_available(),
+                      collate_fn=BatchCollate(extractors), pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)
 
 

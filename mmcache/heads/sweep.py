@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmcache.errors import MMCacheError
-from mmcache.utils import write_json
+from mmcache.utils import parse_value, split_outside_brackets, write_json
 
 # (name, overrides): each row turns one part of SCABG off; "full" is the reference point.
 SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
@@ -43,29 +42,6 @@ SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
-def _split_values(text: str) -> list[str]:
-    """Split on commas outside brackets, so JSON lists survive as one value."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [v.strip() for v in out if v.strip()]
-
-
-def parse_value(text: str) -> Any:
-    """JSON when it parses (1, 0.5, true, [1,2]), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_grid(spec: str) -> dict[str, list[Any]]:
     """`head=linear,gated;D=128,256` -> {"head": ["linear", "gated"], "D": [128, 256]}."""
     grid: dict[str, list[Any]] = {}
@@ -74,7 +50,7 @@ def parse_grid(spec: str) -> dict[str, list[Any]]:
             continue
         key, sep, values = part.partition("=")
         key = key.strip()
-        vals = _split_values(values)
+        vals = split_outside_brackets(values)
         if not sep or not key or not vals:
             raise MMCacheError(f"--grid part {part!r} must be KEY=V1,V2,... (parts separated by ';')")
         if key in grid:
