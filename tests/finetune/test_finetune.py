@@ -69,3 +69,24 @@ def test_bad_lora_targets_is_a_user_error(demo_dir: Path, tmp_path: Path) -> Non
 def test_no_encoders_is_a_user_error(demo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(MMCacheError, match="at least one encoder"):
         finetune(_cfg(demo_dir, tmp_path, encoders={}))
+
+
+def test_torchrun_two_processes_ddp(demo_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "mmcache.finetune.cli", "run", "--dataset", "demo", "--data-dir", str(demo_dir),
+           "--image", "clip-tiny", "--text", "clip-tiny", "--epochs", "1", "--batch-size", "16",
+           "--num-workers", "0", "--lora", "--runs-dir", str(tmp_path / "runs"), "--run-name", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = tmp_path / "runs" / "demo" / "ddp"
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["splits"]["test"]["label"]["n"] > 0
+    # Only rank 0 writes the run; the LoRA adapters it saves are the trained (DDP-synchronised) ones.
+    enc = load_file(str(d / "encoders.safetensors"))
+    assert enc and all("lora_" in k for k in enc)
+    assert "2 process(es)" in res.stderr
