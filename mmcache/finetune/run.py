@@ -270,7 +270,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
     enc_params = [p for p in model.encoders.parameters() if p.requires_grad]
-    groups = [{"params": list(head.parameters()) + list(crit.parameters()), "lr": cfg.head_lr}]
+    groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
+    if any(True for _ in crit.parameters()):  # learned loss weights: no decay toward 0
+        groups.append({"params": list(crit.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)

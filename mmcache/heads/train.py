@@ -184,7 +184,7 @@ def _eval_loss(crit: Criterion, logits: dict[str, torch.Tensor], data: CachedDat
     return float(loss)
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: TrainConfig, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -196,8 +196,10 @@ def _fit_minibatch(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedDa
                    sel_metric: str) -> tuple[list[dict[str, Any]], int, float]:
     """Minibatch training; returns curves, best epoch (1-based) and its validation metric value."""
     device = data.targets[sel_task].device
-    params = [p for p in [*head.parameters(), *crit.parameters()] if p.requires_grad]
-    opt = _make_optimizer(cfg, params)
+    # Learned loss weights (log-variances) are not decayed toward 0: that would bias the weighting.
+    params = [{"params": [p for p in head.parameters() if p.requires_grad]},
+              {"params": [p for p in crit.parameters() if p.requires_grad], "weight_decay": 0.0}]
+    opt = _make_optimizer(cfg, [g for g in params if g["params"]])
     mode = "min" if sel_metric in LOWER_IS_BETTER else "max"
     sched: Any = None
     if cfg.schedule == "cosine":
