@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -280,8 +281,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps), warmup=max(1, steps // 10)))
     net: nn.Module = model
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     metric = cfg.select_metric or ds.labels.metric
@@ -303,22 +302,32 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         total, nb = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)
         opt.zero_grad(set_to_none=True)
-        for step, batch in enumerate(bar, 1):
-            got = _aligned(batch, mods, device)
-            if got is None:
-                continue
-            ids, inputs = got
-            with _autocast(device, cfg.amp):
-                logits = net(inputs)
-            loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
-            (loss / cfg.grad_accum).backward()
-            if step % cfg.grad_accum == 0:
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-            nb += 1
-            bar.set_postfix(loss=f"{total / nb:.4f}")
+        pending = 0
+        # Ranks may see different numbers of batches (uneven slices, undecodable rows): DDP's join
+        # lets a rank that runs out early keep answering the others' all-reduces.
+        with net.join() if isinstance(net, DDP) else nullcontext():
+            for batch in bar:
+                got = _aligned(batch, mods, device)
+                if got is None:
+                    continue
+                ids, inputs = got
+                with _autocast(device, cfg.amp):
+                    logits = net(inputs)
+                loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
+                (loss / cfg.grad_accum).backward()
+                pending += 1
+                if pending == cfg.grad_accum:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    pending = 0
+                total += float(loss.detach())
+                nb += 1
+                bar.set_postfix(loss=f"{total / nb:.4f}")
+        if pending:  # the epoch's last, partial accumulation still counts
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         if rank == 0:
             ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
             m = _metrics(ids, lg, by_id, ds.labels.tasks)

@@ -47,7 +47,7 @@ def test_full_finetune_changes_encoder_weights_and_writes_run(demo_dir: Path, tm
 
 
 def test_lora_trains_only_adapters(demo_dir: Path, tmp_path: Path) -> None:
-    res = finetune(_cfg(demo_dir, tmp_path, lora=True, lora_r=4, epochs=1))
+    res = finetune(_cfg(demo_dir, tmp_path, lora=True, lora_r=4, epochs=1, grad_accum=2))
     enc = load_file(str(Path(res["run_dir"]) / "encoders.safetensors"))
     assert enc, "LoRA adapters must be saved"
     assert all("lora_" in k for k in enc)
