@@ -5,7 +5,7 @@
 #   make features DATASET=mvsa     extract the dataset's default features into cache/<dataset>/
 #   make train DATASET=mvsa VTYPE=clip TTYPE=clip D=256
 #   make sweep DATASET=mvsa GRID='head=linear,gated;D=128,256'
-#   make bench                     benchmarks (ratios within one run)
+#   make bench [BENCH_ARGS=--quick] benchmarks (ratios within one run)
 #
 # TORCH_SPEC picks the torch/torchvision pair installed into .venv. Default: the normal
 # PyPI wheels (CUDA builds) where an NVIDIA GPU is present; on a CPU-only x86_64 machine
@@ -38,6 +38,7 @@ HEAD ?= linear
 GRID ?= head=linear,gated;D=128,256
 EXTRACT_ARGS ?=
 TRAIN_ARGS ?=
+BENCH_ARGS ?=
 
 # Default features per dataset (store name=preset where the name differs from the preset).
 FEATURES_demo          := --image clip=clip-tiny --text clip=clip-tiny
@@ -82,7 +83,7 @@ sweep: $(STAMP)
 	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(TRAIN_ARGS)
 
 bench: $(STAMP)
-	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmcache tests bench
