@@ -87,6 +87,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmcache tests bench
+	$(BIN)/mypy mmcache
 
 clean-demo:
 	rm -rf data/demo cache/demo runs/demo

@@ -120,14 +120,15 @@ def _corrupt(path: Path, why: str) -> MMCacheError:
 
 
 def _pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
-    mv = memoryview(np.ascontiguousarray(buf)).cast("B")
+    # numpy's stubs give ndarray __buffer__ (typing.Buffer) only for Python >= 3.12.
+    mv = memoryview(np.ascontiguousarray(buf)).cast("B")  # type: ignore[arg-type]
     while len(mv):
         n = os.pwrite(fd, mv[:_IO_MAX], offset)
         mv, offset = mv[n:], offset + n
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    mv = memoryview(out).cast("B")
+    mv = memoryview(out).cast("B")  # type: ignore[arg-type]  # as in _pwrite
     while len(mv):
         n = os.preadv(fd, [mv[:_IO_MAX]], offset)
         if n == 0:
@@ -187,6 +188,10 @@ class FeatureStore:
     dataset's size to avoid growth copies. `durable=True` also fsyncs every batch, which
     protects against power loss, not only against a killed process.
     """
+
+    # Set by _open: read from the existing file, or by _rebuild.
+    capacity: int
+    _id_width: int
 
     def __init__(self, path: Path | str, spec: dict[str, Any], dataset: str, dtype: str = "float16",
                  versions: dict[str, str] | None = None, capacity: int | None = None,

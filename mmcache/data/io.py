@@ -7,7 +7,7 @@ import io
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mmcache.errors import MMCacheError
 
@@ -77,7 +77,7 @@ def open_text(path: Path) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def iter_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL,
+def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
                    required: Iterable[str] = (), stream: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV/TSV as (line number, dict); a missing column or ragged row names the file and line.
 
@@ -118,7 +118,7 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MI
             yield line, dict(zip(header, fields, strict=True))
 
 
-def read_delimited(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL,
+def read_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
                    required: Iterable[str] = ()) -> list[tuple[int, dict[str, str]]]:
     """All rows of a (small) CSV/TSV as (line number, dict) pairs; see `iter_delimited`."""
     return list(iter_delimited(path, delimiter, quoting, required))

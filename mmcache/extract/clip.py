@@ -76,7 +76,7 @@ def build_clip_model(cfg: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
     return model.eval(), transform, tokenizer
 
 
-def _clip_class() -> type:
+def _clip_class() -> type[Any]:
     import open_clip
 
     return open_clip.CLIP
@@ -87,6 +87,8 @@ class ClipExtractor(Extractor):
     """open_clip CLIP tower for one modality: `pooled` = projected embedding, `tokens` before projection."""
 
     modalities = ("image", "text", "context")
+    # An open_clip CLIP / CustomTextCLIP: its towers are reached by name and the unused one set to None.
+    model: Any
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)

@@ -93,7 +93,7 @@ class MelExtractor(Extractor):
         power = spectrogram(
             samples.astype(np.float32, copy=False), self.window, frame_length=n_fft, hop_length=hop, fft_length=n_fft,
             power=2.0, center=True, pad_mode="constant", mel_filters=self.filters, mel_floor=1e-10,
-            dtype=np.float64,
+            dtype=np.dtype(np.float64),
         )[:, :max_frames]
         # dB after the frame cut, so the top_db floor depends on the kept frames only.
         top_db = cfg["top_db"]

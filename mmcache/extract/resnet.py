@@ -129,6 +129,11 @@ class TorchvisionExtractor(Extractor):
 
     enum_cls: Any = None
     _weights_spec: dict[str, Any] = {}  # replaced per instance, never mutated
+    # The torchvision model, set by each subclass; its submodules are reached by name (m.layer4, m.roi_heads...).
+    model: Any
+    # Normalisation buffers (register_buffer) of the image/video families.
+    mean: torch.Tensor
+    std: torch.Tensor
 
     @property
     def spec(self) -> dict[str, Any]:

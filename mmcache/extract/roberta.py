@@ -67,7 +67,8 @@ def tiny_tokenizer(vocab_size: int = 1000) -> Any:
                             show_progress=False)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return RobertaTokenizer(vocab=model["vocab"], merges=merges)
+    # transformers annotates merges as str | list[str], but passes them to tokenizers' BPE, which takes pairs.
+    return RobertaTokenizer(vocab=model["vocab"], merges=merges)  # type: ignore[arg-type]
 
 
 def tiny_config(tiny: dict[str, Any], num_labels: int | None = None) -> Any:

@@ -107,6 +107,9 @@ class ClipTeacher(Extractor):
     """CLIP zero-shot: logit_scale * cos(image [+ text], prompt_c) for a prompt per class."""
 
     modalities = ("teacher",)
+    # An open_clip model (encode_image, encode_text, logit_scale), and the class prompts' embeddings (a buffer).
+    model: Any
+    prompts: torch.Tensor
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)

@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -186,7 +186,7 @@ def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks
     mods = list(model.encoders)
     ids_all: list[str] = []
     outs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    loader = _loader(samples, list(model.encoders.values()), cfg, shuffle=False)
+    loader = _loader(samples, cast("list[Extractor]", list(model.encoders.values())), cfg, shuffle=False)
     for batch in tqdm(loader, desc=desc, leave=False, disable=cfg.quiet):
         got = _aligned(batch, mods, device)
         if got is None:
@@ -295,9 +295,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     curves: list[dict[str, Any]] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        for enc in model.encoders.values():
+        for encoder in model.encoders.values():
             if cfg.freeze_encoders:
-                enc.eval()  # frozen encoders keep their normalisation statistics
+                encoder.eval()  # frozen encoders keep their normalisation statistics
         loader = _loader(train_s, list(encoders.values()), cfg, shuffle=True, rank=rank, world=world, epoch=epoch)
         total, nb = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)

@@ -23,7 +23,7 @@ from mmcache.heads.base import Features, Head, InputSpec, register_head
 from mmcache.heads.linear import select_modalities
 
 
-def reject_unknown(head: str, extra: dict[str, Any], cls: type) -> None:
+def reject_unknown(head: str, extra: dict[str, Any], cls: type[Head]) -> None:
     """A clear error for hyperparameters the head does not take (instead of a TypeError)."""
     if extra:
         import inspect

@@ -36,7 +36,7 @@ uses the token masks, so padded values never change the output.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -294,7 +294,8 @@ class SCABGHead(Head):
     def band_probabilities(self, features: Features) -> dict[str, torch.Tensor]:
         """Per present modality, the band probabilities [B,T,K] of each token (for inspection and tests)."""
         c = self.condition_vector(features)
-        return {m: self.gates[m].probabilities(x, mask, c)[1] for m, (x, mask) in self._sequences(features).items()}
+        return {m: cast(BandGate, self.gates[m]).probabilities(x, mask, c)[1]
+                for m, (x, mask) in self._sequences(features).items()}
 
     def fused(self, features: Features) -> torch.Tensor:
         """The fused vector [B,out_dim] before the output heads (zeros for rows with no modality)."""

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from mmcache.heads.metrics import (
     softmax,
 )
 from mmcache.utils import pick_device, seed_everything, versions, write_json
+
+if TYPE_CHECKING:
+    from mmcache.heads.linear import LinearHead
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "plateau", "none")
@@ -197,10 +200,10 @@ def _fit_minibatch(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedDa
     """Minibatch training; returns curves, best epoch (1-based) and its validation metric value."""
     device = data.targets[sel_task].device
     # Learned loss weights (log-variances) are not decayed toward 0: that would bias the weighting.
-    params = [{"params": [p for p in head.parameters() if p.requires_grad]},
-              {"params": [p for p in crit.parameters() if p.requires_grad], "weight_decay": 0.0}]
+    params: list[dict[str, Any]] = [{"params": [p for p in head.parameters() if p.requires_grad]},
+                                    {"params": [p for p in crit.parameters() if p.requires_grad], "weight_decay": 0.0}]
     opt = _make_optimizer(cfg, [g for g in params if g["params"]])
-    mode = "min" if sel_metric in LOWER_IS_BETTER else "max"
+    mode: Literal["min", "max"] = "min" if sel_metric in LOWER_IS_BETTER else "max"
     sched: Any = None
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -302,17 +305,18 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
     keeps the penalty with the best validation metric. Returns curves, best index, its value, the penalty."""
     train_idx, val_idx = data.split_index["train"], data.split_index["val"]
     head.eval()
+    probe = cast("LinearHead", head)  # train() allows the lbfgs solver with --head linear only
     with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
-        z_train = head.fused(data.batch(train_idx))  # type: ignore[attr-defined]
-        z_val = head.fused(data.batch(val_idx))  # type: ignore[attr-defined]
+        z_train = probe.fused(data.batch(train_idx))
+        z_val = probe.fused(data.batch(val_idx))
     targets = {t: data.targets[t][train_idx] for t in data.tasks}
     teacher = data.teacher[train_idx] if data.teacher is not None else None
-    clfs: torch.nn.ModuleDict = head.classifiers  # type: ignore[assignment]
+    clfs = probe.classifiers
     params = list(clfs.parameters())
     with torch.no_grad():  # start at zero, as scikit-learn does: the fit does not depend on the seed
         for p in params:
             p.zero_()
-    weights = [c.weight for c in clfs.values()]
+    weights = [cast(torch.Tensor, c.weight) for c in clfs.values()]  # each classifier is an nn.Linear
     grid = list(cfg.lbfgs_grid or LBFGS_GRID)
     curves: list[dict[str, Any]] = []
     best: tuple[float, int, float, dict[str, torch.Tensor]] | None = None

@@ -14,7 +14,7 @@ zero vector and is not attended to.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ class CrossAttentionHead(Head):
             if others:
                 kv = torch.cat([seqs[o][0] for o in others], 1)
                 kmask = torch.cat([seqs[o][1] for o in others], 1)
-                x = x + masked_attention(self.attn[m], x, kv, kmask)
+                x = x + masked_attention(cast(nn.MultiheadAttention, self.attn[m]), x, kv, kmask)
             # Normalised either way, so a modality absent from the batch equals one masked out row by row.
             x = self.norm1[m](x)
             if self.ffn is not None and self.norm2 is not None:
