@@ -696,8 +696,9 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
         rep.problems.append(str(e))
         return rep
     rep.rows, rep.failed = len(r.ids), len(r.failed)
-    if "pooled" not in r.shapes and r.ids:
-        rep.problems.append(f"no `pooled` array (arrays: {r.keys})")
+    # Feature stores hold `pooled`; teacher stores hold only `logits`.
+    if "pooled" not in r.shapes and "logits" not in r.shapes and r.ids:
+        rep.problems.append(f"no `pooled` (or teacher `logits`) array (arrays: {r.keys})")
     if "tokens" in r.shapes or "mask" in r.shapes:
         t, m = r.shapes.get("tokens"), r.shapes.get("mask")
         if t is None or m is None or len(t) != 2 or tuple(m) != tuple(t[:1]):

@@ -32,7 +32,7 @@ def load_meld(root: Path, seed: int = 0, task: str | None = None, **options: Any
     """Load MELD's three splits; tasks emotion (primary) and sentiment; metric weighted F1."""
     check_options("meld", options)
     space = LabelSpace(order_tasks({"emotion": EMOTIONS, "sentiment": SENTIMENTS}, task, "meld"),
-                       metric="f1_weighted")
+                       metric="weighted_f1")
     train_csv = locate(root, "train_sent_emo.csv")
     assert train_csv is not None
     base = train_csv.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 
 def stratified_split(
@@ -32,8 +32,11 @@ def kfold_split(labels: Sequence[int], fold: int, k: int = 10, seed: int = 0) ->
     if not 0 <= fold < k:
         raise ValueError(f"fold must be in [0, {k}), got {fold}")
     y = np.asarray(labels)
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    parts = [test for _, test in skf.split(np.zeros(len(y)), y)]
+    _, counts = np.unique(y, return_counts=True)
+    # Stratify when every class can appear in every fold; otherwise plain shuffled folds
+    # (still disjoint and covering every row) rather than refusing a small dataset.
+    folds = StratifiedKFold if counts.min() >= k else KFold
+    parts = [test for _, test in folds(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
     out = ["train"] * len(y)
     for i in parts[fold]:
         out[int(i)] = "test"

@@ -309,6 +309,10 @@ def extract(
     if dev.type == "cuda" and dev.index is None and distributed:
         dev = torch.device("cuda", local_rank)
     selected = select_samples(ds, split, limit)
+    for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
+        if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
+            raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has a {r.modality} field; "
+                               f"drop --{r.modality} (this dataset's adapter provides none)")
 
     if extractors is None:
         built = []

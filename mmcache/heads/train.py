@@ -546,6 +546,9 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
     """
     device = pick_device(device)
     head, cfg = load_run(run_dir, device)
+    if "modalities" not in cfg or "cache_dir" not in cfg:
+        raise MMCacheError(f"{run_dir} is not a `heads train` run (a `finetune run` folder?): `heads predict` reads "
+                           "cached features; predict with a run trained by `heads train`")
     dataset = dataset or cfg["dataset"]
     cache = cache_dir or cfg["cache_dir"]
     labels = cfg["resolved"]["labels"]["tasks"]

@@ -246,3 +246,15 @@ def test_verify_all_zero_rows_and_unreadable(path: Path, tmp_path: Path) -> None
     junk.write_bytes(b"nope")
     rep = verify_store(junk)
     assert not rep.ok and "junk.h5" in rep.problems[0]
+
+
+def test_verify_accepts_teacher_stores_and_refuses_featureless(tmp_path: Path) -> None:
+    teacher = store_path(tmp_path, "toy", "teacher", "nli")
+    with FeatureStore(teacher, {**SPEC, "modality": "teacher"}, "toy") as st:
+        st.write(ids_(3), {"logits": np.arange(9, dtype=np.float32).reshape(3, 3)})
+    rep = verify_store(teacher)
+    assert rep.ok and rep.rows == 3, rep.problems
+    bare = store_path(tmp_path, "toy", "image", "bare")
+    with FeatureStore(bare, SPEC, "toy") as st:
+        st.write(ids_(2), {"tokens": np.ones((2, 3, 4), dtype=np.float32)})
+    assert any("no `pooled` (or teacher `logits`)" in p for p in verify_store(bare).problems)

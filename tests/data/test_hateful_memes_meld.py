@@ -83,7 +83,7 @@ MELD_ROWS = {
 def test_meld_two_tasks_and_media(tmp_path: Path) -> None:
     root = write_meld(tmp_path / "meld", MELD_ROWS)
     ds = load_dataset("meld", root)
-    assert list(ds.labels.tasks) == ["emotion", "sentiment"] and ds.labels.metric == "f1_weighted"
+    assert list(ds.labels.tasks) == ["emotion", "sentiment"] and ds.labels.metric == "weighted_f1"
     assert len(ds.labels.tasks["emotion"]) == 7 and len(ds.labels.tasks["sentiment"]) == 3
     assert Counter(s.split for s in ds.samples) == {"train": 4, "val": 2, "test": 2}
     s = ds.by_id()["train/dia0_utt1"]

@@ -103,3 +103,12 @@ def test_kfold_test_parts_are_disjoint_and_cover_every_row() -> None:
     assert assign_splits(y, seed="0", fold="3") == folds[3]
     with pytest.raises(MMCacheError, match="option seed='x' must be an integer"):
         assign_splits(y, seed="x")
+
+
+def test_kfold_small_classes_fall_back_to_plain_folds() -> None:
+    from mmcache.data.splits import kfold_split
+
+    labels = [0] * 7 + [1] * 7 + [2] * 6  # no class has 10 members: stratified 10-fold is impossible
+    tests = [i for f in range(10) for i, s in enumerate(kfold_split(labels, f, seed=3)) if s == "test"]
+    assert sorted(tests) == list(range(20))  # 10 disjoint test folds covering every row
+    assert kfold_split(labels, 4, seed=3) == kfold_split(labels, 4, seed=3)

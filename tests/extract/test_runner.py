@@ -187,3 +187,10 @@ def test_cli_demo_path(demo_root: Path, tmp_path: Path) -> None:
         assert {"pooled", "tokens", "mask"} <= set(StoreReader(store_path(tmp_path, "demo", m, "clip")).keys)
     bad = CliRunner().invoke(app, ["extract", "demo", "--data-dir", str(demo_root), "--image", "nosuchpreset"])
     assert isinstance(bad.exception, MMCacheError) and "unknown extractor preset" in str(bad.exception)
+
+
+def test_field_the_dataset_lacks_is_refused_before_loading(demo_ds: Any, tmp_path: Path) -> None:
+    # The demo has no context texts: a context store would be nothing but failed rows.
+    with pytest.raises(MMCacheError, match="no selected sample of 'demo' has a context field"):
+        extract(demo_ds, parse_requests("context", "clip-tiny"), cache_dir=tmp_path, progress=False)
+    assert not store_path(tmp_path, "demo", "context", "clip-tiny").exists()

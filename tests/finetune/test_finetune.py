@@ -59,6 +59,11 @@ def test_frozen_encoders_save_head_only(demo_dir: Path, tmp_path: Path) -> None:
     res = finetune(_cfg(demo_dir, tmp_path, freeze_encoders=True, epochs=1))
     d = Path(res["run_dir"])
     assert (d / "model.safetensors").exists() and not (d / "encoders.safetensors").exists()
+    # `heads predict` reads cached features: a finetune run gets a clear error, not a traceback.
+    from mmcache.heads.train import predict
+
+    with pytest.raises(MMCacheError, match="not a `heads train` run"):
+        predict(d)
 
 
 def test_bad_lora_targets_is_a_user_error(demo_dir: Path, tmp_path: Path) -> None:
