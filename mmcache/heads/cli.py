@@ -159,6 +159,7 @@ def sweep_cmd(
     select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma list of seeds; each config runs once per seed.")] = "0",
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
@@ -179,7 +180,7 @@ def sweep_cmd(
     base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
-                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device)
+                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads)
     configs = configs_from(grid, ablation_scabg)
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mmcache.errors import MMCacheError
@@ -116,10 +117,15 @@ def test_sweep_cli(make_cache: Callable[..., Path], tmp_path: Path) -> None:
 
     cache = make_cache(n=200)
     out = tmp_path / "res" / "grid"
+    threads_before = torch.get_num_threads()
     res = CliRunner().invoke(app, ["sweep", "--dataset", "toy", "--vtype", "feat", "--ttype", "feat",
                                    "--grid", "head=linear,gated", "--epochs", "3", "--cache-dir", str(cache),
-                                   "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--hp", "D=8"])
+                                   "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--hp", "D=8",
+                                   "--threads", "1"])
+    threads_after = torch.get_num_threads()
+    torch.set_num_threads(threads_before)
     assert res.exit_code == 0, res.output
+    assert threads_after == 1  # --threads reaches every run of the sweep
     assert "head=linear" in res.output and "head=gated" in res.output and "test_accuracy" in res.output
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["head"] for r in rows] == ["linear", "gated"] and all("error" not in r for r in rows)
