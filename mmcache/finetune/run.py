@@ -384,7 +384,7 @@ def _trainable(model: nn.Module, key: str) -> bool:
 def _write_run(cfg: FinetuneConfig, model: LiveModel, result: dict[str, Any], ds: Dataset) -> Path:
     from safetensors.torch import save_file
 
-    from mmcache.heads.train import plot_confusion
+    from mmcache.heads.train import plot_confusions, write_curves
 
     base = Path(cfg.runs_dir) / cfg.dataset
     d = base / (cfg.run_name or f"finetune_{cfg.head}_{'+'.join(f'{m}-{p}' for m, p in cfg.encoders.items())}_"
@@ -401,10 +401,7 @@ def _write_run(cfg: FinetuneConfig, model: LiveModel, result: dict[str, Any], ds
     write_json(d / "config.json", {**asdict(cfg), "resolved": {
         "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()}}})
     write_json(d / "metrics.json", {k: v for k, v in result.items() if k != "curves"} | {"splits": result["metrics"]})
-    write_json(d / "curves.json", result["curves"])
+    write_curves(d, result["curves"])
     write_json(d / "versions.json", versions())
-    split = "test" if result["metrics"].get("test") else "val"
-    for t, m in result["metrics"].get(split, {}).items():
-        plot_confusion(np.asarray(m["confusion_matrix"]), ds.labels.tasks[t], d / f"confusion_{t}.png",
-                       f"{cfg.dataset} {split} {t}: acc {m['accuracy']:.3f}")
+    plot_confusions(d, result["metrics"], ds.labels.tasks, cfg.dataset)
     return d

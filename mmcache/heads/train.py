@@ -467,18 +467,29 @@ def write_run(result: RunResult, d: Path, cfg: TrainConfig, data: CachedData, cr
                                     "fit_seconds": result.fit_seconds, "seconds": result.seconds,
                                     "splits": result.metrics})
     write_json(d / "versions.json", versions())
-    write_json(d / "curves.json", result.curves)
-    if result.curves:
-        cols = list(dict.fromkeys(k for row in result.curves for k in row))
+    write_curves(d, result.curves)
+    plot_confusions(d, result.metrics, data.labels.tasks, cfg.dataset)
+    return d
+
+
+def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
+    """Per-epoch curves as curves.json and curves.csv (one row per epoch)."""
+    write_json(d / "curves.json", curves)
+    if curves:
+        cols = list(dict.fromkeys(k for row in curves for k in row))
         with (d / "curves.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
-            w.writerows(result.curves)
-    split = "test" if "test" in result.metrics and result.metrics["test"] else "val"
-    for t, m in result.metrics.get(split, {}).items():
-        plot_confusion(np.asarray(m["confusion_matrix"]), data.labels.tasks[t], d / f"confusion_{t}.png",
-                       f"{cfg.dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-    return d
+            w.writerows(curves)
+
+
+def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],
+                    dataset: str) -> None:
+    """confusion_<task>.png of the test split (val when test has no labels), one per task."""
+    split = "test" if metrics.get("test") else "val"
+    for t, m in metrics.get(split, {}).items():
+        plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
+                       f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:

@@ -31,7 +31,8 @@ def _cfg(demo_dir: Path, tmp_path: Path, **kw: object) -> FinetuneConfig:
 def test_full_finetune_changes_encoder_weights_and_writes_run(demo_dir: Path, tmp_path: Path) -> None:
     res = finetune(_cfg(demo_dir, tmp_path))
     d = Path(res["run_dir"])
-    for name in ("model.safetensors", "head.json", "config.json", "metrics.json", "encoders.safetensors"):
+    for name in ("model.safetensors", "head.json", "config.json", "metrics.json", "encoders.safetensors",
+                 "curves.csv", "confusion_label.png"):
         assert (d / name).exists(), name
     metrics = json.loads((d / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"val", "test"}
