@@ -218,3 +218,22 @@ def assign_splits(labels: list[int], seed: int = 0, fold: int | None = None, k: 
     if not 0 <= fold < k:
         raise MMCacheError(f"--fold must be in 0..{k - 1} ({k}-fold cross-validation), got {fold}")
     return kfold_split(labels, fold, k=k, seed=seed)
+
+
+def fill_missing_splits(samples: list[Any], where: str, primary: str | None, seed: int = 0,
+                        fold: int | None = None) -> tuple[list[Any], str | None]:
+    """Give samples without a split a generated one (stratified by the primary task); returns (samples, note).
+
+    Every sample has a split already: unchanged, no note. None has: `assign_splits`. Some have: an error,
+    since mixing given and generated splits would leak rows across them.
+    """
+    from dataclasses import replace
+
+    if all(s.split for s in samples):
+        return samples, None
+    if any(s.split for s in samples):
+        raise MMCacheError(f"{where}: some rows have a split and some do not; give every row one or drop the split")
+    y = [s.labels.get(primary, -1) if primary else 0 for s in samples]
+    splits = assign_splits(y, seed=seed, fold=fold)
+    how = f"10-fold CV, fold {fold}" if fold is not None else f"8:1:1 stratified, seed {seed}"
+    return [replace(s, split=sp) for s, sp in zip(samples, splits, strict=True)], f"splits assigned: {how}"

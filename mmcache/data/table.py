@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, assign_splits, decode_bytes, normalise_split, read_delimited, text_lines
+from mmcache.data.io import IdCheck, decode_bytes, fill_missing_splits, normalise_split, read_delimited, text_lines
 from mmcache.errors import MMCacheError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -221,16 +220,9 @@ def load_table(
             )
         )
     notes = []
-    if any(not s.split for s in samples):
-        if any(s.split for s in samples):
-            raise MMCacheError(f"{tables[0][0]}: some rows have a split and some do not; fill in every split "
-                               "or drop the column")
-        primary = next(iter(cols), None)
-        y = [s.labels.get(primary, -1) if primary else 0 for s in samples]
-        splits = assign_splits(y, seed=seed, fold=fold)
-        samples = [replace(s, split=sp) for s, sp in zip(samples, splits, strict=True)]
-        notes.append("no split column: splits assigned " + (f"by 10-fold CV, fold {fold}" if fold is not None
-                                                             else f"8:1:1 stratified, seed {seed}"))
+    samples, note = fill_missing_splits(samples, str(tables[0][0]), next(iter(cols), None), seed=seed, fold=fold)
+    if note:
+        notes.append(note)
     elif fold is not None:
         raise MMCacheError(f"{tables[0][0]}: the table has its own splits; --fold applies only to tables without "
                            "a split column")

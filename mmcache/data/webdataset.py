@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import re
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, as_bool, assign_splits, check_options, decode_bytes, normalise_split
+from mmcache.data.io import IdCheck, as_bool, check_options, decode_bytes, fill_missing_splits, normalise_split
 from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space, sorted_names
 from mmcache.errors import MMCacheError
 
@@ -170,16 +169,9 @@ def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: i
             labels={t: space.index(t, v, f"{where}: ") for t, v in labs.items()},
         ))
     notes = [f"{len(shards)} shards; media unpacked under {unpack}"]
-    if any(not s.split for s in samples):
-        if any(s.split for s in samples):
-            raise MMCacheError(f"{root}: some samples have a split (json 'split' or train/val/test folder) and "
-                               "some do not; give every sample one")
-        primary_task = next(iter(tasks), None)
-        y = [s.labels.get(primary_task, -1) if primary_task else 0 for s in samples]
-        splits = assign_splits(y, seed=seed, fold=fold)
-        samples = [replace(s, split=sp) for s, sp in zip(samples, splits, strict=True)]
-        how = f"10-fold CV, fold {fold}" if fold is not None else f"8:1:1 stratified, seed {seed}"
-        notes.append(f"splits: {how}")
+    samples, note = fill_missing_splits(samples, str(root), next(iter(tasks), None), seed=seed, fold=fold)
+    if note:
+        notes.append(note)
     elif fold is not None:
         raise MMCacheError(f"{root}: the shards name their splits; --fold applies only to shards without splits")
     return Dataset(name=name, samples=samples, labels=space, root=root, notes=notes)
