@@ -16,23 +16,12 @@ import json
 import sys
 import tarfile
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import timed  # noqa: E402
 from mmcache.data import load_dataset  # noqa: E402
-
-
-def timed(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Best wall time of `repeat` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def make_fakeddit(root: Path, n: int) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -27,18 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import timed  # noqa: E402
 from mmcache.extract import build_extractor  # noqa: E402
 from mmcache.extract.media import AudioClip, decode_audio, decode_video, uniform_indices  # noqa: E402
-
-
-def timed(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Best wall time of `repeat` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def write_clip(path: Path, seconds: float, fps: int = 25, width: int = 640, height: int = 360,
