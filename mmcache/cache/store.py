@@ -11,6 +11,15 @@ a valid HDF5 file whose committed rows are complete; rows past the counter are i
 and overwritten on resume. Growing past `capacity` rebuilds the file under a temporary
 name and renames it (amortised by doubling; pass `capacity` to avoid it).
 
+Failure records are append-only like rows: a record whose reason changed is appended
+(the last record of an id wins), and a record is superseded, never erased, when its id
+is later committed as a row (a retry that succeeded). So no write ever loses a record
+that nothing has replaced; a rebuild keeps only the live records.
+
+Ids are kept exactly: they must be non-empty valid Unicode without NUL characters, at
+most `MAX_ID_BYTES` bytes of UTF-8 (fixed-width byte slots would drop a trailing NUL),
+and are refused otherwise, as datasets refuse them at load.
+
 Static metadata (spec, spec hash, dataset, dtype, versions, created time) are JSON HDF5
 attributes; what changes during extraction (committed rows, failed ids with reasons,
 updated time) lives in the fixed-size datasets above. `StoreReader.attrs` presents both
@@ -33,6 +42,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from mmcache.data.base import MAX_ID_BYTES, id_problem
 from mmcache.errors import MMCacheError
 
 DEFAULT_CACHE = Path("cache")
@@ -73,6 +83,12 @@ def lock_path(path: Path | str) -> Path:
 def partial_path(path: Path | str) -> Path:
     """Where a store is (re)built before it is renamed into place."""
     return Path(f"{path}.partial")
+
+
+def failures_path(path: Path | str) -> Path:
+    """`cache/<dataset>/<modality>/<name>.failed.csv`: every failed id of a store with its reason."""
+    p = Path(path)
+    return p.with_name(f"{p.stem if p.suffix == '.h5' else p.name}.failed.csv")
 
 
 _MANIFESTS: dict[tuple[str, int, int], dict[str, list[str]]] = {}
@@ -174,6 +190,13 @@ def _encode_ids(ids: Sequence[str], width: int) -> np.ndarray:
     return np.array([i.encode() for i in ids], dtype=f"S{width}")
 
 
+def clean_reason(reason: str) -> str:
+    """A failure reason as the store keeps it: printable escapes for what UTF-8 bytes cannot hold, at most
+    REASON_BYTES bytes, cut between characters."""
+    raw = str(reason).replace("\0", "\\x00").encode("utf-8", "backslashreplace")
+    return raw[:REASON_BYTES].decode("utf-8", "ignore")
+
+
 def _decode(arr: np.ndarray) -> list[str]:
     try:
         return arr.astype("U").tolist()  # vectorised; ASCII ids, the common case
@@ -271,8 +294,8 @@ class FeatureStore:
                                                     "created")}
         self._ids = list(reader.ids)
         self._done = set(self._ids)
-        self.failed = dict(reader._failed_all)
-        self._n, self._nf = len(self._ids), len(self.failed)
+        self.failed = dict(reader.failed)
+        self._n, self._nf = len(self._ids), reader.failed_slots
         self._id_width = reader._layout["ids"].dtype.itemsize
         self.capacity = reader.capacity
         self._layout = reader._layout
@@ -302,10 +325,11 @@ class FeatureStore:
                     if k in self._layout:
                         self._copy_rows(self._fd, self._layout[k], fd, new[k], self._n)
             _pwrite(fd, _encode_ids(self._ids, id_width), new["ids"].offset)
+            # Only live failure records are carried over: superseded and repeated ones are dropped here.
             _pwrite(fd, _encode_ids(list(self.failed), id_width), new["failed_ids"].offset)
-            reasons = np.array([r.encode()[:REASON_BYTES] for r in self.failed.values()], dtype=f"S{REASON_BYTES}")
+            reasons = np.array([r.encode() for r in self.failed.values()], dtype=f"S{REASON_BYTES}")
             _pwrite(fd, reasons, new["failed_reasons"].offset)
-            _pwrite(fd, np.array([self._n, self._nf, time.time_ns(), 0], dtype="<i8"), new[_STATE].offset)
+            _pwrite(fd, np.array([self._n, len(self.failed), time.time_ns(), 0], dtype="<i8"), new[_STATE].offset)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -318,6 +342,7 @@ class FeatureStore:
         self._layout = new
         self.capacity = capacity
         self._id_width = id_width
+        self._nf = len(self.failed)
 
     @staticmethod
     def _copy_rows(src: int, a: _Array, dst: int, b: _Array, n: int) -> None:
@@ -342,12 +367,20 @@ class FeatureStore:
         return self._done | set(self.failed)
 
     @property
+    def committed(self) -> set[str]:
+        """Ids with a committed row (a retry of failed ids writes the others)."""
+        return set(self._done)
+
+    @property
     def n_rows(self) -> int:
         """Number of committed rows."""
         return self._n
 
     def write(self, ids: Sequence[str], arrays: dict[str, Any]) -> None:
-        """Append one batch of rows and commit it: rows first, then the counter that makes them count."""
+        """Append one batch of rows and commit it: rows first, then the counter that makes them count.
+
+        An id recorded as failed may be written (a retry that succeeded): its row supersedes the record.
+        """
         self._check_open()
         ids = [str(i) for i in ids]
         if not ids:
@@ -370,10 +403,18 @@ class FeatureStore:
         self._commit(n0 + len(ids), self._nf)
         self._ids.extend(ids)
         self._done.update(ids)
+        for i in ids:
+            self.failed.pop(i, None)
+
+    def _check_id(self, sid: str) -> None:
+        why = id_problem(sid)
+        if why is not None:
+            raise MMCacheError(f"{self.path}: sample id {sid!r:.80} {why}; ids are stored as exact UTF-8 "
+                               f"(non-empty, no NUL, at most {MAX_ID_BYTES} bytes): fix the id in the dataset")
 
     def _prepare(self, ids: list[str], arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-        if not all(ids):
-            raise MMCacheError(f"{self.path}: empty sample id in a batch; every row needs an id")
+        for sid in ids:
+            self._check_id(sid)
         if len(set(ids)) != len(ids):
             dup = [k for k, c in Counter(ids).items() if c > 1]
             raise MMCacheError(f"{self.path}: batch has duplicate ids {dup[:5]}; ids must be unique")
@@ -422,32 +463,31 @@ class FeatureStore:
         )
 
     def fail(self, sample_id: str, reason: str) -> None:
-        """Record that `sample_id` could not be extracted, and why (committed at once)."""
+        """Record that `sample_id` could not be extracted, and why (committed at once).
+
+        Failing an id again with a new reason appends a record that supersedes the old one;
+        the same reason again writes nothing.
+        """
         self._check_open()
         sample_id = str(sample_id)
-        if not sample_id:
-            raise MMCacheError(f"{self.path}: fail() needs a sample id")
+        self._check_id(sample_id)
         if sample_id in self._done:
             raise MMCacheError(f"{self.path}: id {sample_id!r} is already committed; it cannot also fail")
-        if sample_id in self.failed:
+        reason = clean_reason(reason)
+        if self.failed.get(sample_id) == reason:
             return
         width = len(sample_id.encode())
         if self._n + self._nf + 1 > self.capacity or width > self._id_width:
-            self._rebuild(max(self.capacity * 2, self._n + self._nf + 1),
+            # A rebuild keeps the live records only, so it may free slots as well as add them.
+            self._rebuild(max(self.capacity * 2, self._n + len(self.failed) + 1),
                           max(self._id_width, 1 << (width - 1).bit_length()), self._arrays_meta())
         i = self._nf
         _pwrite(self._fd, _encode_ids([sample_id], self._id_width),
                 self._layout["failed_ids"].offset + i * self._id_width)
-        _pwrite(self._fd, np.array([reason.encode()[:REASON_BYTES]], dtype=f"S{REASON_BYTES}"),
+        _pwrite(self._fd, np.array([reason.encode()], dtype=f"S{REASON_BYTES}"),
                 self._layout["failed_reasons"].offset + i * REASON_BYTES)
         self._commit(self._n, i + 1)
         self.failed[sample_id] = reason
-
-    def clear_failed(self) -> None:
-        """Forget recorded failures, so the next run tries those ids again."""
-        self._check_open()
-        self._commit(self._n, 0)
-        self.failed = {}
 
     def _commit(self, n: int, nf: int) -> None:
         if self.durable:
@@ -527,10 +567,12 @@ class StoreReader:
         except ValueError as e:
             raise _corrupt(self.path, f"bad JSON attribute ({e})") from None
         self._index: dict[str, int] | None = None
-        self._failed_all = dict(zip(fids, reasons, strict=True))
+        # Records are appended: the last record of an id holds its current reason.
+        records = dict(zip(fids, reasons, strict=True))
+        self.failed_slots = nf  # failure records on disk, superseded ones included
         # A later run may have extracted an id that once failed; the committed row wins.
-        committed = set(self.ids) if self._failed_all else set()
-        self.failed: dict[str, str] = {k: v for k, v in self._failed_all.items() if k not in committed}
+        committed = set(self.ids) if records else set()
+        self.failed: dict[str, str] = {k: v for k, v in records.items() if k not in committed}
         self.attrs.update(rows=n, failed=self.failed, updated=_iso(int(state[2])), capacity=self.capacity)
         self.spec: dict[str, Any] = self.attrs.get("spec", {})
 

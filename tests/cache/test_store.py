@@ -105,9 +105,10 @@ def test_resume_skips_committed_and_appends(path: Path) -> None:
     assert r.ids == ids_(10) + ids_(9, 11)
     np.testing.assert_array_equal(r.load(["id19"])["pooled"][0], data["pooled"][19].astype(np.float16))
     with FeatureStore(path, SPEC, "toy") as st:
-        st.clear_failed()
-        assert "id10" not in st.done
+        # A failed id may be written later (a retry after fixing its file): the row replaces the record.
+        assert st.failed == {"id10": "missing file"} and st.committed == set(ids_(10)) | set(ids_(9, 11))
         st.write(["id10"], {k: v[10:11] for k, v in data.items()})
+        assert st.failed == {} and "id10" in st.committed
     r = StoreReader(path)
     assert r.failed == {} and r.load(["id10"])["mask"].shape == (1, 5)
 
@@ -258,3 +259,149 @@ def test_verify_accepts_teacher_stores_and_refuses_featureless(tmp_path: Path) -
     with FeatureStore(bare, SPEC, "toy") as st:
         st.write(ids_(2), {"tokens": np.ones((2, 3, 4), dtype=np.float32)})
     assert any("no `pooled` (or teacher `logits`)" in p for p in verify_store(bare).problems)
+
+
+def _manifest_ok(path: Path, tmp_path: Path, ids: list[str]) -> None:
+    write_manifest(tmp_path, ids, ["train"] * len(ids))
+    rep = verify_store(path)
+    assert rep.ok, rep.problems
+
+
+def test_failure_record_kept_until_its_row_is_written(path: Path, tmp_path: Path) -> None:
+    data = rows(6)
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(2), {k: v[:2] for k, v in data.items()})
+        for i in range(2, 6):
+            st.fail(f"id{i}", f"cannot decode /data/id{i}.jpg")
+    assert StoreReader(path).failed_slots == 4
+    # A retry: id2 is fixed and written, id3 fails with another reason, id4 the same; id5 is not retried.
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(["id2"], {k: v[2:3] for k, v in data.items()})
+        st.fail("id3", "image file /data/id3.jpg is empty (0 bytes)")
+        st.fail("id4", "cannot decode /data/id4.jpg")
+        assert st.failed == {"id3": "image file /data/id3.jpg is empty (0 bytes)",
+                             "id4": "cannot decode /data/id4.jpg", "id5": "cannot decode /data/id5.jpg"}
+        with pytest.raises(MMCacheError, match="already committed"):
+            st.fail("id2", "again")
+    r = StoreReader(path)
+    assert r.ids == ids_(3) and r.failed == {"id3": "image file /data/id3.jpg is empty (0 bytes)",
+                                             "id4": "cannot decode /data/id4.jpg",
+                                             "id5": "cannot decode /data/id5.jpg"}
+    assert r.failed_slots == 5  # the new reason was appended; the unchanged one wrote nothing
+    _manifest_ok(path, tmp_path, ids_(6))
+    # A rebuild (growth) keeps only the live records.
+    with FeatureStore(path, SPEC, "toy", capacity=4096) as st:
+        assert st.failed == r.failed
+    r2 = StoreReader(path)
+    assert r2.failed == r.failed and r2.failed_slots == 3 and r2.ids == r.ids
+
+
+def test_retry_killed_at_any_store_write_loses_no_record(path: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut a retry pass at each of its store I/O steps (half-written bytes included): every id stays either
+    committed or recorded as failed, and a rerun completes it."""
+    import shutil
+
+    import mmcache.cache.store as store_mod
+
+    data = rows(8)
+    everything = ids_(8)
+    with FeatureStore(path, SPEC, "toy", capacity=8) as st:  # full: the retry has to grow the file
+        st.write(ids_(4), {k: v[:4] for k, v in data.items()})
+        for i in range(4, 8):
+            st.fail(f"id{i}", "missing file")
+    pristine = tmp_path / "pristine.h5"
+    shutil.copy(path, pristine)
+
+    def retry() -> None:
+        with FeatureStore(path, SPEC, "toy") as st:
+            st.write(["id4", "id5"], {k: v[4:6] for k, v in data.items()})
+            st.fail("id6", "corrupt jpeg")
+            st.fail("id7", "missing file")
+
+    class Killed(Exception):
+        pass
+
+    pwrite = store_mod._pwrite
+    steps = [0]
+
+    def counting(fd: int, buf: np.ndarray, offset: int) -> None:
+        steps[0] += 1
+        pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(store_mod, "_pwrite", counting)
+    retry()
+    n_steps = steps[0]
+    assert n_steps > 5
+    want_failed = {"id6": "corrupt jpeg", "id7": "missing file"}
+    assert StoreReader(path).failed == want_failed
+    for k in range(1, n_steps + 1):
+        shutil.copy(pristine, path)
+        seen = [0]
+
+        def cut(fd: int, buf: np.ndarray, offset: int, _k: int = k) -> None:
+            seen[0] += 1
+            if seen[0] == _k:
+                raw = np.ascontiguousarray(buf).view(np.uint8).reshape(-1)
+                pwrite(fd, raw[: max(1, len(raw) // 2)], offset)
+                raise Killed
+            pwrite(fd, buf, offset)
+
+        monkeypatch.setattr(store_mod, "_pwrite", cut)
+        with pytest.raises(Killed):
+            retry()
+        monkeypatch.setattr(store_mod, "_pwrite", pwrite)
+        r = StoreReader(path)
+        assert set(r.ids) | set(r.failed) == set(everything), f"step {k}: a record was lost"
+        assert not set(r.ids) & set(r.failed) and len(r.ids) == len(set(r.ids))
+        _manifest_ok(path, tmp_path, everything)
+        # Rerun: what the killed pass did not do is done now.
+        with FeatureStore(path, SPEC, "toy") as st:
+            todo = [i for i in ("id4", "id5") if i not in st.committed]
+            st.write(todo, {kk: v[[int(i[2:]) for i in todo]] for kk, v in data.items()})
+            st.fail("id6", "corrupt jpeg")
+            st.fail("id7", "missing file")
+        r = StoreReader(path)
+        assert sorted(r.ids) == ids_(6) and r.failed == want_failed
+        np.testing.assert_array_equal(r.load(ids_(6))["pooled"], data["pooled"][:6].astype(np.float16))
+
+
+@pytest.mark.parametrize("sid", ["a\x00", "a\x00b", "\x00", "x\udcffy", "\ud800", "é" * 600])
+def test_ids_that_cannot_round_trip_are_refused(path: Path, sid: str) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(["ok"], rows(1))
+        with pytest.raises(MMCacheError) as e:
+            st.write(["fine", sid], rows(2))
+        assert repr(sid)[:40] in str(e.value) and str(path) in str(e.value)
+        with pytest.raises(MMCacheError):
+            st.fail(sid, "corrupt")
+    r = StoreReader(path)
+    assert r.ids == ["ok"] and r.failed == {}
+
+
+def test_unusual_ids_round_trip_exactly(path: Path) -> None:
+    odd = ["a ", " a", "tab\tid", "new\nline", "é", "日本語", "😀", "a" * 1024, "ε" * 512, "0", "a/b\\c"]
+    data = rows(len(odd))
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(odd[:5], {k: v[:5] for k, v in data.items()})
+        st.fail(odd[5], "corrupt")
+    with FeatureStore(path, SPEC, "toy") as st:
+        assert st.committed == set(odd[:5]) and st.failed == {odd[5]: "corrupt"}
+        st.write(odd[5:], {k: v[5:] for k, v in data.items()})  # the failed one is written now
+    r = StoreReader(path)
+    assert r.ids == odd and r.failed == {}
+    np.testing.assert_array_equal(r.load(odd[::-1])["pooled"], data["pooled"][::-1].astype(np.float16))
+
+
+def test_reasons_are_kept_whatever_their_text(path: Path) -> None:
+    long = "décodage impossible " * 40  # over the reason size, cut inside a 2-byte character
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.fail("a", "file /data/\udcff.jpg not found")  # an undecodable file name
+        st.fail("b", long)
+        st.fail("b", long)  # the same reason again writes nothing
+        st.fail("c", "bad\x00byte")
+    r = StoreReader(path)
+    assert r.failed["a"] == "file /data/\\udcff.jpg not found"
+    assert long.startswith(r.failed["b"]) and len(r.failed["b"].encode()) <= 512 and "\ufffd" not in r.failed["b"]
+    assert r.failed["c"] == "bad\\x00byte"
+    assert r.failed_slots == 3
