@@ -12,6 +12,25 @@ from typing import Any
 from mmcache.errors import MMCacheError
 
 SPLITS = ("train", "val", "test")
+# Feature stores keep ids as exact UTF-8 bytes in fixed-width slots; longer ids would bloat every slot.
+MAX_ID_BYTES = 1024
+
+
+def id_problem(sid: object) -> str | None:
+    """Why `sid` cannot be a sample id, or None when it can (non-empty text, no NUL, valid Unicode, short)."""
+    if not isinstance(sid, str):
+        return f"is of type {type(sid).__name__}, not text"
+    if not sid:
+        return "is empty"
+    if "\0" in sid:
+        return "contains a NUL character"
+    try:
+        n = len(sid.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid Unicode (undecodable bytes in the source file?)"
+    if n > MAX_ID_BYTES:
+        return f"is {n} bytes long in UTF-8, over the {MAX_ID_BYTES}-byte limit"
+    return None
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,11 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for row, s in enumerate(self.samples):
+            why = id_problem(s.id)
+            if why is not None:
+                raise MMCacheError(f"dataset {self.name!r} at {self.root}: sample {row} has id {s.id!r:.80} which "
+                                   f"{why}; fix the id in the source (feature stores must keep ids exactly)")
         dup = [k for k, n in Counter(s.id for s in self.samples).items() if n > 1]
         if dup:
             raise MMCacheError(

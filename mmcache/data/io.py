@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from mmcache.data.base import id_problem
 from mmcache.errors import MMCacheError
 
 # Split names as datasets spell them -> the canonical train / val / test.
@@ -154,7 +155,10 @@ class IdCheck:
         self.seen: dict[str, tuple[Path | str, int | None]] = {}
 
     def add(self, sid: str, path: Path | str, line: int | None = None) -> None:
-        """Record `sid` seen at `path`, `line`; raise if it was seen before."""
+        """Record `sid` seen at `path`, `line`; raise if it was seen before or cannot be an id."""
+        why = id_problem(sid)
+        if why is not None:
+            raise MMCacheError(f"{where(path, line)}: id {sid!r:.80} {why}; fix the id in the file")
         first = self.seen.get(sid)
         if first is not None:
             raise MMCacheError(f"{where(path, line)}: duplicate id {sid!r} (first seen at {where(*first)}); "
