@@ -71,7 +71,7 @@ demo: $(STAMP)
 	@echo "ablation=0: image + text fusion   ablation=1: text only   ablation=2: image only"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider
 
 features: $(STAMP)
 	$(BIN)/mmcache extract $(DATASET) --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) $(FEATURES) $(EXTRACT_ARGS)

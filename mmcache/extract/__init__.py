@@ -1,23 +1,35 @@
-"""Extractors (contract 2) and the batched, resumable runner."""
+"""Extractors (contract 2) and the batched, resumable runner.
+
+Importing the package (or `mmcache.extract.cli`) loads no torch: the names below are
+resolved on first use, which registers every built-in decoder, family and preset.
+"""
 
 from __future__ import annotations
 
-from mmcache.extract.base import (
-    DECODERS,
-    FAMILIES,
-    PRESETS,
-    DecodeError,
-    Extractor,
-    build_extractor,
-    register_decoder,
-    register_family,
-    register_preset,
-    resolve_preset,
-)
+from typing import TYPE_CHECKING, Any
 
-# Decoders and families register themselves on import.
-from mmcache.extract import decode, clip, roberta, teachers  # noqa: E402,F401  isort: skip
-from mmcache.extract import frcnn, media, mel, r3d, resnet  # noqa: E402,F401  isort: skip
+if TYPE_CHECKING:
+    from mmcache.extract.base import (
+        DECODERS,
+        FAMILIES,
+        PRESETS,
+        DecodeError,
+        Extractor,
+        build_extractor,
+        register_decoder,
+        register_family,
+        register_preset,
+        resolve_preset,
+    )
 
 __all__ = ["DECODERS", "FAMILIES", "PRESETS", "DecodeError", "Extractor", "build_extractor",
            "register_decoder", "register_family", "register_preset", "resolve_preset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import mmcache.extract.builtin  # noqa: F401  (fills the registries)
+    from mmcache.extract import base
+
+    return getattr(base, name)

@@ -155,4 +155,4 @@ def build_extractor(preset: str, modality: str, **overrides: Any) -> Extractor:
 
 
 def _import_families() -> None:
-    import mmcache.extract  # noqa: F401  (families register on import)
+    import mmcache.extract.builtin  # noqa: F401  (families register on import)

@@ -222,7 +222,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
     if cfg.head not in HEADS:
-        import mmcache.heads  # noqa: F401
+        import mmcache.heads.builtin  # noqa: F401
 
         if cfg.head not in HEADS:
             raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")

@@ -59,7 +59,7 @@ def register_head(name: str) -> Callable[[HeadClass], HeadClass]:
 
 def build_head(name: str, inputs: InputSpec, tasks: dict[str, int], hparams: dict[str, Any] | None = None) -> Head:
     """Build registered head `name` for these inputs and tasks."""
-    import mmcache.heads  # noqa: F401  (heads register on import)
+    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
 
     if name not in HEADS:
         raise MMCacheError(f"unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}")

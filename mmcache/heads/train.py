@@ -376,7 +376,7 @@ def train(cfg: TrainConfig) -> RunResult:
     t_start = time.perf_counter()
     _validate(cfg)
     run_dir = _run_dir(cfg) if cfg.save else None  # refuse an existing run folder before training, not after
-    import mmcache.heads  # noqa: F401  (heads register on import)
+    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
 
     if cfg.head not in HEADS:
         raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
