@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import nms
 
 from mmcache.errors import MMCacheError
@@ -42,6 +43,8 @@ class FasterRCNNExtractor(TorchvisionExtractor):
     """
 
     modalities = ("image",)
+    options = ("arch", "weights", "seed", "num_classes", "min_size", "max_size", "regions", "score_thresh",
+               "min_boxes", "candidate_thresh", "nms_thresh", "proposals")
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)
@@ -85,22 +88,42 @@ class FasterRCNNExtractor(TorchvisionExtractor):
         return int(self.model.roi_heads.box_predictor.cls_score.in_features)
 
     def preprocess(self, decoded: dict[str, Any]) -> torch.Tensor:
-        """RGB PIL image -> uint8 [3,h,w], shrunk in the worker to the size the detector would resize to."""
+        """Image -> RGB (torchvision's image loader) -> [3,h,w]: uint8 as it is, or float32 already at the detector's size.
+
+        The detector's own resize (bilinear, on the [0,1] float image) runs here when it would
+        at least halve the image, since then its float output is fewer bytes than the uint8
+        original; otherwise the uint8 image goes to the device and is resized there. Either
+        way the model sees what torchvision's `weights.transforms()` + the detector's transform give.
+        """
         from torchvision.transforms.v2 import functional as TF
 
         img = decoded["image"]
         if getattr(img, "mode", "RGB") != "RGB":
             img = img.convert("RGB")
+        x = TF.pil_to_tensor(img)
         w, h = img.size
         scale = min(int(self.config["min_size"]) / min(w, h), int(self.config["max_size"]) / max(w, h))
-        if scale < 1:
-            # Boxes are stored normalised, so shrinking here changes nothing but the bytes moved.
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=2)  # BILINEAR
-        return TF.pil_to_tensor(img)
+        if scale > 0.5:
+            return x
+        return self.model.transform.resize(x.float().div_(255), None)[0]
 
     def collate(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images keep their own sizes: a list (the detector batches and pads them itself)."""
         return list(items)
+
+    def image_list(self, batch: list[torch.Tensor]) -> ImageList:
+        """The detector's transform (normalise, resize unless `preprocess` did, pad) of a batch on the device."""
+        device = self._device()
+        t = self.model.transform
+        images = []
+        for img in batch:
+            x = img.to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                images.append(t.resize(t.normalize(x.float().div_(255)), None)[0])
+            else:  # resized in the worker; normalising after the (linear) resize is the same up to round-off
+                images.append(t.normalize(x))
+        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+        return ImageList(t.batch_images(images, size_divisible=t.size_divisible), sizes)
 
     def select(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the regions to keep: class-agnostic NMS, then those over score_thresh, topped up to min_boxes."""
@@ -110,11 +133,10 @@ class FasterRCNNExtractor(TorchvisionExtractor):
         return keep[:n]
 
     def forward(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """List of uint8 [3,h,w] -> tokens [B,K,d], boxes [B,K,5], mask [B,K], pooled [B,d]."""
+        """List of `preprocess` outputs -> tokens [B,K,d], boxes [B,K,5], mask [B,K], pooled [B,d]."""
         device = self._device()
-        images = [img.to(device, non_blocking=True).float().div_(255) for img in batch]
         m = self.model
-        image_list, _ = m.transform(images)
+        image_list = self.image_list(batch)
         features = m.backbone(image_list.tensors)
         proposals, _ = m.rpn(image_list, features)
         detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)

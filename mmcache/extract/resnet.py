@@ -7,7 +7,6 @@ a weights enum name ("IMAGENET1K_V2", "DEFAULT"), a local state_dict file (.pth 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,21 +18,13 @@ from torch import nn
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, register_family, register_preset
+from mmcache.extract.weights import weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
           "resnet101": "ResNet101_Weights", "resnet152": "ResNet152_Weights"}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed (so a stale weights file changes the store's spec hash)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +111,7 @@ def weights_spec(weights: str | None, enum_cls: Any) -> dict[str, Any]:
     if is_local_weights(weights, enum_cls):
         path = Path(str(weights)).expanduser()
         if path.is_file():
-            return {"weights_sha256": file_sha256(path)}
+            return {"weights_sha256": weights_sha256(path)}
     return {}
 
 
@@ -154,6 +145,7 @@ class ResNetExtractor(TorchvisionExtractor):
     """
 
     modalities = ("image",)
+    options = ("arch", "weights", "seed", "resize", "crop", "mean", "std", "grid")
     # The runner converts the weights to channels_last on CUDA, where cuDNN convs run faster so.
     channels_last = True
 
@@ -197,7 +189,11 @@ class ResNetExtractor(TorchvisionExtractor):
         return int(self.model.fc.in_features)
 
     def preprocess(self, decoded: dict[str, Any]) -> torch.Tensor:
-        """RGB PIL image -> resized, centre-cropped uint8 [3,crop,crop] (normalised on the device)."""
+        """Image -> RGB (torchvision's image loader) -> resized, centre-cropped uint8 [3,crop,crop].
+
+        The same steps as the weights' `transforms()` (bilinear resize of the short side, centre
+        crop); scaling to [0,1] and normalising run on the device.
+        """
         from torchvision.transforms.v2 import functional as TF
 
         img = decoded["image"]

@@ -53,10 +53,17 @@ def run(ext: FasterRCNNExtractor, batch: list[torch.Tensor], **config: object) -
 
 
 def test_preprocess_shrinks_to_the_detector_size(tiny: FasterRCNNExtractor) -> None:
-    x = tiny.preprocess({"image": image(0, (400, 300))})
-    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 96, 128)  # min(96/300, 128/400) = 0.32
+    big = image(0, (400, 300))
+    x = tiny.preprocess({"image": big})
+    # min(96/300, 128/400) = 0.32: the detector's own resize runs in the worker, on the [0,1] float image.
+    assert x.dtype == torch.float32 and tuple(x.shape) == (3, 96, 128)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(np.array(big)).permute(2, 0, 1)[None].float() / 255,
+                                          scale_factor=0.32, mode="bilinear", recompute_scale_factor=True)[0]
+    torch.testing.assert_close(x, ref)
     small = tiny.preprocess({"image": image(0, (60, 40))})
-    assert tuple(small.shape) == (3, 40, 60)  # never enlarged here (the detector resizes)
+    assert small.dtype == torch.uint8 and tuple(small.shape) == (3, 40, 60)  # enlarged on the device
+    mid = tiny.preprocess({"image": image(0, (200, 150))})  # scale 0.64: the uint8 original is fewer bytes
+    assert mid.dtype == torch.uint8 and tuple(mid.shape) == (3, 150, 200)
     assert isinstance(tiny.collate([x, small]), list)
 
 
