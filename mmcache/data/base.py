@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -105,6 +107,9 @@ class Dataset:
     root: Path
     # What the adapter dropped or assumed, one line each (printed by `mmcache data show`).
     notes: list[str] = field(default_factory=list)
+    # How generated splits were drawn (None where the dataset has its own): recorded in the manifest.
+    fold: int | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         for row, s in enumerate(self.samples):
@@ -147,26 +152,71 @@ class Dataset:
         return out
 
     def write_manifest(self, path: Path) -> None:
-        """Write ids, splits and labels as JSON (the store's `verify` checks ids against it)."""
+        """Write ids, splits, labels and the fold/seed of generated splits as JSON (heads and `verify` read it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         obj = {
             "name": self.name,
+            "fold": self.fold,
+            "seed": self.seed,
             "labels": self.labels.to_json(),
             "samples": [{"id": s.id, "split": s.split, "labels": s.labels} for s in self.samples],
         }
-        path.write_text(json.dumps(obj))
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps(obj))
+        tmp.replace(path)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The JSON of a manifest, or None when there is none or it is unreadable (it is then rewritten)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("samples"), list) else None
+
+
+def check_manifest(path: Path, ds: Dataset, force: bool = False) -> None:
+    """Refuse to replace a manifest listing ids that `ds` lacks (another dataset under the same name), unless `force`.
+
+    A manifest whose ids `ds` all has (an earlier `--limit` or `--split` run, another fold) is no conflict.
+    """
+    old = read_manifest(path)
+    if old is None:
+        return
+    have = set(ds.ids())
+    stale = [str(r.get("id")) for r in old["samples"] if isinstance(r, dict) and str(r.get("id")) not in have]
+    if stale and not force:
+        raise MMCacheError(
+            f"{path} lists {len(stale)} ids not in dataset {ds.name!r} at {ds.root} (e.g. {stale[:3]}): it was "
+            "written for another dataset or an older version of this one. Give this dataset its own --name, or "
+            "pass --force to replace the manifest (its stores keep the old rows; `mmcache cache verify` lists them)"
+        )
 
 
 Adapter = Callable[..., Dataset]
 DATASETS: dict[str, Adapter] = {}
+DATASET_OPTIONS: dict[str, list[str]] = {}  # dataset -> the `-o KEY=VALUE` options its adapter takes
 ALIASES: dict[str, str] = {}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def register_dataset(name: str, *aliases: str) -> Callable[[Adapter], Adapter]:
-    """Decorator: register an adapter `fn(root: Path, **options) -> Dataset` under `name`."""
+def adapter_options(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> list[str]:
+    """The keyword options of an adapter function: its parameters after `root`, less `exclude`."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name not in set(exclude)]
+
+
+def register_dataset(name: str, *aliases: str, options: Iterable[str] | None = None) -> Callable[[Adapter], Adapter]:
+    """Decorator: register an adapter `fn(root: Path, **options) -> Dataset` under `name`.
+
+    `options` are the option names it takes (default: its signature's parameters after `root`);
+    `load_dataset` refuses any other.
+    """
 
     def deco(fn: Adapter) -> Adapter:
         DATASETS[name] = fn
+        DATASET_OPTIONS[name] = list(options) if options is not None else adapter_options(fn)
         for a in aliases:
             ALIASES[a] = name
         return fn
@@ -185,23 +235,73 @@ def default_root(name: str, data_dir: Path | str = "data") -> Path:
     return Path(data_dir) / name
 
 
-def load_dataset(name: str, root: Path | str | None = None, **options: Any) -> Dataset:
-    """Load dataset `name` from `root` (default `data/<name>`) through its registered adapter."""
+def load_dataset(name: str, root: Path | str | None = None, /, *, as_name: str | None = None,
+                 progress: bool = True, **options: Any) -> Dataset:
+    """Load dataset `name` from `root` (default `data/<name>`) through its registered adapter.
+
+    `options` go to the adapter (None values count as not given; unknown ones are refused). The
+    dataset's name keys its cache and run folders: `as_name`, else the adapter's (a table's file or
+    folder name), else the name as typed. `progress=False` hides the adapter's progress bars.
+    """
+    from mmcache.data.io import show_progress
+
     _import_adapters()
     canonical = ALIASES.get(name, name)
     if canonical not in DATASETS:
         raise MMCacheError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    options = {k: v for k, v in options.items() if v is not None}
+    check_options(name, options, DATASET_OPTIONS[canonical])
+    if as_name is not None:
+        check_name(as_name)
     root = Path(root) if root is not None else default_root(name)
     if not root.exists():
         raise MMCacheError(
             f"dataset folder {root} does not exist; put {name!r} there in its official layout "
             "or pass --data-dir"
         )
-    ds = DATASETS[canonical](root, **options)
-    if name != canonical:
+    with show_progress(progress):
+        ds = DATASETS[canonical](root, **options)
+    if as_name is not None:
+        ds.name = as_name
+    elif name != canonical and ds.name == canonical:
         # Caches and runs are keyed by the name as typed (`mvsa` -> cache/mvsa/), as every CLI does.
         ds.name = name
+    check_name(ds.name)
+    check_label_space(ds)
     return ds
+
+
+def check_options(dataset: str, options: dict[str, Any], takes: list[str]) -> None:
+    """Refuse options an adapter does not take, listing those it does."""
+    extra = sorted(k for k in options if k not in takes)
+    if extra:
+        hint = "; name the dataset with --name, not -o name=" if "name" in extra else ""
+        raise MMCacheError(f"dataset {dataset!r} does not take option(s) {extra}{hint}; "
+                           + (f"it takes: {', '.join(takes)}" if takes else "it takes no options"))
+
+
+def check_name(name: str) -> None:
+    """A dataset name is one folder name (cache/<name>/, runs/<name>/): letters, digits, `.`, `_`, `-`."""
+    if not NAME_RE.fullmatch(name):
+        raise MMCacheError(f"--name {name!r}: a dataset name names the folders cache/<name>/ and runs/<name>/; "
+                           "use letters, digits, '.', '_' and '-' (not first)")
+
+
+def default_name(root: Path, fallback: str) -> str:
+    """A dataset name from a file's stem or a folder's name (other characters become `_`)."""
+    stem = root.stem if root.is_file() else root.resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    return name if NAME_RE.fullmatch(name) else fallback
+
+
+def check_label_space(ds: Dataset) -> None:
+    """A dataset needs at least one task, and every task at least one class."""
+    if not ds.labels.tasks:
+        raise MMCacheError(f"dataset {ds.name!r} at {ds.root}: no labels found, so there is nothing to train on; "
+                           "see README, 'Datasets', for where each layout keeps its labels")
+    empty = [t for t, names in ds.labels.tasks.items() if not names]
+    if empty:
+        raise MMCacheError(f"dataset {ds.name!r} at {ds.root}: task {empty[0]!r} has no classes; fill in its labels")
 
 
 def _import_adapters() -> None:

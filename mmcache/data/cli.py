@@ -63,7 +63,7 @@ def missing_media(samples: list[Any]) -> dict[str, int]:
 
 @app.command("show")
 def show(
-    name: Annotated[str, typer.Argument(help="Registered dataset name (see `mmcache data list`).")],
+    dataset: Annotated[str, typer.Argument(help="Registered dataset name (see `mmcache data list`).")],
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<name>).")] = None,
     fold: Annotated[int | None, typer.Option(
         help="Cross-validation fold 0-9, for datasets without official splits (MVSA, table, webdataset).")] = None,
@@ -71,14 +71,18 @@ def show(
     task: Annotated[str | None, typer.Option(help="Make this task primary (multi-task datasets).")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Adapter option KEY=VALUE, repeatable (e.g. -o skip_missing=true).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).")] = None,
     check: Annotated[bool, typer.Option(help="Also count media files that are missing on disk.")] = False,
     samples: Annotated[int, typer.Option(help="Print the first N samples as JSON lines.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars while reading.")] = True,
 ) -> None:
     """Print counts per split and class, to check against the paper before extracting."""
     from mmcache.data import load_dataset
     from mmcache.data.io import split_sort_key
 
-    ds = load_dataset(name, data_dir, **dataset_options(fold, seed, task, option))
+    ds = load_dataset(dataset, data_dir, as_name=name, progress=progress,
+                      **dataset_options(fold, seed, task, option))
     typer.echo(f"{ds.name}: {len(ds.samples)} samples at {ds.root}")
     typer.echo(f"tasks: {', '.join(ds.labels.tasks)} (primary {ds.labels.primary!r}, metric {ds.labels.metric})")
     for note in ds.notes:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mmcache.data.base import Dataset, register_dataset
+from mmcache.data.base import Dataset, adapter_options, register_dataset
 from mmcache.data.table import load_table
 from mmcache.errors import MMCacheError
 
@@ -101,7 +101,7 @@ def generate_demo(root: Path | str, n: int = 3000, seed: int = 0, noise: float =
     return root
 
 
-@register_dataset("demo")
+@register_dataset("demo", options=adapter_options(load_table, exclude=("name", "label_names")))
 def load_demo(root: Path, **options: Any) -> Dataset:
     """Load the demo dataset (generic table layout); `mmcache data demo` generates it."""
     if not (root / "data.csv").exists():

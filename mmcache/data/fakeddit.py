@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, check_options, iter_delimited, locate, order_tasks
+from mmcache.data.io import IdCheck, iter_delimited, locate, order_tasks, progress_bar
 from mmcache.errors import MMCacheError
 
 TASKS = {
@@ -47,9 +44,8 @@ def _label(value: str, task: str, path: Path, line: int) -> int:
 
 @register_dataset("fakeddit")
 def load_fakeddit(root: Path, seed: int = 0, task: str | None = None, text_column: str = "clean_title",
-                  image_ext: str = ".jpg", **options: Any) -> Dataset:
+                  image_ext: str = ".jpg") -> Dataset:
     """Load the three multimodal splits; tasks 2_way (primary unless `task`), 3_way, 6_way."""
-    check_options("fakeddit", options)
     space = LabelSpace(order_tasks(dict(TASKS), task, "fakeddit"), metric="accuracy")
     train = locate(root, SPLITS[0][1])
     assert train is not None
@@ -65,7 +61,7 @@ def load_fakeddit(root: Path, seed: int = 0, task: str | None = None, text_colum
     for split, fname in SPLITS:
         path = base / fname
         rows = iter_delimited(path, "\t", required=required, stream=True)
-        for line, row in tqdm(rows, desc=f"fakeddit {split}", unit="row", leave=False):
+        for line, row in progress_bar(rows, desc=f"fakeddit {split}", unit="row"):
             sid = row["id"].strip()
             if not sid:
                 raise MMCacheError(f"{path}, line {line}: empty id; fix or remove the row")

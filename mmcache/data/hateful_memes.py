@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, as_bool, check_options, decode_bytes, locate, text_lines
+from mmcache.data.io import IdCheck, as_bool, decode_bytes, locate, text_lines
 from mmcache.errors import MMCacheError
 
 LABELS = ["not_hateful", "hateful"]
@@ -26,9 +25,8 @@ FILES = (("train", "train"), ("dev_seen", "val"), ("dev", "val"), ("test_seen", 
 
 
 @register_dataset("hateful-memes", "hateful_memes")
-def load_hateful_memes(root: Path, seed: int = 0, unseen: bool = True, **options: Any) -> Dataset:
+def load_hateful_memes(root: Path, seed: int = 0, unseen: bool = True) -> Dataset:
     """Load the jsonl splits present (train required); primary metric AUROC."""
-    check_options("hateful-memes", options)
     unseen = as_bool(unseen, "unseen")
     train = locate(root, "train.jsonl")
     assert train is not None

@@ -6,11 +6,18 @@ import csv
 import io
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from tqdm import tqdm
 
 from mmcache.data.base import id_problem
 from mmcache.errors import MMCacheError
+
+T = TypeVar("T")
+_PROGRESS: ContextVar[bool] = ContextVar("mmcache_data_progress", default=True)
 
 # Split names as datasets spell them -> the canonical train / val / test.
 SPLIT_ALIASES = {
@@ -82,7 +89,9 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
                    required: Iterable[str] = (), stream: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV/TSV as (line number, dict); a missing column or ragged row names the file and line.
 
-    `stream=True` reads a large file as UTF-8 (bad bytes replaced) without holding it in memory.
+    Parsing is strict: a quote opened and never closed (which would swallow the rows after it into
+    one cell) is an error naming the line it opened on. `stream=True` reads a large file as UTF-8
+    (bad bytes replaced) without holding it in memory.
     """
     if not path.is_file():
         raise MMCacheError(f"{path} not found; check the dataset layout (see README, 'Datasets')")
@@ -92,7 +101,8 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
     else:
         f = io.StringIO(decode_bytes(path.read_bytes()), newline="")
     with f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        # strict: text after a closing quote, or the end of the file inside quotes, is an error.
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
@@ -104,12 +114,13 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
             raise MMCacheError(f"{path}: missing column(s) {missing}; the header is {header}. "
                                "Is this the right file?")
         while True:
+            start = reader.line_num + 1  # a record may span lines (quoted newlines); report where it began
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                raise MMCacheError(f"{path}, line {reader.line_num}: unreadable row ({e}); fix or remove it") from None
+                raise MMCacheError(_row_error(path, start, reader.line_num, e)) from None
             line = reader.line_num
             if len(fields) != len(header):
                 if not "".join(fields).strip():  # blank line
@@ -117,6 +128,13 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
                 raise MMCacheError(f"{path}, line {line}: {len(fields)} fields where the header has "
                                    f"{len(header)}; fix or remove the row")
             yield line, dict(zip(header, fields, strict=True))
+
+
+def _row_error(path: Path, start: int, end: int, err: csv.Error) -> str:
+    if end > start:
+        return (f"{path}, line {start}: a quote opened on this line is not closed where it should be (the row runs "
+                f"on to line {end}: {err}); close the quote, or double a quote inside a quoted cell (\"\")")
+    return f"{path}, line {start}: unreadable row ({err}); fix the quotes or remove the row"
 
 
 def read_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL,
@@ -171,12 +189,24 @@ def where(path: Path | str, line: int | None = None) -> str:
     return f"{path}" if line is None else f"{path}, line {line}"
 
 
-def check_options(dataset: str, options: dict[str, Any], allowed: Iterable[str] = ()) -> None:
-    """Refuse options an adapter does not understand (None values count as not given)."""
-    extra = sorted(k for k, v in options.items() if v is not None and k not in set(allowed))
-    if extra:
-        raise MMCacheError(f"dataset {dataset!r} does not take option(s) {extra}; "
-                           f"it takes {sorted(set(allowed)) or 'none'}")
+@contextmanager
+def show_progress(on: bool) -> Iterator[None]:
+    """Within the block, adapters show their progress bars only if `on` (`--no-progress` turns them off)."""
+    token = _PROGRESS.set(on)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_bar(items: Iterable[T], desc: str, unit: str) -> Iterable[T]:
+    """A transient tqdm bar over `items`, unless progress is off (see `show_progress`)."""
+    return tqdm(items, desc=desc, unit=unit, leave=False, disable=not _PROGRESS.get())
+
+
+def warn(msg: str) -> None:
+    """A one-line warning on stderr (what was skipped and why); a progress bar on screen is redrawn below it."""
+    tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 def as_bool(value: Any, name: str) -> bool:

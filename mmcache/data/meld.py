@@ -13,10 +13,9 @@ restart in every split, so sample ids are `<split>/dia{D}_utt{U}`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, check_options, fix_mojibake, locate, order_tasks, read_delimited
+from mmcache.data.io import IdCheck, fix_mojibake, locate, order_tasks, read_delimited
 from mmcache.errors import MMCacheError
 
 EMOTIONS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
@@ -28,9 +27,8 @@ COLUMNS = ("Utterance", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID")
 
 
 @register_dataset("meld")
-def load_meld(root: Path, seed: int = 0, task: str | None = None, **options: Any) -> Dataset:
+def load_meld(root: Path, seed: int = 0, task: str | None = None) -> Dataset:
     """Load MELD's three splits; tasks emotion (primary) and sentiment; metric weighted F1."""
-    check_options("meld", options)
     space = LabelSpace(order_tasks({"emotion": EMOTIONS, "sentiment": SENTIMENTS}, task, "meld"),
                        metric="weighted_f1")
     train_csv = locate(root, "train_sent_emo.csv")

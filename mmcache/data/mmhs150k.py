@@ -15,12 +15,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, as_bool, check_options, decode_bytes, locate, open_text, order_tasks, read_text
+from mmcache.data.io import (
+    IdCheck,
+    as_bool,
+    decode_bytes,
+    locate,
+    open_text,
+    order_tasks,
+    progress_bar,
+    read_text,
+)
 from mmcache.errors import MMCacheError
 
 CATEGORIES = ["NotHate", "Racist", "Sexist", "Homophobe", "Religion", "OtherHate"]
@@ -46,10 +52,8 @@ def read_ocr(path: Path) -> str | None:
 
 
 @register_dataset("mmhs150k", "mmhs")
-def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool = True,
-                  **options: Any) -> Dataset:
+def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool = True) -> Dataset:
     """Load the official splits; the OCR text of an image becomes the sample's context."""
-    check_options("mmhs150k", options)
     ocr = as_bool(ocr, "ocr")
     space = LabelSpace(order_tasks({"hate": BINARY, "category": CATEGORIES}, task, "mmhs150k"), metric="auroc")
     gt_path = locate(root, "MMHS150K_GT.json")
@@ -73,7 +77,7 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
     for split, fname in SPLITS:
         path = split_dir / fname
         lines = list(open_text(path))
-        for n, line in enumerate(tqdm(lines, desc=f"mmhs150k {split}", unit="tweet", leave=False), 1):
+        for n, line in enumerate(progress_bar(lines, desc=f"mmhs150k {split}", unit="tweet"), 1):
             sid = line.strip()
             if not sid:
                 continue

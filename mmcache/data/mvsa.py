@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, as_bool, assign_splits, check_options, locate, open_text, read_text
+from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, register_dataset
+from mmcache.data.io import IdCheck, as_bool, as_int, assign_splits, locate, open_text, read_text
 from mmcache.errors import MMCacheError
 
 LABELS = ["negative", "neutral", "positive"]
@@ -82,14 +82,14 @@ def _media_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | None = None,
-              skip_missing: bool = False, vote: str = "modality", **options: Any) -> Dataset:
+              skip_missing: bool = False, vote: str = "modality") -> Dataset:
     """Load MVSA-Single or -Multiple: apply the label rule, then a seeded 8:1:1 split or 10-fold CV fold.
 
     `vote` (Multiple only): "modality" takes the majority of the text labels and of the image labels
     separately; "pair" takes the (text, image) pair that most annotators gave.
     """
-    check_options(name, options)
     skip_missing = as_bool(skip_missing, "skip_missing")
+    seed, fold = as_int(seed, "seed"), None if fold is None else as_int(fold, "fold")
     if vote not in ("modality", "pair"):
         raise MMCacheError(f"vote must be 'modality' or 'pair', got {vote!r}")
     label_file = locate(root, LABEL_FILE)
@@ -144,16 +144,19 @@ def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | 
     notes += [f"dropped {n}: {why}" for why, n in sorted(dropped.items())]
     notes.append(f"splits: 10-fold CV, fold {fold}" if fold is not None else f"splits: 8:1:1 stratified, seed {seed}")
     return Dataset(name=name, samples=samples, labels=LabelSpace({"sentiment": LABELS}, metric="accuracy"),
-                   root=base, notes=notes)
+                   root=base, notes=notes, fold=fold, seed=seed)
 
 
-@register_dataset("mvsa-single", "mvsa", "mvsa_single")
+MVSA_OPTIONS = adapter_options(load_mvsa, exclude=("name", "multiple"))
+
+
+@register_dataset("mvsa-single", "mvsa", "mvsa_single", options=MVSA_OPTIONS)
 def load_mvsa_single(root: Path, **options: Any) -> Dataset:
     """MVSA-Single: 4,511 pairs after the label rule (2,683 positive / 470 neutral / 1,358 negative)."""
     return load_mvsa(root, "mvsa-single", multiple=False, **options)
 
 
-@register_dataset("mvsa-multiple", "mvsa_multiple")
+@register_dataset("mvsa-multiple", "mvsa_multiple", options=MVSA_OPTIONS)
 def load_mvsa_multiple(root: Path, **options: Any) -> Dataset:
     """MVSA-Multiple: per-modality annotator majority, then the Single label rule (17,025 pairs reported)."""
     return load_mvsa(root, "mvsa-multiple", multiple=True, **options)

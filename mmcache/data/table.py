@@ -13,8 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, decode_bytes, fill_missing_splits, normalise_split, read_delimited, text_lines
+from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, default_name, register_dataset
+from mmcache.data.io import (
+    IdCheck,
+    as_int,
+    decode_bytes,
+    fill_missing_splits,
+    normalise_split,
+    read_delimited,
+    text_lines,
+)
 from mmcache.errors import MMCacheError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -115,48 +123,63 @@ def sorted_names(values: set[str]) -> list[str]:
         return sorted(values)
 
 
-def label_columns(rows: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
-    """Task name -> column: `label` is the primary task, each `label_<task>` column an extra one."""
+def label_columns(rows: list[tuple[str, dict[str, Any]]], where: Path,
+                  label_column: str = PRIMARY_TASK) -> dict[str, str]:
+    """Task name -> column: `label_column` is the primary task, each `label_<task>` column an extra one.
+
+    A table with no label column at all (or without the `label_column` asked for) is an error.
+    """
     cols: dict[str, str] = {}
+    seen: dict[str, None] = {}
     for _, row in rows:
         for c in row:
-            if c == "label":
-                cols.setdefault(PRIMARY_TASK, c)
+            seen.setdefault(c)
+            if c == label_column:
+                cols.setdefault(label_column, c)
             elif c.startswith(LABEL_PREFIX) and len(c) > len(LABEL_PREFIX):
                 cols.setdefault(c[len(LABEL_PREFIX):], c)
-    if PRIMARY_TASK in cols:
-        cols = {PRIMARY_TASK: cols[PRIMARY_TASK], **cols}
+    if label_column in cols:
+        return {label_column: cols[label_column], **cols}
+    if not cols or label_column != PRIMARY_TASK:
+        raise MMCacheError(f"{where}: no {label_column!r} column (columns: {', '.join(seen)}); name the column "
+                           "holding the class `label`, or pass -o label_column=NAME")
     return cols
 
 
 def load_label_space(path: Path) -> LabelSpace | None:
-    """The saved label space beside a table, if any."""
+    """The saved label space beside a table, if any; a task saved without classes counts as not saved."""
     if not path.exists():
         return None
     try:
-        return LabelSpace.from_json(json.loads(path.read_text()))
+        space = LabelSpace.from_json(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, AttributeError) as e:
         raise MMCacheError(f"{path}: unreadable label file ({e}); fix it or delete it to rebuild it") from None
+    space.tasks = {t: names for t, names in space.tasks.items() if names}
+    return space
 
 
-@register_dataset("table")
 def load_table(
     root: Path,
-    name: str = "table",
+    name: str | None = None,
     seed: int = 0,
     fold: int | None = None,
     label_names: list[str] | None = None,
     image_root: str | Path | None = None,
     metric: str | None = None,
-    **_: Any,
+    label_column: str = PRIMARY_TASK,
 ) -> Dataset:
     """Load a table (or one table per split); label names -> indices, saved to `labels.json` beside it.
 
     Class order comes from `labels.json` if present (so indices stay stable when rows change), else
     from `label_names` (primary task), else sorted names; a label outside a saved space is an error.
-    Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV.
+    Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV. The
+    dataset is named `name`, else after the table file (or the folder of per-split tables).
     """
     root = Path(root)
+    name = name or default_name(root, "table")
+    if label_names is not None and (not isinstance(label_names, list) or not label_names):
+        raise MMCacheError(f"option label_names={label_names!r} must be a non-empty list of class names, "
+                           'e.g. -o \'label_names=["neg","pos"]\'')
     tables = find_tables(root)
     base = tables[0][0].parent
     media_root = Path(image_root) if image_root is not None else base
@@ -166,19 +189,24 @@ def load_table(
     if not rows:
         raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
 
-    cols = label_columns([(w, r) for w, r, _ in rows])
+    source = tables[0][0] if len(tables) == 1 else root  # named in errors about the whole table
+    cols = label_columns([(w, r) for w, r, _ in rows], source, label_column)
+    primary = next(iter(cols))
     labels_path = base / LABELS_FILE
     saved = load_label_space(labels_path)
     tasks: dict[str, list[str]] = {}
     for task, col in cols.items():
         if saved is not None and task in saved.tasks:
             tasks[task] = list(saved.tasks[task])
-        elif task == PRIMARY_TASK and label_names is not None:
-            tasks[task] = list(label_names)
+        elif task == primary and label_names is not None:
+            tasks[task] = [str(n) for n in label_names]
         else:
             tasks[task] = sorted_names({_label_str(r[col]) for _, r, _ in rows if _get(r, col) is not None})
+        if not tasks[task]:  # an empty label space would be saved and then refuse every label filled in later
+            raise MMCacheError(f"{source}: column {col!r} is blank in every row, so task {task!r} has no classes; "
+                               "fill in the labels, or remove or rename the column")
     space = LabelSpace(tasks, metric=metric or (saved.metric if saved else "accuracy"))
-    if cols and (saved is None or saved.tasks != tasks or (metric and saved.metric != metric)):
+    if saved is None or saved.tasks != tasks or (metric and saved.metric != metric):
         try:
             labels_path.write_text(json.dumps(space.to_json(), indent=1))
         except OSError:
@@ -220,13 +248,19 @@ def load_table(
             )
         )
     notes = []
-    samples, note = fill_missing_splits(samples, str(tables[0][0]), next(iter(cols), None), seed=seed, fold=fold)
+    samples, note = fill_missing_splits(samples, str(tables[0][0]), primary, seed=seed, fold=fold)
     if note:
         notes.append(note)
     elif fold is not None:
         raise MMCacheError(f"{tables[0][0]}: the table has its own splits; --fold applies only to tables without "
                            "a split column")
-    return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes)
+    generated = note is not None
+    return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes,
+                   fold=as_int(fold, "fold") if generated and fold is not None else None,
+                   seed=as_int(seed, "seed") if generated else None)
+
+
+register_dataset("table", options=adapter_options(load_table, exclude=("name",)))(load_table)
 
 
 def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, check_options, decode_bytes, locate, open_text, text_lines
+from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, register_dataset
+from mmcache.data.io import IdCheck, decode_bytes, locate, open_text, text_lines
 from mmcache.errors import MMCacheError
 
 LABELS = ["negative", "neutral", "positive"]
@@ -77,10 +77,9 @@ def load_captions(path: Path | None) -> dict[str, str]:
     return out
 
 
-def load_twitter(root: Path, year: str, seed: int = 0, captions: str | None = None, **options: Any) -> Dataset:
+def load_twitter(root: Path, year: str, seed: int = 0, captions: str | None = None) -> Dataset:
     """Load one of the TomBERT datasets (`year` "2015" or "2017")."""
     name = f"twitter{year[2:]}"
-    check_options(name, options)
     train = locate(root, "train.tsv", hint=year)
     assert train is not None
     base = train.parent
@@ -118,13 +117,16 @@ def load_twitter(root: Path, year: str, seed: int = 0, captions: str | None = No
                    root=base, notes=notes)
 
 
-@register_dataset("twitter15", "twitter2015")
+TWITTER_OPTIONS = adapter_options(load_twitter, exclude=("year",))
+
+
+@register_dataset("twitter15", "twitter2015", options=TWITTER_OPTIONS)
 def load_twitter15(root: Path, **options: Any) -> Dataset:
     """Twitter-15 (3,179 / 1,122 / 1,037 targets)."""
     return load_twitter(root, "2015", **options)
 
 
-@register_dataset("twitter17", "twitter2017")
+@register_dataset("twitter17", "twitter2017", options=TWITTER_OPTIONS)
 def load_twitter17(root: Path, **options: Any) -> Dataset:
     """Twitter-17 (3,562 / 1,176 / 1,234 targets)."""
     return load_twitter(root, "2017", **options)

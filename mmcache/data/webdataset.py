@@ -6,7 +6,9 @@
         <key>.cls    class index (when the json has no label)     <key>.mp4 / .wav / .flac / .mp3   video, audio
 
 Image, video and audio members are unpacked once into `<root>/_unpacked/` (or `-o unpack_dir=DIR`) so
-every decoder reads plain files; texts and labels are read straight from the shards. The split of a
+every decoder reads plain files; texts and labels are read straight from the shards. Only regular files
+with a relative path that stays inside that folder are read: absolute or `..` paths, links, devices and
+FIFOs are skipped with a warning naming the shard and member. The split of a
 sample comes from its json `split`, else from a train/val/test folder or shard name, else a seeded
 8:1:1 split (or `--fold`). The label comes from the json, else `.cls`, else a class folder name.
 """
@@ -16,13 +18,21 @@ from __future__ import annotations
 import json
 import re
 import tarfile
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm import tqdm
-
-from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
-from mmcache.data.io import IdCheck, as_bool, check_options, decode_bytes, fill_missing_splits, normalise_split
+from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, default_name, register_dataset
+from mmcache.data.io import (
+    IdCheck,
+    as_bool,
+    as_int,
+    decode_bytes,
+    fill_missing_splits,
+    normalise_split,
+    progress_bar,
+    warn,
+)
 from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space, sorted_names
 from mmcache.errors import MMCacheError
 
@@ -57,13 +67,40 @@ def class_from_path(rel: Path) -> str | None:
     return rel.parts[-2]
 
 
+def unsafe_member(m: tarfile.TarInfo, folder: Path) -> str | None:
+    """Why member `m` must not be read (a link, a device, a path leaving `folder`), or None if it is safe."""
+    if not m.isreg():
+        kinds = ((m.issym, "a symbolic link"), (m.islnk, "a hard link"), (m.isdev, "a device or FIFO"))
+        return next((f"it is {what}" for test, what in kinds if test()), "it is not a regular file")
+    path = PurePosixPath(m.name)
+    if path.is_absolute() or ".." in path.parts:
+        return "its path is absolute or climbs out of the shard with '..'"
+    data_filter = getattr(tarfile, "data_filter", None)  # tarfile's own extraction rules (Python >= 3.10.12)
+    if data_filter is not None:
+        try:
+            data_filter(m, str(folder))
+        except tarfile.FilterError as e:
+            return str(e)
+    if not (folder / m.name).resolve().is_relative_to(folder.resolve()):
+        return "its path leads out of the unpack folder"
+    return None
+
+
 def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any]]:
-    """key -> {ext: text/json/path} for one shard; media members are written under `unpack`."""
+    """key -> {ext: text/json/path} for one shard; media members are written under `unpack`.
+
+    Unsafe members (see `unsafe_member`) are skipped with a warning, so nothing lands outside `unpack`.
+    """
     out: dict[str, dict[str, Any]] = {}
+    folder = unpack / rel.with_suffix("")
     try:
         with tarfile.open(shard, mode="r:*") as tar:
             for m in tar:
-                if not m.isfile():
+                if m.isdir():
+                    continue
+                why = unsafe_member(m, folder)
+                if why is not None:
+                    warn(f"{shard}: member {m.name!r} skipped: {why}")
                     continue
                 key, ext = split_key(m.name)
                 if not ext:
@@ -71,7 +108,7 @@ def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any
                 entry = out.setdefault(key, {})
                 last = ext.rsplit(".", 1)[-1]
                 if last in IMAGE_EXTS or last in VIDEO_EXTS or last in AUDIO_EXTS:
-                    dest = unpack / rel.with_suffix("") / m.name
+                    dest = folder / m.name
                     if not (dest.is_file() and dest.stat().st_size == m.size):
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         src = tar.extractfile(m)
@@ -97,19 +134,25 @@ def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any
                         entry["cls"] = text.strip()
                     else:
                         entry["text"] = text.strip()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise MMCacheError(f"{shard}: unreadable tar shard ({e}); download it again or remove it") from None
+    except tarfile.ReadError:
+        raise MMCacheError(f"{shard}: unreadable tar shard (not a tar file, or a damaged one); download it again "
+                           "or remove it") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the library wrote
+        raise MMCacheError(f"{shard}: unreadable tar shard ({reason}); download it again or remove it") from None
     return out
 
 
-@register_dataset("webdataset", "wds")
-def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: int | None = None,
+def load_webdataset(root: Path, name: str | None = None, seed: int = 0, fold: int | None = None,
                     label_key: str = "label", unpack_dir: str | None = None, prefix_shard: bool = False,
-                    metric: str | None = None, **options: Any) -> Dataset:
-    """Load every `.tar` shard under `root`; labels mapped to indices and saved in `labels.json`."""
-    check_options(name, options)
+                    metric: str | None = None) -> Dataset:
+    """Load every `.tar` shard under `root`; labels mapped to indices and saved in `labels.json`.
+
+    The dataset is named `name`, else after the shards' folder.
+    """
     prefix_shard = as_bool(prefix_shard, "prefix_shard")
     root = Path(root)
+    name = name or default_name(root, "webdataset")
     shards = sorted(p for pat in ("*.tar", "*.tar.gz", "*.tgz") for p in root.rglob(pat)
                     if UNPACK_DIR not in p.relative_to(root).parts)
     if not shards:
@@ -118,7 +161,7 @@ def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: i
     unpack = Path(unpack_dir) if unpack_dir else root / UNPACK_DIR
     ids = IdCheck()
     raw: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = []  # id, split, labels, entry, where
-    for shard in tqdm(shards, desc="webdataset shards", unit="shard", leave=False):
+    for shard in progress_bar(shards, desc="webdataset shards", unit="shard"):
         rel = shard.relative_to(root)
         path_split, path_class = split_from_path(rel), class_from_path(rel)
         for key, entry in _read_shard(shard, rel, unpack).items():
@@ -149,6 +192,9 @@ def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: i
     labels_path = root / LABELS_FILE
     saved = load_label_space(labels_path)
     tasks_seen = list(dict.fromkeys(t for _, _, labs, _, _ in raw for t in labs))
+    if not tasks_seen:
+        raise MMCacheError(f"{root}: no sample has a label (a json {label_key!r} key, a .cls member or a class "
+                           "folder); add labels, or pass -o label_key=NAME if the json calls it otherwise")
     tasks = {t: (saved.tasks[t] if saved and t in saved.tasks
                  else sorted_names({labs[t] for _, _, labs, _, _ in raw if t in labs})) for t in tasks_seen}
     space = LabelSpace(tasks, metric=metric or (saved.metric if saved else "accuracy"))
@@ -174,4 +220,10 @@ def load_webdataset(root: Path, name: str = "webdataset", seed: int = 0, fold: i
         notes.append(note)
     elif fold is not None:
         raise MMCacheError(f"{root}: the shards name their splits; --fold applies only to shards without splits")
-    return Dataset(name=name, samples=samples, labels=space, root=root, notes=notes)
+    generated = note is not None
+    return Dataset(name=name, samples=samples, labels=space, root=root, notes=notes,
+                   fold=as_int(fold, "fold") if generated and fold is not None else None,
+                   seed=as_int(seed, "seed") if generated else None)
+
+
+register_dataset("webdataset", "wds", options=adapter_options(load_webdataset, exclude=("name",)))(load_webdataset)

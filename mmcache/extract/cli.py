@@ -39,30 +39,29 @@ def extract(
     split: Annotated[str | None, typer.Option(help="Only this split (train/val/test).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Dataset option KEY=VALUE.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a manifest of the same name that lists other ids.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Extract features of DATASET into feature stores cache/<dataset>/<modality>/<name>.h5 (resumable)."""
     from mmcache.data import load_dataset
+    from mmcache.data.cli import dataset_options
     from mmcache.extract.runner import _dist_info, format_summary, parse_requests
     from mmcache.extract.runner import extract as run
 
     if dtype not in ("float16", "float32"):
         raise MMCacheError(f"--dtype must be float16 or float32, not {dtype!r}")
-    opts: dict[str, object] = {}
-    for kv in option or []:
-        if "=" not in kv:
-            raise MMCacheError(f"--option {kv!r} must be KEY=VALUE")
-        k, v = kv.split("=", 1)
-        opts[k.strip()] = v
-    if fold is not None:
-        opts["fold"] = fold
     requests = [r for m, v in (("image", image), ("text", text), ("context", context), ("video", video),
                                ("audio", audio), ("teacher", teacher)) for r in parse_requests(m, v)]
     if not requests:
         raise MMCacheError("name at least one store, e.g. `mmcache extract demo --image clip --text clip`")
-    ds = load_dataset(dataset, data_dir, **opts)
+    ds = load_dataset(dataset, data_dir, as_name=name, progress=progress,
+                      **dataset_options(fold, None, None, option))
     summaries = run(ds, requests, cache_dir=cache_dir, device=device, batch_size=batch_size,
                     num_workers=_default_workers() if num_workers is None else num_workers, dtype=dtype,
-                    strict=strict, retry_failed=retry_failed, limit=limit, split=split, amp=amp, progress=progress)
+                    strict=strict, retry_failed=retry_failed, limit=limit, split=split, amp=amp, progress=progress,
+                    force=force)
     if _dist_info()[0] == 0:
         typer.echo(format_summary(summaries))

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from mmcache.cache.store import FeatureStore, StoreReader, lock_path, manifest_path, store_path
-from mmcache.data.base import Dataset, Sample
+from mmcache.data.base import Dataset, Sample, check_manifest
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
 from mmcache.utils import parse_value, pick_device, split_outside_brackets, versions
@@ -266,7 +266,7 @@ def write_manifest(ds: Dataset, cache_dir: Path | str, selected: Sequence[Sample
             keep |= {r["id"] for r in json.loads(path.read_text())["samples"]}
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # an unreadable manifest is rewritten from the dataset
-    Dataset(ds.name, [s for s in ds.samples if s.id in keep], ds.labels, ds.root).write_manifest(path)
+    replace(ds, samples=[s for s in ds.samples if s.id in keep]).write_manifest(path)  # keeps fold and seed
     return path
 
 
@@ -285,12 +285,14 @@ def extract(
     progress: bool = True,
     extractors: Sequence[Extractor] | None = None,
     retry_failed: bool = False,
+    force: bool = False,
 ) -> list[StoreSummary]:
     """Fill the requested stores of `ds` (resumable); returns a summary per store.
 
     `extractors` may be given pre-built (aligned with `requests`); otherwise each request's
     preset is built for its modality. Teachers get the dataset's class names as config.
     Ids recorded as failed count as done unless `retry_failed` (e.g. after fixing the files).
+    A manifest under the same name listing ids `ds` lacks is refused up front unless `force`.
     """
     if not requests:
         raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
@@ -298,6 +300,7 @@ def extract(
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
         raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
+    check_manifest(manifest_path(cache_dir, ds.name), ds, force=force)
     rank, world, local_rank = _dist_info()
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():

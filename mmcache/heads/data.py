@@ -50,6 +50,10 @@ class Manifest:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise MMCacheError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); "
                                "run `mmcache extract` again to rewrite it") from None
+        empty = [t for t, names in labels.tasks.items() if not names]
+        if not labels.tasks or empty:  # written by an older version from a blank label column
+            raise MMCacheError(f"{path}: task {(empty or ['(none)'])[0]!r} has no classes; fill in the dataset's "
+                               "labels and run `mmcache extract` again to rewrite the manifest")
         return cls(name=str(obj.get("name", path.parent.name)), labels=labels, ids=ids, splits=splits,
                    targets=targets)
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mmcache.data import load_dataset
+from mmcache.data.base import DATASET_OPTIONS, DATASETS
 from mmcache.data.cli import app, parse_options
+from mmcache.data.table import write_table
 from mmcache.errors import MMCacheError
 from tests.data.layouts import write_meld, write_mvsa
 
@@ -80,3 +83,43 @@ def test_list_names_every_adapter_with_aliases() -> None:
     assert names == {"demo", "table", "mvsa-single", "mvsa-multiple", "hateful-memes", "meld", "twitter15",
                      "twitter17", "mmhs150k", "fakeddit", "webdataset"}
     assert "mvsa-single (alias mvsa, mvsa_single)" in res.output
+
+
+def test_show_table_without_labels_is_one_user_error(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "split": "train"}, {"text": "y", "split": "test"}])
+    res = runner.invoke(app, ["show", "table", "--data-dir", str(tmp_path / "t.csv")])
+    assert isinstance(res.exception, MMCacheError), res.exception
+    assert "no 'label' column" in str(res.exception) and "-o label_column=NAME" in str(res.exception)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_adapter_refuses_unknown_options_and_lists_its_own(tmp_path: Path, name: str) -> None:
+    takes = DATASET_OPTIONS[name]
+    assert "name" not in takes and "root" not in takes
+    with pytest.raises(MMCacheError) as e:
+        load_dataset(name, tmp_path, bogus_option=1)
+    msg = str(e.value)
+    assert f"dataset {name!r} does not take option(s) ['bogus_option']" in msg
+    assert msg.endswith(f"it takes: {', '.join(takes)}" if takes else "it takes no options")
+    res = runner.invoke(app, ["show", name, "--data-dir", str(tmp_path), "-o", "zzz=1"])
+    assert isinstance(res.exception, MMCacheError) and "['zzz']" in str(res.exception)
+
+
+def test_declared_options_reach_the_adapter(tmp_path: Path) -> None:
+    assert DATASET_OPTIONS["webdataset"] == ["seed", "fold", "label_key", "unpack_dir", "prefix_shard", "metric"]
+    assert {"seed", "fold", "label_names", "image_root", "metric", "label_column"} == set(DATASET_OPTIONS["table"])
+    assert set(DATASET_OPTIONS["demo"]) == set(DATASET_OPTIONS["table"]) - {"label_names"}
+    assert set(DATASET_OPTIONS["mvsa-single"]) == {"seed", "fold", "skip_missing", "vote"}
+    assert set(DATASET_OPTIONS["twitter15"]) == {"seed", "captions"}
+    # An option set to None counts as not given.
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "a", "split": "train"}])
+    assert load_dataset("table", tmp_path / "t.csv", fold=None, bogus=None).name == "t"
+
+
+def test_name_as_an_option_points_to_the_name_flag(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "a", "split": "train"}])
+    res = runner.invoke(app, ["show", "table", "--data-dir", str(tmp_path / "t.csv"), "-o", "name=mine"])
+    assert isinstance(res.exception, MMCacheError) and "--name" in str(res.exception)
+    res = runner.invoke(app, ["show", "table", "--data-dir", str(tmp_path / "t.csv"), "--name", "mine"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("mine: 1 samples")

@@ -139,3 +139,61 @@ def test_demo_is_deterministic_by_seed_and_loads(tmp_path: Path) -> None:
     assert len(ds.samples) == 40 and ds.labels.tasks == {"label": ["negative", "neutral", "positive"]}
     assert set(ds.splits) <= {"train", "val", "test"}
     assert all(Path(s.image).is_file() for s in ds.samples)
+
+
+@pytest.mark.parametrize(("suffix", "text"), [
+    # The quote opened on line 3 is never closed: the rows after it would become one text cell.
+    (".csv", 'id,text,label,split\n1,fine,a,train\n2,"unclosed text,b,train\n3,x,a,test\n4,"y",b,test\n'),
+    (".csv", 'id,text,label,split\n1,fine,a,train\n2,"unclosed text,b,train\n3,x,a,test\n4,y,b,test\n'),
+    (".tsv", 'id\ttext\tlabel\tsplit\n1\tfine\ta\ttrain\n2\t"unclosed\tb\ttrain\n3\tx\ta\ttest\n'),
+])
+def test_unclosed_quote_names_the_file_and_line(tmp_path: Path, suffix: str, text: str) -> None:
+    (tmp_path / f"t{suffix}").write_text(text)
+    with pytest.raises(MMCacheError, match=rf"t\{suffix}, line 3: .*quote"):
+        load_dataset("table", tmp_path)
+
+
+def test_quoted_cells_with_newlines_and_quotes_still_load(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text('id,text,label,split\n1,"two\nlines, ok",a,train\n2,"say ""hi""",b,test\n'
+                                    '3,plain,a,test\n')
+    ds = load_dataset("table", tmp_path)
+    assert [s.text for s in ds.samples] == ["two\nlines, ok", 'say "hi"', "plain"]
+    assert [s.labels["label"] for s in ds.samples] == [0, 1, 0]
+
+
+def test_table_without_label_column_is_one_clear_error(tmp_path: Path) -> None:
+    write_table(tmp_path / "t.csv", [{"text": "x", "sentiment": "a", "split": "train"},
+                                     {"text": "y", "sentiment": "b", "split": "test"}])
+    with pytest.raises(MMCacheError, match=r"t\.csv: no 'label' column .*-o label_column=NAME"):
+        load_dataset("table", tmp_path)
+    assert not (tmp_path / "labels.json").exists()
+    ds = load_dataset("table", tmp_path, label_column="sentiment")
+    assert ds.labels.tasks == {"sentiment": ["a", "b"]} and [s.labels for s in ds.samples] == [
+        {"sentiment": 0}, {"sentiment": 1}]
+    with pytest.raises(MMCacheError, match=r"no 'polarity' column"):
+        load_dataset("table", tmp_path, label_column="polarity")
+
+
+def test_blank_label_column_is_an_error_and_never_saved(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": "", "split": "train"} for i in range(3)]
+    write_table(tmp_path / "t.csv", rows)
+    with pytest.raises(MMCacheError, match=r"t\.csv: column 'label' is blank in every row"):
+        load_dataset("table", tmp_path)
+    assert not (tmp_path / "labels.json").exists()
+    # A label file left empty by an older version is rebuilt once the labels are filled in.
+    (tmp_path / "labels.json").write_text(json.dumps({"tasks": {"label": []}}))
+    write_table(tmp_path / "t.csv", [{**r, "label": "ab"[i % 2]} for i, r in enumerate(rows)])
+    ds = load_dataset("table", tmp_path)
+    assert ds.labels.tasks == {"label": ["a", "b"]} and [s.labels["label"] for s in ds.samples] == [0, 1, 0]
+    assert json.loads((tmp_path / "labels.json").read_text())["tasks"] == {"label": ["a", "b"]}
+    with pytest.raises(MMCacheError, match="label_names=\\[\\] must be a non-empty list"):
+        load_dataset("table", tmp_path / "t.csv", label_names=[])
+
+
+def test_table_name_defaults_to_the_file_or_folder(tmp_path: Path) -> None:
+    write_table(tmp_path / "my tweets.csv", ROWS)
+    assert load_dataset("table", tmp_path / "my tweets.csv").name == "my_tweets"
+    assert load_dataset("table", tmp_path).name == tmp_path.name
+    assert load_dataset("table", tmp_path, as_name="tw-1").name == "tw-1"
+    with pytest.raises(MMCacheError, match=r"--name '\.\./x'"):
+        load_dataset("table", tmp_path, as_name="../x")

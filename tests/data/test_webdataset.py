@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -97,3 +99,73 @@ def test_webdataset_errors(tmp_path: Path) -> None:
     (root / "labels.json").write_text(json.dumps({"tasks": {"label": ["a", "b"]}}))
     with pytest.raises(MMCacheError, match=r"a\.tar, sample 'k1': label 'zzz' is not in the label space"):
         load_dataset("webdataset", root)
+
+
+def _add(tar: tarfile.TarFile, info: tarfile.TarInfo, data: bytes = b"") -> None:
+    info.size = len(data) if info.isreg() else 0
+    tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+
+
+def test_hostile_members_are_refused_and_nothing_lands_outside(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "ds" / "wds"
+    shard = root / "train" / "00000.tar"
+    shard.parent.mkdir(parents=True)
+    outside_abs = tmp_path / "abs" / "evil.jpg"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            _add(tar, tarfile.TarInfo(f"k{i}.jpg"), jpeg_bytes())
+            _add(tar, tarfile.TarInfo(f"k{i}.json"), json.dumps({"label": "a"}).encode())
+        _add(tar, tarfile.TarInfo("../../up.jpg"), b"climb")
+        _add(tar, tarfile.TarInfo("sub/../../../../up2.jpg"), b"climb")
+        _add(tar, tarfile.TarInfo(str(outside_abs)), b"absolute")
+        for kind, name in ((tarfile.SYMTYPE, "link.jpg"), (tarfile.LNKTYPE, "hard.jpg"), (tarfile.CHRTYPE, "dev.jpg"),
+                           (tarfile.FIFOTYPE, "fifo.jpg")):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd"
+            _add(tar, info)
+    ds = load_dataset("webdataset", root)
+    assert sorted(ds.ids()) == ["k0", "k1", "k2"]
+    assert all(Path(s.image).read_bytes() == jpeg_bytes() for s in ds.samples)
+    # Every file written lies under the unpack folder; nothing else appeared anywhere under tmp_path.
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() or p.is_symlink())
+    assert {p for p in written if not p.is_relative_to(root / "_unpacked")} == {shard, root / "labels.json"}
+    assert not any(p.is_symlink() for p in written) and not outside_abs.exists()
+    err = capsys.readouterr().err
+    for member in ("../../up.jpg", "sub/../../../../up2.jpg", str(outside_abs), "link.jpg", "hard.jpg", "dev.jpg",
+                   "fifo.jpg"):
+        assert f"warning: {shard}: member {member!r} skipped: " in err
+
+
+def test_unpack_dir_option_keeps_members_inside_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "wds"
+    shard = root / "train" / "a.tar"
+    shard.parent.mkdir(parents=True)
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, tarfile.TarInfo("ok.jpg"), jpeg_bytes())
+        _add(tar, tarfile.TarInfo("ok.cls"), b"1")
+        _add(tar, tarfile.TarInfo("../../../../x.jpg"), b"climb")
+    ds = load_dataset("webdataset", root, unpack_dir=str(tmp_path / "out" / "u"))
+    assert [Path(s.image).parent for s in ds.samples] == [tmp_path / "out" / "u" / "train" / "a"]
+    assert not (tmp_path / "x.jpg").exists() and "'../../../../x.jpg'" in capsys.readouterr().err
+
+
+def test_not_a_tar_is_one_line_and_progress_can_be_off(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "wds"
+    write_shard(root / "train" / "a.tar", {f"k{i}": sample(i, "x") for i in range(2)})
+    load_dataset("webdataset", root, progress=False)
+    assert "webdataset shards" not in capsys.readouterr().err
+    (root / "train" / "b.tar").write_bytes(b"\x1f\x8b this is not a tar" * 40)
+    with pytest.raises(MMCacheError) as e:
+        load_dataset("webdataset", root, progress=False)
+    assert "\n" not in str(e.value) and str(root / "train" / "b.tar") in str(e.value)
+    assert "not a tar" in str(e.value)
+    assert "webdataset shards" not in capsys.readouterr().err
+
+
+def test_webdataset_without_any_label_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "wds"
+    write_shard(root / "train" / "a.tar", {f"k{i}": {"jpg": jpeg_bytes(), "txt": "t"} for i in range(3)})
+    with pytest.raises(MMCacheError, match=r"no sample has a label.*-o label_key="):
+        load_dataset("webdataset", root)
+    assert not (root / "labels.json").exists()
