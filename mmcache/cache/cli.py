@@ -13,6 +13,7 @@ from mmcache.cache.store import (
     DEFAULT_CACHE,
     StoreReader,
     disk_bytes,
+    failures_path,
     find_stores,
     lock_path,
     partial_path,
@@ -101,7 +102,9 @@ def info(
     typer.echo(f"versions  {', '.join(f'{k} {v}' for k, v in a.get('versions', {}).items())}")
     for i, (sid, why) in enumerate(r.failed.items()):
         if i == show_failed:
-            typer.echo(f"failed    ... {len(r.failed) - show_failed} more (--failed N)")
+            listed = failures_path(path)
+            where = f", all of them in {listed}" if listed.exists() else ""
+            typer.echo(f"failed    ... {len(r.failed) - show_failed} more (--failed N{where})")
             break
         typer.echo(f"failed    {sid}: {why}")
 
@@ -138,7 +141,7 @@ def verify(
 def rm(
     paths: Annotated[list[Path], typer.Argument(help="Stores (.h5) to delete.")],
 ) -> None:
-    """Delete stores (and their lock files); refuses a store that a writer is using."""
+    """Delete stores (and their lock and failed-id list files); refuses a store that a writer is using."""
     for p in paths:
         if p.is_dir() or p.suffix != ".h5":
             raise MMCacheError(f"{p} is not a feature store file (*.h5); `cache rm` deletes stores one by one")
@@ -151,6 +154,8 @@ def rm(
                 size = disk_bytes(p)
                 p.unlink()
                 partial_path(p).unlink(missing_ok=True)
+                failures_path(p).unlink(missing_ok=True)
+                partial_path(failures_path(p)).unlink(missing_ok=True)
         except Timeout:
             raise MMCacheError(f"{p} is being written by another process; stop it before removing the store") from None
         lock_path(p).unlink(missing_ok=True)

@@ -783,6 +783,8 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
         reasons = Counter(r.failed.values()).most_common(3)
         msg = (f"{len(r.failed)} ids failed extraction ({_examples(list(r.failed))}); reasons: "
                + "; ".join(f"{c}x {why}" for why, c in reasons))
+        if failures_path(path).exists():
+            msg += f"; every one with its reason in {failures_path(path)}"
         (rep.problems if strict else rep.warnings).append(msg)
     mpath = Path(manifest) if manifest is not None else r.manifest()
     if not mpath.exists():

@@ -5,12 +5,15 @@ DataLoader workers each needed raw field of a sample is decoded once (shared by 
 extractor that reads it) and preprocessed per extractor; on the device each extractor
 encodes its part of the batch under `torch.inference_mode` (autocast on GPU), and the
 rows go to its FeatureStore. Inputs that fail to decode are recorded as failed rows,
-never written as zeros. Under `torchrun` each rank writes its own part file of each
-store, and rank 0 merges the parts into the store at the end.
+never written as zeros, and every failed id of a store is listed with its reason in
+`<name>.failed.csv` next to it. A retry of failed ids keeps each record until the id's row
+is written. Under `torchrun` each rank writes its own part file of each store, and rank 0
+merges the parts into the store at the end, under the same rules.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -27,7 +30,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from mmcache.cache.store import FeatureStore, StoreReader, lock_path, manifest_path, store_path
+from mmcache.cache.store import (
+    FeatureStore,
+    StoreReader,
+    failures_path,
+    lock_path,
+    manifest_path,
+    partial_path,
+    store_path,
+)
 from mmcache.data.base import Dataset, Sample, check_manifest
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
@@ -56,7 +67,10 @@ class StoreSummary:
     path: Path
     written: int = 0
     skipped: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # id -> reason, of this run
+    kinds: dict[str, str] = field(default_factory=dict)  # id -> reason with the sample's paths taken out
+    failed_total: int = 0  # failed ids recorded in the store after the run, earlier runs' included
+    failed_file: Path | None = None  # every failed id of the store with its reason (None when there is none)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,27 @@ class Failure:
     """A sample an extractor could not encode, and why (crosses the worker boundary)."""
 
     reason: str
+
+
+_MEDIA = ("image", "video", "audio")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?![\w.])")
+
+
+def failure_kind(reason: str, sample: Sample | None = None) -> str:
+    """The kind of a failure: its reason with the sample's media paths (as `<image>`, ...) and numbers taken
+    out, so the same problem with different files groups together."""
+    spots: list[tuple[str, str]] = []
+    for f in _MEDIA:
+        value = getattr(sample, f, None) if sample is not None else None
+        if not value:
+            continue
+        value = str(value)
+        for form in {value, os.path.expanduser(value), str(Path(value).expanduser()), os.path.normpath(value)}:
+            if len(form) >= 3:
+                spots.append((form, f"<{f}>"))
+    for form, tag in sorted(spots, key=lambda x: -len(x[0])):
+        reason = reason.replace(form, tag)
+    return _NUMBER.sub("N", reason)
 
 
 def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Request]:
@@ -216,37 +251,66 @@ def _part_path(path: Path, rank: int) -> Path:
 
 
 def merge_parts(path: Path, spec: dict[str, Any], dataset: str, dtype: str) -> int:
-    """Move rows and failures of leftover rank part files of `path` into it; returns rows moved."""
+    """Move rows and failures of leftover rank part files of `path` into it; returns rows moved.
+
+    The rules of a single-process run hold: a part's row of an id the store recorded as failed
+    (a retry that succeeded) is written and supersedes the record; a part's failure updates the
+    store's record unless the store has the id's row. A part is removed only once merged whole,
+    so a merge cut short is redone by the next run.
+    """
     parts = sorted(p for p in glob.glob(glob.escape(str(path)) + ".part*") if re.search(r"\.part\d+$", p))
     if not parts:
         return 0
     moved = 0
     readers = [StoreReader(p) for p in parts]
-    cap = len(_done_ids(path)) + sum(len(r.ids) + len(r.failed) for r in readers)
+    rows, failed = _store_ids(path)
+    cap = len(rows) + len(failed) + sum(len(r.ids) + len(r.failed) for r in readers)
     with FeatureStore(path, spec, dataset, dtype=dtype, versions=versions(), capacity=cap) as store:
         for part, reader in zip(parts, readers, strict=True):
             if reader.attrs.get("spec_hash") != store.hash:
                 raise MMCacheError(f"{part} was written with another spec than {path}; remove the part file")
-            done = store.done
-            new = [i for i in reader.ids if i not in done]
+            committed = store.committed
+            new = [i for i in reader.ids if i not in committed]
             for s in range(0, len(new), MERGE_CHUNK):
                 ids = new[s:s + MERGE_CHUNK]
                 store.write(ids, reader.load(ids))
                 moved += len(ids)
-            done = store.done
+            committed = store.committed
             for sid, reason in reader.failed.items():
-                if sid not in done and sid not in store.failed:
+                if sid not in committed:
                     store.fail(sid, reason)
             os.remove(part)
             lock_path(part).unlink(missing_ok=True)
     return moved
 
 
-def _done_ids(path: Path) -> set[str]:
+def _store_ids(path: Path) -> tuple[set[str], dict[str, str]]:
+    """(committed ids, failed id -> reason) of a store; empty when it does not exist yet."""
     if not path.exists():
-        return set()
+        return set(), {}
     reader = StoreReader(path)
-    return set(reader.ids) | set(reader.failed)
+    return set(reader.ids), reader.failed
+
+
+def write_failures(path: Path, by_id: dict[str, Sample] | None = None) -> Path | None:
+    """Write every failed id of the store at `path` with its kind and reason to `<name>.failed.csv` (atomically);
+    remove that file when nothing failed. Returns the file, or None."""
+    out = failures_path(path)
+    failed = _store_ids(path)[1]
+    if not failed:
+        out.unlink(missing_ok=True)
+        return None
+    by_id = by_id or {}
+    tmp = partial_path(out)
+    with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "kind", "reason"])
+        for sid, reason in failed.items():
+            w.writerow([sid, failure_kind(reason, by_id.get(sid)), reason])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    return out
 
 
 def select_samples(ds: Dataset, split: str | None = None, limit: int | None = None) -> list[Sample]:
@@ -337,11 +401,10 @@ def extract(
     if rank == 0:
         for ext, p in zip(extractors, paths, strict=True):
             merge_parts(p, ext.spec, ds.name, dtype)
-            if retry_failed and p.exists():
-                with FeatureStore(p, ext.spec, ds.name, dtype=dtype) as store:
-                    store.clear_failed()
     barrier()
-    done = [_done_ids(p) for p in paths]
+    # A retry never erases a failure record: an id's record goes only when its row is written.
+    state = [_store_ids(p) for p in paths]
+    done = [rows if retry_failed else rows | set(failed) for rows, failed in state]
     barrier()
 
     need_per_sample: list[tuple[int, ...]] = []
@@ -373,12 +436,15 @@ def extract(
         for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
             if any(k in n for n in need_per_sample) or not distributed:
                 target = _part_path(p, rank) if distributed else p
-                cap = sum(k in n for n in need_per_sample) + (0 if distributed else len(done[k]))
+                # Rows to come + rows and records already there (+ room for retried records whose reason changes).
+                cap = sum(k in n for n in need_per_sample)
+                if not distributed:
+                    cap += len(state[k][0]) + len(state[k][1]) * (2 if retry_failed else 1)
                 writers[k] = FeatureStore(target, ext.spec, ds.name, dtype=dtype, versions=versions(),
                                           capacity=max(cap, 1))
         if todo:
             _run_loop(todo, need_per_sample, extractors, writers, summaries, dev, batch_size, num_workers,
-                      strict, amp, progress and rank == 0, world)
+                      strict, amp, progress and rank == 0, world, ds.by_id())
     finally:
         for w in writers:
             if w is not None:
@@ -387,15 +453,21 @@ def extract(
     if distributed:
         # Gather every rank's counts so rank 0 reports the whole run.
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, [(s.written, s.failed) for s in summaries])
+        torch.distributed.all_gather_object(gathered, [(s.written, s.failed, s.kinds) for s in summaries])
         for k, sm in enumerate(summaries):
             sm.written = sum(g[k][0] for g in gathered)
             sm.failed = {sid: r for g in gathered for sid, r in g[k][1].items()}
+            sm.kinds = {sid: r for g in gathered for sid, r in g[k][2].items()}
         if rank == 0:
             for ext, p in zip(extractors, paths, strict=True):
                 merge_parts(p, ext.spec, ds.name, dtype)
         barrier()
     if rank == 0:
+        by_id = ds.by_id()
+        for sm in summaries:
+            if sm.path.exists():
+                sm.failed_file = write_failures(sm.path, by_id)
+                sm.failed_total = len(_store_ids(sm.path)[1])
         write_manifest(ds, cache_dir, selected)
     return summaries
 
@@ -409,7 +481,8 @@ def _autocast(dev: torch.device, amp: bool) -> Any:
 
 def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
               writers: list[FeatureStore | None], summaries: list[StoreSummary], dev: torch.device,
-              batch_size: int, num_workers: int, strict: bool, amp: bool, progress: bool, world: int) -> None:
+              batch_size: int, num_workers: int, strict: bool, amp: bool, progress: bool, world: int,
+              by_id: dict[str, Sample]) -> None:
     if num_workers > 0:
         # Tokenizers used in the parent before the fork would warn in every worker and drop to one thread anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -424,13 +497,14 @@ def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list
         # Decoding workers need cores too; oversubscribed intra-op threads spin and slow the forward down.
         torch.set_num_threads(max(1, min(threads, usable_cores() - num_workers)))
     try:
-        _loop(loader, extractors, writers, summaries, dev, strict, amp, bar, world)
+        _loop(loader, extractors, writers, summaries, dev, strict, amp, bar, world, by_id)
     finally:
         torch.set_num_threads(threads)
 
 
 def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[FeatureStore | None],
-          summaries: list[StoreSummary], dev: torch.device, strict: bool, amp: bool, bar: Any, world: int) -> None:
+          summaries: list[StoreSummary], dev: torch.device, strict: bool, amp: bool, bar: Any, world: int,
+          by_id: dict[str, Sample]) -> None:
     with bar, torch.inference_mode():
         for batch in loader:
             for k, (ids, inputs, fails) in batch.items():
@@ -438,10 +512,12 @@ def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[Feature
                 assert writer is not None
                 for sid, reason in fails:
                     if strict:
+                        # Nothing is recorded: a new id stays to do, a retried id keeps its old record.
                         raise MMCacheError(f"sample {sid!r} ({sm.modality}/{sm.name}): {reason} (--strict stops here; "
                                            "drop --strict to record it as failed and go on)")
                     writer.fail(sid, reason)
                     sm.failed[sid] = reason
+                    sm.kinds[sid] = failure_kind(reason, by_id.get(sid))
                 if ids:
                     ext = extractors[k]
                     cl = dev.type == "cuda" and getattr(ext, "channels_last", False)
@@ -454,25 +530,37 @@ def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[Feature
             bar.update(n_items * world)
 
 
-def format_summary(summaries: Sequence[StoreSummary], max_reasons: int = 5) -> str:
-    """A small table of rows written / skipped / failed per store, with the commonest failure reasons."""
+def format_summary(summaries: Sequence[StoreSummary], max_kinds: int = 10, max_ids: int = 5) -> str:
+    """A small table of rows written / skipped / failed per store; then, per store, this run's failures counted
+    by kind with example ids, and the file that lists every failed id of the store with its reason."""
     head = f"{'store':<28}{'written':>9}{'skipped':>9}{'failed':>8}  path"
     lines = [head, "-" * len(head)]
     for s in summaries:
         lines.append(f"{s.modality + '/' + s.name:<28}{s.written:>9}{s.skipped:>9}{len(s.failed):>8}  {s.path}")
     for s in summaries:
-        if not s.failed:
+        earlier = max(0, s.failed_total - len(s.failed))
+        if not s.failed and not earlier:
             continue
-        lines.append(f"failed in {s.modality}/{s.name} (recorded in the store, never written as data):")
-        by_reason: dict[str, list[str]] = {}
+        lines.append(f"{s.modality}/{s.name}: {len(s.failed)} ids failed in this run "
+                     "(recorded in the store, never written as data)")
+        by_kind: dict[str, list[str]] = {}
         for sid, reason in s.failed.items():
-            by_reason.setdefault(reason, []).append(sid)
-        for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:max_reasons]:
-            lines.append(f"  {len(ids):>5} x {reason}  (e.g. {ids[0]})")
-        if len(by_reason) > max_reasons:
-            lines.append(f"  ... and {len(by_reason) - max_reasons} other reasons")
+            by_kind.setdefault(s.kinds.get(sid) or failure_kind(reason), []).append(sid)
+        ranked = sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        for kind, ids in ranked[:max_kinds]:
+            more = f" and {len(ids) - max_ids} more" if len(ids) > max_ids else ""
+            lines.append(f"  {len(ids):>5} x {kind}  ({', '.join(map(repr, ids[:max_ids]))}{more})")
+        if len(ranked) > max_kinds:
+            rest = ranked[max_kinds:]
+            lines.append(f"  ... {len(rest)} other kinds ({sum(len(ids) for _, ids in rest)} ids)")
+        if earlier:
+            lines.append(f"  {earlier} more ids are recorded as failed by earlier runs "
+                         "(skipped; --retry-failed tries them again)")
+        if s.failed_file is not None:
+            lines.append(f"  every failed id with its reason: {s.failed_file}")
     return "\n".join(lines)
 
 
-__all__ = ["FIELDS", "Failure", "Request", "StoreSummary", "extract", "format_summary", "merge_decode_options",
-           "merge_parts", "parse_requests", "select_samples", "to_device", "write_manifest"]
+__all__ = ["FIELDS", "Failure", "Request", "StoreSummary", "extract", "failure_kind", "format_summary",
+           "merge_decode_options", "merge_parts", "parse_requests", "select_samples", "to_device", "write_failures",
+           "write_manifest"]

@@ -56,6 +56,9 @@ def test_info(cache: Path) -> None:
     code, out = invoke("info", str(p))
     assert code == 0, out
     assert "30 committed, 1 failed" in out and "failed    s30: empty text" in out and '"weights": "random"' in out
+    p.with_name("clip.failed.csv").write_text("id,kind,reason\ns30,empty text,empty text\n")
+    code, out = invoke("info", str(p), "--failed", "0")
+    assert code == 0 and f"1 more (--failed N, all of them in {p.with_name('clip.failed.csv')})" in out
     code, out = invoke("info", str(p), "--json")
     obj = json.loads(out)
     assert obj["rows"] == 30 and obj["arrays"]["tokens"] == {"shape": [30, 7, 16], "dtype": "float16"}
@@ -76,11 +79,14 @@ def test_verify_exit_codes(cache: Path) -> None:
 
 def test_rm(cache: Path) -> None:
     p = cache / "demo" / "image" / "clip.h5"
+    listed = p.with_name("clip.failed.csv")
+    listed.write_text("id,kind,reason\ns30,empty text,empty text\n")
     with FeatureStore(p, {**SPEC, "modality": "image"}, "demo"):
         code, out = invoke("rm", str(p))
         assert code != 0 and p.exists()  # a store being written is not removed
     code, out = invoke("rm", str(p))
     assert code == 0 and "removed" in out and not p.exists() and not Path(f"{p}.lock").exists()
+    assert not listed.exists()  # the list of its failed ids goes with the store
     code, out = invoke("rm", str(p))
     assert code != 0
     code, out = invoke("ls", "--cache-dir", str(cache))

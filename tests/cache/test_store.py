@@ -339,7 +339,7 @@ def test_retry_killed_at_any_store_write_loses_no_record(path: Path, tmp_path: P
         shutil.copy(pristine, path)
         seen = [0]
 
-        def cut(fd: int, buf: np.ndarray, offset: int, _k: int = k) -> None:
+        def cut(fd: int, buf: np.ndarray, offset: int, _k: int = k, seen: list[int] = seen) -> None:
             seen[0] += 1
             if seen[0] == _k:
                 raw = np.ascontiguousarray(buf).view(np.uint8).reshape(-1)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.cache.store import StoreReader, manifest_path, store_path
+from mmcache.cache.store import FeatureStore, StoreReader, failures_path, manifest_path, store_path, verify_store
 from mmcache.errors import MMCacheError
 from mmcache.extract import DECODERS, build_extractor
-from mmcache.extract.runner import Request, extract, format_summary, parse_requests
+from mmcache.extract.runner import Request, extract, failure_kind, format_summary, merge_parts, parse_requests
 
 from .conftest import N_DEMO
 
@@ -194,3 +194,157 @@ def test_field_the_dataset_lacks_is_refused_before_loading(demo_ds: Any, tmp_pat
     with pytest.raises(MMCacheError, match="no selected sample of 'demo' has a context field"):
         extract(demo_ds, parse_requests("context", "clip-tiny"), cache_dir=tmp_path, progress=False)
     assert not store_path(tmp_path, "demo", "context", "clip-tiny").exists()
+
+
+def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
+    import csv
+
+    with open(failures_path(path), newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id", "kind", "reason"]
+    return {r[0]: (r[1], r[2]) for r in rows[1:]}
+
+
+def test_retry_failed_strict_keeps_every_record(broken_root: Path, tmp_path: Path) -> None:
+    from mmcache.data import load_dataset
+
+    ds = load_dataset("demo", broken_root)
+    req = [Request("image", "clip", "clip-tiny")]
+    extract(ds, req, cache_dir=tmp_path, progress=False, batch_size=16)
+    path = store_path(tmp_path, "demo", "image", "clip")
+    before = StoreReader(path).failed
+    assert set(before) == {"demo00001", "demo00002", "demo00003"} and verify_store(path).ok
+    # Nothing fixed: a strict retry stops at the first one, and every record stays.
+    with pytest.raises(MMCacheError, match="demo00001.*--strict"):
+        extract(ds, req, cache_dir=tmp_path, strict=True, retry_failed=True, progress=False, batch_size=16)
+    r = StoreReader(path)
+    assert r.failed == before and len(r.ids) == N_DEMO - 3
+    rep = verify_store(path)
+    assert rep.ok, rep.problems
+    # One file fixed, one broken another way: the retry writes the first and updates the second's reason.
+    shutil.copy(broken_root / "images" / "demo00004.jpg", broken_root / "images" / "demo00001.jpg")
+    (broken_root / "images" / "demo00002.jpg").write_bytes(b"GIF89a broken")
+    with pytest.raises(MMCacheError, match="demo00002.*--strict"):
+        extract(ds, req, cache_dir=tmp_path, strict=True, retry_failed=True, progress=False, batch_size=1)
+    r = StoreReader(path)
+    assert "demo00001" in r.ids and set(r.failed) == {"demo00002", "demo00003"} and verify_store(path).ok
+    assert r.failed["demo00002"] == before["demo00002"]  # --strict records nothing new
+    sums = extract(ds, req, cache_dir=tmp_path, retry_failed=True, progress=False, batch_size=16)
+    assert sums[0].written == 0 and set(sums[0].failed) == {"demo00002", "demo00003"}
+    r = StoreReader(path)
+    assert "corrupt" in r.failed["demo00002"] and r.failed["demo00003"] == before["demo00003"]
+    assert len(r.ids) == len(set(r.ids)) == N_DEMO - 2 and verify_store(path).ok
+
+
+@pytest.fixture
+def many_broken(broken_root: Path) -> Path:
+    """broken_root plus four more corrupt images: five of one kind, each with its own path in the reason."""
+    corrupt = (broken_root / "images" / "demo00001.jpg").read_bytes()
+    for i in (11, 12, 13, 14):
+        (broken_root / "images" / f"demo{i:05d}.jpg").write_bytes(corrupt)
+    return broken_root
+
+
+def test_summary_groups_failures_by_kind_and_lists_every_id(many_broken: Path, tmp_path: Path) -> None:
+    from mmcache.data import load_dataset
+
+    ds = load_dataset("demo", many_broken)
+    sums = extract(ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False, batch_size=16)
+    s = sums[0]
+    corrupt = ["demo00001", "demo00011", "demo00012", "demo00013", "demo00014"]
+    assert len({s.failed[i] for i in corrupt}) == 5  # every reason names its own file ...
+    assert len({s.kinds[i] for i in corrupt}) == 1  # ... but they are one kind
+    text = format_summary(sums)
+    kind_line = next(ln for ln in text.splitlines() if ln.strip().startswith("5 x "))
+    assert "image file <image> is corrupt" in kind_line and str(many_broken) not in kind_line
+    assert all(repr(i) in kind_line for i in corrupt)
+    assert "1 x image file <image> is empty (N bytes)" in text and "1 x image file <image> not found" in text
+    path = store_path(tmp_path, "demo", "image", "clip")
+    assert s.failed_file == failures_path(path) == path.with_name("clip.failed.csv") and str(s.failed_file) in text
+    listed = _read_failures(path)
+    assert {k: v[1] for k, v in listed.items()} == StoreReader(path).failed == s.failed
+    assert listed["demo00012"][0] == s.kinds["demo00012"] and str(many_broken) in listed["demo00012"][1]
+    # A rerun skips them but still names them and the file.
+    again = extract(ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False)
+    text = format_summary(again)
+    assert "7 more ids are recorded as failed by earlier runs" in text and str(failures_path(path)) in text
+    # Once every file is fixed, a retry leaves no failure and no stale list.
+    for i in (1, 2, 3, 11, 12, 13, 14):
+        shutil.copy(many_broken / "images" / "demo00004.jpg", many_broken / "images" / f"demo{i:05d}.jpg")
+    fixed = extract(ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False,
+                    retry_failed=True)
+    assert fixed[0].written == 7 and fixed[0].failed_file is None and not failures_path(path).exists()
+    assert "failed in this run" not in format_summary(fixed)
+
+
+def test_failure_kind_takes_out_the_samples_paths() -> None:
+    from mmcache.data import Sample
+
+    s = Sample("x", "train", image="/data/my pics/a 1.jpg", video="~/v/clip.mp4")
+    reason = ("image file /data/my pics/a 1.jpg is corrupt or not an image (UnidentifiedImageError: cannot identify "
+              "image file '/data/my pics/a 1.jpg')")
+    assert failure_kind(reason, s) == ("image file <image> is corrupt or not an image (UnidentifiedImageError: "
+                                       "cannot identify image file '<image>')")
+    home = str(Path("~/v/clip.mp4").expanduser())
+    assert failure_kind(f"{home}: cannot decode video ([Errno 1094995529] bad)", s) == (
+        "<video>: cannot decode video ([Errno N] bad)")
+    assert failure_kind("image file is truncated (3 bytes not processed); float16 x2") == (
+        "image file is truncated (N bytes not processed); float16 x2")
+
+
+SPEC = {"preset": "toy", "family": "toy", "modality": "image"}
+
+
+def _rows(n: int) -> dict[str, np.ndarray]:
+    return {"pooled": np.arange(n * 4, dtype=np.float32).reshape(n, 4) + 1}
+
+
+def test_merge_keeps_failure_records_under_retry_rules(tmp_path: Path) -> None:
+    """A rank's part file merges into the store as a single-process run would have written it."""
+    path = store_path(tmp_path, "toy", "image", "toy")
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(["a", "b"], _rows(2))
+        for sid in ("c", "d", "e"):
+            st.fail(sid, f"cannot decode {sid}.jpg")
+    # A retry on two ranks: c was fixed (rank 0), d fails another way (rank 1), e still fails the same
+    # way, f is new and fails; e's part also tries to re-record a committed id's failure (ignored).
+    with FeatureStore(path.with_name("toy.h5.part0"), SPEC, "toy") as p0:
+        p0.write(["c"], _rows(1))
+        p0.fail("e", "cannot decode e.jpg")
+    with FeatureStore(path.with_name("toy.h5.part1"), SPEC, "toy") as p1:
+        p1.fail("d", "image file d.jpg is empty (0 bytes)")
+        p1.fail("f", "image file f.jpg not found")
+        p1.fail("a", "stale failure of a committed id")
+    assert merge_parts(path, SPEC, "toy", "float16") == 1
+    r = StoreReader(path)
+    assert r.ids == ["a", "b", "c"]
+    assert r.failed == {"d": "image file d.jpg is empty (0 bytes)", "e": "cannot decode e.jpg",
+                        "f": "image file f.jpg not found"}
+    np.testing.assert_array_equal(r.load(["c"])["pooled"], _rows(1)["pooled"].astype(np.float16))
+    assert not list(path.parent.glob("*.part*"))
+    m = tmp_path / "toy" / "manifest.json"
+    m.write_text(json.dumps({"name": "toy", "samples": [{"id": i, "split": "train", "labels": {}} for i in "abcdef"]}))
+    rep = verify_store(path)
+    assert rep.ok, rep.problems
+
+
+def test_ids_a_store_cannot_keep_are_refused_at_load(demo_ds: Any, tmp_path: Path) -> None:
+    import dataclasses
+
+    from mmcache.data import Dataset, load_dataset
+
+    for bad, why in (("demo00003\x00", "NUL"), ("demo\udcff3", "not valid Unicode"), ("d" * 1025, "1024-byte")):
+        samples = [dataclasses.replace(s, id=bad) if i == 3 else s for i, s in enumerate(demo_ds.samples)]
+        with pytest.raises(MMCacheError, match=f"sample 3 has id .*{why}"):
+            Dataset("demo", samples, demo_ds.labels, demo_ds.root)
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"id": "ok", "text": "a", "label": "x"}\n{"id": "b\\u0000", "text": "b", "label": "y"}\n')
+    with pytest.raises(MMCacheError, match=r"t.jsonl, line 2: id 'b\\x00' contains a NUL character"):
+        load_dataset("table", table)
+    # Ids with spaces or any other Unicode are kept exactly: a rerun finds every one of them done.
+    odd = [dataclasses.replace(s, id=f" {s.id} é\t ") for s in demo_ds.samples[:6]]
+    ds = Dataset("odd", odd, demo_ds.labels, demo_ds.root)
+    first = extract(ds, [Request("text", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False)
+    again = extract(ds, [Request("text", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False)
+    assert first[0].written == 6 and (again[0].written, again[0].skipped) == (0, 6)
+    assert StoreReader(store_path(tmp_path, "odd", "text", "clip")).ids == [s.id for s in odd]
