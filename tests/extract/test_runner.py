@@ -348,3 +348,33 @@ def test_ids_a_store_cannot_keep_are_refused_at_load(demo_ds: Any, tmp_path: Pat
     again = extract(ds, [Request("text", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False)
     assert first[0].written == 6 and (again[0].written, again[0].skipped) == (0, 6)
     assert StoreReader(store_path(tmp_path, "odd", "text", "clip")).ids == [s.id for s in odd]
+
+
+@pytest.mark.slow
+def test_torchrun_retry_keeps_records_through_the_merge(broken_root: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mmcache.data import load_dataset
+
+    ds = load_dataset("demo", broken_root)
+    extract(ds, [Request("image", "clip", "clip-tiny")], cache_dir=tmp_path, progress=False)
+    path = store_path(tmp_path, "demo", "image", "clip")
+    before = StoreReader(path).failed
+    shutil.copy(broken_root / "images" / "demo00004.jpg", broken_root / "images" / "demo00001.jpg")
+    (broken_root / "images" / "demo00002.jpg").write_bytes(b"GIF89a broken")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmcache.cli",
+           "extract", "demo", "--data-dir", str(broken_root), "--cache-dir", str(tmp_path), "--image",
+           "clip=clip-tiny", "--retry-failed", "--num-workers", "0", "--batch-size", "1", "--device", "cpu",
+           "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = StoreReader(path)
+    assert len(r.ids) == len(set(r.ids)) == N_DEMO - 2 and "demo00001" in r.ids
+    assert set(r.failed) == {"demo00002", "demo00003"} and r.failed["demo00003"] == before["demo00003"]
+    assert r.failed["demo00002"] != before["demo00002"] and "corrupt" in r.failed["demo00002"]
+    assert verify_store(path).ok and not list(path.parent.glob("*.part*"))
+    assert {k: v[1] for k, v in _read_failures(path).items()} == r.failed
+    assert str(failures_path(path)) in res.stdout and "2 ids failed in this run" in res.stdout
