@@ -67,23 +67,23 @@ def class_from_path(rel: Path) -> str | None:
     return rel.parts[-2]
 
 
-def unsafe_member(m: tarfile.TarInfo, folder: Path) -> str | None:
-    """Why member `m` must not be read (a link, a device, a path leaving `folder`), or None if it is safe."""
+def unsafe_member(m: tarfile.TarInfo, folder: Path, safe_dirs: dict[Path, bool] | None = None) -> str | None:
+    """Why member `m` must not be read (a link, a device, a path leaving `folder`), or None if it is safe.
+
+    The rules of tarfile's `data` filter, minus its per-member realpath: a folder's resolved path is
+    checked once (in `safe_dirs`), so a link already on disk under `folder` cannot lead out either.
+    """
     if not m.isreg():
         kinds = ((m.issym, "a symbolic link"), (m.islnk, "a hard link"), (m.isdev, "a device or FIFO"))
         return next((f"it is {what}" for test, what in kinds if test()), "it is not a regular file")
     path = PurePosixPath(m.name)
     if path.is_absolute() or ".." in path.parts:
         return "its path is absolute or climbs out of the shard with '..'"
-    data_filter = getattr(tarfile, "data_filter", None)  # tarfile's own extraction rules (Python >= 3.10.12)
-    if data_filter is not None:
-        try:
-            data_filter(m, str(folder))
-        except tarfile.FilterError as e:
-            return str(e)
-    if not (folder / m.name).resolve().is_relative_to(folder.resolve()):
-        return "its path leads out of the unpack folder"
-    return None
+    parent = (folder / m.name).parent
+    safe_dirs = {} if safe_dirs is None else safe_dirs
+    if parent not in safe_dirs:
+        safe_dirs[parent] = parent.resolve().is_relative_to(folder.resolve())
+    return None if safe_dirs[parent] else "its folder is a link that leads out of the unpack folder"
 
 
 def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any]]:
@@ -93,12 +93,13 @@ def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any
     """
     out: dict[str, dict[str, Any]] = {}
     folder = unpack / rel.with_suffix("")
+    safe_dirs: dict[Path, bool] = {}
     try:
         with tarfile.open(shard, mode="r:*") as tar:
             for m in tar:
                 if m.isdir():
                     continue
-                why = unsafe_member(m, folder)
+                why = unsafe_member(m, folder, safe_dirs)
                 if why is not None:
                     warn(f"{shard}: member {m.name!r} skipped: {why}")
                     continue

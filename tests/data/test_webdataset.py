@@ -169,3 +169,20 @@ def test_webdataset_without_any_label_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MMCacheError, match=r"no sample has a label.*-o label_key="):
         load_dataset("webdataset", root)
     assert not (root / "labels.json").exists()
+
+
+def test_a_link_already_in_the_unpack_folder_does_not_lead_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root, outside = tmp_path / "wds", tmp_path / "outside"
+    outside.mkdir()
+    shard = root / "train" / "a.tar"
+    shard.parent.mkdir(parents=True)
+    with tarfile.open(shard, "w") as tar:
+        for key in ("ok", "sub/evil"):
+            _add(tar, tarfile.TarInfo(f"{key}.jpg"), jpeg_bytes())
+            _add(tar, tarfile.TarInfo(f"{key}.cls"), b"0")
+    (root / "_unpacked" / "train" / "a").mkdir(parents=True)
+    (root / "_unpacked" / "train" / "a" / "sub").symlink_to(outside)
+    ds = load_dataset("webdataset", root)
+    assert list(outside.iterdir()) == []
+    assert "member 'sub/evil.jpg' skipped: its folder is a link" in capsys.readouterr().err
+    assert ds.by_id()["ok"].image == str(root / "_unpacked" / "train" / "a" / "ok.jpg")
