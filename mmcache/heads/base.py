@@ -63,4 +63,44 @@ def build_head(name: str, inputs: InputSpec, tasks: dict[str, int], hparams: dic
 
     if name not in HEADS:
         raise MMCacheError(f"unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}")
+    check_hparams(name, HEADS[name], hparams or {})
     return HEADS[name](inputs, tasks, **(hparams or {}))
+
+
+def head_defaults(cls: HeadClass) -> dict[str, Any]:
+    """The hyperparameters head class `cls` takes, with their defaults (from its constructor)."""
+    import inspect
+
+    sig = inspect.signature(cls.__init__)
+    return {k: p.default for k, p in sig.parameters.items()
+            if k not in ("self", "inputs", "tasks") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_hparams(name: str, cls: HeadClass, hparams: dict[str, Any]) -> None:
+    """Refuse, in one line, a hyperparameter the head does not take, a value of the wrong type (the type of
+    its default), a negative size or count, or a dropout outside [0, 1)."""
+    known = head_defaults(cls)
+    listing = ", ".join(f"{k}={v!r}" for k, v in known.items())
+    unknown = sorted(k for k in hparams if k not in known)
+    if unknown:
+        raise MMCacheError(f"head {name!r}: unknown hyperparameters {unknown}; it takes: {listing}")
+    for key, value in hparams.items():
+        default = known[key]
+        ok = True
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            if ok and "dropout" in key:
+                ok = 0.0 <= value < 1.0
+            elif ok:
+                ok = value >= 0
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        if not ok:
+            want = ("true or false" if isinstance(default, bool) else "a whole number >= 0" if isinstance(default, int)
+                    else "a number in [0, 1)" if "dropout" in key else "a number >= 0" if isinstance(default, float)
+                    else "a string")
+            raise MMCacheError(f"head {name!r}: {key} must be {want}, got {value!r} (default {default!r})")

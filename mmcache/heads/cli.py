@@ -41,11 +41,11 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 @app.command("train")
 def train_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
-    vtype: Annotated[str | None, typer.Option(help="Image store name (cache/<dataset>/image/<name>.h5).")] = None,
-    ttype: Annotated[str | None, typer.Option(help="Text store name (cache/<dataset>/text/<name>.h5).")] = None,
-    ctype: Annotated[str | None, typer.Option(help="Context-text store name (e.g. captions).")] = None,
-    atype: Annotated[str | None, typer.Option(help="Audio store name.")] = None,
-    videotype: Annotated[str | None, typer.Option(help="Video store name.")] = None,
+    vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store (cache/<ds>/image/<name>.h5).")] = None,
+    ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store (cache/<ds>/text/<name>.h5).")] = None,
+    ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name (e.g. captions).")] = None,
+    atype: Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")] = None,
+    videotype: Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")] = None,
     head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, ...")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (linear: 0 = no branch).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout of the head's branches.")] = None,
@@ -63,7 +63,9 @@ def train_cmd(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
     optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd (momentum 0.9).")] = "adam",
-    schedule: Annotated[str, typer.Option(help="cosine, plateau (halve after 3 flat epochs) or none.")] = "cosine",
+    schedule: Annotated[str, typer.Option(help="cosine (per step), plateau (halve after 3 flat epochs) or none.")]
+    = "cosine",
+    warmup: Annotated[float, typer.Option(help="Share of the steps warming the learning rate up (cosine).")] = 0.0,
     class_weights: Annotated[bool, typer.Option("--class-weights", help="Inverse-frequency class weights.")] = False,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
     oversample: Annotated[bool, typer.Option("--oversample", help="Draw train rows class-balanced.")] = False,
@@ -77,7 +79,10 @@ def train_cmd(
                                                      "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
+                                                      "MMCACHE_THREADS overrides).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
+                                                  "--fold K` writes it); refused when it holds another.")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
@@ -100,7 +105,8 @@ def train_cmd(
     cfg = TrainConfig(dataset=dataset, modalities=modalities, cache_dir=str(cache_dir), runs_dir=str(runs_dir),
                       head=head, head_hparams=hparams, tasks=task or None, teacher=teacher, loss=loss,
                       loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, class_weights=class_weights,
+                      weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, warmup=warmup,
+                      class_weights=class_weights, fold=fold,
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), run_name=run_name,
@@ -137,16 +143,18 @@ def main() -> None:
 def sweep_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
     grid: Annotated[str | None, typer.Option(help="KEY=V1,V2;KEY2=V3,... : TrainConfig fields (head, lr, epochs, "
-                                                  "loss, ...), loss.NAME loss options, other names head hparams "
-                                                  "(D, dropout, gate, bands, ...).")] = None,
+                                                  "loss, ...), stores (vtype=clip,resnet;ttype=...), loss.NAME "
+                                                  "loss options, other names head hparams (D, dropout, ...).")] = None,
+    grid_file: Annotated[Path | None, typer.Option(help="TOML grid file ([grid] table of KEY = [values]; optional "
+                                                        "top-level seeds = [...]), crossed with --grid.")] = None,
     ablation_scabg: Annotated[bool, typer.Option("--ablation-scabg", help="Run the SCABG ablation: the full model "
                                                                             "and each part switched off in turn.")]
     = False,
-    vtype: Annotated[str | None, typer.Option(help="Image store name.")] = None,
-    ttype: Annotated[str | None, typer.Option(help="Text store name.")] = None,
-    ctype: Annotated[str | None, typer.Option(help="Context-text store name.")] = None,
-    atype: Annotated[str | None, typer.Option(help="Audio store name.")] = None,
-    videotype: Annotated[str | None, typer.Option(help="Video store name.")] = None,
+    vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store name.")] = None,
+    ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store name.")] = None,
+    ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name.")] = None,
+    atype: Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")] = None,
+    videotype: Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")] = None,
     head: Annotated[str, typer.Option(help="Head when the grid does not set one.")] = "linear",
     hp: Annotated[list[str] | None, typer.Option(help="Fixed head hparam KEY=VALUE (repeatable).")] = None,
     loss: Annotated[str, typer.Option(help="Criterion when the grid does not set one.")] = "ce",
@@ -159,17 +167,21 @@ def sweep_cmd(
     select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma list of seeds; each config runs once per seed.")] = "0",
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
+                                                      "MMCACHE_THREADS overrides).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
+                                                  "--fold K` writes it); refused when it holds another.")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
                                                   "(default: <runs-dir>/<dataset>/sweeps/sweep_<time>).")] = None,
     save_runs: Annotated[bool, typer.Option("--save-runs", help="Also write a run folder per run.")] = False,
 ) -> None:
-    """Train a grid of configs one after another; print and save a table of val/test metrics and seconds."""
+    """Train a grid of configs, all at once where they share stores and shape; print and save a table sorted by
+    the validation metric (mean +- std over seeds). Under torchrun, config groups are split across ranks."""
     import time
 
-    from mmcache.heads.sweep import configs_from, format_table, run_sweep, summarize
+    from mmcache.heads.sweep import configs_from, format_table, load_grid_file, run_sweep, summarize
     from mmcache.heads.train import TrainConfig
 
     given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
@@ -180,9 +192,20 @@ def sweep_cmd(
     base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
-                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads)
+                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
+                       fold=fold)
+    if grid_file is not None:
+        file_grid, file_seeds = load_grid_file(grid_file)
+        grid = ";".join(g for g in (file_grid, grid) if g)
+        if file_seeds and seeds == "0":
+            seed_list = file_seeds
     configs = configs_from(grid, ablation_scabg)
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs)
-    typer.echo(format_table(summarize(rows)))
-    typer.echo(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
+    if rows:  # rank 0 (or the only process)
+        typer.echo(format_table(summarize(rows)))
+        typer.echo(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

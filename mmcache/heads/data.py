@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ class Manifest:
     ids: list[str]
     splits: list[str]
     targets: dict[str, np.ndarray]  # task -> [N] int64 class index, IGNORE where unlabeled
+    fold: int | None = None  # cross-validation fold whose splits the manifest holds (None: official splits)
+    split_seed: int | None = None  # seed of generated splits / folds
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -54,8 +56,11 @@ class Manifest:
         if not labels.tasks or empty:  # written by an older version from a blank label column
             raise MMCacheError(f"{path}: task {(empty or ['(none)'])[0]!r} has no classes; fill in the dataset's "
                                "labels and run `mmcache extract` again to rewrite the manifest")
+        fold = obj.get("fold")
+        seed = obj.get("split_seed", obj.get("seed"))
         return cls(name=str(obj.get("name", path.parent.name)), labels=labels, ids=ids, splits=splits,
-                   targets=targets)
+                   targets=targets, fold=None if fold is None else int(fold),
+                   split_seed=None if seed is None else int(seed))
 
 
 @dataclass
@@ -72,6 +77,19 @@ class CachedData:
     teacher: torch.Tensor | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # "<modality>/<name>" -> rows missing there
     specs: dict[str, str] = field(default_factory=dict)  # "<modality>/<name>" -> spec hash
+    fold: int | None = None  # the manifest's cross-validation fold (None: official splits)
+    split_seed: int | None = None  # the manifest's split seed
+    manifest_split_index: dict[str, torch.Tensor] | None = None  # splits as the manifest has them
+    val_fraction: float = 0.1
+    carved_seed: int | None = None  # seed of the val rows carved from train (None: the manifest has val)
+
+    def for_seed(self, seed: int) -> CachedData:
+        """The same tensors with the validation rows a run with `seed` uses: unchanged when the manifest has
+        a val split; else `val_fraction` of train carved with `seed` (as `load_cached(..., seed=seed)`)."""
+        if self.carved_seed is None or self.carved_seed == seed or self.manifest_split_index is None:
+            return self
+        split_index = _carve_val(self.manifest_split_index, self.targets[self.labels.primary], self.val_fraction, seed)
+        return replace(self, split_index=split_index, carved_seed=seed)
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -101,18 +119,24 @@ def _warn(msg: str) -> None:
 def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str = "cache",
                 keys: Iterable[str] | None = None, tasks: list[str] | None = None, teacher: str | None = None,
                 device: str = "cpu", dtype: torch.dtype | None = None, val_fraction: float = 0.1,
-                seed: int = 0, manifest: Path | None = None) -> CachedData:
+                seed: int = 0, manifest: Path | None = None, fold: int | None = None,
+                quiet: bool = False) -> CachedData:
     """Load the stores `modalities` ({modality: store name}) of `dataset` and its manifest into tensors.
 
     `keys`: arrays to load per store (None = all the store holds). Rows missing from any store
     (failed or not extracted) are dropped from all modalities, with a printed count. Floats become
     `dtype` (default float32 on CPU, where float16 math is slow, and the store's dtype on GPU,
     cast per batch). Without a `val` split, `val_fraction` of train becomes validation (seeded).
+    `fold`: the cross-validation fold the manifest must hold (an error when it holds another).
     """
     if not modalities:
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
                            "--videotype")
     man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
+    if fold is not None and man.fold != fold:
+        held = f"fold {man.fold}" if man.fold is not None else "the official splits (no fold)"
+        raise MMCacheError(f"the manifest of {dataset!r} holds {held}, not fold {fold}; re-run "
+                           f"`mmcache extract {dataset} --fold {fold}` (stores are reused) to write that fold's splits")
     labels = man.labels
     if tasks:
         unknown = [t for t in tasks if t not in labels.tasks]
@@ -180,12 +204,18 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
     if "train" not in split_index:
         raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
+    manifest_split_index = split_index
+    carved_seed = None
     if "val" not in split_index:
         split_index = _carve_val(split_index, targets[labels.primary], val_fraction, seed)
-        _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
-              f"seed {seed}) for validation")
+        carved_seed = seed
+        if not quiet:
+            _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
+                  f"seed {seed}) for validation")
     return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=features, targets=targets,
-                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs)
+                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, fold=man.fold,
+                      split_seed=man.split_seed, manifest_split_index=manifest_split_index,
+                      val_fraction=val_fraction, carved_seed=carved_seed)
 
 
 def _carve_val(split_index: dict[str, torch.Tensor], y: torch.Tensor, frac: float,

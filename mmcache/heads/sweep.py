@@ -1,7 +1,8 @@
-"""Sweeps: train a grid of configs one after another and tabulate val/test metrics and time.
+"""Sweeps: train a grid of configs (all at once where they share data and shape) and tabulate val/test metrics.
 
 A grid is `key=v1,v2;key2=v3,v4` (the Cartesian product is run). A key is a `TrainConfig` field
-(`head`, `lr`, `epochs`, `loss`, ...), `loss.NAME` for a loss option, or (`hp.NAME` or any other
+(`head`, `lr`, `epochs`, `loss`, ...), a store key (`vtype`, `ttype`, `ctype`, `atype`, `videotype`, or
+`image`, `text`, ...: which store feeds that modality), `loss.NAME` for a loss option, or (`hp.NAME` or any other
 name) a head hyperparameter (`D`, `dropout`, `gate`, `bands`, ...). Values are JSON when they parse
 (numbers, true/false, [lists]), else strings. A key with one value is a fixed override.
 
@@ -16,11 +17,8 @@ import dataclasses
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from mmcache.errors import MMCacheError
 from mmcache.utils import parse_value, split_outside_brackets, write_json
@@ -80,6 +78,8 @@ def apply_overrides(base: Any, overrides: dict[str, Any]) -> Any:
             hparams[key[3:]] = value
         elif key in ("head_hparams", "loss_options"):
             raise MMCacheError(f"sweep: set {key} entries one by one (hp.NAME=..., loss.NAME=...)")
+        elif key in STORE_KEYS:
+            changes.setdefault("modalities", dict(base.modalities))[STORE_KEYS[key]] = value
         elif key in fields:
             changes[key] = value
         else:
@@ -87,9 +87,17 @@ def apply_overrides(base: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(base, **changes, head_hparams=hparams, loss_options=loss_options)
 
 
-def _row(name: str, overrides: dict[str, Any], seed: int, result: Any, seconds: float) -> dict[str, Any]:
+# Grid keys that choose a store (the same names as the `heads train` flags) -> modality.
+STORE_KEYS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video",
+              "image": "image", "text": "text", "context": "context", "audio": "audio", "video": "video"}
+
+
+def _row(name: str, overrides: dict[str, Any], seed: int, result: Any) -> dict[str, Any]:
     task = result.select["task"]
+    cfg = result.config
     row: dict[str, Any] = {"config": name, **{k: v for k, v in overrides.items()}, "seed": seed,
+                           "stores": "+".join(f"{m}-{s}" for m, s in cfg["modalities"].items()),
+                           "head": cfg["head"], "D": cfg["resolved"]["head_hparams"].get("D"), "lr": cfg["lr"],
                            f"val_{result.select['metric']}": result.select["value"]}
     for split in ("val", "test"):
         m = result.metrics.get(split, {}).get(task, {})
@@ -97,38 +105,82 @@ def _row(name: str, overrides: dict[str, Any], seed: int, result: Any, seconds: 
             if isinstance(m.get(k), float):
                 row[f"{split}_{k}"] = m[k]
     row["best_epoch"] = result.best_epoch
-    row["seconds"] = seconds
+    row["seconds"] = result.fit_seconds
     if result.run_dir is not None:
         row["run_dir"] = str(result.run_dir)
     return row
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed under torchrun (gloo on CPU, nccl on GPUs)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
+    """Config indices per rank: whole groups (same stores, head, D, epochs, batch size) stay on one rank, so
+    each rank loads its stores once and keeps the batched groups whole; groups are balanced by size."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(cfgs):
+        key = (c.dataset, tuple(sorted(c.modalities.items())), c.head, c.head_hparams.get("D"), c.epochs, c.batch_size)
+        groups.setdefault(key, []).append(i)
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    for idxs in sorted(groups.values(), key=len, reverse=True):
+        min(ranks, key=len).extend(idxs)
+    return ranks
+
+
 def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[int] | None = None,
               out: Path | str | None = None, save_runs: bool = False) -> list[dict[str, Any]]:
-    """Train every (name, overrides) config for each seed, sequentially; return one row per run.
+    """Train every (name, overrides) config for each seed; return one row per run (rank 0 under torchrun).
 
-    Writes `<out>.csv` and `<out>.json` (raw rows and the per-config summary) when `out` is given.
-    A config that fails with a user error is recorded with its message and the sweep goes on;
-    when every run fails (e.g. a missing store), that error is raised.
+    Stores are loaded once; configs that share data, epochs and batch size train together
+    (`train_many`). Under `torchrun` the config groups are split across ranks and the rows
+    gathered on rank 0. Writes `<out>.csv`, `<out>.md` and `<out>.json` (raw rows and the
+    per-config summary) when `out` is given. A config that fails with a user error is recorded
+    with its message and the sweep goes on; when every run fails (e.g. a missing store), that
+    error is raised.
     """
-    from mmcache.heads.train import train
+    from mmcache.heads.train import train_many
 
     seeds = seeds or [base.seed]
-    rows: list[dict[str, Any]] = []
     jobs = [(name, ov, s) for name, ov in configs for s in seeds]
-    bar = tqdm(jobs, desc="sweep", unit="run")
-    for name, overrides, seed in bar:
-        bar.set_postfix_str(name)
+    cfgs = []
+    for _name, overrides, seed in jobs:
         cfg = apply_overrides(base, {**overrides, "seed": seed})
-        cfg = dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=None)
-        t0 = time.perf_counter()
-        try:
-            result = train(cfg)
-        except MMCacheError as e:
-            rows.append({"config": name, **overrides, "seed": seed, "error": str(e)})
-            print(f"warning: sweep config {name} (seed {seed}) failed: {e}", file=sys.stderr)
-            continue
-        rows.append(_row(name, overrides, seed, result, time.perf_counter() - t0))
+        cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=None))
+    rank, world = _dist()
+    mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
+    print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
+          + (f", rank {rank} of {world}" if world > 1 else "") + ")", file=sys.stderr)
+    results = train_many([cfgs[i] for i in mine], errors=True)
+    rows_by_index: dict[int, dict[str, Any]] = {}
+    for i, res in zip(mine, results, strict=True):
+        name, overrides, seed = jobs[i]
+        if isinstance(res, MMCacheError):
+            rows_by_index[i] = {"config": name, **overrides, "seed": seed, "error": str(res)}
+            print(f"warning: sweep config {name} (seed {seed}) failed: {res}", file=sys.stderr)
+        else:
+            rows_by_index[i] = _row(name, overrides, seed, res)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world if rank == 0 else []
+        dist.gather_object(rows_by_index, gathered if rank == 0 else None, dst=0)
+        if rank != 0:
+            return []
+        for part in gathered:
+            rows_by_index.update(part)
+    rows = [rows_by_index[i] for i in sorted(rows_by_index)]
     if rows and all("error" in r for r in rows):
         raise MMCacheError(f"every sweep run failed; the first: {rows[0]['error']}")
     if out is not None:
@@ -136,8 +188,13 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     return rows
 
 
+DESCRIBE = ("stores", "head", "D", "lr")  # columns that say what a config is (as the reference tables)
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per config: mean and standard deviation over seeds of every metric column, and mean seconds."""
+    """Per config: what it is (stores, head, D, lr), mean and standard deviation over seeds of every metric
+    column, and mean seconds; sorted best first by the validation metric that chose the epochs (test metrics
+    are reported, never used to rank)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["config"], []).append(r)
@@ -145,47 +202,69 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         s: dict[str, Any] = {"config": name, "runs": len(ok)}
+        for k in DESCRIBE:
+            if ok and k in ok[0]:
+                s[k] = ok[0][k]
         if len(ok) < len(rs):
             s["error"] = next(r["error"] for r in rs if "error" in r)
-        cols = [k for k in (ok[0] if ok else {}) if k.startswith(("val_", "test_")) or k == "seconds"]
+        cols = list(dict.fromkeys(k for r in ok for k in r if k.startswith(("val_", "test_")) or k == "seconds"))
         for k in cols:
-            vals = [r[k] for r in ok if isinstance(r.get(k), (int, float))]
+            vals = [r[k] for r in ok if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
             if vals:
                 s[k] = statistics.fmean(vals)
                 if len(vals) > 1 and k != "seconds":
                     s[f"{k}_std"] = statistics.stdev(vals)
         out.append(s)
+    key = _rank_column(rows)
+    if key:
+        lower = key == "val_loss"
+        out.sort(key=lambda s: (key not in s, (s.get(key, 0.0) if lower else -s.get(key, 0.0))))
     return out
 
 
-def format_table(summary: list[dict[str, Any]]) -> str:
-    """A text table of `summarize` output: one row per config, mean (+- std over seeds)."""
+def _rank_column(rows: list[dict[str, Any]]) -> str | None:
+    """The selection metric's column (`val_<metric>`): the first val column of a successful row."""
+    for r in rows:
+        if "error" not in r:
+            return next((k for k in r if k.startswith("val_")), None)
+    return None
+
+
+def format_table(summary: list[dict[str, Any]], fmt: str = "text") -> str:
+    """`summarize` output as a text (`fmt="text"`) or markdown (`"md"`) table: one row per config, best first,
+    mean (+- std over seeds)."""
     if not summary:
         return "(no runs)"
-    cols = [k for k in dict.fromkeys(k for s in summary for k in s)
-            if k.startswith(("val_", "test_")) and not k.endswith("_std")]
-    width = max(8, *(len(s["config"]) for s in summary))
-    head = f"{'config':<{width}} " + " ".join(f"{c:>18}" for c in cols) + f" {'seconds':>8}"
-    lines = [head, "-" * len(head)]
-    for s in summary:
-        cells = []
-        for c in cols:
-            if c not in s:
-                cells.append(f"{'-':>18}")
-            elif f"{c}_std" in s:
-                cells.append(f"{s[c]:>11.4f}+-{s[c + '_std']:.3f}")
-            else:
-                cells.append(f"{s[c]:>18.4f}")
-        secs = f"{s['seconds']:>8.1f}" if "seconds" in s else f"{'-':>8}"
-        line = f"{s['config']:<{width}} " + " ".join(cells) + f" {secs}"
-        if "error" in s:
-            line += f"  error: {s['error']}"
-        lines.append(line)
+    metric_cols = [k for k in dict.fromkeys(k for s in summary for k in s)
+                   if k.startswith(("val_", "test_")) and not k.endswith("_std")]
+    desc = [k for k in DESCRIBE if any(k in s for s in summary)]
+    cols = ["config", *desc, "runs", *metric_cols, "seconds"]
+
+    def cell(s: dict[str, Any], c: str) -> str:
+        if c not in s:
+            return "-"
+        v = s[c]
+        if c in metric_cols:
+            return f"{v:.4f} +- {s[c + '_std']:.3f}" if f"{c}_std" in s else f"{v:.4f}"
+        if c == "seconds":
+            return f"{v:.2f}"
+        return str(v)
+
+    body = [[cell(s, c) for c in cols] + [f"error: {s['error']}" if "error" in s else ""] for s in summary]
+    header = [*cols, ""]
+    if fmt == "md":
+        lines = ["| " + " | ".join(header[:-1]) + " | note |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(header[i]), *(len(b[i]) for b in body)) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip(),
+             "  ".join("-" * w for w in widths[:-1])]
+    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(b)).rstrip() for b in body]
     return "\n".join(lines)
 
 
 def write_results(rows: list[dict[str, Any]], out: Path) -> None:
-    """`<out>.csv` (one row per run) and `<out>.json` (rows + per-config summary)."""
+    """`<out>.csv` (one row per run), `<out>.md` (the summary table) and `<out>.json` (rows + summary)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out.with_suffix(".csv")
@@ -193,7 +272,52 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    write_json(out.with_suffix(".json"), {"rows": rows, "summary": summarize(rows)})
+    summary = summarize(rows)
+    out.with_suffix(".md").write_text(format_table(summary, "md") + "\n")
+    write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
+
+
+def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
+    """A TOML grid file -> (`--grid` spec, seeds or None). Keys of its `[grid]` table (or of the top level)
+    are grid keys with a value or a list of values; a top-level `seeds = [0, 1, 2]` sets the seeds.
+
+        seeds = [0, 1, 2]
+        [grid]
+        vtype = ["clip", "resnet"]
+        head = ["linear", "gated"]
+        D = [128, 256]
+        lr = [1e-3, 1e-4]
+    """
+    import json
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        obj = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise MMCacheError(f"grid file {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MMCacheError(f"grid file {p} is not valid TOML: {e}") from None
+    seeds = obj.pop("seeds", None)
+    table = obj.pop("grid", None)
+    if table is None:
+        table = obj
+    elif obj:
+        raise MMCacheError(f"grid file {p}: put every key under [grid] (found {sorted(obj)} outside it)")
+    if not isinstance(table, dict) or not table:
+        raise MMCacheError(f"grid file {p} names no grid key; see `heads sweep --help`")
+    parts = []
+    for k, v in table.items():
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise MMCacheError(f"grid file {p}: {k} has no values")
+        parts.append(f"{k}=" + ",".join(x if isinstance(x, str) else json.dumps(x) for x in vals))
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)):
+        raise MMCacheError(f"grid file {p}: seeds must be a list of integers")
+    return ";".join(parts), seeds
 
 
 def configs_from(grid: str | None, ablation_scabg: bool) -> list[tuple[str, dict[str, Any]]]:

@@ -1,9 +1,13 @@
-"""The fast trainer: heads on cached tensors, batched by index in memory, with a run folder per run.
+"""Training heads on cached tensors: `train` (one config) and `train_many` (a whole grid), on the shared engine.
 
-Stores are loaded once (on the GPU when there is one); each epoch draws one permutation and
-slices it into batches, so there is no DataLoader and no per-sample Python. The best epoch is
-chosen on the validation split; the run folder holds the safetensors checkpoint, the head's
-JSON config, the run config, metrics, versions, per-epoch curves and confusion matrices.
+Stores are loaded once per dataset and store selection (on the GPU when there is one); each epoch
+draws one permutation per seed and slices it into batches, so there is no DataLoader and no
+per-sample Python. `train_many` trains every config that shares the loaded data, batch size and
+epochs in lockstep: one batch gather per seed and step for all of them, each config with its own
+head, criterion, optimizer, schedule, selection and random stream, so each result equals what
+`train` gives for that config alone. Linear probes (`D=0`, cross-entropy) go further: their
+weights are stacked and a whole group trains as one matrix product per step (`mmcache.heads.stacked`).
+The optimizer, schedule, selection and the run folder come from `mmcache.engine`.
 """
 
 from __future__ import annotations
@@ -12,41 +16,53 @@ import copy
 import csv
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmcache.engine import (
+    IGNORE,
+    OPTIMIZERS,
+    SCHEDULES,
+    SPLIT_ORDER,
+    RunResult,
+    Schedule,
+    Selector,
+    curve_row,
+    make_optimizer,
+    new_run_dir,
+    param_groups,
+    parse_select,
+    results_table,
+    snapshot,
+    val_metrics,
+    warn_failed_checks,
+    write_run,
+)
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import HEADS, Head, build_head
-from mmcache.heads.data import IGNORE, CachedData, load_cached
+from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
-from mmcache.heads.metrics import (
-    LOWER_IS_BETTER,
-    SELECT_METRICS,
-    auroc,
-    better,
-    classification_metrics,
-    failed_checks,
-    softmax,
-)
-from mmcache.utils import pick_device, seed_everything, versions, write_json
+from mmcache.heads.metrics import better, classification_metrics
+from mmcache.utils import pick_device, seed_everything
 
 if TYPE_CHECKING:
     from mmcache.heads.linear import LinearHead
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "plateau", "none")
+__all__ = ["TrainConfig", "RunResult", "train", "train_many", "predict", "load_run", "predict_logits",
+           "quick_metrics", "parse_select", "results_table", "default_threads"]
+
 SOLVERS = ("adam", "lbfgs")
 # L2 penalties (on the mean loss) tried by the lbfgs probe, strongest first so each fit warm-starts the next.
 LBFGS_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 EVAL_BATCH = 8192
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}  # report order; other split names follow, sorted
+quick_metrics = val_metrics  # the per-epoch validation metrics (kept under their older name)
 
 
 @dataclass
@@ -69,14 +85,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "adam"
     schedule: str = "cosine"
+    warmup: float = 0.0  # share of the optimizer steps spent warming the learning rate up (cosine schedule)
     class_weights: bool = False
     label_smoothing: float = 0.0
     oversample: bool = False
     early_stopping: int = 0  # patience in epochs without a better validation metric; 0 = off
     select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
     seed: int = 0
+    fold: int | None = None  # cross-validation fold the manifest must hold (None: whatever it holds)
     device: str | None = None
-    threads: int | None = None  # torch intra-op CPU threads (None: torch's default)
+    threads: int | None = None  # torch intra-op CPU threads (None: `default_threads()`)
     solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
     lbfgs_grid: list[float] | None = None  # L2 penalties tried by the lbfgs solver (None = LBFGS_GRID)
     lbfgs_max_iter: int = 500
@@ -92,19 +110,17 @@ class TrainConfig:
         return asdict(self)
 
 
-@dataclass
-class RunResult:
-    """What `train` returns: the run folder, metrics per split and task, the chosen epoch, the curves."""
-
-    run_dir: Path | None
-    metrics: dict[str, dict[str, dict[str, Any]]]  # split -> task -> metric -> value
-    best_epoch: int
-    curves: list[dict[str, Any]]
-    config: dict[str, Any]
-    head: Head
-    seconds: float  # the whole call: loading the stores, fitting, evaluating, writing
-    select: dict[str, Any] = field(default_factory=dict)  # task, metric, value (+ l2 for lbfgs)
-    fit_seconds: float = 0.0  # fitting alone (epochs with their validation, or the lbfgs grid)
+def default_threads() -> int:
+    """torch CPU threads when `--threads` is not given: small heads gain little from many threads and, on a
+    shared CPU, extra threads mostly wait (measured 6x slower with 2 threads than 1 on a busy 2-core machine).
+    One thread per 4 cores, at least 1 and at most 8 (`MMCACHE_THREADS` overrides)."""
+    env = os.environ.get("MMCACHE_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise MMCacheError(f"MMCACHE_THREADS must be a whole number, got {env!r}") from None
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 def _log(cfg: TrainConfig, msg: str) -> None:
@@ -112,7 +128,21 @@ def _log(cfg: TrainConfig, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _validate(cfg: TrainConfig) -> None:
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
+                  low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+        raise MMCacheError(f"{name} must be {kind} {bound}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot train, with one line naming the option (before anything is loaded)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise MMCacheError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
@@ -121,61 +151,42 @@ def _validate(cfg: TrainConfig) -> None:
         raise MMCacheError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(SOLVERS)}")
     if cfg.solver == "lbfgs" and cfg.head != "linear":
         raise MMCacheError(f"--solver lbfgs fits the linear probe only (--head linear), not {cfg.head!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 2:
-        raise MMCacheError(f"--epochs must be >= 1 and --batch-size >= 2 (got {cfg.epochs}, {cfg.batch_size})")
+    _check_number("--epochs", cfg.epochs, 1, integer=True)
+    _check_number("--batch-size", cfg.batch_size, 2, integer=True)
+    _check_number("--lr", cfg.lr, 0, low_open=True)
+    _check_number("--weight-decay", cfg.weight_decay, 0)
+    _check_number("--warmup", cfg.warmup, 0, 1)
+    _check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
+    _check_number("--patience", cfg.early_stopping, 0, integer=True)
+    _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
+    if cfg.threads is not None:
+        _check_number("--threads", cfg.threads, 1, integer=True)
+    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
 
-
-def parse_select(spec: str | None, tasks: list[str], default_metric: str) -> tuple[str, str]:
-    """`[task:]metric` -> (task, metric); the task defaults to the primary (first) one."""
-    spec = spec or default_metric
-    task, _, metric = spec.rpartition(":")
-    task = task or tasks[0]
-    if task not in tasks:
-        raise MMCacheError(f"--select {spec!r}: unknown task {task!r}; tasks are {tasks}")
-    if metric not in SELECT_METRICS:
-        raise MMCacheError(f"--select {spec!r}: unknown metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
-    return task, metric
-
-
-def quick_metrics(y: torch.Tensor, logits: torch.Tensor, metric: str) -> dict[str, float]:
-    """Per-epoch validation metrics: accuracy and macro F1 from a confusion matrix (no sklearn per epoch),
-    plus `metric` itself when it needs more (AUROC, top-2)."""
-    keep = y != IGNORE
-    y, logits = y[keep], logits[keep].float()
-    n, c = logits.shape
-    out: dict[str, float] = {}
-    if n == 0:
-        return out
-    pred = logits.argmax(1)
-    cm = torch.bincount(y * c + pred, minlength=c * c).reshape(c, c).double()
-    tp = cm.diag()
-    denom = cm.sum(0) + cm.sum(1)
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
-    support = cm.sum(1)
-    out["accuracy"] = float(tp.sum() / n)
-    out["macro_f1"] = float(f1.mean())
-    out["weighted_f1"] = float((f1 * support).sum() / n)
-    if metric == "top2_accuracy" and c > 2:
-        out[metric] = float((logits.topk(2, dim=1).indices == y[:, None]).any(1).double().mean())
-    elif metric == "auroc":
-        v = auroc(y.cpu().numpy(), softmax(logits.cpu().numpy()))
-        out[metric] = float("nan") if v is None else v
-    return out
+    if cfg.head not in HEADS:
+        raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
+    if not cfg.modalities:
+        raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
+                           "--videotype (or --image/--text/... )")
 
 
 @torch.no_grad()
 def predict_logits(head: Head, data: CachedData, idx: torch.Tensor, batch: int = EVAL_BATCH) -> dict[str, torch.Tensor]:
     """Logits per task for rows `idx`, in eval mode, in large chunks."""
+    return _logits_of(head, [data.batch(idx[s:s + batch]) for s in range(0, len(idx), batch)], data.tasks, len(idx))
+
+
+@torch.no_grad()
+def _logits_of(head: Head, chunks: list[Any], tasks: dict[str, int], n: int) -> dict[str, torch.Tensor]:
     was = head.training
     head.eval()
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, len(idx), batch):
-        out = head(data.batch(idx[s:s + batch]))
-        for t in data.tasks:
-            chunks.setdefault(t, []).append(out[t].float())
+    outs: dict[str, list[torch.Tensor]] = {}
+    for feats in chunks:
+        out = head(feats)
+        for t in tasks:
+            outs.setdefault(t, []).append(out[t].float())
     head.train(was)
-    n = len(idx)
-    return {t: torch.cat(chunks[t]) if chunks.get(t) else torch.zeros(n, c) for t, c in data.tasks.items()}
+    return {t: torch.cat(outs[t]) if outs.get(t) else torch.zeros(n, c) for t, c in tasks.items()}
 
 
 def _eval_loss(crit: Criterion, logits: dict[str, torch.Tensor], data: CachedData, idx: torch.Tensor,
@@ -187,100 +198,363 @@ def _eval_loss(crit: Criterion, logits: dict[str, torch.Tensor], data: CachedDat
     return float(loss)
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every batch of at least 2 rows (BatchNorm cannot train on one)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
 
 
-def _fit_minibatch(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, sel_task: str,
-                   sel_metric: str) -> tuple[list[dict[str, Any]], int, float]:
-    """Minibatch training; returns curves, best epoch (1-based) and its validation metric value."""
+@dataclass
+class Member:
+    """One config of a lockstep group: its head, criterion, optimizer, schedule, selection, random stream."""
+
+    cfg: TrainConfig
+    data: CachedData
+    head: Head
+    crit: Criterion
+    sel_task: str
+    sel_metric: str
+    rng: torch.Tensor  # torch's CPU generator state, swapped in around this member's forward passes
+    cuda_rng: torch.Tensor | None = None
+    opt: torch.optim.Optimizer | None = None
+    sched: Schedule | None = None
+    selector: Selector | None = None
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None
+    steps: int = 0
+    # results
+    best_epoch: int = 0
+    best_value: float = float("nan")
+    select: dict[str, Any] = field(default_factory=dict)
+    fit_seconds: float = 0.0
+
+    def order_key(self) -> tuple[Any, ...]:
+        """Members with the same key see the same batches (same seed, same sampling)."""
+        return (self.cfg.seed, self.cfg.oversample, self.sel_task if self.cfg.oversample else None)
+
+    def rng_in(self) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.data.targets[self.sel_task].device)
+
+    def rng_out(self) -> None:
+        self.rng = torch.get_rng_state()
+        if self.cuda_rng is not None:
+            self.cuda_rng = torch.cuda.get_rng_state(self.data.targets[self.sel_task].device)
+
+
+def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
+    sel_task, sel_metric = parse_select(cfg.select_metric, list(data.tasks), data.labels.metric)
+    hparams = dict(cfg.head_hparams)
+    if cfg.solver == "lbfgs":
+        # The probe is a logistic regression on the (optionally L2-normalised) concatenated features.
+        hparams.setdefault("D", 0)
+        if hparams["D"] != 0:
+            raise MMCacheError("--solver lbfgs fits a logistic regression on the features: leave --D unset (or 0)")
+        hparams["dropout"] = 0.0
     device = data.targets[sel_task].device
-    # Learned loss weights (log-variances) are not decayed toward 0: that would bias the weighting.
-    params: list[dict[str, Any]] = [{"params": [p for p in head.parameters() if p.requires_grad]},
-                                    {"params": [p for p in crit.parameters() if p.requires_grad], "weight_decay": 0.0}]
-    opt = _make_optimizer(cfg, [g for g in params if g["params"]])
-    mode: Literal["min", "max"] = "min" if sel_metric in LOWER_IS_BETTER else "max"
-    sched: Any = None
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    elif cfg.schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.5, patience=3)
+    seed_everything(cfg.seed)  # the head's initialisation does not depend on what loading consumed
+    head = build_head(cfg.head, data.inputs, data.tasks, hparams).to(device)
+    crit = build_criterion(cfg.loss, data.tasks, class_counts=data.class_counts("train"),
+                           class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing,
+                           **cfg.loss_options).to(device)
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return Member(cfg=cfg, data=data, head=head, crit=crit, sel_task=sel_task, sel_metric=sel_metric,
+                  rng=torch.get_rng_state(), cuda_rng=cuda_rng)
 
+
+def _labelled_train(data: CachedData) -> torch.Tensor:
     train_idx = data.split_index["train"]
-    labeled = torch.zeros(len(train_idx), dtype=torch.bool, device=device)
+    labeled = torch.zeros(len(train_idx), dtype=torch.bool, device=train_idx.device)
     for t in data.tasks:
         labeled |= data.targets[t][train_idx] != IGNORE
-    train_idx = train_idx[labeled]  # rows without any label teach nothing
-    val_idx = data.split_index["val"]
+    return train_idx[labeled]  # rows without any label teach nothing
+
+
+class BatchOrders:
+    """One permutation per epoch per (seed, sampling) key, from a generator seeded like a single run."""
+
+    def __init__(self, members: list[Member], data: CachedData, train_idx: torch.Tensor) -> None:
+        self.n = len(train_idx)
+        self.train_idx = train_idx
+        self.gens: dict[tuple[Any, ...], torch.Generator] = {}
+        self.weights: dict[tuple[Any, ...], torch.Tensor | None] = {}
+        for m in members:
+            key = m.order_key()
+            if key in self.gens:
+                continue
+            self.gens[key] = torch.Generator().manual_seed(m.cfg.seed)
+            w = None
+            if m.cfg.oversample:
+                # Each row drawn with probability 1/count(its class in the selection task): classes come up equally.
+                y = data.targets[m.sel_task][train_idx].cpu()
+                counts = torch.bincount(y[y != IGNORE], minlength=data.tasks[m.sel_task]).double()
+                w = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(self.n).double())
+            self.weights[key] = w
+
+    def epoch(self) -> dict[tuple[Any, ...], torch.Tensor]:
+        """Positions (into the labelled train rows) in this epoch's order, per key."""
+        out = {}
+        for key, gen in self.gens.items():
+            w = self.weights[key]
+            out[key] = torch.multinomial(w, self.n, replacement=True, generator=gen) if w is not None \
+                else torch.randperm(self.n, generator=gen)
+        return out
+
+
+def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
+    """Minibatch training of every member for the same epochs and batch size, one shared batch gather per
+    seed and step; each member keeps its own optimizer, schedule, selection and random stream."""
+    cfg0 = members[0].cfg
+    device = data.targets[members[0].sel_task].device
+    train_idx = _labelled_train(data)
     n = len(train_idx)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    weights = None
-    if cfg.oversample:
-        # Each row drawn with probability 1/count(its class in the selection task): classes come up equally often.
-        y = data.targets[sel_task][train_idx].cpu()
-        counts = torch.bincount(y[y != IGNORE], minlength=data.tasks[sel_task]).double()
-        weights = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(n).double())
+    if n < 2:
+        raise MMCacheError(f"{data.dataset!r} has {n} labelled train row(s); a head needs at least 2")
+    total_steps = cfg0.epochs * steps_per_epoch(n, cfg0.batch_size)
+    for m in members:
+        m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
+        m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
+        m.sched = Schedule(m.cfg.schedule, m.opt, total_steps, int(m.cfg.warmup * total_steps), m.selector.mode)
+    orders = BatchOrders(members, data, train_idx)
+    val_idx = data.split_index["val"]
+    val_chunks = [data.batch(val_idx[s:s + EVAL_BATCH]) for s in range(0, len(val_idx), EVAL_BATCH)]
     teacher = data.teacher
-    curves: list[dict[str, Any]] = []
-    best_val: float | None = None
-    best_epoch = 0
-    best_state = copy.deepcopy(head.state_dict())
-    stale = 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="ep", leave=False, disable=cfg.quiet)
+    active = list(members)
+    label = f"train x{len(members)}" if len(members) > 1 else "train"
+    bar = tqdm(range(1, cfg0.epochs + 1), desc=label, unit="ep", leave=False, disable=quiet)
     for epoch in bar:
         t0 = time.perf_counter()
-        head.train()
-        crit.train()
-        order = torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None \
-            else torch.randperm(n, generator=gen)
-        order = train_idx[order.to(device)]
-        total = torch.zeros((), device=device)
-        steps = 0
-        for s in range(0, n, cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on one row
+        perm = orders.epoch()
+        for m in active:
+            m.head.train()
+            m.crit.train()
+            m.loss_sum = torch.zeros((), device=device)
+            m.steps = 0
+        for s in range(0, n, cfg0.batch_size):
+            if n - s < 2:  # BatchNorm cannot train on one row
                 continue
-            logits = head(data.batch(idx))
-            targets = {t: data.targets[t][idx] for t in data.tasks}
-            loss, _ = crit(logits, targets, teacher[idx] if teacher is not None else None, epoch - 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-            steps += 1
-        crit.eval()
-        vlog = predict_logits(head, data, val_idx)
-        vloss = _eval_loss(crit, vlog, data, val_idx, epoch - 1)
-        vm = quick_metrics(data.targets[sel_task][val_idx], vlog[sel_task], sel_metric)
-        vm["loss"] = vloss
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(total) / max(1, steps), "val_loss": vloss,
-                               **{f"val_{k}": v for k, v in vm.items() if k != "loss"},
-                               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        curves.append(row)
-        value = vm.get(sel_metric, float("nan"))
-        if not math.isnan(value) and better(sel_metric, value, best_val):
-            best_val, best_epoch, stale = value, epoch, 0
-            best_state = copy.deepcopy(head.state_dict())
-        else:
-            stale += 1
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{f"val_{sel_metric}": f"{value:.4f}"})
-        if sched is not None:
-            if cfg.schedule == "plateau":
-                sched.step(value)
-            else:
-                sched.step()
-        if cfg.early_stopping and stale >= cfg.early_stopping:
-            _log(cfg, f"early stop after epoch {epoch}: no better val {sel_metric} for {stale} epochs")
+            feats: dict[tuple[Any, ...], Any] = {}
+            for m in active:
+                key = m.order_key()
+                if key not in feats:
+                    idx = train_idx[perm[key][s:s + cfg0.batch_size].to(device)]
+                    feats[key] = (idx, data.batch(idx))
+            total: torch.Tensor | None = None
+            for m in active:
+                idx, x = feats[m.order_key()]
+                m.rng_in()
+                logits = m.head(x)
+                targets = {t: data.targets[t][idx] for t in data.tasks}
+                loss, _ = m.crit(logits, targets, teacher[idx] if teacher is not None else None, epoch - 1)
+                m.rng_out()
+                total = loss if total is None else total + loss
+                m.loss_sum = m.loss_sum + loss.detach()
+                m.steps += 1
+            for m in active:
+                cast(torch.optim.Optimizer, m.opt).zero_grad(set_to_none=True)
+            cast(torch.Tensor, total).backward()  # one backward: each member's gradient is its own loss's
+            for m in active:
+                cast(torch.optim.Optimizer, m.opt).step()
+                cast(Schedule, m.sched).step()
+        seconds = time.perf_counter() - t0
+        for m in active:
+            m.crit.eval()
+            vlog = _logits_of(m.head, val_chunks, data.tasks, len(val_idx))
+            vm = val_metrics(data.targets[m.sel_task][val_idx], vlog[m.sel_task], m.sel_metric)
+            vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
+            opt = cast(torch.optim.Optimizer, m.opt)
+            m.curves.append(curve_row(epoch, float(cast(torch.Tensor, m.loss_sum)) / max(1, m.steps), vm,
+                                      opt.param_groups[0]["lr"], seconds / len(active)))
+            value = vm.get(m.sel_metric, float("nan"))
+            sel = cast(Selector, m.selector)
+            sel.update(epoch, value, lambda m=m: snapshot(m.head))
+            cast(Schedule, m.sched).epoch_end(value)
+            if sel.stopped:
+                _log(m.cfg, f"early stop after epoch {epoch}: no better val {m.sel_metric} for {sel.stale} epochs")
+        if len(members) == 1:
+            m = members[0]
+            bar.set_postfix(loss=f"{m.curves[-1]['train_loss']:.3f}",
+                            **{f"val_{m.sel_metric}": f"{m.curves[-1].get('val_' + m.sel_metric, float('nan')):.4f}"})
+        active = [m for m in active if not cast(Selector, m.selector).stopped]
+        if not active:
             break
-    head.load_state_dict(best_state)
-    if best_val is None:
-        raise MMCacheError(f"validation {sel_metric} was undefined in every epoch (e.g. AUROC with one class "
-                           "in the val split); choose another --select metric")
-    return curves, best_epoch, best_val
+    for m in members:
+        m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
+        m.head.load_state_dict(state)
+
+
+def _run_stem(cfg: TrainConfig) -> list[str]:
+    parts = [cfg.head, "+".join(f"{m}-{s}" for m, s in cfg.modalities.items())]
+    hp = cfg.head_hparams
+    # Name the variants an ablation grid varies, so run folders tell them apart at a glance.
+    if hp.get("modalities"):
+        parts.append("use-" + "+".join(hp["modalities"]))
+    elif hp.get("ablation"):
+        parts.append(f"ablation{hp['ablation']}")
+    if cfg.solver != "adam":
+        parts.append(cfg.solver)
+    if cfg.fold is not None:
+        parts.append(f"fold{cfg.fold}")
+    return parts
+
+
+def _data_key(cfg: TrainConfig, device: str) -> tuple[Any, ...]:
+    """Configs with the same key read the same loaded stores."""
+    return (cfg.dataset, tuple(sorted(cfg.modalities.items())), str(cfg.cache_dir), tuple(cfg.tasks or ()),
+            cfg.teacher, device, cfg.val_fraction, cfg.fold)
+
+
+def _uses(heads: list[str]) -> list[str] | None:
+    keys: set[str] = set()
+    for h in heads:
+        u = getattr(HEADS[h], "uses", None)
+        if u is None:
+            return None
+        keys.update(u)
+    return sorted(keys)
+
+
+def _evaluate(m: Member, t_start: float, device: str) -> RunResult:
+    data, cfg = m.data, m.cfg
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
+    for split in order:
+        idx = data.split_index[split]
+        logits = predict_logits(m.head, data, idx)
+        per_task = {}
+        for t in data.tasks:
+            mt = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
+                                        data.labels.tasks[t])
+            if mt["n"]:  # a hidden (unlabelled) split has no metrics
+                per_task[t] = mt
+        if per_task:
+            metrics[split] = per_task
+    n_params = sum(p.numel() for p in m.head.parameters())
+    select = {"task": m.sel_task, "metric": m.sel_metric, **m.select, "value": m.best_value}
+    run_cfg = {**cfg.to_json(), "resolved": {
+        "device": device, "threads": torch.get_num_threads(), "head_hparams": m.head.hparams,
+        "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
+        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
+        "stores": data.specs, "select": select, "best_epoch": m.best_epoch, "n_params": n_params}}
+    return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
+                     head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds)
+
+
+def train_many(cfgs: list[TrainConfig], errors: bool = False) -> list[RunResult | MMCacheError]:
+    """Train every config; stores are loaded once per dataset and selection, and configs that share the
+    loaded data, epochs and batch size train in lockstep (linear probes as one stacked computation).
+
+    Each result equals `train(cfg)` for that config alone (same seed, same batches, same initialisation)
+    up to float round-off. With `errors=True` a config that fails with a user error yields its
+    MMCacheError in its place and the others go on; otherwise the first error is raised.
+    """
+    from mmcache.heads.stacked import fit_stacked, stackable
+
+    t_start = time.perf_counter()
+    results: list[RunResult | MMCacheError | None] = [None] * len(cfgs)
+    run_dirs: dict[int, Path] = {}
+
+    def fail(i: int, e: MMCacheError) -> None:
+        if not errors:
+            raise e
+        results[i] = e
+
+    devices: dict[int, str] = {}
+    for i, cfg in enumerate(cfgs):
+        try:
+            validate_config(cfg)
+            if cfg.save:  # refuse an existing run folder before training, not after
+                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _run_stem(cfg), cfg.overwrite)
+            devices[i] = pick_device(cfg.device)
+        except MMCacheError as e:
+            fail(i, e)
+    threads = {c.threads for i, c in enumerate(cfgs) if i in devices}
+    if threads and any(devices[i] == "cpu" for i in devices):
+        torch.set_num_threads(max((t or default_threads()) for t in threads))
+
+    by_data: dict[tuple[Any, ...], list[int]] = {}
+    for i in devices:
+        by_data.setdefault(_data_key(cfgs[i], devices[i]), []).append(i)
+    for idxs in by_data.values():
+        cfg0, device = cfgs[idxs[0]], devices[idxs[0]]
+        try:
+            base = load_cached(cfg0.dataset, cfg0.modalities, cfg0.cache_dir, keys=_uses([cfgs[i].head for i in idxs]),
+                               tasks=cfg0.tasks, teacher=cfg0.teacher, device=device, val_fraction=cfg0.val_fraction,
+                               seed=cfg0.seed, fold=cfg0.fold, quiet=all(cfgs[i].quiet for i in idxs))
+        except MMCacheError as e:
+            for i in idxs:
+                fail(i, e)
+            continue
+        members: dict[int, Member] = {}
+        by_seed: dict[int, CachedData] = {}
+        for i in idxs:
+            try:
+                data = by_seed.setdefault(cfgs[i].seed, base.for_seed(cfgs[i].seed))
+                members[i] = _build_member(cfgs[i], data)
+                m = members[i]
+                _log(m.cfg, f"{m.cfg.dataset}: {', '.join(f'{s} {len(v)}' for s, v in data.split_index.items())} rows; "
+                            f"head {m.cfg.head} ({sum(p.numel() for p in m.head.parameters()):,} parameters) on "
+                            f"{device}; select val {m.sel_task}:{m.sel_metric}")
+            except MMCacheError as e:
+                fail(i, e)
+        # Lockstep groups: the same rows (split seed), epochs and batch size; lbfgs fits one by one.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, m in members.items():
+            if m.cfg.solver == "lbfgs":
+                groups[("lbfgs", i)] = [i]
+                continue
+            gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size)
+            groups.setdefault(gkey, []).append(i)
+        for gkey, gidx in groups.items():
+            t_fit = time.perf_counter()
+            group = [members[i] for i in gidx]
+            try:
+                if gkey[0] == "lbfgs":
+                    m = group[0]
+                    curves, best, value, lam = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric)
+                    m.curves, m.best_epoch, m.best_value = curves, best, value
+                    # The same objective in scikit-learn's terms: LogisticRegression(C=1 / (l2 * n_train)).
+                    m.select = {"l2": lam, "sklearn_C": 1.0 / (lam * len(m.data.split_index["train"]))}
+                else:
+                    quiet = all(m.cfg.quiet for m in group)
+                    stacked = [m for m in group if stackable(m)] if len(group) > 1 else []
+                    rest = [m for m in group if m not in stacked]
+                    if stacked:
+                        fit_stacked(stacked, group[0].data, quiet)
+                    if rest:
+                        _fit_lockstep(rest, group[0].data, quiet)
+            except MMCacheError as e:
+                for i in gidx:
+                    fail(i, e)
+                continue
+            per = (time.perf_counter() - t_fit) / len(group)
+            for i in gidx:
+                members[i].fit_seconds = per
+                try:
+                    res = _evaluate(members[i], t_start, devices[i])
+                    warn_failed_checks(res.metrics)
+                    if cfgs[i].save:
+                        res.run_dir = write_run(run_dirs[i], res, members[i].data.labels.tasks,
+                                                cfgs[i].dataset, criterion=members[i].crit)
+                    results[i] = res
+                except MMCacheError as e:
+                    fail(i, e)
+    return [r if r is not None else MMCacheError("not trained") for r in results]
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train `cfg.head` on the cached features of `cfg.dataset`; evaluate, write the run folder, return results."""
+    t0 = time.perf_counter()
+    result = train_many([cfg])[0]
+    if isinstance(result, MMCacheError):
+        raise result
+    result.seconds = time.perf_counter() - t0
+    if not cfg.quiet:
+        print(results_table(result))
+        if result.run_dir is not None:
+            print(f"run folder: {result.run_dir}")
+    return result
 
 
 def _lbfgs_closure(opt: torch.optim.Optimizer, crit: Criterion, clfs: torch.nn.ModuleDict, z: torch.Tensor,
@@ -347,190 +621,6 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
     return curves, best[1], best[0], best[2]
 
 
-def _run_dir(cfg: TrainConfig) -> Path:
-    base = Path(cfg.runs_dir) / cfg.dataset
-    if cfg.run_name:
-        d = base / cfg.run_name
-        if d.exists() and any(d.iterdir()) and not cfg.overwrite:
-            raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
-        return d
-    parts = [cfg.head, "+".join(f"{m}-{s}" for m, s in cfg.modalities.items())]
-    hp = cfg.head_hparams
-    # Name the variants an ablation grid varies, so run folders tell them apart at a glance.
-    if hp.get("modalities"):
-        parts.append("use-" + "+".join(hp["modalities"]))
-    elif hp.get("ablation"):
-        parts.append(f"ablation{hp['ablation']}")
-    if cfg.solver != "adam":
-        parts.append(cfg.solver)
-    stem = "_".join([*parts, time.strftime("%Y%m%d-%H%M%S")])
-    d, k = base / stem, 1
-    while d.exists():  # never overwrite a run silently
-        k += 1
-        d = base / f"{stem}-{k}"
-    return d
-
-
-def train(cfg: TrainConfig) -> RunResult:
-    """Train `cfg.head` on the cached features of `cfg.dataset`; evaluate, write the run folder, return results."""
-    t_start = time.perf_counter()
-    _validate(cfg)
-    run_dir = _run_dir(cfg) if cfg.save else None  # refuse an existing run folder before training, not after
-    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
-
-    if cfg.head not in HEADS:
-        raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        # Small heads gain little from many threads, and on a shared CPU extra threads mostly wait.
-        torch.set_num_threads(cfg.threads)
-    keys = getattr(HEADS[cfg.head], "uses", None)
-    data = load_cached(cfg.dataset, cfg.modalities, cfg.cache_dir, keys=keys, tasks=cfg.tasks, teacher=cfg.teacher,
-                       device=device, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    task_names = list(data.tasks)
-    sel_task, sel_metric = parse_select(cfg.select_metric, task_names, data.labels.metric)
-    hparams = dict(cfg.head_hparams)
-    if cfg.solver == "lbfgs":
-        # The probe is a logistic regression on the (optionally L2-normalised) concatenated features.
-        hparams.setdefault("D", 0)
-        if hparams["D"] != 0:
-            raise MMCacheError("--solver lbfgs fits a logistic regression on the features: leave --D unset (or 0)")
-        hparams["dropout"] = 0.0
-    seed_everything(cfg.seed)  # the head's initialisation does not depend on what loading consumed
-    head = build_head(cfg.head, data.inputs, data.tasks, hparams).to(device)
-    counts = data.class_counts("train")
-    crit = build_criterion(cfg.loss, data.tasks, class_counts=counts, class_weights=cfg.class_weights,
-                           label_smoothing=cfg.label_smoothing, **cfg.loss_options).to(device)
-    n_params = sum(p.numel() for p in head.parameters())
-    _log(cfg, f"{cfg.dataset}: {', '.join(f'{s} {len(i)}' for s, i in data.split_index.items())} rows; "
-              f"head {cfg.head} ({n_params:,} parameters) on {device}; select val {sel_task}:{sel_metric}")
-    t_fit = time.perf_counter()
-    select: dict[str, Any] = {"task": sel_task, "metric": sel_metric}
-    if cfg.solver == "lbfgs":
-        curves, best_epoch, best_val, lam = _fit_lbfgs(cfg, head, crit, data, sel_task, sel_metric)
-        select["l2"] = lam
-        # The same objective in scikit-learn's terms: LogisticRegression(C=1 / (l2 * n_train)).
-        select["sklearn_C"] = 1.0 / (lam * len(data.split_index["train"]))
-    else:
-        curves, best_epoch, best_val = _fit_minibatch(cfg, head, crit, data, sel_task, sel_metric)
-    fit_seconds = time.perf_counter() - t_fit
-    select["value"] = best_val
-
-    metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
-    for split in order:
-        idx = data.split_index[split]
-        logits = predict_logits(head, data, idx)
-        per_task = {}
-        for t in task_names:
-            m = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
-                                       data.labels.tasks[t])
-            if m["n"]:  # a hidden (unlabeled) split has no metrics
-                per_task[t] = m
-        if per_task:
-            metrics[split] = per_task
-    seconds = time.perf_counter() - t_start
-    run_cfg = {**cfg.to_json(), "resolved": {
-        "device": device, "head_hparams": head.hparams, "labels": data.labels.to_json(),
-        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
-        "stores": data.specs, "select": select, "best_epoch": best_epoch, "n_params": n_params}}
-    result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=run_cfg,
-                       head=head, seconds=seconds, select=select, fit_seconds=fit_seconds)
-    for split, per_task in metrics.items():
-        for t, m in per_task.items():
-            for msg in failed_checks(m):
-                print(f"warning: {split} {t}: check failed: {msg}", file=sys.stderr)
-    if cfg.save:
-        result.run_dir = write_run(result, run_dir or _run_dir(cfg), cfg, data, crit)
-    if not cfg.quiet:
-        print(results_table(result))
-        if result.run_dir is not None:
-            print(f"run folder: {result.run_dir}")
-    return result
-
-
-def write_run(result: RunResult, d: Path, cfg: TrainConfig, data: CachedData, crit: Criterion) -> Path:
-    """Write model.safetensors, head.json, config.json, metrics.json, versions.json, curves, confusion PNGs."""
-    from safetensors.torch import save_file
-
-    d.mkdir(parents=True, exist_ok=True)
-    head = result.head
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-    save_file(state, str(d / "model.safetensors"), metadata={"head": json.dumps(head.config)})
-    crit_state = {k: v.detach().contiguous().cpu() for k, v in crit.state_dict().items()}
-    if crit_state:  # learned loss weights (e.g. uncertainty) and class weights
-        save_file(crit_state, str(d / "criterion.safetensors"))
-    write_json(d / "head.json", head.config)
-    write_json(d / "config.json", result.config)
-    write_json(d / "metrics.json", {"best_epoch": result.best_epoch, "select": result.select,
-                                    "fit_seconds": result.fit_seconds, "seconds": result.seconds,
-                                    "splits": result.metrics})
-    write_json(d / "versions.json", versions())
-    write_curves(d, result.curves)
-    plot_confusions(d, result.metrics, data.labels.tasks, cfg.dataset)
-    return d
-
-
-def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
-    """Per-epoch curves as curves.json and curves.csv (one row per epoch)."""
-    write_json(d / "curves.json", curves)
-    if curves:
-        cols = list(dict.fromkeys(k for row in curves for k in row))
-        with (d / "curves.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(curves)
-
-
-def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],
-                    dataset: str) -> None:
-    """confusion_<task>.png of the test split (val when test has no labels), one per task."""
-    split = "test" if metrics.get("test") else "val"
-    for t, m in metrics.get(split, {}).items():
-        plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
-                       f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-
-
-def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    """Save a confusion matrix (rows true, columns predicted) as a PNG with counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
-    top = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def results_table(result: RunResult) -> str:
-    """A small text table: one row per split and task."""
-    cols = ["accuracy", "macro_f1", "weighted_f1", "auroc", "top2_accuracy"]
-    head = f"{'split':<6} {'task':<12} {'n':>6} " + " ".join(f"{c:>13}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for split, per_task in result.metrics.items():
-        for t, m in per_task.items():
-            vals = " ".join(f"{m[c]:>13.4f}" if isinstance(m.get(c), float) else f"{'-':>13}" for c in cols)
-            lines.append(f"{split:<6} {t:<12} {m['n']:>6} {vals}")
-    sel = result.select
-    extra = f", l2 {sel['l2']:g}" if "l2" in sel else ""
-    lines.append(f"best {'fit' if 'l2' in sel else 'epoch'} {result.best_epoch}: val {sel['task']}:{sel['metric']} "
-                 f"{sel['value']:.4f}{extra}; {result.seconds:.1f} s")
-    return "\n".join(lines)
 
 
 def load_run(run_dir: Path | str, device: str = "cpu") -> tuple[Head, dict[str, Any]]:

@@ -62,7 +62,7 @@ def test_ablation_and_explicit_modalities() -> None:
         build_head("linear", INPUTS, TASKS, {"ablation": 3})
     with pytest.raises(MMCacheError, match="only"):
         build_head("linear", {"image": {"pooled": (4,)}}, TASKS, {"ablation": 1})
-    with pytest.raises(MMCacheError, match="unknown hparams"):
+    with pytest.raises(MMCacheError, match="unknown hyperparameters"):
         build_head("linear", INPUTS, TASKS, {"width": 3})
 
 

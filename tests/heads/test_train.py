@@ -156,7 +156,7 @@ def test_training_options_run_and_learn(toy_cache: Path) -> None:
                dict(optimizer="sgd", lr=0.05, schedule="none", class_weights=True, label_smoothing=0.1),
                dict(oversample=True, select_metric="loss"),
                dict(select_metric="auroc", early_stopping=8),
-               dict(head_hparams={"l2norm": True, "D": 16, "dropout": 0.1})):
+               dict(head_hparams={"l2norm": True, "D": 16, "dropout": 0.1}, lr=1e-2)):
         r = train(cfg(toy_cache, save=False, **kw))
         assert r.metrics["test"]["label"]["accuracy"] > 0.85, kw
 

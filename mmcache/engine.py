@@ -1,0 +1,351 @@
+"""The training core shared by `heads train`, `heads sweep` and `finetune run`.
+
+One place for what every trainer does the same way:
+
+- parameter groups and the optimizer (`param_groups`, `make_optimizer`): learned loss weights are
+  never decayed; encoders may train at their own learning rate;
+- the learning-rate schedule (`Schedule`, torch's schedulers): cosine per step with an optional
+  linear warm-up, plateau per epoch on the selection metric, or none;
+- per-epoch validation metrics (`val_metrics`) and the curve row layout (`curve_row`);
+- best-epoch selection on a validation metric and early stopping (`Selector`): an undefined
+  metric (NaN) never wins, and a run whose metric is undefined in every epoch is an error;
+- the result type (`RunResult`) and the run folder (`new_run_dir`, `write_run`): one set of files
+  and one `metrics.json` layout, whether the features came from the cache or from live encoders.
+
+The data side differs by trainer (index batches over cached tensors in `mmcache.heads.train`,
+DataLoader workers decoding raw inputs in `mmcache.finetune.run`) and stays there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmcache.errors import MMCacheError
+from mmcache.heads.metrics import LOWER_IS_BETTER, SELECT_METRICS, auroc, better, failed_checks, softmax
+from mmcache.utils import versions, write_json
+
+IGNORE = -100  # target of a row without a label for a task (cross_entropy's ignore_index)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "plateau", "none")
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}  # report order; other split names follow, sorted
+
+
+@dataclass
+class RunResult:
+    """What every trainer returns: run folder, metrics per split and task, the chosen epoch, the curves."""
+
+    run_dir: Path | None
+    metrics: dict[str, dict[str, dict[str, Any]]]  # split -> task -> metric -> value
+    best_epoch: int
+    curves: list[dict[str, Any]]
+    config: dict[str, Any]
+    head: nn.Module
+    seconds: float  # the whole call: loading, fitting, evaluating, writing
+    select: dict[str, Any] = field(default_factory=dict)  # task, metric, value (+ l2, sklearn_C for lbfgs)
+    fit_seconds: float = 0.0  # fitting alone (epochs with their validation, or the lbfgs grid)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(head: nn.Module, criterion: nn.Module | None = None, encoders: nn.Module | None = None,
+                 encoder_lr: float | None = None) -> list[dict[str, Any]]:
+    """Head parameters; the criterion's learned loss weights without weight decay (decaying log-variances
+    toward 0 would bias the weighting); trainable encoder parameters at `encoder_lr`. Empty groups dropped."""
+    groups: list[dict[str, Any]] = [{"params": [p for p in head.parameters() if p.requires_grad]}]
+    if criterion is not None:
+        groups.append({"params": [p for p in criterion.parameters() if p.requires_grad], "weight_decay": 0.0})
+    if encoders is not None:
+        enc: dict[str, Any] = {"params": [p for p in encoders.parameters() if p.requires_grad]}
+        if encoder_lr is not None:
+            enc["lr"] = encoder_lr
+        groups.append(enc)
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """adam (L2 in the gradient), adamw (decoupled decay) or sgd (momentum 0.9)."""
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise MMCacheError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Schedule:
+    """The learning-rate schedule of one optimizer, built from torch's schedulers.
+
+    `cosine`: per optimizer step, a linear warm-up over `warmup_steps` then cosine decay to 0 at
+    `total_steps`; `plateau`: halve after 3 epochs without a better selection metric; `none`.
+    Call `step()` after every optimizer step and `epoch_end(value)` after every validation.
+    """
+
+    def __init__(self, name: str, opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 mode: Literal["min", "max"] = "max") -> None:
+        if name not in SCHEDULES:
+            raise MMCacheError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        self.name = name
+        self.per_step: Any = None
+        self.plateau: Any = None
+        total_steps = max(1, int(total_steps))
+        warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
+        sched = torch.optim.lr_scheduler
+        if name == "cosine":
+            cosine = sched.CosineAnnealingLR(opt, T_max=total_steps - warmup_steps)
+            if warmup_steps:
+                warm = sched.LinearLR(opt, start_factor=1.0 / (warmup_steps + 1), total_iters=warmup_steps)
+                self.per_step = sched.SequentialLR(opt, [warm, cosine], milestones=[warmup_steps])
+            else:
+                self.per_step = cosine
+        elif name == "plateau":
+            self.plateau = sched.ReduceLROnPlateau(opt, mode=mode, factor=0.5, patience=3)
+
+    def step(self) -> None:
+        """After each optimizer step."""
+        if self.per_step is not None:
+            self.per_step.step()
+
+    def epoch_end(self, value: float) -> None:
+        """After each validation, with the selection metric's value."""
+        if self.plateau is not None and not math.isnan(value):
+            self.plateau.step(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state (for checkpoints)."""
+        s = self.per_step or self.plateau
+        return s.state_dict() if s is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        s = self.per_step or self.plateau
+        if s is not None and state:
+            s.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- validation and selection
+
+
+def parse_select(spec: str | None, tasks: list[str], default_metric: str) -> tuple[str, str]:
+    """`[task:]metric` -> (task, metric); the task defaults to the primary (first) one."""
+    spec = spec or default_metric
+    task, _, metric = spec.rpartition(":")
+    task = task or tasks[0]
+    if task not in tasks:
+        raise MMCacheError(f"--select {spec!r}: unknown task {task!r}; tasks are {tasks}")
+    if metric not in SELECT_METRICS:
+        raise MMCacheError(f"--select {spec!r}: unknown metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+    return task, metric
+
+
+def val_metrics(y: torch.Tensor, logits: torch.Tensor, metric: str) -> dict[str, float]:
+    """Per-epoch validation metrics: accuracy and macro / weighted F1 from a confusion matrix (no sklearn
+    per epoch), plus `metric` itself when it needs more (AUROC, top-2). Unlabelled rows are ignored."""
+    keep = y != IGNORE
+    y, logits = y[keep], logits[keep].float()
+    n, c = logits.shape
+    out: dict[str, float] = {}
+    if n == 0:
+        return out
+    pred = logits.argmax(1)
+    cm = torch.bincount(y * c + pred, minlength=c * c).reshape(c, c).double()
+    tp = cm.diag()
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    support = cm.sum(1)
+    out["accuracy"] = float(tp.sum() / n)
+    out["macro_f1"] = float(f1.mean())
+    out["weighted_f1"] = float((f1 * support).sum() / n)
+    if metric == "top2_accuracy" and c > 2:
+        out[metric] = float((logits.topk(2, dim=1).indices == y[:, None]).any(1).double().mean())
+    elif metric == "auroc":
+        v = auroc(y.cpu().numpy(), softmax(logits.cpu().numpy()))
+        out[metric] = float("nan") if v is None else v
+    return out
+
+
+def curve_row(epoch: int, train_loss: float, val: dict[str, float], lr: float, seconds: float) -> dict[str, Any]:
+    """One row of the per-epoch curves (the same columns for every trainer)."""
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val.get("loss", float("nan")),
+            **{f"val_{k}": v for k, v in val.items() if k != "loss"}, "lr": lr, "seconds": seconds}
+
+
+def snapshot(module: nn.Module, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of `module`'s state (or of `keys` of it)."""
+    state = module.state_dict()
+    wanted = state if keys is None else {k: state[k] for k in keys}
+    return {k: v.detach().clone() for k, v in wanted.items()}
+
+
+class Selector:
+    """Best-epoch selection on a validation metric, with early stopping after `patience` epochs
+    without a better value (0 = never). NaN (undefined, e.g. AUROC with one class) never wins."""
+
+    def __init__(self, metric: str, patience: int = 0) -> None:
+        self.metric = metric
+        self.patience = patience
+        self.mode: Literal["min", "max"] = "min" if metric in LOWER_IS_BETTER else "max"
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+        self.stopped = False
+
+    def update(self, epoch: int, value: float, state: Any) -> bool:
+        """Record epoch `epoch`'s `value`; `state()` (a callable) is snapshotted when it is the best so far.
+        Returns True when this epoch is the new best."""
+        if not math.isnan(value) and better(self.metric, value, self.best_value):
+            self.best_value, self.best_epoch, self.stale = value, epoch, 0
+            self.best_state = state()
+            return True
+        self.stale += 1
+        if self.patience and self.stale >= self.patience:
+            self.stopped = True
+        return False
+
+    def result(self) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """(best epoch, its value, its state); an error when the metric was undefined in every epoch."""
+        if self.best_value is None or self.best_state is None:
+            raise MMCacheError(f"validation {self.metric} was undefined in every epoch (e.g. AUROC with one class "
+                               "in the val split); choose another --select metric")
+        return self.best_epoch, self.best_value, self.best_state
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_parts: list[str],
+                overwrite: bool = False) -> Path:
+    """`<runs_dir>/<dataset>/<run_name>` (refused when it exists and holds files, unless `overwrite`),
+    or a fresh `<parts>_<time>` folder name that never collides with an existing one."""
+    base = Path(runs_dir) / dataset
+    if run_name:
+        d = base / run_name
+        if d.exists() and any(d.iterdir()) and not overwrite:
+            raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
+        return d
+    stem = "_".join([*stem_parts, time.strftime("%Y%m%d-%H%M%S")])
+    d, k = base / stem, 1
+    while d.exists():
+        k += 1
+        d = base / f"{stem}-{k}"
+    return d
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def metrics_json(result: RunResult) -> dict[str, Any]:
+    """The one `metrics.json` layout."""
+    return {"best_epoch": result.best_epoch, "select": result.select, "fit_seconds": result.fit_seconds,
+            "seconds": result.seconds, "splits": result.metrics}
+
+
+def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,
+              criterion: nn.Module | None = None, encoders: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a run folder: model.safetensors (the head), head.json, config.json, metrics.json, versions.json,
+    curves.json/.csv, confusion_<task>.png; criterion.safetensors when the loss has state; encoders.safetensors
+    with the encoder weights that were trained (fine-tuning). Nothing is pickled."""
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    head = result.head
+    head_config = getattr(head, "config", {})
+    save_file(_tensors(head.state_dict()), str(d / "model.safetensors"), metadata={"head": json.dumps(head_config)})
+    if criterion is not None:
+        crit_state = _tensors(criterion.state_dict())
+        if crit_state:
+            save_file(crit_state, str(d / "criterion.safetensors"))
+    if encoders:
+        save_file(_tensors(encoders), str(d / "encoders.safetensors"))
+    write_json(d / "head.json", head_config)
+    write_json(d / "config.json", result.config)
+    write_json(d / "metrics.json", metrics_json(result))
+    write_json(d / "versions.json", versions())
+    write_curves(d, result.curves)
+    plot_confusions(d, result.metrics, tasks, dataset)
+    return d
+
+
+def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
+    """Per-epoch curves as curves.json and curves.csv (one row per epoch)."""
+    write_json(d / "curves.json", curves)
+    if curves:
+        cols = list(dict.fromkeys(k for row in curves for k in row))
+        with (d / "curves.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(curves)
+
+
+def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],
+                    dataset: str) -> None:
+    """confusion_<task>.png of the test split (val when test has no labels), one per task."""
+    split = "test" if metrics.get("test") else "val"
+    for t, m in metrics.get(split, {}).items():
+        if "confusion_matrix" in m:
+            plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
+                           f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """Save a confusion matrix (rows true, columns predicted) as a PNG with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def warn_failed_checks(metrics: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Print the prediction checks that failed (e.g. one class predicted for every row)."""
+    for split, per_task in metrics.items():
+        for t, m in per_task.items():
+            for msg in failed_checks(m):
+                print(f"warning: {split} {t}: check failed: {msg}", file=sys.stderr)
+
+
+def results_table(result: RunResult) -> str:
+    """A small text table: one row per split and task."""
+    cols = ["accuracy", "macro_f1", "weighted_f1", "auroc", "top2_accuracy"]
+    head = f"{'split':<6} {'task':<12} {'n':>6} " + " ".join(f"{c:>13}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for split, per_task in result.metrics.items():
+        for t, m in per_task.items():
+            vals = " ".join(f"{m[c]:>13.4f}" if isinstance(m.get(c), float) else f"{'-':>13}" for c in cols)
+            lines.append(f"{split:<6} {t:<12} {m['n']:>6} {vals}")
+    sel = result.select
+    extra = f", l2 {sel['l2']:g}" if "l2" in sel else ""
+    lines.append(f"best {'fit' if 'l2' in sel else 'epoch'} {result.best_epoch}: val {sel['task']}:{sel['metric']} "
+                 f"{sel['value']:.4f}{extra}; {result.seconds:.1f} s")
+    return "\n".join(lines)

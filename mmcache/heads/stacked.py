@@ -1,0 +1,201 @@
+"""Linear probes of a sweep trained as one computation: weights stacked along a config axis.
+
+A group of `--head linear --D 0` configs with the cross-entropy loss reads the same fused features
+(the concatenated, optionally L2-normalised pooled vectors: they carry no parameters), so each step is
+one matrix product `x @ [W_1 ... W_K]^T` for all K configs of a seed, one cross-entropy over
+`[batch, classes, K]`, and one optimizer update over the stacked weights with a learning rate and
+weight decay per config. Batch orders, initialisation, schedule, validation and selection are those
+of `heads train` for each config alone, so every result matches a separate run up to float round-off.
+
+Configs outside that shape (hidden branches, dropout, BatchNorm, other heads or losses, plateau
+schedules) train in the generic lockstep loop of `mmcache.heads.train`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics
+from mmcache.heads.losses import Criterion
+
+if TYPE_CHECKING:
+    from mmcache.heads.data import CachedData
+    from mmcache.heads.linear import LinearHead
+    from mmcache.heads.train import Member
+
+
+def stackable(m: Member) -> bool:
+    """True when member `m` is a linear probe with a plain cross-entropy that the stacked path trains exactly."""
+    return (m.cfg.head == "linear" and m.head.hparams.get("D") == 0 and type(m.crit) is Criterion
+            and m.crit.log_vars is None and m.data.teacher is None and m.cfg.optimizer in ("adam", "adamw", "sgd")
+            and m.cfg.schedule in ("cosine", "none"))
+
+
+def _stack_key(m: Member) -> tuple[Any, ...]:
+    h = m.head.hparams
+    return (h.get("l2norm"), tuple(cast("LinearHead", m.head).mods), h.get("key"), m.crit.label_smoothing,
+            m.cfg.class_weights, m.cfg.optimizer, m.cfg.schedule, m.cfg.warmup)
+
+
+class StackedOptimizer:
+    """torch's Adam / AdamW / SGD (momentum 0.9) update rules on parameters stacked along dim 0, with one
+    learning rate and weight decay per slice (torch.optim takes one per parameter group, not per slice)."""
+
+    def __init__(self, kind: str, params: list[torch.Tensor], weight_decay: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9) -> None:
+        self.kind, self.params, self.wd = kind, params, weight_decay
+        self.betas, self.eps, self.momentum = betas, eps, momentum
+        self.t = 0
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        """One update with learning rates `lr` [K] (base rate times the schedule's factor)."""
+        self.t += 1
+        b1, b2 = self.betas
+        for p, st in zip(self.params, self.state, strict=True):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr_, wd_ = lr.view(shape), self.wd.view(shape)
+            g = p.grad
+            if self.kind == "adamw":
+                p.mul_(1 - lr_ * wd_)
+            else:
+                g = g + wd_ * p
+            if self.kind == "sgd":
+                if "buf" not in st:
+                    st["buf"] = g.clone()
+                else:
+                    st["buf"].mul_(self.momentum).add_(g)
+                p.sub_(lr_ * st["buf"])
+                continue
+            if "m" not in st:
+                st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+            st["m"].lerp_(g, 1 - b1)
+            st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            step_size = lr_ / (1 - b1 ** self.t)
+            denom = (st["v"].sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+            p.sub_(step_size * st["m"] / denom)
+
+
+def fit_stacked(members: list[Member], data: CachedData, quiet: bool) -> None:
+    """Train linear-probe `members` (all `stackable`) in stacks of configs that read the same fused features."""
+    stacks: dict[tuple[Any, ...], list[Member]] = {}
+    for m in members:
+        stacks.setdefault(_stack_key(m), []).append(m)
+    for group in stacks.values():
+        _fit_stack(group, data, quiet)
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+    """Per-config mean cross-entropy, as `F.cross_entropy(..., reduction="mean")` for each config alone.
+    logits [B, K, C], y [B] -> [K]; 0 for a config when no row is labelled."""
+    b, k, _ = logits.shape
+    loss = F.cross_entropy(logits.permute(0, 2, 1).float(), y[:, None].expand(b, k), weight=weight,
+                           ignore_index=IGNORE, label_smoothing=smoothing, reduction="none")
+    lab = y != IGNORE
+    denom = (weight[y[lab]].sum() if weight is not None else lab.sum()).to(loss.dtype)
+    return loss.sum(0) / denom.clamp(min=torch.finfo(loss.dtype).tiny) if bool(lab.any()) else loss.sum(0) * 0.0
+
+
+def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
+    from mmcache.heads.train import BatchOrders, _labelled_train, steps_per_epoch
+
+    cfg0 = members[0].cfg
+    head0 = cast("LinearHead", members[0].head)
+    crit0 = members[0].crit
+    tasks = list(data.tasks)
+    k_all = len(members)
+    train_idx = _labelled_train(data)
+    val_idx = data.split_index["val"]
+    n = len(train_idx)
+    device = train_idx.device
+    with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
+        head0.eval()
+        z_train = head0.fused(data.batch(train_idx))
+        z_val = head0.fused(data.batch(val_idx))
+    y_train = {t: data.targets[t][train_idx] for t in tasks}
+    y_val = {t: data.targets[t][val_idx] for t in tasks}
+    weights = {t: getattr(crit0, f"w_{t}", None) for t in tasks}
+    smoothing = crit0.label_smoothing
+    W = {t: torch.stack([cast("LinearHead", m.head).classifiers[t].weight.detach() for m in members]).clone()
+         .requires_grad_() for t in tasks}
+    B = {t: torch.stack([cast("LinearHead", m.head).classifiers[t].bias.detach() for m in members]).clone()
+         .requires_grad_() for t in tasks}
+    lr = torch.tensor([m.cfg.lr for m in members], dtype=torch.float32, device=device)
+    wd = torch.tensor([m.cfg.weight_decay for m in members], dtype=torch.float32, device=device)
+    opt = StackedOptimizer(cfg0.optimizer, [*W.values(), *B.values()], wd)
+    # The schedule's factor comes from torch's scheduler driving a unit learning rate.
+    unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    total_steps = cfg0.epochs * steps_per_epoch(n, cfg0.batch_size)
+    sched = Schedule(cfg0.schedule, unit, total_steps, int(cfg0.warmup * total_steps))
+    for m in members:
+        m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
+    orders = BatchOrders(members, data, train_idx)
+    by_key: dict[tuple[Any, ...], torch.Tensor] = {}
+    for j, m in enumerate(members):
+        by_key.setdefault(m.order_key(), torch.zeros(0, dtype=torch.long))
+        by_key[m.order_key()] = torch.cat([by_key[m.order_key()], torch.tensor([j])])
+    slots = {key: ks.to(device) for key, ks in by_key.items()}
+    whole = len(slots) == 1
+    live = [True] * k_all
+    bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        perm = orders.epoch()
+        loss_sum = torch.zeros(k_all, device=device)
+        steps = 0
+        for s in range(0, n, cfg0.batch_size):
+            if n - s < 2:  # as the single-run loop: no one-row batch
+                continue
+            total = torch.zeros((), device=device)
+            for key, ks in slots.items():
+                pos = perm[key][s:s + cfg0.batch_size].to(device)
+                x = z_train[pos]
+                for t in tasks:
+                    w = W[t] if whole else W[t][ks]
+                    b = B[t] if whole else B[t][ks]
+                    kk, c, f = w.shape
+                    logits = (x @ w.reshape(kk * c, f).T).view(len(pos), kk, c) + b
+                    per = _ce(logits, y_train[t][pos], weights[t], smoothing)
+                    total = total + per.sum()
+                    loss_sum[ks] += per.detach()
+            opt.zero_grad()
+            total.backward()
+            opt.step(lr * unit.param_groups[0]["lr"])
+            unit.step()  # no gradient: only tells the scheduler a step happened
+            sched.step()
+            steps += 1
+        seconds = time.perf_counter() - t0
+        factor = unit.param_groups[0]["lr"]
+        with torch.no_grad():
+            vlog = {t: (z_val @ W[t].reshape(-1, W[t].shape[-1]).T).view(len(val_idx), k_all, -1) + B[t] for t in tasks}
+            vloss = sum(_ce(vlog[t], y_val[t], weights[t], smoothing) for t in tasks)
+        for j, m in enumerate(members):
+            if not live[j]:
+                continue
+            vm = val_metrics(y_val[m.sel_task], vlog[m.sel_task][:, j], m.sel_metric)
+            vm["loss"] = float(cast(torch.Tensor, vloss)[j])
+            m.curves.append(curve_row(epoch, float(loss_sum[j]) / max(1, steps), vm, float(lr[j]) * factor,
+                                      seconds / k_all))
+            sel = cast(Selector, m.selector)
+            sel.update(epoch, vm.get(m.sel_metric, float("nan")),
+                       lambda j=j: {**{f"classifiers.{t}.weight": W[t][j].detach().clone() for t in tasks},
+                                    **{f"classifiers.{t}.bias": B[t][j].detach().clone() for t in tasks}})
+            live[j] = not sel.stopped
+        if not any(live):
+            break
+    for m in members:
+        m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
+        m.head.load_state_dict(state)
