@@ -43,6 +43,11 @@ class Extractor(nn.Module):
     modalities: ClassVar[tuple[str, ...]] = ()
     # On CUDA the runner converts the module and 4-D float inputs to channels_last (CNNs run faster so).
     channels_last: ClassVar[bool] = False
+    # Config keys the family reads (preset data and `preset[key=value]` options); others are refused.
+    # None: not checked (a family registered outside mmcache that declares nothing).
+    options: ClassVar[tuple[str, ...] | None] = None
+    # Options whose value is one of a fixed set, e.g. {"pooling": ("cls", "mean")}; a flag is (True, False).
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__()
@@ -151,7 +156,25 @@ def build_extractor(preset: str, modality: str, **overrides: Any) -> Extractor:
     name, cfg = resolve_preset(preset)
     family = cfg.pop("family")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    check_options(name, FAMILIES[family], cfg)
     return FAMILIES[family](name, cfg, modality)
+
+
+def check_options(preset: str, cls: ExtractorClass, config: dict[str, Any]) -> None:
+    """Refuse a config key the family does not read (a typo would be recorded and ignored) or a value off its choices."""
+    if cls.options is not None:
+        unknown = sorted(set(config) - set(cls.options))
+        if unknown:
+            raise MMCacheError(
+                f"preset {preset!r}: unknown option {unknown[0]!r}; {cls.family} presets take "
+                f"{', '.join(sorted(cls.options))}"
+            )
+    for key, allowed in cls.choices.items():
+        value = config.get(key)
+        # bool is an int subclass: compare types too, so tokens=1 is not taken for True.
+        if key in config and not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(json.dumps(a) for a in allowed)
+            raise MMCacheError(f"preset {preset!r}: {key}={json.dumps(value, default=str)} is not one of {shown}")
 
 
 def _import_families() -> None:

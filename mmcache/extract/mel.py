@@ -37,6 +37,9 @@ class MelExtractor(Extractor):
     """
 
     modalities = ("audio",)
+    options = ("sample_rate", "n_mels", "n_fft", "win_length", "hop", "max_frames", "f_min", "f_max", "mel_scale",
+               "norm", "top_db", "normalize")
+    choices = {"mel_scale": ("slaney", "htk", "kaldi"), "norm": ("slaney", "none", None), "normalize": NORMALIZE}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)

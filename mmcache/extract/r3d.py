@@ -30,6 +30,7 @@ class R3DExtractor(TorchvisionExtractor):
     """
 
     modalities = ("video",)
+    options = ("arch", "weights", "seed", "frames", "resize", "size", "mean", "std")
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)

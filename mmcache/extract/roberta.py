@@ -17,6 +17,7 @@ import torch
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
+from mmcache.extract.weights import hub_offline, offline_hint, weights_sha256
 
 POOLINGS = ("cls", "pooler", "mean", "sum4")
 
@@ -83,8 +84,36 @@ def tiny_config(tiny: dict[str, Any], num_labels: int | None = None) -> Any:
                          bos_token_id=0, eos_token_id=2, **{**tiny, **extra})
 
 
-def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a `model` id or directory, or a seeded tiny random init when model == 'tiny'."""
+def _is_path(name: str) -> bool:
+    """A model given as a folder path (`/models/x`, `./x`, `~/x`), not a Hugging Face id (`org/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
+
+
+def hf_weights_spec(name: str) -> dict[str, Any]:
+    """Spec entries pinning a local model folder (absolute `model` path + `weights_sha256`); none for a Hub id or 'tiny'."""
+    if name != "tiny" and _is_path(name):
+        path = os.path.abspath(os.path.expanduser(name))
+        if not os.path.isdir(path):
+            raise MMCacheError(f"model folder {path} not found; pass the folder written by save_pretrained "
+                               "(model and tokenizer)")
+        return {"model": path, "weights_sha256": weights_sha256(path)}
+    return {}
+
+
+def offline_example(flag: str, preset: str, model: str) -> str:
+    """How to pass a downloaded copy of `model` on the command line, keeping the preset's other options."""
+    from mmcache.extract.base import PRESETS
+
+    folder = f"/models/{model.rstrip('/').rsplit('/', 1)[-1]}"
+    return f"{flag} {preset}[model={folder}]" if preset in PRESETS else f"{flag} NAME=roberta:{folder}"
+
+
+def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = None,
+            example: str = "--text roberta=roberta:/models/roberta-base") -> tuple[Any, Any]:
+    """(model, tokenizer) for a `model` id or directory, or a seeded tiny random init when model == 'tiny'.
+
+    `example` (how to pass a local copy on the command line) completes the error said without network.
+    """
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
@@ -99,13 +128,20 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = cls(conf)
         return model.eval(), tok
+    local = _is_path(name)
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained (model and tokenizer)")
+    # No network: read the Hugging Face cache only, so a missing model fails at once instead of after retries.
+    offline = None if local else hub_offline()
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = auto.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=bool(offline))
+        model = auto.from_pretrained(name, local_files_only=bool(offline))
     except (OSError, ValueError) as e:
+        if offline:
+            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
         raise MMCacheError(
-            f"could not load {name!r} from Hugging Face ({str(e).splitlines()[0]}); without network, save the model "
-            "and tokenizer elsewhere (save_pretrained) and pass the folder, e.g. --text roberta=roberta:/models/x"
+            f"could not load {name!r} ({str(e).strip().splitlines()[0]}); save the model and tokenizer "
+            f"(save_pretrained) and pass the folder, e.g. {example}"
         ) from None
     return model.eval(), tok
 
@@ -115,6 +151,8 @@ class RobertaExtractor(Extractor):
     """A transformers encoder: `pooled` by cls / pooler / mean / sum4, `tokens` of the last layer + mask."""
 
     modalities = ("text", "context")
+    options = ("model", "tiny", "seed", "pooling", "max_length", "tokens")
+    choices = {"pooling": POOLINGS, "tokens": (True, False)}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)
@@ -123,7 +161,9 @@ class RobertaExtractor(Extractor):
             raise MMCacheError(f"preset {preset!r}: pooling {self.pooling!r} is not one of {list(POOLINGS)}")
         self.max_length = int(self.config.get("max_length", 128))
         self.with_tokens = bool(self.config.get("tokens", True))
-        self.model, self.tokenizer = load_hf(self.config)
+        self.config.update(hf_weights_spec(str(self.config["model"])))
+        example = offline_example(f"--{modality}", preset, str(self.config["model"]))
+        self.model, self.tokenizer = load_hf(self.config, example=example)
         if self.pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise MMCacheError(f"{self.config['model']} has no pooler layer; use pooling=cls, mean or sum4")
         if self.pooling == "sum4" and self.model.config.num_hidden_layers < 4:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.clip import TINY_CLIP_CFG, build_clip_model
-from mmcache.extract.roberta import TINY_ROBERTA, load_hf
+from mmcache.extract.clip import CLIP_OPTIONS, TINY_CLIP_CFG, build_clip_model, resolve_clip_config
+from mmcache.extract.roberta import TINY_ROBERTA, hf_weights_spec, load_hf
+from mmcache.extract.roberta import offline_example as hf_offline_example
 
 # Class names read as "no opinion"; their hypothesis says the mention is objective.
 NEUTRAL_NAMES = {"neutral", "none", "objective", "other", "no", "nothate", "not hateful", "real", "true"}
@@ -29,6 +30,9 @@ NLI_TEMPLATES = {
     "text": "This text conveys a {label} opinion.",
     "text_neutral": "This text is purely objective.",
 }
+
+# Every teacher takes the dataset's class names (given by the runner) and the task to score.
+TEACHER_OPTIONS = ("label_space", "task")
 
 register_preset("nli-teacher", "nli-teacher", model="roberta-large-mnli", max_length=128)
 # A wider init than the default 0.02 so the tiny classifier separates hypotheses visibly in tests.
@@ -53,13 +57,16 @@ class NliTeacher(Extractor):
     """Entailment logits of one hypothesis per class, with the sample text as premise (and its entity)."""
 
     modalities = ("teacher",)
+    options = ("model", "tiny", "seed", "max_length", "templates", "entail_index", *TEACHER_OPTIONS)
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)
         self.task, self.classes = _class_names(self.config, preset)
         self.templates = {**NLI_TEMPLATES, **self.config.get("templates", {})}
         self.max_length = int(self.config.get("max_length", 128))
-        self.model, self.tokenizer = load_hf(self.config, kind="classifier", num_labels=3)
+        self.config.update(hf_weights_spec(str(self.config["model"])))
+        example = hf_offline_example("--teacher", preset, str(self.config["model"]))
+        self.model, self.tokenizer = load_hf(self.config, kind="classifier", num_labels=3, example=example)
         label2id = {str(k).lower(): int(v) for k, v in (self.model.config.label2id or {}).items()}
         entail = self.config.get("entail_index", label2id.get("entailment"))
         if entail is None:
@@ -107,6 +114,8 @@ class ClipTeacher(Extractor):
     """CLIP zero-shot: logit_scale * cos(image [+ text], prompt_c) for a prompt per class."""
 
     modalities = ("teacher",)
+    options = (*CLIP_OPTIONS, "template", "use_text", *TEACHER_OPTIONS)
+    choices = {"use_text": (True, False), "quick_gelu": (True, False)}
     # An open_clip model (encode_image, encode_text, logit_scale), and the class prompts' embeddings (a buffer).
     model: Any
     prompts: torch.Tensor
@@ -116,7 +125,8 @@ class ClipTeacher(Extractor):
         self.task, self.classes = _class_names(self.config, preset)
         self.template = str(self.config.get("template", "a photo that conveys a {label} feeling."))
         self.use_text = bool(self.config.get("use_text", True))
-        self.model, self.transform, self.tokenizer = build_clip_model(self.config)
+        self.config = resolve_clip_config(self.config)
+        self.model, self.transform, self.tokenizer = build_clip_model(self.config, "--teacher", preset)
         self.requires_grad_(False)
         with torch.no_grad():
             prompts = self.tokenizer([self.template.format(label=n.lower()) for n in self.classes])

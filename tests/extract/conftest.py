@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 N_DEMO = 40
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """mmcache's user cache (weight hashes) under the test's tmp_path, never in ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache" / "mmcache"
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process without network and without HF_HUB_OFFLINE: the Hub check says unreachable, the Hugging Face
+    cache is empty, and any socket connection fails the test (no test may touch the network)."""
+    import huggingface_hub.constants as hub_constants
+
+    from mmcache.extract import weights
+
+    def no_connect(self: socket.socket, *args: object) -> None:
+        raise AssertionError("a test opened a network connection")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(weights, "hub_reachable", lambda: False)
+    monkeypatch.setattr(weights, "_switched_offline", False)
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,7 @@ from PIL import Image
 
 from mmcache.errors import MMCacheError
 from mmcache.extract import build_extractor, resolve_preset
-from mmcache.extract.clip import TINY_CLIP_CFG, ClipExtractor
+from mmcache.extract.clip import CKPT_NAME, TINY_CLIP_CFG, ClipExtractor
 
 D = TINY_CLIP_CFG["embed_dim"]
 W_IMG = TINY_CLIP_CFG["vision_cfg"]["width"]
@@ -103,3 +108,141 @@ def test_parse_preset_and_errors(tmp_path: Path) -> None:
         build_extractor("clip-tiny", "video")
     with pytest.raises(MMCacheError, match="unknown extractor preset"):
         build_extractor("clip-huge-nonexistent", "image")
+
+
+# --- Weights decide the activation; local weights are pinned by content; offline hints -------------------------
+
+TINY_ARCH = "MMCacheTiny"
+
+
+@pytest.fixture
+def tiny_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny CLIP as an open_clip architecture with two pretrained tags, as ViT-B-32 has: 'openai'
+    (trained with QuickGELU) and 'laion' (GELU); returns a checkpoint file of seed-7 weights."""
+    import open_clip
+    from open_clip.pretrained import _PRETRAINED, _pcfg
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(str(tmp_path / "cfg"))
+    monkeypatch.setitem(_PRETRAINED, TINY_ARCH, {
+        "openai": _pcfg(hf_hub="mmcache-test/tiny.openai/", quick_gelu=True),
+        "laion": _pcfg(hf_hub="mmcache-test/tiny.laion/", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    })
+    weights = tmp_path / "open_clip_model.bin"
+    torch.save(_full_state(seed=7), weights)
+    return weights
+
+
+def _uses_quick_gelu(ext: ClipExtractor) -> bool:
+    from open_clip.transformer import QuickGELU
+
+    acts = [type(m) for m in ext.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))]
+    assert acts, "the towers have activations"
+    return all(a is QuickGELU for a in acts)
+
+
+def test_quick_gelu_follows_the_weights_tag(tiny_arch: Path) -> None:
+    import open_clip
+
+    ext = build_extractor(f"{TINY_ARCH}:openai", "image", weights=str(tiny_arch))
+    assert _uses_quick_gelu(ext)
+    assert ext.spec["quick_gelu"] is True and ext.spec["pretrained"] == "openai"
+    assert ext.spec["weights"] == str(tiny_arch) and len(ext.spec["weights_sha256"]) == 64
+    ref, _, ref_tf = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(tiny_arch), force_quick_gelu=True)
+    plain, _, _ = open_clip.create_model_and_transforms(TINY_ARCH, pretrained=str(tiny_arch))
+    imgs = _images(2)
+    x = torch.stack([ref_tf(im) for im in imgs])
+    got = _encode(ext, imgs)["pooled"]
+    with torch.inference_mode():
+        torch.testing.assert_close(got, ref.eval().encode_image(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, plain.eval().encode_image(x), rtol=1e-3, atol=1e-3)
+    # A tag trained without QuickGELU runs plain GELU, with its own preprocessing (mean/std 0.5).
+    laion = build_extractor(f"{TINY_ARCH}:laion", "image", weights=str(tiny_arch))
+    assert not _uses_quick_gelu(laion) and laion.spec["quick_gelu"] is False
+    assert tuple(laion.transform.transforms[-1].mean) == (0.5, 0.5, 0.5)
+    assert laion.spec_hash() != ext.spec_hash()
+
+
+def test_a_local_file_of_unknown_activation_is_refused_or_told(tiny_arch: Path) -> None:
+    with pytest.raises(MMCacheError, match=rf"cannot tell whether .*QuickGELU .*{TINY_ARCH}:openai\[weights="):
+        build_extractor(f"{TINY_ARCH}:{tiny_arch}", "image")
+    assert _uses_quick_gelu(build_extractor(f"{TINY_ARCH}:{tiny_arch}", "image", quick_gelu=True))
+    plain = build_extractor(f"{TINY_ARCH}:{tiny_arch}", "image", quick_gelu=False)
+    assert not _uses_quick_gelu(plain) and plain.spec["quick_gelu"] is False
+    with pytest.raises(MMCacheError, match="trained with QuickGELU; drop quick_gelu=false"):
+        build_extractor(f"{TINY_ARCH}:openai", "image", weights=str(tiny_arch), quick_gelu=False)
+
+
+def test_builtin_presets_resolve_the_activation_of_their_weights(tmp_path: Path) -> None:
+    """The real architectures, resolved without building them: OpenAI weights need QuickGELU, LAION-2B not."""
+    from mmcache.extract.clip import resolve_clip_config
+
+    f = tmp_path / "openai.bin"
+    f.write_bytes(b"stand-in for a checkpoint")
+    _, clip = resolve_preset("clip")
+    local = resolve_clip_config({**clip, "weights": str(f)})
+    assert local["quick_gelu"] is True and local["weights_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert resolve_clip_config(clip)["quick_gelu"] is True
+    assert resolve_clip_config(resolve_preset("ViT-B-32:laion2b_s34b_b79k")[1])["quick_gelu"] is False
+    assert resolve_clip_config(resolve_preset(f"ViT-B-32-quickgelu:{f}")[1])["quick_gelu"] is True
+    with pytest.raises(MMCacheError, match=r"ViT-B-32:openai\[weights="):
+        resolve_clip_config(resolve_preset(f"ViT-B-32:{f}")[1])
+    with pytest.raises(MMCacheError, match="no pretrained tag 'nope' for ViT-B-32"):
+        resolve_clip_config({"arch": "ViT-B-32", "pretrained": "nope"})
+
+
+def test_torchscript_archives_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ViT-B-32.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; OpenAI's files are not
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(MMCacheError, match="TorchScript archive .*open_clip_pytorch_model.bin"):
+        build_extractor("clip", "image", weights=str(path))
+
+
+def test_a_replaced_checkpoint_changes_the_spec(tiny_arch: Path, tmp_path: Path) -> None:
+    before = build_extractor("clip-tiny", "text", weights=str(tiny_arch))
+    torch.save(_full_state(seed=8), tiny_arch)  # same path, same size, other weights
+    st = tiny_arch.stat()
+    os.utime(tiny_arch, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = build_extractor("clip-tiny", "text", weights=str(tiny_arch))
+    assert after.spec["weights"] == before.spec["weights"]
+    assert after.spec_hash() != before.spec_hash()
+    # An open_clip folder (local-dir:) is pinned by its files too.
+    d = tmp_path / "local"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    shutil.copy(tiny_arch, d / "open_clip_pytorch_model.bin")
+    a = build_extractor(f"local-dir:{d}", "text")
+    torch.testing.assert_close(_encode(a, ["hi"])["pooled"], _encode(after, ["hi"])["pooled"])
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {"std": [1, 1, 1]}}))
+    assert build_extractor(f"local-dir:{d}", "text").spec_hash() != a.spec_hash()
+
+
+def test_offline_fails_fast_with_a_hint_that_extract_and_finetune_accept(tiny_arch: Path, offline: None) -> None:
+    from mmcache.extract.runner import parse_requests
+    from mmcache.finetune.run import build_encoder
+
+    t0 = time.perf_counter()
+    with pytest.raises(MMCacheError) as err:
+        build_extractor(f"{TINY_ARCH}:openai", "text")
+    msg = str(err.value)
+    assert time.perf_counter() - t0 < 10 and "\n" not in msg
+    assert "huggingface.co/mmcache-test/tiny.openai" in msg and "no network" in msg and "HF_HUB_OFFLINE=1" in msg
+    hint = msg.split("e.g. ", 1)[1].split(";", 1)[0]
+    assert hint == f"--text {TINY_ARCH}:openai[weights={CKPT_NAME}]"
+    store = hint.split(" ", 1)[1].replace(CKPT_NAME, str(tiny_arch))
+    (req,) = parse_requests("text", store)
+    for ext in (build_extractor(req.preset, "text", **req.overrides), build_encoder("text", store)):
+        assert ext.spec["quick_gelu"] is True and _uses_quick_gelu(ext)
+    with pytest.raises(MMCacheError, match="one encoder per modality"):
+        build_encoder("text", "clip-tiny,clip-tiny")
+
+
+def test_offline_hint_of_the_clip_preset_names_the_quick_gelu_weights(offline: None) -> None:
+    with pytest.raises(MMCacheError) as err:
+        build_extractor("clip", "context")
+    msg = str(err.value)
+    assert "huggingface.co/timm/vit_base_patch32_clip_224.openai" in msg
+    assert f"--context clip[weights={CKPT_NAME}]" in msg and "--image" not in msg

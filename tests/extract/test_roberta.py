@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,42 @@ def test_saved_model_loads_by_local_path(tmp_path: Path) -> None:
         torch.testing.assert_close(got["tokens"], want["tokens"], rtol=1e-5, atol=1e-5)
     with pytest.raises(MMCacheError, match="save_pretrained"):
         build_extractor(f"roberta:{tmp_path / 'nothing-here'}", "text")
+
+
+def test_a_local_folder_is_pinned_by_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ext = build_extractor("roberta-tiny", "text", seed=5)
+    folder = tmp_path / "m"
+    ext.model.save_pretrained(folder)
+    ext.tokenizer.save_pretrained(folder)
+    first = build_extractor(f"roberta:{folder}", "text")
+    assert first.spec["model"] == str(folder) and len(first.spec["weights_sha256"]) == 64
+    # Other weights saved into the same folder: the same path, a new spec hash (never the old store).
+    build_extractor("roberta-tiny", "text", seed=6).model.save_pretrained(folder)
+    for f in folder.iterdir():
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = build_extractor(f"roberta:{folder}", "text")
+    assert second.spec["weights_sha256"] != first.spec["weights_sha256"]
+    assert second.spec_hash() != first.spec_hash()
+    # A relative path is recorded absolute, so the spec names the same folder from any working directory.
+    monkeypatch.chdir(tmp_path)
+    assert build_extractor("roberta-tiny", "text", model="./m").spec["model"] == str(folder)
+
+
+@pytest.mark.parametrize(("preset", "modality", "hint"), [
+    ("roberta[model=mmcache-test/no-such-model]", "text", "--text roberta[model=/models/no-such-model]"),
+    ("rob=roberta:mmcache-test/no-such-model", "context", "--context NAME=roberta:/models/no-such-model"),
+    ("nli-teacher[model=mmcache-test/no-such-mnli]", "teacher", "--teacher nli-teacher[model=/models/no-such-mnli]"),
+])
+def test_offline_fails_fast_in_one_line(preset: str, modality: str, hint: str, offline: None) -> None:
+    from mmcache.extract.runner import parse_requests
+
+    (req,) = parse_requests(modality, preset)
+    extra = {"label_space": {"label": ["a", "b"]}} if modality == "teacher" else {}
+    t0 = time.perf_counter()
+    with pytest.raises(MMCacheError) as err:
+        build_extractor(req.preset, modality, **req.overrides, **extra)
+    msg = str(err.value)
+    assert time.perf_counter() - t0 < 10 and "\n" not in msg
+    assert "not in the Hugging Face cache" in msg and "no network" in msg and hint in msg
+    assert "set HF_HUB_OFFLINE=1" in msg
