@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mmcache.data.base import Dataset, Sample, load_dataset
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, build_extractor
-from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, to_device
+from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, parse_requests, to_device
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
 from mmcache.heads.metrics import better, classification_metrics, failed_checks
@@ -42,6 +42,14 @@ LORA_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "resnet": ["fc"],
 }
+
+
+def build_encoder(modality: str, value: str) -> Extractor:
+    """The live encoder of `--image PRESET` or `NAME=PRESET[key=value,...]`, written as `mmcache extract` takes it."""
+    requests = parse_requests(modality, value)
+    if len(requests) != 1:
+        raise MMCacheError(f"--{modality} {value!r}: fine-tuning takes one encoder per modality")
+    return build_extractor(requests[0].preset, modality, **requests[0].overrides)
 
 
 @dataclass
@@ -243,7 +251,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows to fine-tune")
     by_id = ds.by_id()
 
-    encoders = {m: build_extractor(p, m) for m, p in cfg.encoders.items()}
+    encoders = {m: build_encoder(m, p) for m, p in cfg.encoders.items()}
     trainable = 0
     for enc in encoders.values():
         if cfg.freeze_encoders:
