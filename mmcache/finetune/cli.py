@@ -13,6 +13,9 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Fine-tune the encoders end to end with the same heads as `heads train`.")
 
 
+_ENC = "PRESET or NAME=PRESET, with options PRESET\\[key=value,...], as `mmcache extract` takes them."
+
+
 @app.callback()
 def _group() -> None:
     """Fine-tune the encoders end to end with the same heads as `heads train`."""
@@ -21,15 +24,15 @@ def _group() -> None:
 @app.command("run")
 def run(
     dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes).")],
-    image: Annotated[str | None, typer.Option(help="Image encoder preset (e.g. clip, clip-b16, resnet).")] = None,
-    text: Annotated[str | None, typer.Option(help="Text encoder preset (e.g. clip, roberta).")] = None,
-    context: Annotated[str | None, typer.Option(help="Context-text encoder preset (captions, OCR).")] = None,
-    video: Annotated[str | None, typer.Option(help="Video encoder preset (e.g. r3d).")] = None,
-    audio: Annotated[str | None, typer.Option(help="Audio encoder preset (e.g. mel).")] = None,
+    image: Annotated[str | None, typer.Option("--image", "--vtype", help=f"Image encoder (clip, resnet, ...). {_ENC}")] = None,
+    text: Annotated[str | None, typer.Option("--text", "--ttype", help=f"Text encoder (e.g. clip, roberta). {_ENC}")] = None,
+    context: Annotated[str | None, typer.Option("--context", "--ctype", help=f"Context-text encoder. {_ENC}")] = None,
+    video: Annotated[str | None, typer.Option("--video", "--videotype", help=f"Video encoder (e.g. r3d). {_ENC}")] = None,
+    audio: Annotated[str | None, typer.Option("--audio", "--atype", help=f"Audio encoder (e.g. mel). {_ENC}")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
     head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg.")] = "linear",
-    D: Annotated[int, typer.Option("--D", help="Hidden size of the head's per-modality projections.")] = 256,
-    dropout: Annotated[float, typer.Option(help="Head dropout.")] = 0.3,
+    D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,
     loss: Annotated[str, typer.Option(help="Criterion: ce, focal, scabg.")] = "ce",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
@@ -37,6 +40,9 @@ def run(
     lr: Annotated[float, typer.Option(help="Encoder (or LoRA adapter) learning rate.")] = 1e-5,
     head_lr: Annotated[float, typer.Option(help="Head learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    warmup: Annotated[float, typer.Option(help="Share of the steps warming the learning rates up, then cosine.")]
+    = 0.1,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of the full encoders.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
@@ -52,6 +58,7 @@ def run(
     device: Annotated[str | None, typer.Option(help="cuda / cpu (default cuda if available).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold for datasets without official splits.")] = None,
 ) -> None:
     """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
@@ -62,23 +69,28 @@ def run(
     from mmcache.finetune.run import FinetuneConfig, finetune
     from mmcache.heads.cli import parse_kv
 
+    hparams = parse_kv(hp, "--hp")
+    for key, value in (("D", D), ("dropout", dropout)):
+        if value is not None:
+            hparams[key] = value
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
     cfg = FinetuneConfig(
         dataset=dataset, encoders=encoders, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
-        head=head, head_hparams={"D": D, "dropout": dropout, **parse_kv(hp, "--hp")}, loss=loss, epochs=epochs,
-        batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, lora=lora, lora_r=lora_r,
+        head=head, head_hparams=hparams, loss=loss, epochs=epochs,
+        batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
+        early_stopping=patience, overwrite=overwrite, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,
         freeze_encoders=freeze_encoders, grad_accum=grad_accum, amp=amp, num_workers=num_workers, limit=limit,
         select_metric=select, seed=seed, device=device, run_name=run_name,
         dataset_options={} if fold is None else {"fold": fold},
     )
     res = finetune(cfg)
-    if res:
-        for split, per in res["metrics"].items():
-            for t, m in per.items():
-                typer.echo(f"{split:<5} {t:<10} n={m['n']:<6} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-        typer.echo(f"best epoch {res['best_epoch']}; run folder: {res['run_dir']}")
+    if res is not None:  # rank 0
+        from mmcache.engine import results_table
+
+        typer.echo(results_table(res))
+        typer.echo(f"run folder: {res.run_dir}")
 
 
 def main() -> None:

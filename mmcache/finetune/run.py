@@ -15,7 +15,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -26,15 +25,28 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmcache.data.base import Dataset, Sample, load_dataset
+from mmcache.engine import (
+    IGNORE,
+    RunResult,
+    Schedule,
+    Selector,
+    curve_row,
+    make_optimizer,
+    new_run_dir,
+    param_groups,
+    parse_select,
+    val_metrics,
+    warn_failed_checks,
+    write_run,
+)
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, build_extractor
 from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, parse_requests, to_device
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
-from mmcache.heads.metrics import better, classification_metrics, failed_checks
-from mmcache.utils import pick_device, seed_everything, versions, write_json
+from mmcache.heads.metrics import classification_metrics
+from mmcache.utils import pick_device, seed_everything
 
-IGNORE = -100
 # Linear layers LoRA adapts by default, per extractor family (attention output projections for
 # CLIP as in the content-moderation reference; query/value for BERT-style encoders).
 LORA_TARGETS: dict[str, list[str]] = {
@@ -57,7 +69,7 @@ class FinetuneConfig:
     """Everything that determines a fine-tuning run (written to the run folder as config.json)."""
 
     dataset: str
-    encoders: dict[str, str]  # modality -> extractor preset, e.g. {"image": "clip", "text": "clip"}
+    encoders: dict[str, str]  # modality -> extractor preset, e.g. {"image": "clip", "text": "rob=roberta[pooling=cls]"}
     data_dir: str | None = None
     runs_dir: str = "runs"
     head: str = "linear"
@@ -70,6 +82,8 @@ class FinetuneConfig:
     lr: float = 1e-5  # encoder (or LoRA) learning rate
     head_lr: float = 1e-3
     weight_decay: float = 0.01
+    warmup: float = 0.1  # share of the optimizer steps warming the learning rates up (then cosine decay)
+    early_stopping: int = 0  # patience in epochs without a better validation metric; 0 = off
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -80,10 +94,11 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_workers: int = 2
     limit: int | None = None  # first N samples per split (smoke runs)
-    select_metric: str | None = None  # metric name on the primary task; None = the dataset's metric
+    select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
     seed: int = 0
     device: str | None = None
     run_name: str | None = None
+    overwrite: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
 
@@ -225,8 +240,9 @@ def _metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sam
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune `cfg.encoders` with `cfg.head` end to end; returns metrics and writes the run folder."""
+def finetune(cfg: FinetuneConfig) -> RunResult | None:
+    """Fine-tune `cfg.encoders` with `cfg.head` end to end on the shared engine (optimizer, schedule, selection,
+    early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks)."""
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
     if cfg.head not in HEADS:
@@ -236,6 +252,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
+    run_dir = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name,
+                          ["finetune", cfg.head, "+".join(f"{m}-{p}" for m, p in cfg.encoders.items())], cfg.overwrite)
     device = torch.device(pick_device(cfg.device) if world == 1 or not torch.cuda.is_available()
                           else f"cuda:{local_rank}")
     seed_everything(cfg.seed)
@@ -278,30 +296,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in train_s if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
-    enc_params = [p for p in model.encoders.parameters() if p.requires_grad]
-    groups = [{"params": list(head.parameters()), "lr": cfg.head_lr}]
-    if any(True for _ in crit.parameters()):  # learned loss weights: no decay toward 0
-        groups.append({"params": list(crit.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
-    if enc_params:
-        groups.append({"params": enc_params, "lr": cfg.lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
+    opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr), cfg.head_lr,
+                         cfg.weight_decay)
     steps = cfg.epochs * -(-len(train_s) // (cfg.batch_size * world * cfg.grad_accum))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps), warmup=max(1, steps // 10)))
+    sel_task, metric = parse_select(cfg.select_metric, tasks, ds.labels.metric)
+    selector = Selector(metric, cfg.early_stopping)
+    sched = Schedule("cosine", opt, max(1, steps), int(cfg.warmup * steps), selector.mode)
     net: nn.Module = model
     if world > 1:
         # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    metric = cfg.select_metric or ds.labels.metric
-    primary = tasks[0]
     if rank == 0 and not cfg.quiet:
         print(f"{cfg.dataset}: train {len(train_s)}, val {len(val_s)}, test {len(test_s)}; encoders "
               f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
-              f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}",
-              file=sys.stderr)
-    best: tuple[float, int] | None = None
-    best_state: dict[str, torch.Tensor] = {}
+              f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}; "
+              f"select val {sel_task}:{metric}", file=sys.stderr)
     curves: list[dict[str, Any]] = []
+    t_fit = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
         model.train()
         for encoder in model.encoders.values():
             if cfg.freeze_encoders:
@@ -336,34 +350,59 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        stop = False
         if rank == 0:
             ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
-            m = _metrics(ids, lg, by_id, ds.labels.tasks)
-            value = float(m[primary].get(metric, m[primary]["accuracy"]) or 0.0)
-            curves.append({"epoch": epoch, "train_loss": total / max(1, nb), f"val_{metric}": value,
-                           "val_accuracy": m[primary]["accuracy"]})
+            y = {t: torch.tensor([by_id[i].labels.get(t, IGNORE) for i in ids], dtype=torch.long) for t in tasks}
+            logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
+            vm = val_metrics(y[sel_task], logits_t[sel_task], metric) if ids else {}
+            if ids:
+                with torch.no_grad():
+                    vm["loss"] = float(crit({t: v.to(device) for t, v in logits_t.items()},
+                                            {t: v.to(device) for t, v in y.items()}, None, epoch - 1)[0])
+            value = vm.get(metric, float("nan"))
+            curves.append(curve_row(epoch, total / max(1, nb), vm, opt.param_groups[0]["lr"],
+                                    time.perf_counter() - t_epoch))
             if not cfg.quiet:
                 print(f"epoch {epoch}: train loss {total / max(1, nb):.4f}, val {metric} {value:.4f}", file=sys.stderr)
-            if best is None or better(metric, value, best[0]):
-                best = (value, epoch)
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                              if k.startswith("head.") or _trainable(model, k)}
-    result: dict[str, Any] = {}
+            selector.update(epoch, value, lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                                                   if k.startswith("head.") or _trainable(model, k)})
+            sched.epoch_end(value)
+            stop = selector.stopped
+        if world > 1:  # every rank stops together
+            import torch.distributed as dist
+
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = bool(flag[0])
+        if stop:
+            if rank == 0 and not cfg.quiet:
+                print(f"early stop after epoch {epoch}: no better val {metric} for {selector.stale} epochs",
+                      file=sys.stderr)
+            break
+    fit_seconds = time.perf_counter() - t_fit
+    result: RunResult | None = None
     if rank == 0:
-        assert best is not None
+        best_epoch, best_value, best_state = selector.result()
         model.load_state_dict(best_state, strict=False)
         metrics = {}
         for split, ss in (("val", val_s), ("test", test_s)):
             if ss:
                 ids, lg = evaluate(model, ss, cfg, tasks, device, desc=split)
                 metrics[split] = _metrics(ids, lg, by_id, ds.labels.tasks)
-        for split, per in metrics.items():
-            for t, m in per.items():
-                for msg in failed_checks(m):
-                    print(f"warning: {split} {t}: check failed: {msg}", file=sys.stderr)
-        result = {"metrics": metrics, "best_epoch": best[1], "select": {"metric": metric, "value": best[0]},
-                  "seconds": time.perf_counter() - t0, "curves": curves}
-        result["run_dir"] = str(_write_run(cfg, model, result, ds))
+        warn_failed_checks(metrics)
+        n_params = sum(p.numel() for p in model.head.parameters())
+        select = {"task": sel_task, "metric": metric, "value": best_value}
+        config = {**asdict(cfg), "resolved": {
+            "device": str(device), "world_size": world, "head_hparams": model.head.hparams,
+            "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
+            "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
+            "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable}}
+        result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
+                           head=model.head, seconds=time.perf_counter() - t0, select=select, fit_seconds=fit_seconds)
+        # Only encoder weights that were trained (LoRA adapters or the full towers): the rest is the public preset.
+        enc_state = {k: v for k, v in model.encoders.state_dict().items() if _trainable(model.encoders, k)}
+        result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state)
     if world > 1:
         import torch.distributed as dist
 
@@ -372,44 +411,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return result
 
 
-def warmup_cosine(total: int, warmup: int) -> Any:
-    """LR factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    import math
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
 def _trainable(model: nn.Module, key: str) -> bool:
     params = dict(model.named_parameters())
     return key in params and params[key].requires_grad
-
-
-def _write_run(cfg: FinetuneConfig, model: LiveModel, result: dict[str, Any], ds: Dataset) -> Path:
-    from safetensors.torch import save_file
-
-    from mmcache.heads.train import plot_confusions, write_curves
-
-    base = Path(cfg.runs_dir) / cfg.dataset
-    d = base / (cfg.run_name or f"finetune_{cfg.head}_{'+'.join(f'{m}-{p}' for m, p in cfg.encoders.items())}_"
-                f"{time.strftime('%Y%m%d-%H%M%S')}")
-    d.mkdir(parents=True, exist_ok=True)
-    head_state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    save_file(head_state, str(d / "model.safetensors"), metadata={"head": __import__("json").dumps(model.head.config)})
-    # Only encoder weights that were trained (LoRA adapters or the full towers): the rest is the public preset.
-    enc_state = {k: v.detach().contiguous().cpu() for k, v in model.encoders.state_dict().items()
-                 if _trainable(model.encoders, k)}
-    if enc_state:
-        save_file(enc_state, str(d / "encoders.safetensors"))
-    write_json(d / "head.json", model.head.config)
-    write_json(d / "config.json", {**asdict(cfg), "resolved": {
-        "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()}}})
-    write_json(d / "metrics.json", {k: v for k, v in result.items() if k != "curves"} | {"splits": result["metrics"]})
-    write_curves(d, result["curves"])
-    write_json(d / "versions.json", versions())
-    plot_confusions(d, result["metrics"], ds.labels.tasks, cfg.dataset)
-    return d

@@ -30,7 +30,7 @@ def _cfg(demo_dir: Path, tmp_path: Path, **kw: object) -> FinetuneConfig:
 
 def test_full_finetune_changes_encoder_weights_and_writes_run(demo_dir: Path, tmp_path: Path) -> None:
     res = finetune(_cfg(demo_dir, tmp_path))
-    d = Path(res["run_dir"])
+    d = Path(res.run_dir)
     for name in ("model.safetensors", "head.json", "config.json", "metrics.json", "encoders.safetensors",
                  "curves.csv", "confusion_label.png"):
         assert (d / name).exists(), name
@@ -49,7 +49,7 @@ def test_full_finetune_changes_encoder_weights_and_writes_run(demo_dir: Path, tm
 
 def test_lora_trains_only_adapters(demo_dir: Path, tmp_path: Path) -> None:
     res = finetune(_cfg(demo_dir, tmp_path, lora=True, lora_r=4, epochs=1, grad_accum=2))
-    enc = load_file(str(Path(res["run_dir"]) / "encoders.safetensors"))
+    enc = load_file(str(Path(res.run_dir) / "encoders.safetensors"))
     assert enc, "LoRA adapters must be saved"
     assert all("lora_" in k for k in enc)
     # B starts at zero in LoRA; training moves it.
@@ -58,7 +58,7 @@ def test_lora_trains_only_adapters(demo_dir: Path, tmp_path: Path) -> None:
 
 def test_frozen_encoders_save_head_only(demo_dir: Path, tmp_path: Path) -> None:
     res = finetune(_cfg(demo_dir, tmp_path, freeze_encoders=True, epochs=1))
-    d = Path(res["run_dir"])
+    d = Path(res.run_dir)
     assert (d / "model.safetensors").exists() and not (d / "encoders.safetensors").exists()
     # `heads predict` reads cached features: a finetune run gets a clear error, not a traceback.
     from mmcache.heads.train import predict
