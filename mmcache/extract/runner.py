@@ -431,7 +431,9 @@ def extract(
         if channels_last and getattr(ext, "channels_last", False):
             ext.to(memory_format=torch.channels_last)
 
+    by_id = ds.by_id()
     writers: list[FeatureStore | None] = [None] * len(extractors)
+    finished = False
     try:
         for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
             if any(k in n for n in need_per_sample) or not distributed:
@@ -444,11 +446,18 @@ def extract(
                                           capacity=max(cap, 1))
         if todo:
             _run_loop(todo, need_per_sample, extractors, writers, summaries, dev, batch_size, num_workers,
-                      strict, amp, progress and rank == 0, world, ds.by_id())
+                      strict, amp, progress and rank == 0, world, by_id)
+        finished = True
     finally:
         for w in writers:
             if w is not None:
                 w.close()
+        if not distributed:
+            try:  # also when --strict (or anything) stopped the run, so the lists stay true
+                _list_failures(summaries, by_id)
+            except (MMCacheError, OSError):
+                if finished:
+                    raise  # otherwise the error that stopped the run is the one to report
     barrier()
     if distributed:
         # Gather every rank's counts so rank 0 reports the whole run.
@@ -463,13 +472,18 @@ def extract(
                 merge_parts(p, ext.spec, ds.name, dtype)
         barrier()
     if rank == 0:
-        by_id = ds.by_id()
-        for sm in summaries:
-            if sm.path.exists():
-                sm.failed_file = write_failures(sm.path, by_id)
-                sm.failed_total = len(_store_ids(sm.path)[1])
+        if distributed:
+            _list_failures(summaries, by_id)
         write_manifest(ds, cache_dir, selected)
     return summaries
+
+
+def _list_failures(summaries: list[StoreSummary], by_id: dict[str, Sample]) -> None:
+    """Rewrite each store's list of failed ids and count them in its summary."""
+    for sm in summaries:
+        if sm.path.exists():
+            sm.failed_file = write_failures(sm.path, by_id)
+            sm.failed_total = len(_store_ids(sm.path)[1])
 
 
 def _autocast(dev: torch.device, amp: bool) -> Any:

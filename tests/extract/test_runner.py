@@ -219,6 +219,7 @@ def test_retry_failed_strict_keeps_every_record(broken_root: Path, tmp_path: Pat
         extract(ds, req, cache_dir=tmp_path, strict=True, retry_failed=True, progress=False, batch_size=16)
     r = StoreReader(path)
     assert r.failed == before and len(r.ids) == N_DEMO - 3
+    assert {k: v[1] for k, v in _read_failures(path).items()} == before
     rep = verify_store(path)
     assert rep.ok, rep.problems
     # One file fixed, one broken another way: the retry writes the first and updates the second's reason.
@@ -229,6 +230,7 @@ def test_retry_failed_strict_keeps_every_record(broken_root: Path, tmp_path: Pat
     r = StoreReader(path)
     assert "demo00001" in r.ids and set(r.failed) == {"demo00002", "demo00003"} and verify_store(path).ok
     assert r.failed["demo00002"] == before["demo00002"]  # --strict records nothing new
+    assert set(_read_failures(path)) == {"demo00002", "demo00003"}  # the list follows the store, even on a stop
     sums = extract(ds, req, cache_dir=tmp_path, retry_failed=True, progress=False, batch_size=16)
     assert sums[0].written == 0 and set(sums[0].failed) == {"demo00002", "demo00003"}
     r = StoreReader(path)
