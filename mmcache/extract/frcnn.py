@@ -105,7 +105,9 @@ class FasterRCNNExtractor(TorchvisionExtractor):
         scale = min(int(self.config["min_size"]) / min(w, h), int(self.config["max_size"]) / max(w, h))
         if scale > 0.5:
             return x
-        return self.model.transform.resize(x.float().div_(255), None)[0]
+        # A channel at a time: a float copy of a huge photo's one channel, not of all three, at once.
+        resize = self.model.transform.resize
+        return torch.cat([resize(c[None].float().div_(255), None)[0] for c in x])
 
     def collate(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images keep their own sizes: a list (the detector batches and pads them itself)."""
