@@ -780,7 +780,8 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
     if empty_mask:
         rep.warnings.append(f"{len(empty_mask)} rows whose mask has no real token ({_examples(empty_mask)})")
     if r.failed:
-        reasons = Counter(r.failed.values()).most_common(3)
+        kinds = _listed_kinds(path, r.failed)
+        reasons = Counter(kinds.get(i, why) for i, why in r.failed.items()).most_common(3)
         msg = (f"{len(r.failed)} ids failed extraction ({_examples(list(r.failed))}); reasons: "
                + "; ".join(f"{c}x {why}" for why, c in reasons))
         if failures_path(path).exists():
@@ -812,6 +813,19 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
     if gone:
         rep.warnings.append(f"{len(gone)} failed ids are not in the manifest ({_examples(gone)})")
     return rep
+
+
+def _listed_kinds(path: Path, failed: dict[str, str]) -> dict[str, str]:
+    """Id -> failure kind from the store's `<name>.failed.csv` (written by extraction), for the ids whose reason
+    there is the store's; empty when there is no readable list."""
+    import csv
+
+    try:
+        with open(failures_path(path), newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    return {r[0]: r[1] for r in rows[1:] if len(r) == 3 and failed.get(r[0]) == r[2]}
 
 
 def _block(r: StoreReader, lo: int, n: int) -> dict[str, np.ndarray]:

@@ -555,8 +555,11 @@ def format_summary(summaries: Sequence[StoreSummary], max_kinds: int = 10, max_i
         earlier = max(0, s.failed_total - len(s.failed))
         if not s.failed and not earlier:
             continue
-        lines.append(f"{s.modality}/{s.name}: {len(s.failed)} ids failed in this run "
-                     "(recorded in the store, never written as data)")
+        if s.failed:
+            lines.append(f"{s.modality}/{s.name}: {len(s.failed)} ids failed in this run "
+                         "(recorded in the store, never written as data)")
+        else:
+            lines.append(f"{s.modality}/{s.name}:")
         by_kind: dict[str, list[str]] = {}
         for sid, reason in s.failed.items():
             by_kind.setdefault(s.kinds.get(sid) or failure_kind(reason), []).append(sid)
@@ -568,7 +571,7 @@ def format_summary(summaries: Sequence[StoreSummary], max_kinds: int = 10, max_i
             rest = ranked[max_kinds:]
             lines.append(f"  ... {len(rest)} other kinds ({sum(len(ids) for _, ids in rest)} ids)")
         if earlier:
-            lines.append(f"  {earlier} more ids are recorded as failed by earlier runs "
+            lines.append(f"  {earlier}{' more' if s.failed else ''} ids are recorded as failed by earlier runs "
                          "(skipped; --retry-failed tries them again)")
         if s.failed_file is not None:
             lines.append(f"  every failed id with its reason: {s.failed_file}")

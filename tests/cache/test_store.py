@@ -405,3 +405,20 @@ def test_reasons_are_kept_whatever_their_text(path: Path) -> None:
     assert long.startswith(r.failed["b"]) and len(r.failed["b"].encode()) <= 512 and "\ufffd" not in r.failed["b"]
     assert r.failed["c"] == "bad\\x00byte"
     assert r.failed_slots == 3
+
+
+def test_verify_groups_failures_by_the_listed_kind(path: Path, tmp_path: Path) -> None:
+    with FeatureStore(path, SPEC, "toy") as st:
+        st.write(ids_(2), rows(2))
+        for i in range(2, 5):
+            st.fail(f"id{i}", f"cannot decode /data/id{i}.jpg")
+    write_manifest(tmp_path, ids_(5), ["train"] * 5)
+    rep = verify_store(path)
+    assert rep.ok and "1x cannot decode /data/id2.jpg" in rep.warnings[0]
+    # The list extraction writes next to the store gives each failure its kind; a stale line is ignored.
+    listed = path.with_name("toy.failed.csv")
+    listed.write_text("id,kind,reason\n" + "".join(f"id{i},cannot decode <image>,cannot decode /data/id{i}.jpg\n"
+                                                     for i in (2, 3)) + "id4,old kind,an older reason\n")
+    rep = verify_store(path)
+    assert rep.ok and "2x cannot decode <image>; 1x cannot decode /data/id4.jpg" in rep.warnings[0]
+    assert str(listed) in rep.warnings[0]
