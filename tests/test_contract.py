@@ -730,9 +730,9 @@ def test_head_trains_from_stores_and_predicts_from_its_run_folder(name: str, tmp
     info = build_cache(cache, n=90, tokens=True)
     res = train(TrainConfig(dataset="toy", modalities={"image": "feat", "text": "feat"}, cache_dir=str(cache),
                             runs_dir=str(tmp_path / "runs"), head=name, head_hparams=head_hparams(name), epochs=2,
-                            batch_size=32, quiet=True))
+                            batch_size=32, device="cpu", quiet=True))
     assert res.run_dir is not None and (res.run_dir / "model.safetensors").is_file()
-    out = predict(res.run_dir, split="test", out=tmp_path / "preds.csv")
+    out = predict(res.run_dir, split="test", out=tmp_path / "preds.csv", device="cpu")
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == int((info["split"] == "test").sum())
     for r in rows:
