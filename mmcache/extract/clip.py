@@ -149,6 +149,13 @@ def offline_example(flag: str, preset: str, cfg: dict[str, Any]) -> str:
     return f"{flag} {preset}[weights={CKPT_NAME}]"
 
 
+def _first_line(e: BaseException) -> str:
+    """The gist of an exception in one short line (torch's load errors put it on the line after a heading)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 @contextlib.contextmanager
 def _quiet_open_clip_errors() -> Iterator[None]:
     """Mute open_clip's own error logs (root logger) while loading: a failure is raised as one MMCacheError line."""
@@ -178,7 +185,11 @@ def build_clip_model(cfg: dict[str, Any], flag: str = "--image", preset: str = "
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = open_clip.model.CLIP(**copy.deepcopy(cfg["model_cfg"]))
         if weights:
-            open_clip.load_checkpoint(model, weights)
+            try:
+                open_clip.load_checkpoint(model, weights)
+            except (RuntimeError, OSError, ValueError, KeyError) as e:
+                raise MMCacheError(f"{weights}: cannot load as weights of this CLIP ({_first_line(e)}); pass a "
+                                   "checkpoint of the same architecture (the whole model, both towers)") from None
         vision = cfg["model_cfg"]["vision_cfg"]
         transform = open_clip.image_transform(vision["image_size"], is_train=False)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["model_cfg"]["text_cfg"]["context_length"])
@@ -198,7 +209,7 @@ def build_clip_model(cfg: dict[str, Any], flag: str = "--image", preset: str = "
             )
             tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = _first_line(e)
         if weights:
             raise MMCacheError(f"{weights}: cannot load as CLIP {arch} weights ({first}); "
                                "pass an open_clip checkpoint of that architecture") from None

@@ -41,7 +41,7 @@ from mmcache.engine import (
 )
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, build_extractor
-from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, parse_requests, to_device
+from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
 from mmcache.heads.metrics import classification_metrics
@@ -56,12 +56,18 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def build_encoder(modality: str, value: str) -> Extractor:
-    """The live encoder of `--image PRESET` or `NAME=PRESET[key=value,...]`, written as `mmcache extract` takes it."""
+def encoder_request(modality: str, value: str) -> Request:
+    """`--image PRESET` or `NAME=PRESET[key=value,...]`, parsed as `mmcache extract` parses a store."""
     requests = parse_requests(modality, value)
     if len(requests) != 1:
         raise MMCacheError(f"--{modality} {value!r}: fine-tuning takes one encoder per modality")
-    return build_extractor(requests[0].preset, modality, **requests[0].overrides)
+    return requests[0]
+
+
+def build_encoder(modality: str, value: str) -> Extractor:
+    """The live encoder of `--image PRESET` or `NAME=PRESET[key=value,...]`."""
+    r = encoder_request(modality, value)
+    return build_extractor(r.preset, modality, **r.overrides)
 
 
 @dataclass
@@ -253,7 +259,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
     run_dir = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name,
-                          ["finetune", cfg.head, "+".join(f"{m}-{p}" for m, p in cfg.encoders.items())], cfg.overwrite)
+                          # Each encoder's NAME, never its options: a weights path must not nest folders.
+                          ["finetune", cfg.head, "+".join(f"{m}-{encoder_request(m, p).name}"
+                                                          for m, p in cfg.encoders.items())], cfg.overwrite)
     device = torch.device(pick_device(cfg.device) if world == 1 or not torch.cuda.is_available()
                           else f"cuda:{local_rank}")
     seed_everything(cfg.seed)

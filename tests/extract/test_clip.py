@@ -246,3 +246,10 @@ def test_offline_hint_of_the_clip_preset_names_the_quick_gelu_weights(offline: N
     msg = str(err.value)
     assert "huggingface.co/timm/vit_base_patch32_clip_224.openai" in msg
     assert f"--context clip[weights={CKPT_NAME}]" in msg and "--image" not in msg
+
+
+def test_weights_of_another_shape_are_one_line_errors(tmp_path: Path) -> None:
+    half = tmp_path / "image_tower_only.bin"
+    torch.save(build_extractor("clip-tiny", "image").model.state_dict(), half)  # the text tower was dropped
+    with pytest.raises(MMCacheError, match=r"cannot load as weights of this CLIP \(Error\(s\) in loading .*Missing key"):
+        build_extractor("clip-tiny", "image", weights=str(half))

@@ -67,6 +67,29 @@ def test_frozen_encoders_save_head_only(demo_dir: Path, tmp_path: Path) -> None:
         predict(d)
 
 
+def test_encoders_are_named_as_extract_names_stores(demo_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`NAME=PRESET[key=value,...]` as in `mmcache extract` (and its offline hints); a weights path never nests folders."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    weights = tmp_path / "models" / "clip.bin"
+    weights.parent.mkdir()
+    import open_clip
+
+    from mmcache.extract.clip import TINY_CLIP_CFG
+
+    torch.save(open_clip.model.CLIP(**TINY_CLIP_CFG).state_dict(), weights)
+    res = finetune(_cfg(demo_dir, tmp_path, freeze_encoders=True, epochs=1, limit=16, run_name=None,
+                        encoders={"image": f"img=clip-tiny[weights={weights},tokens=false]", "text": "clip-tiny"}))
+    d = Path(res.run_dir)
+    assert d.parent == tmp_path / "runs" / "demo" and d.name.startswith("finetune_linear_image-img+text-clip-tiny_")
+    config = json.loads((d / "config.json").read_text())
+    assert json.dumps(config).count(str(weights)) >= 1  # the full encoder string is kept in the run's config
+    with pytest.raises(MMCacheError, match="unknown option 'tokenz'"):
+        finetune(_cfg(demo_dir, tmp_path, encoders={"image": "clip-tiny[tokenz=false]"}))
+    with pytest.raises(MMCacheError, match="one encoder per modality"):
+        finetune(_cfg(demo_dir, tmp_path, encoders={"image": "clip-tiny,resnet-tiny"}))
+
+
 def test_bad_lora_targets_is_a_user_error(demo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(MMCacheError, match="match no Linear"):
         finetune(_cfg(demo_dir, tmp_path, lora=True, lora_targets=["no_such_layer"]))
