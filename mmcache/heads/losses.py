@@ -51,6 +51,11 @@ def _zero_like(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least: half-precision logits are upcast, float64 ones (the lbfgs probe) kept."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
                alpha: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over labelled rows of -alpha_y (1 - p_y)^gamma log p_y; 0 when no row is labelled."""
@@ -58,7 +63,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     if not keep.any():
         return _zero_like(logits)
     logits, target = logits[keep], target[keep]
-    logp = logits.float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    logp = _upcast(logits).log_softmax(-1).gather(1, target[:, None]).squeeze(1)
     loss = -((1 - logp.exp()).clamp(min=0) ** gamma) * logp
     if alpha is not None:
         loss = loss * alpha.to(loss.device)[target]
@@ -80,8 +85,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 3.0) -> tor
     ok = torch.isfinite(teacher).all(-1)
     if not ok.any():
         return _zero_like(student)
-    s = (student[ok].float() / T).log_softmax(-1)
-    t = (teacher[ok].float() / T).log_softmax(-1)
+    s = (_upcast(student[ok]) / T).log_softmax(-1)
+    t = (teacher[ok].to(s.dtype) / T).log_softmax(-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
 
 
@@ -121,8 +126,10 @@ class Criterion(nn.Module):
         """The loss of one task (cross-entropy here); 0 when no row is labelled."""
         if not _labelled(target).any():
             return _zero_like(logits)
-        return F.cross_entropy(logits.float(), target, weight=getattr(self, f"w_{task}", None), ignore_index=IGNORE,
-                               label_smoothing=self.label_smoothing)
+        logits = _upcast(logits)
+        weight = getattr(self, f"w_{task}", None)
+        return F.cross_entropy(logits, target, weight=None if weight is None else weight.to(logits.dtype),
+                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
     def extra_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
                    parts: dict[str, float]) -> torch.Tensor | None:
@@ -247,7 +254,7 @@ class SCABGCriterion(FocalCriterion):
         for i, (name, out, y) in enumerate((("coarse", logits["_coarse"], yc), ("fine", logits["_fine"], yf))):
             if not _labelled(y).any():
                 continue  # e.g. a batch with no emotional row: no fine term, and no pull on s2
-            loss = F.cross_entropy(out.float(), y, ignore_index=IGNORE)
+            loss = F.cross_entropy(_upcast(out), y, ignore_index=IGNORE)
             parts[name] = float(loss.detach())
             if self.aux_log_vars is not None:
                 s = self.aux_log_vars[i]

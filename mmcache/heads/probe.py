@@ -1,0 +1,365 @@
+"""The full-batch logistic-regression probe behind `heads train --solver lbfgs`.
+
+It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torch computing it:
+
+- objective, per task: the criterion's mean loss over the task's labelled train rows
+  + (l2/2)·‖W‖² (biases not penalised), in float64 on the features' device;
+- a 2-class task is fitted as binary logistic regression (one weight vector w, stored as the
+  rows -w/2, w/2 of the 2-class softmax): the same optimum as penalising both softmax rows, and
+  scikit-learn's own parameterisation. Hence the scikit-learn `C` of a penalty l2 on n labelled
+  rows is 1/(l2·n) with three or more classes and 2/(l2·n) with two (`sklearn_C`);
+- solver: `scipy.optimize.minimize(method="L-BFGS-B")`, the routine scikit-learn calls, with its
+  options (`maxls` 50, `ftol` 64·eps, `maxiter`), started at zero. It runs in preconditioned
+  coordinates: each feature centred over the train rows and its weight scaled by
+  1/sqrt(var/4 + l2), the diagonal curvature of the objective, so that badly scaled features
+  converge about as fast as standardised ones (the objective and its optimum are unchanged);
+- convergence: as scikit-learn's `tol`, the largest component of the gradient with respect to
+  the original weights and biases is at most `tol` (or f stops decreasing, relative 64·eps).
+
+A grid of penalties is fitted strongest first, each fit warm-started from the previous one
+(as `LogisticRegression(warm_start=True)`); a fit that stops without converging says so
+(`ProbeFit.warning`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+from mmcache.errors import MMCacheError
+from mmcache.heads.losses import IGNORE, Criterion
+from mmcache.heads.metrics import better
+
+if TYPE_CHECKING:
+    from mmcache.heads.data import CachedData
+    from mmcache.heads.linear import LinearHead
+
+# L2 penalties (on the mean loss) tried by default, strongest first so each fit warm-starts the next.
+LBFGS_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+FTOL = 64 * np.finfo(float).eps  # scikit-learn's relative-reduction stop of L-BFGS-B
+MAXLS = 50  # scikit-learn's line-search limit (scipy's default is 20)
+
+
+def sklearn_C(l2: float, n_labelled: int, num_classes: int) -> float:
+    """scikit-learn's `C` for the penalty `l2` on the mean loss over `n_labelled` rows.
+
+    Multinomial (3+ classes): mean CE + l2/2 ‖W‖² = mean CE + 1/(2 C n) ‖W‖², so C = 1/(l2 n).
+    Binary: the two softmax rows are -w/2 and w/2 at the optimum, so the penalty is l2/4 ‖w‖² and C = 2/(l2 n).
+    """
+    if n_labelled <= 0:
+        return float("nan")
+    return (2.0 if num_classes == 2 else 1.0) / (l2 * n_labelled)
+
+
+@dataclass
+class ProbeFit:
+    """One fit of the probe at one penalty: the solution and how the solver stopped."""
+
+    l2: float
+    x: np.ndarray  # flat parameters on the standardised features (LogisticProbe.weights reads them)
+    loss: float  # the penalised training objective at x
+    iters: int
+    converged: bool
+    grad_max: float  # largest |gradient component| with respect to the original weights and biases
+    message: str
+    seconds: float
+    max_iter: int
+    tol: float
+
+    @property
+    def warning(self) -> str | None:
+        """A one-line warning when the solver stopped before converging, else None."""
+        if self.converged:
+            return None
+        return (f"warning: lbfgs did not converge at l2={self.l2:g} ({self.message.strip().rstrip('.').lower()}; "
+                f"{self.iters} of at most {self.max_iter} iterations; largest gradient {self.grad_max:.2g} > "
+                f"tol {self.tol:g}): the metrics of this penalty may be off; allow more iterations or a larger tol")
+
+
+class LogisticProbe:
+    """Full-batch L2-penalised logistic regression of fixed features `z` [n,d] on one or more tasks.
+
+    `targets`: task -> [n] long (-100 = unlabelled); `num_classes`: task -> K; `crit` supplies the
+    per-task loss (cross-entropy, or its options: class weights, label smoothing, focal, distillation
+    with `teacher` [n,K]). Rows without a label for any task are left out. Parameters of task t are
+    W_t [K,d] and b_t [K] (a 2-class task: w [1,d] and b [1], see the module doc), kept for the
+    standardised features. The plain cross-entropy (with or without class weights) has its
+    gradient written out; other criteria go through autograd.
+    """
+
+    def __init__(self, z: torch.Tensor, targets: dict[str, torch.Tensor], num_classes: dict[str, int],
+                 crit: Criterion, teacher: torch.Tensor | None = None, tol: float = 1e-4, max_iter: int = 500) -> None:
+        if any(p.requires_grad for p in crit.parameters()):
+            raise MMCacheError("--solver lbfgs fits the classifiers alone: a loss with learned weights "
+                               "(loss option uncertainty=true) needs --solver adam")
+        if not tol > 0 or max_iter < 1:
+            raise MMCacheError(f"lbfgs: tol={tol} must be > 0 and max_iter={max_iter} at least 1")
+        keep = torch.zeros(len(z), dtype=torch.bool, device=z.device)
+        for y in targets.values():
+            keep |= y != IGNORE
+        if not keep.any():
+            raise MMCacheError("lbfgs: no train row has a label; the probe has nothing to fit")
+        # float64 as scikit-learn's lbfgs (line searches need f to more digits than float32 has); MPS has none.
+        self.dtype = torch.float32 if z.device.type == "mps" else torch.float64
+        z = z[keep].to(self.dtype)
+        if not torch.isfinite(z).all():
+            raise MMCacheError("lbfgs: the train features hold NaN or inf values; re-extract the store or "
+                               "drop those rows")
+        self.mean = z.mean(0)
+        std = z.std(0, correction=0)
+        self.scale = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as it is
+        self.zs = (z - self.mean) / self.scale
+        self.targets = {t: y[keep] for t, y in targets.items()}
+        self.teacher = teacher[keep] if teacher is not None else None
+        self.num_classes = dict(num_classes)
+        self.crit = crit
+        self.tol, self.max_iter = float(tol), int(max_iter)
+        self.d = z.shape[1]
+        self.rows = {t: 1 if k == 2 else k for t, k in self.num_classes.items()}
+        self.size = sum(r * (self.d + 1) for r in self.rows.values())
+        self.row_weights = self._cross_entropy_weights()
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (x, gradient) of the latest evaluation
+
+    def _cross_entropy_weights(self) -> dict[str, torch.Tensor] | None:
+        """Per task, each row's weight in the mean cross-entropy (0 unlabelled, else its class weight),
+        normalised to sum 1; None when the criterion is not a plain (class-weighted) cross-entropy."""
+        crit = self.crit
+        kd = self.teacher is not None and crit.kd_weight(0) > 0
+        if type(crit) is not Criterion or crit.label_smoothing or crit.log_vars is not None or kd:
+            return None
+        out = {}
+        for t, y in self.targets.items():
+            w = (y != IGNORE).to(self.dtype)
+            cw = getattr(crit, f"w_{t}", None)
+            if cw is not None:
+                w = w * cw.to(w.device, self.dtype)[y.clamp(min=0)]
+            out[t] = w / w.sum().clamp(min=torch.finfo(self.dtype).tiny)
+        return out
+
+    def n_labelled(self, task: str) -> int:
+        """Train rows labelled for `task` (the n of its scikit-learn C)."""
+        return int((self.targets[task] != IGNORE).sum())
+
+    def sklearn_C(self, l2: float, task: str) -> float:
+        """scikit-learn's C of penalty `l2` for `task`."""
+        return sklearn_C(l2, self.n_labelled(task), self.num_classes[task])
+
+    def _blocks(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Flat parameters -> task -> (W [r,d], b [r]) on the standardised features (r = 1 for 2 classes)."""
+        out, at = {}, 0
+        for t, r in self.rows.items():
+            p = x[at:at + r * (self.d + 1)].view(r, self.d + 1)
+            at += r * (self.d + 1)
+            out[t] = (p[:, :self.d], p[:, self.d])
+        return out
+
+    def _softmax_rows(self, t: str, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2-class task's (w, b) as the softmax rows (-w/2, w/2); other tasks unchanged."""
+        if self.num_classes[t] != 2:
+            return w, b
+        return torch.cat([-0.5 * w, 0.5 * w]), torch.cat([-0.5 * b, 0.5 * b])
+
+    def weights(self, x: np.ndarray | torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """task -> (W [K,d], b [K]) of the K-way softmax on the original features."""
+        xt = torch.as_tensor(x).to(self.zs.device, self.dtype)
+        out = {}
+        for t, (w, b) in self._blocks(xt).items():
+            w, b = self._softmax_rows(t, w, b)
+            w = w / self.scale
+            out[t] = (w, b - w @ self.mean)
+        return out
+
+    def objective(self, x: torch.Tensor, l2: float) -> torch.Tensor:
+        """The penalised training objective at flat (standardised) parameters x, through the criterion."""
+        logits, penalty = {}, x.new_zeros(())
+        for t, (w, b) in self._blocks(x).items():
+            w, b = self._softmax_rows(t, w, b)
+            logits[t] = torch.addmm(b, self.zs, w.T)
+            penalty = penalty + ((w / self.scale) ** 2).sum()
+        loss, _ = self.crit(logits, self.targets, self.teacher, 0)
+        return loss + 0.5 * l2 * penalty
+
+    def _cross_entropy_loss_grad(self, x: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective and gradient of the (class-weighted) mean cross-entropy + l2/2 ||W||^2, written out:
+        d/dlogits = weight_i (softmax_i - onehot_i); a 2-class w gets (dW_1 - dW_0)/2."""
+        assert self.row_weights is not None
+        f = x.new_zeros(())
+        grads = []
+        for t, (w, b) in self._blocks(x).items():
+            w, b = self._softmax_rows(t, w, b)
+            y, s = self.targets[t].clamp(min=0), self.row_weights[t]
+            logits = torch.addmm(b, self.zs, w.T)
+            lse = torch.logsumexp(logits, 1)
+            w_orig = w / self.scale
+            f = f + (s * (lse - logits.gather(1, y[:, None]).squeeze(1))).sum() + 0.5 * l2 * (w_orig ** 2).sum()
+            r = torch.exp(logits - lse[:, None])
+            r[torch.arange(len(y), device=y.device), y] -= 1
+            r *= s[:, None]
+            g = torch.cat([r.T @ self.zs + l2 * w_orig / self.scale, r.sum(0)[:, None]], 1)  # [K, d+1]
+            if self.num_classes[t] == 2:
+                g = 0.5 * (g[1:] - g[:1])
+            grads.append(g.reshape(-1))
+        return f, torch.cat(grads)
+
+    def loss_grad(self, x: np.ndarray, l2: float) -> tuple[float, np.ndarray]:
+        """(objective, gradient) at flat parameters x, as numpy float64 for scipy."""
+        xt = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(device=self.zs.device, dtype=self.dtype)
+        if self.row_weights is None:
+            xt.requires_grad_(True)
+            with torch.enable_grad():
+                f = self.objective(xt, l2)
+                (g,) = torch.autograd.grad(f, xt)
+        else:
+            f, g = self._cross_entropy_loss_grad(xt, l2)
+        gn = g.detach().to("cpu", torch.float64).numpy()
+        self._last = (np.array(x, dtype=np.float64), gn)
+        return float(f.detach()), gn
+
+    def original_grad_max(self, g: np.ndarray) -> float:
+        """Largest |component| of a gradient with respect to the original weights and biases:
+        W' = W * scale and b' = b + W . mean, so dW = dW' * scale + db' * mean and db = db'."""
+        gt = torch.from_numpy(g).to(self.scale.device, self.dtype)
+        out = 0.0
+        for gw, gb in self._blocks(gt).values():
+            gw_orig = gw * self.scale + gb[:, None] * self.mean
+            out = max(out, float(gw_orig.abs().max()), float(gb.abs().max()))
+        return out
+
+    def _precondition(self, l2: float) -> np.ndarray:
+        """Per-parameter factor c of the coordinates L-BFGS works in (x = c * p): for each weight
+        std / sqrt(std^2/4 + l2), so that the curvature along every weight is about 1; 1 for biases."""
+        c = (self.scale / torch.sqrt(self.scale ** 2 / 4 + l2)).to("cpu", torch.float64).numpy()
+        return np.concatenate([np.tile(np.append(c, 1.0), r) for r in self.rows.values()])
+
+    def fit(self, l2: float, x0: np.ndarray | None = None) -> ProbeFit:
+        """Minimise the objective at penalty `l2` from x0 (zeros by default), as scikit-learn's lbfgs does."""
+        t0 = time.perf_counter()
+        x0 = np.zeros(self.size) if x0 is None else np.asarray(x0, dtype=np.float64)
+        c = self._precondition(l2)
+        done = [False]
+
+        def loss_grad(p: np.ndarray) -> tuple[float, np.ndarray]:
+            f, g = self.loss_grad(c * p, l2)
+            return f, c * g
+
+        def check(intermediate_result: Any) -> None:  # scipy's per-iteration callback
+            x = c * intermediate_result.x
+            if self._last is None or not np.array_equal(self._last[0], x):
+                self.loss_grad(x, l2)
+            assert self._last is not None
+            if self.original_grad_max(self._last[1]) <= self.tol:
+                done[0] = True
+                raise StopIteration
+
+        was = self.crit.training
+        self.crit.eval()
+        try:
+            f0, g0 = self.loss_grad(x0, l2)
+            if self.original_grad_max(g0) <= self.tol:  # already optimal (e.g. a warm start at the same penalty)
+                res: Any = {"x": x0 / c, "fun": f0, "nit": 0, "success": True, "message": "converged"}
+            else:  # gtol 0: the stop on the original gradient is `check`'s
+                res = minimize(loss_grad, x0 / c, method="L-BFGS-B", jac=True, callback=check,
+                               options={"maxiter": self.max_iter, "maxls": MAXLS, "gtol": 0.0, "ftol": FTOL})
+        finally:
+            self.crit.train(was)
+        x = c * np.asarray(res["x"], dtype=np.float64)
+        if self._last is None or not np.array_equal(self._last[0], x):
+            self.loss_grad(x, l2)
+        assert self._last is not None
+        return ProbeFit(l2=float(l2), x=x, loss=float(res["fun"]), iters=int(res["nit"]),
+                        converged=bool(done[0] or res["success"]), grad_max=self.original_grad_max(self._last[1]),
+                        message=str(res["message"]), seconds=time.perf_counter() - t0, max_iter=self.max_iter,
+                        tol=self.tol)
+
+    def fit_grid(self, grid: Sequence[float]) -> list[ProbeFit]:
+        """One fit per penalty in `grid`, in that order, each warm-started from the previous solution."""
+        fits: list[ProbeFit] = []
+        for l2 in grid:
+            fits.append(self.fit(l2, fits[-1].x if fits else None))
+        return fits
+
+    @torch.no_grad()
+    def load_into(self, fit: ProbeFit, classifiers: nn.ModuleDict) -> None:
+        """Copy a fit's weights into the head's per-task nn.Linear classifiers."""
+        for t, (w, b) in self.weights(fit.x).items():
+            clf = classifiers[t]
+            if not isinstance(clf, nn.Linear) or clf.weight.shape != w.shape or clf.bias is None:
+                raise MMCacheError(f"lbfgs: classifier {t!r} is not a Linear layer of shape {tuple(w.shape)} with bias")
+            clf.weight.copy_(w)
+            clf.bias.copy_(b)
+
+
+@dataclass
+class GridResult:
+    """The fits of a penalty grid and the one chosen on validation (already loaded into the head)."""
+
+    fits: list[ProbeFit]
+    curves: list[dict[str, Any]]  # one row per penalty, in grid order
+    best: int  # index of the chosen fit
+    value: float  # its validation metric
+    l2: float
+    sklearn_C: float  # scikit-learn's C of the chosen penalty for the selection task
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit_l2_grid(head: LinearHead, crit: Criterion, data: CachedData, sel_task: str, sel_metric: str,
+                score: Callable[[dict[str, torch.Tensor]], dict[str, float]], grid: Sequence[float] = LBFGS_GRID,
+                tol: float = 1e-4, max_iter: int = 500, quiet: bool = False) -> GridResult:
+    """Fit the `linear` head (D=0) at each penalty of `grid` on the train split and keep the best on val.
+
+    `score(val_logits)` returns the validation metrics of one fit (`sel_metric` among them, and
+    `loss` when known); the chosen fit's weights are left in `head.classifiers`. Warnings (a fit
+    that did not converge; the best penalty at an end of the grid) are printed to stderr, the
+    second unless `quiet`, and returned.
+    """
+    if not grid:
+        raise MMCacheError("lbfgs: the L2 grid is empty; give at least one penalty (--l2-grid)")
+    if any(not lam > 0 for lam in grid):
+        raise MMCacheError(f"lbfgs: every L2 penalty must be > 0 (got {list(grid)})")
+    train_idx, val_idx = data.split_index["train"], data.split_index["val"]
+    was = head.training
+    head.eval()
+    with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
+        z_train = head.fused(data.batch(train_idx))
+        z_val = head.fused(data.batch(val_idx))
+    teacher = data.teacher[train_idx] if data.teacher is not None else None
+    probe = LogisticProbe(z_train, {t: data.targets[t][train_idx] for t in data.tasks}, data.tasks, crit,
+                          teacher=teacher, tol=tol, max_iter=max_iter)
+    fits = probe.fit_grid(list(grid))
+    curves: list[dict[str, Any]] = []
+    best: tuple[float, int] | None = None
+    for i, fit in enumerate(fits):
+        probe.load_into(fit, head.classifiers)
+        with torch.no_grad():
+            vm = score({t: c(z_val) for t, c in head.classifiers.items()})
+        value = vm.get(sel_metric, float("nan"))
+        curves.append({"fit": i + 1, "l2": fit.l2, "sklearn_C": probe.sklearn_C(fit.l2, sel_task), "iters": fit.iters,
+                       "converged": fit.converged, "train_loss": fit.loss,
+                       **{f"val_{k}": v for k, v in vm.items()}, "seconds": fit.seconds})
+        if not math.isnan(value) and (best is None or better(sel_metric, value, best[0])):
+            best = (value, i)
+    head.train(was)
+    if best is None:
+        raise MMCacheError(f"validation {sel_metric} was undefined for every penalty; choose another --select metric")
+    warnings = [w for w in (f.warning for f in fits) if w]
+    for w in warnings:
+        print(w, file=sys.stderr)
+    chosen = fits[best[1]]
+    if len(grid) > 1 and chosen.l2 in (grid[0], grid[-1]):
+        msg = (f"warning: the best L2 penalty {chosen.l2:g} is at the end of the grid {list(grid)}; "
+               "extend it (--l2-grid) to be sure the optimum is inside")
+        warnings.append(msg)
+        if not quiet:
+            print(msg, file=sys.stderr)
+    probe.load_into(chosen, head.classifiers)
+    return GridResult(fits=fits, curves=curves, best=best[1], value=best[0], l2=chosen.l2,
+                      sklearn_C=probe.sklearn_C(chosen.l2, sel_task), warnings=warnings)

@@ -1,0 +1,243 @@
+"""The lbfgs probe is scikit-learn's LogisticRegression at the C it reports, on binary and multi-class tasks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import datasets
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from mmcache.cache.store import FeatureStore, store_path
+from mmcache.data.base import Dataset, LabelSpace, Sample
+from mmcache.errors import MMCacheError
+from mmcache.heads import build_head
+from mmcache.heads.data import IGNORE, CachedData, load_cached
+from mmcache.heads.linear import LinearHead
+from mmcache.heads.losses import build_criterion
+from mmcache.heads.probe import LBFGS_GRID, GridResult, LogisticProbe, fit_l2_grid, sklearn_C
+
+LOADERS = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine, "digits": datasets.load_digits}
+
+
+def split_data(name: str, scaled: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A bundled scikit-learn dataset (no download), split 60/20/20 stratified; optionally standardised on train."""
+    x, y = LOADERS[name](return_X_y=True)
+    idx = np.arange(len(y))
+    tr, rest = train_test_split(idx, test_size=0.4, stratify=y, random_state=0)
+    va, te = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=0)
+    if scaled:
+        x = StandardScaler().fit(x[tr]).transform(x)
+    # The store holds float32; scikit-learn gets exactly the same numbers, in float64 as its lbfgs uses.
+    return x.astype(np.float32).astype(np.float64), y, {"train": tr, "val": va, "test": te}
+
+
+def write_cache(cache: Path, x: np.ndarray, y: np.ndarray, splits: dict[str, np.ndarray],
+                unlabelled: np.ndarray | None = None) -> CachedData:
+    """One `pooled` store (modality image) and a manifest; rows in `unlabelled` get no label."""
+    split = np.empty(len(y), dtype=object)
+    for s, idx in splits.items():
+        split[idx] = s
+    ids = [f"r{i:04d}" for i in range(len(y))]
+    hidden = set() if unlabelled is None else set(unlabelled.tolist())
+    samples = [Sample(id=ids[i], split=str(split[i]), labels={} if i in hidden else {"label": int(y[i])})
+               for i in range(len(y))]
+    classes = [str(c) for c in range(int(y.max()) + 1)]
+    Dataset(name="sk", samples=samples, labels=LabelSpace(tasks={"label": classes}), root=cache).write_manifest(
+        cache / "sk" / "manifest.json")
+    with FeatureStore(store_path(cache, "sk", "image", "feat"), {"preset": "sk", "d": x.shape[1]}, "sk",
+                      capacity=len(y)) as st:
+        st.write(ids, {"pooled": x.astype(np.float32)})
+    return load_cached("sk", {"image": "feat"}, cache)
+
+
+def val_accuracy(data: CachedData) -> object:
+    y = data.targets["label"][data.split_index["val"]]
+
+    def score(logits: dict[str, torch.Tensor]) -> dict[str, float]:
+        keep = y != IGNORE
+        return {"accuracy": float((logits["label"][keep].argmax(1) == y[keep]).double().mean())}
+
+    return score
+
+
+def probe_fit(data: CachedData, **kw: object) -> tuple[LinearHead, GridResult]:
+    head = build_head("linear", data.inputs, data.tasks, {"D": 0, "dropout": 0.0})
+    assert isinstance(head, LinearHead)
+    crit = build_criterion("ce", data.tasks)
+    return head, fit_l2_grid(head, crit, data, "label", "accuracy", val_accuracy(data), quiet=True, **kw)  # type: ignore[arg-type]
+
+
+def sklearn_grid(x: np.ndarray, y: np.ndarray, sp: dict[str, np.ndarray], Cs: list[float], tol: float,
+                 max_iter: int) -> tuple[int, LogisticRegression]:
+    """scikit-learn over the same Cs, warm-started in the same order, best val accuracy (first on ties)."""
+    clf = LogisticRegression(tol=tol, max_iter=max_iter, warm_start=True)
+    best: tuple[float, int, LogisticRegression] | None = None
+    for i, C in enumerate(Cs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)  # scikit-learn itself must converge here
+            clf.set_params(C=C).fit(x[sp["train"]], y[sp["train"]])
+        v = clf.score(x[sp["val"]], y[sp["val"]])
+        if best is None or v > best[0]:
+            best = (v, i, copy.deepcopy(clf))
+    assert best is not None
+    return best[1], best[2]
+
+
+def test_sklearn_C_mapping() -> None:
+    assert sklearn_C(1e-2, 400, 2) == pytest.approx(2 / (1e-2 * 400))
+    assert sklearn_C(1e-2, 400, 3) == pytest.approx(1 / (1e-2 * 400))
+    assert sklearn_C(1e-2, 400, 10) == pytest.approx(1 / (1e-2 * 400))
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["scaled", "raw"])
+@pytest.mark.parametrize("name", ["breast_cancer", "wine", "digits"])
+def test_grid_matches_sklearn(tmp_path: Path, name: str, scaled: bool) -> None:
+    """Same grid, same selection on val: the same C is chosen, and the chosen fits agree on test."""
+    x, y, sp = split_data(name, scaled)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    # At the default tol 1e-4 both solvers stop in the optimum's flat valley at points whose
+    # probabilities differ by up to ~0.05 (raw features: far more); asked for the optimum, they agree.
+    # Raw features: the strongest penalties only (scikit-learn needs thousands of iterations there).
+    tol, grid = (1e-6, LBFGS_GRID) if scaled else (1e-6, LBFGS_GRID[:3])
+    head, r = probe_fit(data, grid=grid, tol=tol, max_iter=20000)
+    assert all(c["converged"] for c in r.curves) and not any("converge" in w for w in r.warnings)
+    n, K = len(sp["train"]), int(y.max()) + 1
+    Cs = [sklearn_C(lam, n, K) for lam in grid]
+    assert [c["sklearn_C"] for c in r.curves] == pytest.approx(Cs)
+    best, ref = sklearn_grid(x, y, sp, Cs, tol, 100000)
+    assert r.best == best and r.sklearn_C == pytest.approx(Cs[best])
+    xt = x[sp["test"]]
+    with torch.no_grad():
+        ours = torch.softmax(head.classifiers["label"](torch.from_numpy(xt).float()).double(), 1).numpy()
+    acc, acc_ref = (ours.argmax(1) == y[sp["test"]]).mean(), ref.score(xt, y[sp["test"]])
+    assert abs(acc - acc_ref) <= 0.01
+    assert np.abs(ours - ref.predict_proba(xt)).max() < 0.02
+
+
+def test_binary_fit_is_sklearn_binary_logistic_regression(tmp_path: Path) -> None:
+    """A 2-class task at penalty l2 is scikit-learn's binary model at C = 2/(l2 n): the same weights."""
+    x, y, sp = split_data("breast_cancer", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    head, r = probe_fit(data, grid=[1e-2], tol=1e-8)
+    ref = LogisticRegression(C=2 / (1e-2 * len(sp["train"])), tol=1e-8, max_iter=10000).fit(x[sp["train"]], y[sp["train"]])
+    w, b = head.classifiers["label"].weight.detach().double(), head.classifiers["label"].bias.detach().double()
+    # Softmax rows -w/2, w/2: their difference is scikit-learn's coef_, and the rows sum to zero.
+    np.testing.assert_allclose((w[1] - w[0]).numpy(), ref.coef_[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(float(b[1] - b[0]), ref.intercept_[0], rtol=1e-3, atol=1e-4)
+    assert float((w[0] + w[1]).abs().max()) < 1e-6
+    # 1/(l2 n) would be a different model: twice the penalty.
+    half = LogisticRegression(C=1 / (1e-2 * len(sp["train"])), tol=1e-8, max_iter=10000).fit(x[sp["train"]], y[sp["train"]])
+    assert np.abs(half.coef_[0] - ref.coef_[0]).max() > 0.05
+
+
+def test_sklearn_C_counts_labelled_rows_only(tmp_path: Path) -> None:
+    x, y, sp = split_data("wine", scaled=True)
+    hidden = sp["train"][::3]  # a third of the train rows carry no label
+    data = write_cache(tmp_path / "cache", x, y, sp, unlabelled=hidden)
+    head, r = probe_fit(data, grid=[3e-2], tol=1e-8)
+    lab = np.setdiff1d(sp["train"], hidden)
+    assert r.sklearn_C == pytest.approx(1 / (3e-2 * len(lab)))
+    ref = LogisticRegression(C=r.sklearn_C, tol=1e-8, max_iter=10000).fit(x[lab], y[lab])
+    with torch.no_grad():
+        ours = torch.softmax(head.classifiers["label"](torch.from_numpy(x[sp["test"]]).float()).double(), 1).numpy()
+    assert np.abs(ours - ref.predict_proba(x[sp["test"]])).max() < 1e-3
+
+
+def test_warm_start_reaches_the_cold_optimum_on_raw_features() -> None:
+    """Badly scaled features: each warm-started fit converges to the same objective as a cold fit from zero."""
+    x, y, sp = split_data("breast_cancer", scaled=False)
+    tr = sp["train"]
+    probe = LogisticProbe(torch.from_numpy(x[tr]), {"label": torch.from_numpy(y[tr])}, {"label": 2},
+                          build_criterion("ce", {"label": 2}), tol=1e-4, max_iter=2000)
+    grid = [1e-1, 3e-2, 1e-2, 1e-3]
+    for warm in probe.fit_grid(grid):
+        cold = probe.fit(warm.l2)
+        assert warm.converged and cold.converged and warm.grad_max <= 1e-4
+        assert warm.iters > 1
+        assert warm.loss == pytest.approx(cold.loss, rel=1e-5, abs=1e-7)
+
+
+def test_not_converged_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x, y, sp = split_data("breast_cancer", scaled=False)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    _, r = probe_fit(data, grid=[1e-3], max_iter=3)
+    assert r.curves[0]["converged"] is False and r.curves[0]["iters"] == 3
+    err = capsys.readouterr().err
+    assert "did not converge at l2=0.001" in err and "3 of at most 3 iterations" in err
+    assert r.warnings and "did not converge" in r.warnings[0]
+
+
+def test_written_gradient_equals_autograd_through_the_criterion() -> None:
+    """The written-out cross-entropy gradient (binary and multi-class, class weights, unlabelled rows)
+    is the criterion's own, as autograd gives it."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 60, 5
+    z = torch.randn(n, d, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 0.0]) + 5.0
+    targets = {"two": torch.randint(0, 2, (n,), generator=g), "four": torch.randint(0, 4, (n,), generator=g)}
+    targets["two"][:7] = IGNORE
+    targets["four"][5:12] = IGNORE
+    counts = {t: torch.bincount(y[y != IGNORE], minlength=k) for (t, y), k in zip(targets.items(), (2, 4), strict=True)}
+    for class_weights in (False, True):
+        crit = build_criterion("ce", {"two": 2, "four": 4}, class_counts=counts, class_weights=class_weights)
+        probe = LogisticProbe(z, targets, {"two": 2, "four": 4}, crit)
+        assert probe.row_weights is not None
+        x = np.random.default_rng(1).normal(size=probe.size)
+        f, grad = probe.loss_grad(x, 0.3)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        ref = probe.objective(xt, 0.3)
+        ref.backward()
+        assert f == pytest.approx(float(ref.detach()), rel=1e-12)
+        np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_other_criteria_fit_through_autograd() -> None:
+    """Label smoothing / focal losses have no written-out gradient: the probe minimises them by autograd."""
+    x, y, sp = split_data("wine", scaled=True)
+    tr = sp["train"]
+    for name, opts in (("ce", {"label_smoothing": 0.1}), ("focal", {"alpha": "none"})):
+        crit = build_criterion(name, {"label": 3}, **opts)
+        probe = LogisticProbe(torch.from_numpy(x[tr]), {"label": torch.from_numpy(y[tr])}, {"label": 3}, crit,
+                              tol=1e-6, max_iter=1000)
+        assert probe.row_weights is None
+        fit = probe.fit(1e-2)
+        assert fit.converged and fit.grad_max <= 1e-6
+        w, b = probe.weights(fit.x)["label"]
+        logits = torch.from_numpy(x[tr]) @ w.T + b
+        loss = crit({"label": logits}, {"label": torch.from_numpy(y[tr])})[0] + 0.5e-2 * (w ** 2).sum()
+        assert float(loss) == pytest.approx(fit.loss, rel=1e-9)
+
+
+def test_probe_builds_no_torch_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first torch optimizer imports torch._dynamo (seconds); the probe's fit time must not include it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the probe built a torch optimizer")
+
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", refuse)
+    x, y, sp = split_data("wine", scaled=True)
+    tr = sp["train"]
+    probe = LogisticProbe(torch.from_numpy(x[tr]), {"label": torch.from_numpy(y[tr])}, {"label": 3},
+                          build_criterion("ce", {"label": 3}))
+    assert probe.fit(1e-2).converged
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    x, y, sp = split_data("wine", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    with pytest.raises(MMCacheError, match="grid is empty"):
+        probe_fit(data, grid=[])
+    with pytest.raises(MMCacheError, match="must be > 0"):
+        probe_fit(data, grid=[1e-2, 0.0])
+    z, t = torch.from_numpy(x[sp["train"]]), {"label": torch.from_numpy(y[sp["train"]])}
+    with pytest.raises(MMCacheError, match="uncertainty"):
+        LogisticProbe(z, t, {"label": 3}, build_criterion("ce", {"label": 3}, uncertainty=True))
+    with pytest.raises(MMCacheError, match="no train row has a label"):
+        LogisticProbe(z, {"label": torch.full_like(t["label"], IGNORE)}, {"label": 3}, build_criterion("ce", {"label": 3}))
