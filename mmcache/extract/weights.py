@@ -24,6 +24,8 @@ from mmcache.errors import MMCacheError
 HASH_CACHE_FILE = "sha256.json"
 HUB_URL = "https://huggingface.co"
 HUB_CHECK_TIMEOUT_S = 2.0
+# Set once this process found no network and turned the Hub's offline mode on (so errors say why).
+_switched_offline = False
 
 
 def user_cache_dir() -> Path:
@@ -157,9 +159,6 @@ def hub_offline() -> str | None:
         return None
     _switch_offline()
     return _no_network()
-
-
-_switched_offline = False
 
 
 def _switch_offline() -> None:
