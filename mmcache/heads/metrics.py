@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 # Metrics where lower is better (selection minimises them).
 LOWER_IS_BETTER = {"loss"}
@@ -21,17 +19,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _binary_auroc(pos: np.ndarray, score: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic with average ranks for ties (equal to scikit-learn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def auroc(y: np.ndarray, prob: np.ndarray) -> float | None:
-    """Binary AUROC of the positive class; macro one-vs-rest for multi-class; None when undefined."""
+    """Binary AUROC of the positive class; macro one-vs-rest for multi-class; None when undefined.
+    The same values as scikit-learn's `roc_auc_score` (multi_class="ovr", average="macro"), computed from ranks."""
     n_classes = prob.shape[1]
     present = np.unique(y)
     if present.size < 2 or not np.isfinite(prob).all():
         return None
     if n_classes == 2:
-        return float(skm.roc_auc_score(y, prob[:, 1]))
+        return _binary_auroc(y == 1, prob[:, 1])
     if present.size < n_classes:
         return None  # OvR needs every class in the split
-    return float(skm.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    return float(np.mean([_binary_auroc(y == c, prob[:, c]) for c in range(n_classes)]))
 
 
 def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: list[str] | None = None,
@@ -50,18 +59,26 @@ def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: list[
     out: dict[str, Any] = {"n": int(len(y))}
     if not len(y):
         return out
-    labels = list(range(n_classes))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined F1 for absent classes counts as 0, as documented
-        out["accuracy"] = float(skm.accuracy_score(y, pred))
-        out["macro_f1"] = float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0))
-        out["weighted_f1"] = float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0))
-        out["auroc"] = auroc(y, prob)
-        if n_classes > k:
-            # NaN scores have no ranking; the no_nan check reports them instead of a crash here.
-            out[f"top{k}_accuracy"] = (float(skm.top_k_accuracy_score(y, prob, k=k, labels=labels))
-                                       if np.isfinite(prob).all() else None)
-    out["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
+    # Confusion matrix, accuracy and F1 from counts: scikit-learn's definitions (F1 of a class never
+    # predicted nor present counts as 0), without its per-call input validation, which dominates on small splits.
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    support = cm.sum(1)
+    out["accuracy"] = float(tp.sum() / len(y))
+    out["macro_f1"] = float(f1.mean())
+    out["weighted_f1"] = float((f1 * support).sum() / support.sum())
+    out["auroc"] = auroc(y, prob)
+    if n_classes > k:
+        # NaN scores have no ranking (the no_nan check reports them). The ranking is scikit-learn's
+        # top_k_accuracy_score's: a stable sort of the scores, ties broken by class order.
+        if np.isfinite(prob).all():
+            top = np.argsort(prob, axis=1, kind="mergesort")[:, ::-1][:, :k]
+            out[f"top{k}_accuracy"] = float((top == y[:, None]).any(axis=1).mean())
+        else:
+            out[f"top{k}_accuracy"] = None
+    out["confusion_matrix"] = cm.tolist()
     if class_names:
         out["classes"] = list(class_names)
     out["checks"] = prediction_checks(y, logits, prob, pred)

@@ -98,6 +98,26 @@ def fit_stacked(members: list[Member], data: CachedData, quiet: bool) -> None:
         _fit_stack(group, data, quiet)
 
 
+@torch.no_grad()
+def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Logits of rows `idx` for every member (its current weights), as one product per task per member stack."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    stacks: dict[tuple[Any, ...], list[int]] = {}
+    for j, m in enumerate(members):
+        stacks.setdefault(_stack_key(m), []).append(j)
+    for js in stacks.values():
+        head0 = cast("LinearHead", members[js[0]].head)
+        head0.eval()
+        z = head0.fused(data.batch(idx))
+        for t in data.tasks:
+            w = torch.stack([cast("LinearHead", members[j].head).classifiers[t].weight for j in js])
+            b = torch.stack([cast("LinearHead", members[j].head).classifiers[t].bias for j in js])
+            logits = (z @ w.reshape(-1, w.shape[-1]).T).view(len(idx), len(js), -1) + b
+            for k, j in enumerate(js):
+                out[j][t] = logits[:, k]
+    return out
+
+
 def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
     """Per-config mean cross-entropy, as `F.cross_entropy(..., reduction="mean")` for each config alone.
     logits [B, K, C], y [B] -> [K]; 0 for a config when no row is labelled."""
@@ -153,24 +173,28 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
     for epoch in bar:
         t0 = time.perf_counter()
-        perm = orders.epoch()
+        perm = {key: p.to(device) for key, p in orders.epoch().items()}
         loss_sum = torch.zeros(k_all, device=device)
         steps = 0
         for s in range(0, n, cfg0.batch_size):
             if n - s < 2:  # as the single-run loop: no one-row batch
                 continue
-            total = torch.zeros((), device=device)
+            total: torch.Tensor | None = None
             for key, ks in slots.items():
-                pos = perm[key][s:s + cfg0.batch_size].to(device)
+                pos = perm[key][s:s + cfg0.batch_size]
                 x = z_train[pos]
                 for t in tasks:
                     w = W[t] if whole else W[t][ks]
                     b = B[t] if whole else B[t][ks]
                     kk, c, f = w.shape
-                    logits = (x @ w.reshape(kk * c, f).T).view(len(pos), kk, c) + b
+                    logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T).view(len(pos), kk, c)
                     per = _ce(logits, y_train[t][pos], weights[t], smoothing)
-                    total = total + per.sum()
-                    loss_sum[ks] += per.detach()
+                    total = per.sum() if total is None else total + per.sum()
+                    if whole:
+                        loss_sum += per.detach()
+                    else:
+                        loss_sum[ks] += per.detach()
+            assert total is not None
             opt.zero_grad()
             total.backward()
             opt.step(lr * unit.param_groups[0]["lr"])

@@ -162,7 +162,8 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
     print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
           + (f", rank {rank} of {world}" if world > 1 else "") + ")", file=sys.stderr)
-    results = train_many([cfgs[i] for i in mine], errors=True)
+    # The table reports val and test; run folders (--save-runs) get every split.
+    results = train_many([cfgs[i] for i in mine], errors=True, splits=None if save_runs else ("val", "test"))
     rows_by_index: dict[int, dict[str, Any]] = {}
     for i, res in zip(mine, results, strict=True):
         name, overrides, seed = jobs[i]

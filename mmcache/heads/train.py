@@ -227,6 +227,7 @@ class Member:
     best_value: float = float("nan")
     select: dict[str, Any] = field(default_factory=dict)
     fit_seconds: float = 0.0
+    final_logits: dict[str, dict[str, torch.Tensor]] | None = None  # split -> task -> logits, when batched
 
     def order_key(self) -> tuple[Any, ...]:
         """Members with the same key see the same batches (same seed, same sampling)."""
@@ -415,13 +416,18 @@ def _uses(heads: list[str]) -> list[str] | None:
     return sorted(keys)
 
 
-def _evaluate(m: Member, t_start: float, device: str) -> RunResult:
+def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | None = None,
+              logits_of: dict[str, dict[str, torch.Tensor]] | None = None) -> RunResult:
+    """Final metrics of member `m` on every split (or `splits`); `logits_of` (split -> task -> logits) when the
+    logits were computed already (stacked probes)."""
     data, cfg = m.data, m.cfg
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
     for split in order:
+        if splits is not None and split not in splits:
+            continue
         idx = data.split_index[split]
-        logits = predict_logits(m.head, data, idx)
+        logits = logits_of[split] if logits_of is not None else predict_logits(m.head, data, idx)
         per_task = {}
         for t in data.tasks:
             mt = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
@@ -441,15 +447,17 @@ def _evaluate(m: Member, t_start: float, device: str) -> RunResult:
                      head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds)
 
 
-def train_many(cfgs: list[TrainConfig], errors: bool = False) -> list[RunResult | MMCacheError]:
+def train_many(cfgs: list[TrainConfig], errors: bool = False,
+               splits: tuple[str, ...] | None = None) -> list[RunResult | MMCacheError]:
     """Train every config; stores are loaded once per dataset and selection, and configs that share the
     loaded data, epochs and batch size train in lockstep (linear probes as one stacked computation).
 
     Each result equals `train(cfg)` for that config alone (same seed, same batches, same initialisation)
     up to float round-off. With `errors=True` a config that fails with a user error yields its
-    MMCacheError in its place and the others go on; otherwise the first error is raised.
+    MMCacheError in its place and the others go on; otherwise the first error is raised. `splits`: the
+    splits to report metrics on (default every split of the manifest; a sweep needs val and test only).
     """
-    from mmcache.heads.stacked import fit_stacked, stackable
+    from mmcache.heads.stacked import fit_stacked, stackable, stacked_logits
 
     t_start = time.perf_counter()
     results: list[RunResult | MMCacheError | None] = [None] * len(cfgs)
@@ -518,10 +526,15 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False) -> list[RunResult 
                     m.select = {"l2": lam, "sklearn_C": 1.0 / (lam * len(m.data.split_index["train"]))}
                 else:
                     quiet = all(m.cfg.quiet for m in group)
-                    stacked = [m for m in group if stackable(m)] if len(group) > 1 else []
+                    stacked = [m for m in group if stackable(m)]
                     rest = [m for m in group if m not in stacked]
                     if stacked:
                         fit_stacked(stacked, group[0].data, quiet)
+                        data = group[0].data
+                        per_split = {sp: stacked_logits(stacked, data, ix) for sp, ix in data.split_index.items()
+                                     if splits is None or sp in splits}
+                        for k, m in enumerate(stacked):
+                            m.final_logits = {sp: per_split[sp][k] for sp in per_split}
                     if rest:
                         _fit_lockstep(rest, group[0].data, quiet)
             except MMCacheError as e:
@@ -532,7 +545,7 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False) -> list[RunResult 
             for i in gidx:
                 members[i].fit_seconds = per
                 try:
-                    res = _evaluate(members[i], t_start, devices[i])
+                    res = _evaluate(members[i], t_start, devices[i], splits, members[i].final_logits)
                     warn_failed_checks(res.metrics)
                     if cfgs[i].save:
                         res.run_dir = write_run(run_dirs[i], res, members[i].data.labels.tasks,

@@ -74,6 +74,17 @@ def test_each_batched_config_equals_its_single_run(toy_cache: Path, kind: str) -
         assert_same(train(cfg), got)
 
 
+def test_stacked_probe_equals_the_module_loop(toy_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stacked computation (probes, alone or many) gives what the generic loop over the head module gives."""
+    from mmcache.heads import stacked
+
+    cfgs = [base(toy_cache, **kw) for kw in GRIDS["stacked"]]
+    fast = train_many(cfgs)
+    monkeypatch.setattr(stacked, "stackable", lambda m: False)
+    for cfg, got in zip(cfgs, fast, strict=True):
+        assert_same(train(cfg), got)
+
+
 def test_probe_grids_take_the_stacked_path(toy_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mmcache.heads import stacked
     from mmcache.heads import train as train_mod

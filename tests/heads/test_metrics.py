@@ -85,3 +85,37 @@ def test_better() -> None:
     assert better("accuracy", 0.6, 0.5) and not better("accuracy", 0.5, 0.5)
     assert better("loss", 0.4, 0.5) and not better("loss", 0.6, 0.5)
     assert better("auroc", 0.1, None)
+
+
+def test_counts_and_rank_metrics_equal_scikit_learn() -> None:
+    """Accuracy, F1, confusion matrix and AUROC are computed from counts and ranks: the same values as
+    scikit-learn's functions, with ties in the scores, absent classes and binary / multi-class tasks."""
+    import numpy as np
+    from sklearn import metrics as skm
+
+    from mmcache.heads.metrics import classification_metrics, softmax
+
+    rng = np.random.default_rng(0)
+    checked_auroc = 0
+    for _ in range(200):
+        c, n = int(rng.integers(2, 6)), int(rng.integers(3, 60))
+        y = rng.integers(0, c, n)
+        logits = rng.normal(size=(n, c)).round(int(rng.integers(0, 3)))  # rounding makes ties
+        m = classification_metrics(y, logits)
+        prob = softmax(logits)
+        pred, labels = prob.argmax(1), list(range(c))
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+        assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0),
+                                              abs=1e-12)
+        assert m["weighted_f1"] == pytest.approx(
+            skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0), abs=1e-12)
+        assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
+        if c > 2:
+            assert m["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, prob, k=2, labels=labels), abs=1e-12)
+        if np.unique(y).size >= 2 and (c == 2 or np.unique(y).size == c):
+            ref = skm.roc_auc_score(y, prob[:, 1]) if c == 2 else skm.roc_auc_score(y, prob, multi_class="ovr")
+            assert m["auroc"] == pytest.approx(ref, abs=1e-9)
+            checked_auroc += 1
+        else:
+            assert m["auroc"] is None
+    assert checked_auroc > 50
