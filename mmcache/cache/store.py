@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from mmcache.cache.spec import canonical_spec, spec_hash
 from mmcache.data.base import MAX_ID_BYTES, id_problem
 from mmcache.errors import MMCacheError
 
@@ -219,11 +220,9 @@ class FeatureStore:
     def __init__(self, path: Path | str, spec: dict[str, Any], dataset: str, dtype: str = "float16",
                  versions: dict[str, str] | None = None, capacity: int | None = None,
                  durable: bool = False) -> None:
-        from mmcache.extract.base import spec_hash
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.spec = json.loads(json.dumps(spec, sort_keys=True, default=str))
+        self.spec = canonical_spec(spec)
         self.hash = spec_hash(spec)
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":

@@ -7,7 +7,6 @@ preset up, picks the family's class and builds it for one modality.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
+from mmcache.cache.spec import spec_hash
 from mmcache.errors import MMCacheError
 
 # Store folder names. `context` is a second text (caption, OCR); `teacher` holds logits.
@@ -109,11 +109,6 @@ def register_decoder(field: str) -> Callable[[Decoder], Decoder]:
         return fn
 
     return deco
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a spec, first 16 hex digits."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 ExtractorClass = type[Extractor]
