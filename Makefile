@@ -5,7 +5,11 @@
 #   make features DATASET=mvsa     extract the dataset's default features into cache/<dataset>/
 #   make train DATASET=mvsa VTYPE=clip TTYPE=clip D=256
 #   make sweep DATASET=mvsa GRID='head=linear,gated;D=128,256'
-#   make bench [BENCH_ARGS=--quick] benchmarks (ratios within one run)
+#   make ablations DATASET=mvsa    encoder pairs x D x lr (the MVSA reference table)
+#   make ablate-modality DATASET=mvsa   image only / text only / both
+#   make compare-heads DATASET=mvsa     linear / gated / xattn / scabg
+#   make bench                     every benchmark; writes bench/results.json and bench/results.md
+#   make bench-quick               the headline ratios at small sizes; fails below a floor (CI runs it)
 #
 # TORCH_SPEC picks the torch/torchvision pair installed into .venv. Default: the normal
 # PyPI wheels (CUDA builds) where an NVIDIA GPU is present; on a CPU-only x86_64 machine
@@ -36,6 +40,8 @@ TTYPE ?= clip
 D ?= 256
 HEAD ?= linear
 GRID ?= head=linear,gated;D=128,256
+THREADS ?=
+SEEDS ?= 0,1,2
 EXTRACT_ARGS ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
@@ -53,7 +59,15 @@ FEATURES_fakeddit      := --image clip,resnet --text clip,roberta
 FEATURES_meld          := --text roberta --video r3d --audio mel
 FEATURES ?= $(or $(FEATURES_$(DATASET)),--image clip --text clip)
 
-.PHONY: setup demo test features train sweep bench lint clean-demo
+# torch CPU threads for training (empty: heads' default, one per 4 cores, 1 to 8).
+THREAD_ARG := $(if $(THREADS),--threads $(THREADS),)
+
+# Reference studies: the stores each compares (override VSTORES / TSTORES / HEADS_GRID).
+VSTORES ?= clip,resnet
+TSTORES ?= clip,roberta
+HEADS_GRID ?= linear,gated,xattn,scabg
+
+.PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick lint clean-demo
 
 setup: $(STAMP)
 
@@ -67,7 +81,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmcache data demo --out data/demo
 	$(MAKE) --no-print-directory features DATASET=demo
-	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --hp D=$(D) --grid 'ablation=0,1,2'
+	$(BIN)/heads sweep --dataset demo --vtype clip --ttype clip --hp D=$(D) --grid 'ablation=0,1,2' $(THREAD_ARG)
 	@echo "ablation=0: image + text fusion   ablation=1: text only   ablation=2: image only"
 
 test: $(STAMP)
@@ -77,13 +91,29 @@ features: $(STAMP)
 	$(BIN)/mmcache extract $(DATASET) --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) $(FEATURES) $(EXTRACT_ARGS)
 
 train: $(STAMP)
-	$(BIN)/heads train --dataset $(DATASET) --cache-dir $(CACHE_DIR) --head $(HEAD) --vtype $(VTYPE) --ttype $(TTYPE) --D $(D) $(TRAIN_ARGS)
+	$(BIN)/heads train --dataset $(DATASET) --cache-dir $(CACHE_DIR) --head $(HEAD) --vtype $(VTYPE) --ttype $(TTYPE) --D $(D) $(THREAD_ARG) $(TRAIN_ARGS)
 
 sweep: $(STAMP)
-	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(TRAIN_ARGS)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(THREAD_ARG) $(TRAIN_ARGS)
+
+ablations: $(STAMP)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) \
+	  --grid 'vtype=$(VSTORES);ttype=$(TSTORES);D=128,256,512;lr=1e-4,1e-3'
+
+ablate-modality: $(STAMP)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --hp D=$(D) \
+	  --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) --grid 'modalities=["image"],["text"],["image","text"]'
+
+compare-heads: $(STAMP)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --hp D=$(D) \
+	  --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) --grid 'head=$(HEADS_GRID)'
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick --check --out bench/results-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmcache tests bench

@@ -98,8 +98,9 @@ class CachedData:
 
     def batch(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> Features:
         """Features of rows `idx`, floats cast to `dtype` (stores may be float16)."""
-        return {m: {k: (v[idx].to(dtype) if v.is_floating_point() else v[idx]) for k, v in d.items()}
-                for m, d in self.features.items()}
+        # index_select: a row gather several times faster than advanced indexing on CPU
+        return {m: {k: (v.index_select(0, idx).to(dtype) if v.is_floating_point() else v.index_select(0, idx))
+                    for k, v in d.items()} for m, d in self.features.items()}
 
     def class_counts(self, split: str = "train") -> dict[str, torch.Tensor]:
         """task -> [C] label counts in `split` (for class weights, balanced alphas, oversampling)."""

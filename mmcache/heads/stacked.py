@@ -51,6 +51,7 @@ class StackedOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9) -> None:
         self.kind, self.params, self.wd = kind, params, weight_decay
         self.betas, self.eps, self.momentum = betas, eps, momentum
+        self.decay = bool((weight_decay != 0).any())
         self.t = 0
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
 
@@ -69,7 +70,9 @@ class StackedOptimizer:
             shape = (-1,) + (1,) * (p.dim() - 1)
             lr_, wd_ = lr.view(shape), self.wd.view(shape)
             g = p.grad
-            if self.kind == "adamw":
+            if not self.decay:
+                pass
+            elif self.kind == "adamw":
                 p.mul_(1 - lr_ * wd_)
             else:
                 g = g + wd_ * p
@@ -182,13 +185,13 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
             total: torch.Tensor | None = None
             for key, ks in slots.items():
                 pos = perm[key][s:s + cfg0.batch_size]
-                x = z_train[pos]
+                x = z_train.index_select(0, pos)
                 for t in tasks:
                     w = W[t] if whole else W[t][ks]
                     b = B[t] if whole else B[t][ks]
                     kk, c, f = w.shape
                     logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T).view(len(pos), kk, c)
-                    per = _ce(logits, y_train[t][pos], weights[t], smoothing)
+                    per = _ce(logits, y_train[t].index_select(0, pos), weights[t], smoothing)
                     total = per.sum() if total is None else total + per.sum()
                     if whole:
                         loss_sum += per.detach()

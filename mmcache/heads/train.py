@@ -161,10 +161,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
     if cfg.threads is not None:
         _check_number("--threads", cfg.threads, 1, integer=True)
-    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
-
-    if cfg.head not in HEADS:
-        raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
+    HEADS.get(cfg.head)  # an unknown head is refused before any data is read
     if not cfg.modalities:
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
                            "--videotype (or --image/--text/... )")
@@ -346,8 +343,9 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
                 idx, x = feats[m.order_key()]
                 m.rng_in()
                 logits = m.head(x)
-                targets = {t: data.targets[t][idx] for t in data.tasks}
-                loss, _ = m.crit(logits, targets, teacher[idx] if teacher is not None else None, epoch - 1)
+                targets = {t: data.targets[t].index_select(0, idx) for t in data.tasks}
+                loss, _ = m.crit(logits, targets, teacher.index_select(0, idx) if teacher is not None else None,
+                                 epoch - 1)
                 m.rng_out()
                 total = loss if total is None else total + loss
                 m.loss_sum = m.loss_sum + loss.detach()
