@@ -30,7 +30,7 @@ def run(
     video: Annotated[str | None, typer.Option("--video", "--videotype", help=f"Video encoder (e.g. r3d). {_ENC}")] = None,
     audio: Annotated[str | None, typer.Option("--audio", "--atype", help=f"Audio encoder (e.g. mel). {_ENC}")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
-    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg.")] = "linear",
+    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,
