@@ -7,7 +7,7 @@
 #   make sweep DATASET=mvsa GRID='head=linear,gated;D=128,256'
 #   make ablations DATASET=mvsa    encoder pairs x D x lr (the MVSA reference table)
 #   make ablate-modality DATASET=mvsa   image only / text only / both
-#   make compare-heads DATASET=mvsa     linear / gated / xattn / scabg
+#   make compare-heads DATASET=mvsa     linear / gated / xattn / scabg / transformer
 #   make bench                     every benchmark; writes bench/results.json and bench/results.md
 #   make bench-quick               the headline ratios at small sizes; fails below a floor (CI runs it)
 #
@@ -65,7 +65,7 @@ THREAD_ARG := $(if $(THREADS),--threads $(THREADS),)
 # Reference studies: the stores each compares (override VSTORES / TSTORES / HEADS_GRID).
 VSTORES ?= clip,resnet
 TSTORES ?= clip,roberta
-HEADS_GRID ?= linear,gated,xattn,scabg
+HEADS_GRID ?= linear,gated,xattn,scabg,transformer
 
 .PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick lint clean-demo
 
