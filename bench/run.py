@@ -89,7 +89,7 @@ def trainer(cache: Path, hp: dict[str, Any], epochs: int, repeat: int) -> dict[s
     (_, t_base), (acc_ours, acc_base) = bench_heads.timeit([ours, base], repeat)
     t_fit = statistics.median(fit)
     return {"ours_s": t_fit, "baseline_s": t_base, "ratio": t_base / t_fit, "acc_ours": acc_ours,
-            "acc_baseline": acc_base}
+            "acc_baseline": acc_base, "epochs_per_s": epochs / t_fit}
 
 
 def run(quick: bool) -> dict[str, dict[str, Any]]:
@@ -98,7 +98,8 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
     sweep = bench_sweep.run(quick)
     for name, r in sweep.items():
         out[name] = {"ours_s": r["batched_s"], "baseline_s": r["sequential_s"], "ratio": r["speedup"],
-                     "acc_ours": r["acc_batched"], "acc_baseline": r["acc_sequential"]}
+                     "acc_ours": r["acc_batched"], "acc_baseline": r["acc_sequential"],
+                     "configs_per_s": r["configs"] / r["batched_s"]}
     with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
         cache = Path(tmp) / "cache"
         bench_heads.make_cache(cache)
