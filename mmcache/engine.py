@@ -258,8 +258,8 @@ def metrics_json(result: RunResult) -> dict[str, Any]:
 def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,
               criterion: nn.Module | None = None, encoders: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a run folder: model.safetensors (the head), head.json, config.json, metrics.json, versions.json,
-    curves.json/.csv, confusion_<task>.png; criterion.safetensors when the loss has state; encoders.safetensors
-    with the encoder weights that were trained (fine-tuning). Nothing is pickled."""
+    curves.json/.csv, curves.png, confusion_<task>.png; criterion.safetensors when the loss has state;
+    encoders.safetensors with the encoder weights that were trained (fine-tuning). Nothing is pickled."""
     from safetensors.torch import save_file
 
     d.mkdir(parents=True, exist_ok=True)
@@ -277,6 +277,7 @@ def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: 
     write_json(d / "metrics.json", metrics_json(result))
     write_json(d / "versions.json", versions())
     write_curves(d, result.curves)
+    plot_run_curves(d, result, dataset)
     plot_confusions(d, result.metrics, tasks, dataset)
     return d
 
@@ -292,39 +293,25 @@ def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
             w.writerows(curves)
 
 
+def plot_run_curves(d: Path, result: RunResult, dataset: str) -> None:
+    """curves.png: train/val loss and the validation selection metric per epoch, the chosen epoch marked."""
+    from mmcache.plots import plot_curves
+
+    metric = result.select.get("metric")
+    plot_curves(result.curves, d / "curves.png", metric, result.best_epoch,
+                f"{dataset} {d.name}: val {result.select.get('task', '')}:{metric} {result.select.get('value', 0.0):.4f}")
+
+
 def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],
                     dataset: str) -> None:
     """confusion_<task>.png of the test split (val when test has no labels), one per task."""
+    from mmcache.plots import plot_confusion
+
     split = "test" if metrics.get("test") else "val"
     for t, m in metrics.get(split, {}).items():
         if "confusion_matrix" in m:
             plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
                            f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-
-
-def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    """Save a confusion matrix (rows true, columns predicted) as a PNG with counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=8)
-    top = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def warn_failed_checks(metrics: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -336,16 +323,15 @@ def warn_failed_checks(metrics: dict[str, dict[str, dict[str, Any]]]) -> None:
 
 
 def results_table(result: RunResult) -> str:
-    """A small text table: one row per split and task."""
+    """The console table of a run (rich): one row per split and task, then the chosen epoch and seconds."""
+    from mmcache.tables import render
+
     cols = ["accuracy", "macro_f1", "weighted_f1", "auroc", "top2_accuracy"]
-    head = f"{'split':<6} {'task':<12} {'n':>6} " + " ".join(f"{c:>13}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for split, per_task in result.metrics.items():
-        for t, m in per_task.items():
-            vals = " ".join(f"{m[c]:>13.4f}" if isinstance(m.get(c), float) else f"{'-':>13}" for c in cols)
-            lines.append(f"{split:<6} {t:<12} {m['n']:>6} {vals}")
+    shown = [c for c in cols if any(isinstance(m.get(c), float) for pt in result.metrics.values() for m in pt.values())]
+    rows = [[split, t, m["n"], *(f"{m[c]:.4f}" if isinstance(m.get(c), float) else "-" for c in shown)]
+            for split, per_task in result.metrics.items() for t, m in per_task.items()]
     sel = result.select
     extra = f", l2 {sel['l2']:g}" if "l2" in sel else ""
-    lines.append(f"best {'fit' if 'l2' in sel else 'epoch'} {result.best_epoch}: val {sel['task']}:{sel['metric']} "
-                 f"{sel['value']:.4f}{extra}; {result.seconds:.1f} s")
-    return "\n".join(lines)
+    footer = (f"best {'fit' if 'l2' in sel else 'epoch'} {result.best_epoch}: val {sel['task']}:{sel['metric']} "
+              f"{sel['value']:.4f}{extra}; {result.seconds:.1f} s")
+    return render(["split", "task", "n", *shown], rows, right=["n", *shown]) + "\n" + footer

@@ -1,0 +1,123 @@
+"""PNG plots of runs and sweeps (matplotlib, no pyplot state; every figure at least 600 px on each side).
+
+- `plot_curves`: a run's learning curves: train/val loss and the validation selection metric per epoch
+  (per L2 penalty for the lbfgs probe), the chosen epoch marked (`curves.png` in every run folder);
+- `plot_confusion`: scikit-learn's `ConfusionMatrixDisplay` with class names, each cell the share of its
+  true class and the count (`confusion_<task>.png`);
+- `plot_sweep`: grouped bars per config with error bars over seeds (and folds) (`<sweep>.png`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DPI = 100
+MIN_INCHES = 6.0  # 600 px at DPI
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(max(width, MIN_INCHES), max(height, MIN_INCHES)), dpi=DPI)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_curves(curves: list[dict[str, Any]], path: Path, metric: str | None, best: int | None = None,
+                title: str = "") -> None:
+    """Train/val loss (left) and the validation `metric` (right) per epoch, with the chosen epoch marked."""
+    if not curves:
+        return
+    lbfgs = "epoch" not in curves[0] and "l2" in curves[0]
+    xs = [r["l2"] if lbfgs else r.get("epoch", i + 1) for i, r in enumerate(curves)]
+    fig = _figure(12, 6)
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        ys = [_num(r.get(key)) for r in curves]
+        if any(np.isfinite(ys)):
+            ax_loss.plot(xs, ys, style, markersize=3, label=key.replace("_", " "))
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("loss")
+    col = f"val_{metric}" if metric else None
+    if col and any(col in r for r in curves):
+        ax_metric.plot(xs, [_num(r.get(col)) for r in curves], "-o", markersize=3, color="tab:green",
+                       label=f"val {metric}")
+    ax_metric.set_ylabel(f"val {metric}" if metric else "val metric")
+    ax_metric.set_title(f"validation {metric}" if metric else "validation")
+    for ax in (ax_loss, ax_metric):
+        ax.set_xlabel("L2 penalty" if lbfgs else "epoch")
+        if lbfgs:
+            ax.set_xscale("log")
+        if best is not None and 1 <= best <= len(xs):
+            ax.axvline(xs[best - 1], color="grey", linestyle="--", linewidth=1,
+                       label=f"chosen {'fit' if lbfgs else 'epoch'} ({xs[best - 1]:g})")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else float("nan")
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """A confusion matrix (rows true, columns predicted) through scikit-learn's `ConfusionMatrixDisplay`:
+    class names on both axes, each cell the share of its true class (colour and value) and the count."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    cm = np.asarray(cm, dtype=np.int64)
+    support = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, support, out=np.zeros(cm.shape, dtype=np.float64), where=support > 0)
+    n = len(names)
+    side = 2.0 + 0.9 * n
+    fig = _figure(side + 1.5, side)
+    ax = fig.subplots()
+    disp = ConfusionMatrixDisplay(confusion_matrix=share, display_labels=names)
+    disp.plot(ax=ax, cmap="Blues", values_format=".2f", xticks_rotation=45, colorbar=True, im_kw={"vmin": 0, "vmax": 1})
+    for i in range(n):
+        for j in range(n):
+            disp.text_[i, j].set_text(f"{share[i, j]:.2f}\n({cm[i, j]})")
+            disp.text_[i, j].set_fontsize(9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_sweep(summary: list[dict[str, Any]], columns: Sequence[str], path: Path, title: str = "") -> None:
+    """Grouped bars: one group per config, one bar per metric column, error bars = std over seeds (and folds)."""
+    configs = [s for s in summary if any(isinstance(s.get(c), (int, float)) for c in columns)]
+    cols = [c for c in columns if any(isinstance(s.get(c), (int, float)) for s in configs)]
+    if not configs or not cols:
+        return
+    n, k = len(configs), len(cols)
+    fig = _figure(2.0 + 0.35 * n * (k + 1), 6)
+    ax = fig.subplots()
+    width = 0.8 / k
+    x = np.arange(n)
+    for j, c in enumerate(cols):
+        means = [_num(s.get(c)) for s in configs]
+        stds = [_num(s.get(f"{c}_std", 0.0)) for s in configs]
+        ax.bar(x + (j - (k - 1) / 2) * width, means, width, yerr=np.nan_to_num(stds), capsize=3, label=c)
+    ax.set_xticks(x, [str(s["config"]) for s in configs], rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center",
+                  fontsize=8)
+    ax.set_xlabel("config")
+    ax.set_ylabel("metric (mean ± std over runs)")
+    ax.set_ylim(0, 1.05 if all(_num(s.get(c)) <= 1 for s in configs for c in cols) else None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
