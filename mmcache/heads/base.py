@@ -42,6 +42,21 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
+def skip_removed_keys(module: nn.Module, removed: Callable[[str], bool]) -> None:
+    """Let `module` load state dicts saved before some parameters were left out of its build because
+    they could not learn (their gradient is always zero): keys under the module's prefix that it
+    lacks and `removed(name)` matches are skipped; the outputs are unchanged."""
+
+    def hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        own = set(mod.state_dict(keep_vars=True))
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix):]
+            if name not in own and removed(name):
+                del state_dict[key]
+
+    module.register_load_state_dict_pre_hook(hook)
+
+
 HeadClass = type[Head]
 HEADS: dict[str, HeadClass] = {}
 

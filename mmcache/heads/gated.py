@@ -2,9 +2,10 @@
 
 The gate sees every projected modality (and which ones are present) and emits one weight per
 modality: independent sigmoids (`gate="sigmoid"`) or a softmax over modalities
-(`gate="softmax"`). A modality absent from `features`, or a row whose token mask has no real
-token or whose `pooled` is not finite, counts as missing: it gets weight 0 and the remaining
-weights are renormalised over the present modalities.
+(`gate="softmax"`; with a single modality its weight is 1, so no gate is built). A modality
+absent from `features`, or a row whose token mask has no real token or whose `pooled` is not
+finite, counts as missing: it gets weight 0 and the remaining weights are renormalised over
+the present modalities.
 
 hparams: D, dropout, gate, l2norm (unit-normalise each `pooled`), ablation / modalities (as for
 `linear`). The helpers here (per-row presence, hparam checks) are shared by `xattn` and `scabg`.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcache.errors import MMCacheError
-from mmcache.heads.base import Features, Head, InputSpec, register_head
+from mmcache.heads.base import Features, Head, InputSpec, register_head, skip_removed_keys
 from mmcache.heads.linear import select_modalities
 
 
@@ -90,8 +91,11 @@ class GatedHead(Head):
             for m in self.mods
         })
         n = len(self.mods)
-        # The gate is conditioned on every projected modality plus the presence flags.
-        self.gate = nn.Sequential(nn.Linear(n * D + n, D), nn.ReLU(), nn.Linear(D, n))
+        # The gate is conditioned on every projected modality plus the presence flags. A softmax over one
+        # modality is 1 whatever the gate says: no gate then (it could not learn).
+        self.gate = nn.Sequential(nn.Linear(n * D + n, D), nn.ReLU(), nn.Linear(D, n)) \
+            if gate == "sigmoid" or n > 1 else None
+        skip_removed_keys(self, lambda name: name.startswith("gate."))
         self.classifiers = nn.ModuleDict({t: nn.Linear(D, c) for t, c in self.tasks.items()})
 
     def gates(self, features: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,6 +117,8 @@ class GatedHead(Head):
             pres.append(p)
         z = torch.stack(zs, 1)
         present = torch.stack(pres, 1)
+        if self.gate is None:
+            return z, present.to(dtype), present
         g = self.gate(torch.cat([z.flatten(1), present.to(dtype)], 1))
         if self.gate_kind == "softmax":
             g = g.masked_fill(~present, float("-inf"))

@@ -1,5 +1,7 @@
 """The linear-probe fusion head: per modality Linear(d->D), BatchNorm, ReLU, Dropout; concatenate; Linear per task.
 
+The branch Linear has no bias: BatchNorm subtracts the batch mean, which would cancel it.
+
 With `D=0` it is a plain multinomial logistic regression on the concatenated pooled features
 (the head the full-batch `--solver lbfgs` fits).
 """
@@ -64,8 +66,9 @@ class LinearHead(Head):
         self.dims = {m: int(inputs[m][key][0]) for m in self.mods}
         if D > 0:
             self.branches = nn.ModuleDict({
-                m: nn.Sequential(nn.Linear(d, D), nn.BatchNorm1d(D), nn.ReLU(), nn.Dropout(dropout))
+                m: nn.Sequential(nn.Linear(d, D, bias=False), nn.BatchNorm1d(D), nn.ReLU(), nn.Dropout(dropout))
                 for m, d in self.dims.items()})
+            self.register_load_state_dict_pre_hook(_fold_branch_bias)
             self.widths = {m: D for m in self.mods}
         else:
             self.branches = nn.ModuleDict()
@@ -78,12 +81,13 @@ class LinearHead(Head):
         if not present:
             raise MMCacheError(f"head 'linear' got none of its modalities {self.mods} (got {list(features)})")
         ref = features[present[0]][self.key]
+        dtype = next(self.parameters()).dtype
         parts = []
         for m in self.mods:
             if m not in present:
-                parts.append(ref.new_zeros(ref.shape[0], self.widths[m]))
+                parts.append(ref.new_zeros(ref.shape[0], self.widths[m], dtype=dtype))
                 continue
-            x = features[m][self.key].float()
+            x = features[m][self.key].to(dtype)
             if self.l2norm:
                 x = F.normalize(x, dim=-1)
             parts.append(self.branches[m](x) if m in self.branches else x)
@@ -93,3 +97,13 @@ class LinearHead(Head):
         """Logits per task, each [B, num_classes]."""
         z = self.fused(features)
         return {t: clf(z) for t, clf in self.classifiers.items()}
+
+
+def _fold_branch_bias(head: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load a state dict saved when the branch Linear had a bias: BatchNorm cancels it in training, and in
+    evaluation BN(Wx + b) with running mean mu equals BN(Wx) with mean mu - b, so fold it there."""
+    for key in [k for k in state if k.startswith(f"{prefix}branches.") and k.endswith(".0.bias")]:
+        mean = key[:-len("0.bias")] + "1.running_mean"
+        if mean in state:
+            state[mean] = state[mean] - state[key]
+        del state[key]

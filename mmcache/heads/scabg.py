@@ -10,7 +10,9 @@ Per modality (its `tokens` + `mask`, or `pooled` as one token), projected to `hi
    band k = T * p_k;
 4. band summary (`band_queries`): `queries` learned queries per band attend over the band's real
    tokens (masked attention), averaged; otherwise a masked mean of the band. Band k = T * p_k
-   is never materialised as [B,K,T,H] for the projections: W (p_k T) = p_k (W T).
+   is never materialised as [B,K,T,H] for the projections: W (p_k T) = p_k (W T). A modality
+   with one token per row (`pooled` only) gives attention weight 1 whatever the queries, so
+   there the summary is the value and output projections of the band alone.
 
 Per branch, a pair of modalities (x, y) (image-text, and image-context, text-context when a
 `context` modality exists; or `branches`):
@@ -21,7 +23,8 @@ Per branch, a pair of modalities (x, y) (image-text, and image-context, text-con
 Across branches:
 
 6. cross-branch attention (`cross_branch`): z = LayerNorm(b + MHA(b, b, b)) over the branch
-   vectors; then weighted pooling (learned scores, softmax over present branches) and an MLP;
+   vectors; then weighted pooling (learned scores, softmax over present branches; one branch
+   has weight 1) and an MLP;
 7. output (`compose`): coarse (neutral vs emotional) and fine (negative vs positive) heads
    give the 3-way logits [emo + neg, neu, emo + pos] of `task` (the first task by default),
    placed at the class indices `classes` = [negative, neutral, positive]; `compose_mode="logprob"`
@@ -30,12 +33,16 @@ Across branches:
    either way so the `scabg` loss can supervise them. Other tasks get linear classifiers.
 
 The reference implementation attends over padding; here every attention and pooling step
-uses the token masks, so padded values never change the output.
+uses the token masks, so padded values never change the output. Parameters that a softmax
+would cancel are not built: a bias on the band-attention keys or on the branch scores (each
+adds the same amount to every score), the branch scores with a single branch, the condition's
+learned default when nothing uses the condition.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, cast
 
 import torch
@@ -43,10 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcache.errors import MMCacheError
-from mmcache.heads.base import Features, Head, InputSpec, register_head
+from mmcache.heads.base import Features, Head, InputSpec, register_head, skip_removed_keys
 from mmcache.heads.gated import batch_size, check_spec, reject_unknown, row_presence
 from mmcache.heads.linear import select_modalities
 from mmcache.heads.xattn import masked_attention, seq_dim, token_sequence
+
+# Parameters older builds had that could not learn (see the module doc); their saved values are skipped on load.
+REMOVED = re.compile(r"branch_score\.(weight|bias)|cond_default|gates\.[^.]+\.band_attn\.(queries|[qk]\.(weight|bias))")
 
 # Branch order of the reference: image-vs-text first, then the context branches.
 MODALITY_ORDER = ("image", "text", "context", "video", "audio")
@@ -89,28 +99,41 @@ class BandQueryAttention(nn.Module):
 
     Multi-head attention written out so that the key/value projections of the K bands share one
     matmul: W (p_k * T) + b = p_k * (W T) + b, which makes K bands cost about as much as one.
+    The keys have no bias: it adds the same amount to every score of a query, which the softmax
+    cancels. With `single_key` (one token per row) the attention weight is 1 whatever the queries,
+    so only the value and output projections are built.
     """
 
-    def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float) -> None:
+    def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float,
+                 single_key: bool = False) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
-        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+        self.single_key = single_key
+        if not single_key:
+            self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
+            self.q = nn.Linear(hidden, hidden)
+            self.k = nn.Linear(hidden, hidden, bias=False)
+        self.v, self.o = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
         self.heads = heads
         self.dropout = dropout
 
     def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
         B, T, H = t.shape
-        K, Q = self.queries.shape[:2]
         nh, hd = self.heads, H // self.heads
         pk = p.permute(0, 2, 1)[..., None]  # [B,K,T,1]
-        k = pk * F.linear(t, self.k.weight)[:, None] + self.k.bias  # [B,K,T,H]
-        v = pk * F.linear(t, self.v.weight)[:, None] + self.v.bias
+        v = pk * F.linear(t, self.v.weight)[:, None] + self.v.bias  # [B,K,T,H]
+        has = mask.any(-1)
+        if self.single_key:
+            if T != 1:
+                raise MMCacheError(f"head scabg: built for one token per row, got {T}; rebuild the head for "
+                                   "these inputs")
+            return self.o(v[:, :, 0]) * has[:, None, None].to(v.dtype)
+        K, Q = self.queries.shape[:2]
+        k = pk * F.linear(t, self.k.weight)[:, None]
         q = self.q(self.queries)  # [K,Q,H]
         q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
         k = k.view(B, K, T, nh, hd).transpose(2, 3)
         v = v.view(B, K, T, nh, hd).transpose(2, 3)
-        has = mask.any(-1)
         # A row without real tokens would give NaN; let it see position 0 and zero its output below.
         keep = mask | (~has[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :],
@@ -123,7 +146,7 @@ class BandGate(nn.Module):
     """Steps 1-4 for one modality: calibrated, conditioned soft split into K bands, each summarised to a vector."""
 
     def __init__(self, dim: int, hidden: int, bands: int, queries: int, heads: int, dropout: float,
-                 calibrate: bool, condition: bool, band_queries: bool) -> None:
+                 calibrate: bool, condition: bool, band_queries: bool, seq_len: int = 2) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
         # One band means p = 1 for every token: no gate to compute, so none of its parts are built.
@@ -135,9 +158,11 @@ class BandGate(nn.Module):
         self.W_c = nn.Linear(hidden, hidden, bias=False) if condition and gate else None
         self.W_g = nn.Linear(hidden, bands) if gate else None
         self.bands = bands
-        self.band_attn = BandQueryAttention(hidden, bands, queries, heads, dropout) if band_queries else None
+        self.band_attn = BandQueryAttention(hidden, bands, queries, heads, dropout, single_key=seq_len == 1) \
+            if band_queries else None
 
-    def probabilities(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(self, x: torch.Tensor, mask: torch.Tensor,
+                      c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected tokens T [B,T,H] and band probabilities p [B,T,K] (softmax over K per token)."""
         t = self.proj(x)
         t = torch.where(mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
@@ -147,11 +172,11 @@ class BandGate(nn.Module):
         if self.self_attn is not None and self.norm is not None:
             h = self.norm(t + masked_attention(self.self_attn, t, t, mask))
         h = self.W(h)
-        if self.W_c is not None:
+        if self.W_c is not None and c is not None:
             h = h + self.W_c(c)[:, None, :]
         return t, torch.softmax(self.W_g(torch.tanh(h)), -1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """Band summaries [B,K,H] (zeros for rows without real tokens)."""
         t, p = self.probabilities(x, mask, c)
         if self.band_attn is not None:
@@ -173,13 +198,13 @@ class BandAggregator(nn.Module):
         self.aggregate = aggregate
         self.out = nn.Sequential(nn.Linear(hidden, out_dim), nn.GELU(), nn.Dropout(dropout))
 
-    def weights(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Band weights [B,K]: softmax_k(<f_k, c> / sqrt(H)), or uniform when aggregation is off."""
-        if not self.aggregate:
+    def weights(self, f: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """Band weights [B,K]: softmax_k(<f_k, c> / sqrt(H)), or uniform when aggregation is off or K = 1."""
+        if not self.aggregate or c is None or f.shape[1] == 1:
             return torch.full(f.shape[:2], 1.0 / f.shape[1], dtype=f.dtype, device=f.device)
         return torch.softmax((f * c[:, None, :]).sum(-1) / math.sqrt(f.shape[-1]), -1)
 
-    def forward(self, sx: torch.Tensor, sy: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, sx: torch.Tensor, sy: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """Branch vector [B,out_dim] from band summaries sx, sy [B,K,H]."""
         f = torch.stack([mlp(torch.cat([sx[:, k], sy[:, k]], -1)) for k, mlp in enumerate(self.mlps)], 1)
         return self.out((self.weights(f, c)[..., None] * f).sum(1))
@@ -237,25 +262,40 @@ class SCABGHead(Head):
         self.compose_mode = compose_mode
         self.gates = nn.ModuleDict({
             m: BandGate(seq_dim(self.inputs[m]) if use_tokens else self.inputs[m]["pooled"][-1], hidden, bands,
-                        queries, heads, dropout, calibrate, condition, band_queries)
+                        queries, heads, dropout, calibrate, condition, band_queries, self._seq_len(m))
             for m in self.mods
         })
         # c feeds the gate (condition) and the band weights (aggregate); both vanish with one band.
-        uses_c = bands > 1 and (condition or aggregate)
-        self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) if cond in self.mods and uses_c else None
-        # Used where the condition modality is absent (not loaded, or missing in a row).
-        self.cond_default = nn.Parameter(torch.zeros(hidden))
+        self.uses_c = bands > 1 and (condition or aggregate)
+        self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) \
+            if cond in self.mods and self.uses_c else None
+        # Used where the condition modality is absent (not loaded, or missing in a row); a row without it
+        # has nothing to condition when it is the only modality, so then there is no default to learn.
+        needs_default = self.uses_c and any(m != cond for pair in self.branch_pairs for m in pair)
+        self.cond_default = nn.Parameter(torch.zeros(hidden)) if needs_default else None
         self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate)
                                           for _ in self.branch_pairs])
         self.branch_attn = nn.MultiheadAttention(out_dim, branch_heads, dropout=dropout, batch_first=True) \
             if cross_branch else None
         self.branch_norm = nn.LayerNorm(out_dim) if cross_branch else None
-        self.branch_score = nn.Linear(out_dim, 1)
+        # Pooling scores: no bias (the softmax over branches cancels it), none at all for a single branch.
+        self.branch_score = nn.Linear(out_dim, 1, bias=False) if len(self.branch_pairs) > 1 else None
         self.fuse = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
         self.coarse = nn.Linear(out_dim, 2)
         self.fine = nn.Linear(out_dim, 2)
         self.classifiers = nn.ModuleDict({t: nn.Linear(out_dim, c) for t, c in self.tasks.items()
                                           if not (compose and t == task)})
+        skip_removed_keys(self, lambda name: REMOVED.fullmatch(name) is not None)
+
+    def _seq_len(self, m: str) -> int:
+        """Positions per row of modality m's sequence (1 for `pooled` as the sequence)."""
+        spec = self.inputs[m]
+        return spec["tokens"][0] if self.use_tokens and "tokens" in spec and len(spec["tokens"]) == 2 else 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating type of the head's parameters."""
+        return next(self.parameters()).dtype
 
     def _branches(self, branches: list[str] | None) -> list[tuple[str, str]]:
         if not branches:
@@ -269,11 +309,15 @@ class SCABGHead(Head):
             pairs.append((parts[0], parts[1]))
         return pairs
 
-    def condition_vector(self, features: Features) -> torch.Tensor:
-        """c [B,H]: the projected `pooled` of the condition modality (a learned default where it is missing)."""
+    def condition_vector(self, features: Features) -> torch.Tensor | None:
+        """c [B,H]: the projected `pooled` of the condition modality (a learned default where it is missing);
+        None when nothing uses it (one band, or neither `condition` nor `aggregate`)."""
+        if not self.uses_c:
+            return None
         B, device = batch_size(features)
-        dtype = self.cond_default.dtype
-        c = self.cond_default[None].expand(B, -1)
+        dtype = self.dtype
+        c = self.cond_default[None].expand(B, -1) if self.cond_default is not None else \
+            torch.zeros(B, self.hparams["hidden"], dtype=dtype, device=device)
         f = features.get(self.cond)
         if self.cond_proj is None or f is None or "pooled" not in f:
             return c
@@ -283,7 +327,7 @@ class SCABGHead(Head):
 
     def _sequences(self, features: Features) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         B, device = batch_size(features)
-        dtype = self.cond_default.dtype
+        dtype = self.dtype
         out = {}
         for m in self.mods:
             s = token_sequence(features.get(m), row_presence(features.get(m), B, device), dtype, self.use_tokens)
@@ -303,12 +347,13 @@ class SCABGHead(Head):
         c = self.condition_vector(features)
         H = self.hparams["hidden"]
         K = self.hparams["bands"]
+        dtype = self.dtype
         seqs = self._sequences(features)
         summaries, present = {}, {}
         for m in self.mods:
             seq = seqs.get(m)
             if seq is None:
-                summaries[m] = torch.zeros(B, K, H, dtype=c.dtype, device=device)
+                summaries[m] = torch.zeros(B, K, H, dtype=dtype, device=device)
                 present[m] = torch.zeros(B, dtype=torch.bool, device=device)
             else:
                 x, mask = seq
@@ -321,8 +366,11 @@ class SCABGHead(Head):
         b = b * bp[..., None].to(b.dtype)
         if self.branch_attn is not None and self.branch_norm is not None:
             b = self.branch_norm(b + masked_attention(self.branch_attn, b, b, bp))
-        s = self.branch_score(b).squeeze(-1).masked_fill(~bp, float("-inf"))
-        w = torch.softmax(torch.where(bp.any(1, keepdim=True), s, torch.zeros_like(s)), 1) * bp
+        if self.branch_score is None:
+            w = bp.to(b.dtype)  # one branch: weight 1 where it is present
+        else:
+            s = self.branch_score(b).squeeze(-1).masked_fill(~bp, float("-inf"))
+            w = torch.softmax(torch.where(bp.any(1, keepdim=True), s, torch.zeros_like(s)), 1) * bp
         return self.fuse((w[..., None] * b).sum(1)) * bp.any(1, keepdim=True).to(b.dtype)
 
     def forward(self, features: Features) -> dict[str, torch.Tensor]:  # type: ignore[override]

@@ -9,7 +9,8 @@ real tokens; the pooled vectors are concatenated and classified.
 
 Padding never reaches the output: padded tokens are zeroed on entry, masked as keys, and left
 out of the pooling. A modality missing from `features` (or a row without real tokens) gives a
-zero vector and is not attended to.
+zero vector and is not attended to. With a single modality there is nothing to attend to, and
+no attention is built.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from mmcache.errors import MMCacheError
-from mmcache.heads.base import Features, Head, InputSpec, register_head
+from mmcache.heads.base import Features, Head, InputSpec, register_head, skip_removed_keys
 from mmcache.heads.gated import batch_size, check_spec, reject_unknown, row_presence
 from mmcache.heads.linear import select_modalities
 
@@ -90,7 +91,8 @@ class CrossAttentionHead(Head):
         # Modality embeddings tell the keys of different modalities apart once concatenated.
         self.mod_emb = nn.Parameter(torch.zeros(len(self.mods), D))
         self.attn = nn.ModuleDict({m: nn.MultiheadAttention(D, heads, dropout=dropout, batch_first=True)
-                                   for m in self.mods})
+                                   for m in self.mods if len(self.mods) > 1})
+        skip_removed_keys(self, lambda name: name.startswith("attn."))
         self.norm1 = nn.ModuleDict({m: nn.LayerNorm(D) for m in self.mods})
         self.ffn = nn.ModuleDict({
             m: nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * D, D))
