@@ -12,8 +12,8 @@ The optimizer, schedule, selection and the run folder come from `mmcache.engine`
 
 from __future__ import annotations
 
-import copy
 import csv
+import importlib
 import json
 import math
 import os
@@ -49,7 +49,8 @@ from mmcache.errors import MMCacheError
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
-from mmcache.heads.metrics import better, classification_metrics
+from mmcache.heads.metrics import classification_metrics
+from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.utils import pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -59,8 +60,6 @@ __all__ = ["TrainConfig", "RunResult", "train", "train_many", "predict", "load_r
            "quick_metrics", "parse_select", "results_table", "default_threads"]
 
 SOLVERS = ("adam", "lbfgs")
-# L2 penalties (on the mean loss) tried by the lbfgs probe, strongest first so each fit warm-starts the next.
-LBFGS_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 EVAL_BATCH = 8192
 quick_metrics = val_metrics  # the per-epoch validation metrics (kept under their older name)
 
@@ -512,16 +511,18 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
                 continue
             gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size)
             groups.setdefault(gkey, []).append(i)
+        if any(m.cfg.solver != "lbfgs" for m in members.values()):
+            importlib.import_module("torch._dynamo")  # the first torch optimizer imports it: seconds, not fitting
         for gkey, gidx in groups.items():
             t_fit = time.perf_counter()
             group = [members[i] for i in gidx]
             try:
                 if gkey[0] == "lbfgs":
                     m = group[0]
-                    curves, best, value, lam = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric)
+                    curves, best, value, lam, C = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric)
                     m.curves, m.best_epoch, m.best_value = curves, best, value
-                    # The same objective in scikit-learn's terms: LogisticRegression(C=1 / (l2 * n_train)).
-                    m.select = {"l2": lam, "sklearn_C": 1.0 / (lam * len(m.data.split_index["train"]))}
+                    # The same objective in scikit-learn's terms: LogisticRegression(C=C) (mmcache.heads.probe).
+                    m.select = {"l2": lam, "sklearn_C": C}
                 else:
                     quiet = all(m.cfg.quiet for m in group)
                     stacked = [m for m in group if stackable(m)]
@@ -568,70 +569,22 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def _lbfgs_closure(opt: torch.optim.Optimizer, crit: Criterion, clfs: torch.nn.ModuleDict, z: torch.Tensor,
-                   targets: dict[str, torch.Tensor], teacher: torch.Tensor | None, weights: list[torch.Tensor],
-                   lam: float, state: dict[str, Any]) -> Any:
-    """The full-batch objective: the criterion's mean loss + lam/2 * ||W||^2 (biases unpenalised, as sklearn)."""
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss, _ = crit({t: c(z) for t, c in clfs.items()}, targets, teacher, 0)
-        loss = loss + 0.5 * lam * sum((w * w).sum() for w in weights)
-        loss.backward()
-        state["loss"] = loss.detach()
-        return loss
-
-    return closure
-
-
 def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, sel_task: str,
-               sel_metric: str) -> tuple[list[dict[str, Any]], int, float, float]:
-    """Full-batch L-BFGS logistic regression, one fit per L2 penalty (warm-started, strongest first);
-    keeps the penalty with the best validation metric. Returns curves, best index, its value, the penalty."""
-    train_idx, val_idx = data.split_index["train"], data.split_index["val"]
-    head.eval()
-    probe = cast("LinearHead", head)  # train() allows the lbfgs solver with --head linear only
-    with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
-        z_train = probe.fused(data.batch(train_idx))
-        z_val = probe.fused(data.batch(val_idx))
-    targets = {t: data.targets[t][train_idx] for t in data.tasks}
-    teacher = data.teacher[train_idx] if data.teacher is not None else None
-    clfs = probe.classifiers
-    params = list(clfs.parameters())
-    with torch.no_grad():  # start at zero, as scikit-learn does: the fit does not depend on the seed
-        for p in params:
-            p.zero_()
-    weights = [cast(torch.Tensor, c.weight) for c in clfs.values()]  # each classifier is an nn.Linear
-    grid = list(cfg.lbfgs_grid or LBFGS_GRID)
-    curves: list[dict[str, Any]] = []
-    best: tuple[float, int, float, dict[str, torch.Tensor]] | None = None
-    crit.eval()
-    for i, lam in enumerate(tqdm(grid, desc="lbfgs", unit="fit", leave=False, disable=cfg.quiet)):
-        t0 = time.perf_counter()
-        opt = torch.optim.LBFGS(params, lr=1, max_iter=cfg.lbfgs_max_iter, history_size=10,
-                                tolerance_grad=cfg.lbfgs_tol, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-        state: dict[str, Any] = {}
-        opt.step(_lbfgs_closure(opt, crit, clfs, z_train, targets, teacher, weights, lam, state))
-        iters = int(opt.state[params[0]].get("n_iter", 0))
-        with torch.no_grad():
-            vlog = {t: c(z_val) for t, c in clfs.items()}
+               sel_metric: str) -> tuple[list[dict[str, Any]], int, float, float, float]:
+    """The lbfgs probe (mmcache.heads.probe): one fit per L2 penalty, the best on validation. Returns curves,
+    the best fit (1-based), its validation value, its penalty and that penalty's scikit-learn C."""
+    val_idx = data.split_index["val"]
+
+    def score(vlog: dict[str, torch.Tensor]) -> dict[str, float]:
         vm = quick_metrics(data.targets[sel_task][val_idx], vlog[sel_task], sel_metric)
         vm["loss"] = _eval_loss(crit, vlog, data, val_idx, 0)
-        value = vm.get(sel_metric, float("nan"))
-        curves.append({"fit": i + 1, "l2": lam, "iters": iters, "train_loss": float(state["loss"]),
-                       "val_loss": vm["loss"], **{f"val_{k}": v for k, v in vm.items() if k != "loss"},
-                       "seconds": time.perf_counter() - t0})
-        if not math.isnan(value) and (best is None or better(sel_metric, value, best[0])):
-            best = (value, i + 1, lam, copy.deepcopy(head.state_dict()))
-    if best is None:
-        raise MMCacheError(f"validation {sel_metric} was undefined for every penalty; choose another --select metric")
-    if len(grid) > 1 and best[2] in (grid[0], grid[-1]):
-        _log(cfg, f"warning: the best L2 penalty {best[2]:g} is at the end of the grid {grid}; "
-                  "extend it (--l2-grid) to be sure the optimum is inside")
-    head.load_state_dict(best[3])
-    return curves, best[1], best[0], best[2]
+        return vm
 
-
+    crit.eval()
+    r = fit_l2_grid(cast("LinearHead", head), crit, data, sel_task, sel_metric, score,  # --head linear only
+                    grid=list(cfg.lbfgs_grid or LBFGS_GRID), tol=cfg.lbfgs_tol, max_iter=cfg.lbfgs_max_iter,
+                    quiet=cfg.quiet)
+    return r.curves, r.best + 1, r.value, r.l2, r.sklearn_C
 
 
 def load_run(run_dir: Path | str, device: str = "cpu") -> tuple[Head, dict[str, Any]]:

@@ -147,3 +147,21 @@ def test_lbfgs_needs_the_linear_head(toy_cache: Path) -> None:
     with pytest.raises(MMCacheError, match="leave --D unset"):
         train(TrainConfig(dataset="toy", modalities={"image": "feat"}, cache_dir=str(toy_cache),
                           head_hparams={"D": 64}, solver="lbfgs", save=False, quiet=True))
+
+
+def test_lbfgs_reports_the_sklearn_C_of_a_binary_task(tmp_path: Path) -> None:
+    """Two classes: C = 2/(l2 n) with n the labelled train rows, and the run is scikit-learn's model at that C."""
+    from tests.heads.test_probe import split_data, write_cache
+
+    x, y, sp = split_data("breast_cancer", scaled=True)
+    hidden = sp["train"][::4]  # unlabelled train rows do not count
+    write_cache(tmp_path / "cache", x, y, sp, unlabelled=hidden)
+    r = train(TrainConfig(dataset="sk", modalities={"image": "feat"}, cache_dir=str(tmp_path / "cache"),
+                          solver="lbfgs", lbfgs_grid=[1e-2], lbfgs_tol=1e-8, save=False, quiet=True))
+    lab = np.setdiff1d(sp["train"], hidden)
+    assert r.select["sklearn_C"] == pytest.approx(2 / (1e-2 * len(lab)))
+    assert r.curves[0]["converged"] is True and r.curves[0]["sklearn_C"] == pytest.approx(r.select["sklearn_C"])
+    ref = LogisticRegression(C=r.select["sklearn_C"], tol=1e-8, max_iter=10000).fit(x[lab], y[lab])
+    with torch.no_grad():
+        ours = torch.softmax(r.head.classifiers["label"](torch.from_numpy(x[sp["test"]]).float()).double(), 1)
+    assert np.abs(ours.numpy() - ref.predict_proba(x[sp["test"]])).max() < 1e-3
