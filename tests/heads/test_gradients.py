@@ -87,7 +87,8 @@ def test_every_head_is_covered() -> None:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name,hp", CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("name,hp", CONFIGS,
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_every_parameter_learns(name: str, hp: dict[str, Any], layout: str) -> None:
     assert inert_parameters(name, layout, hp) == []
 
@@ -99,7 +100,7 @@ SCABG_FLAGS = {"calibrate": (True, False), "condition": (True, False), "bands": 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_scabg_parameter_learns_under_every_flag_combination(layout: str) -> None:
-    base = dict(CONFIGS[-1][1])
+    base = next(dict(hp) for name, hp in CONFIGS if name == "scabg")
     failures = {}
     for values in itertools.product(*SCABG_FLAGS.values()):
         hp = {**base, **dict(zip(SCABG_FLAGS, values, strict=True))}
