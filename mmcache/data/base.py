@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcache.errors import MMCacheError
+from mmcache.registry import Registry
 
 SPLITS = ("train", "val", "test")
 # Feature stores keep ids as exact UTF-8 bytes in fixed-width slots; longer ids would bloat every slot.
@@ -194,9 +195,16 @@ def check_manifest(path: Path, ds: Dataset, force: bool = False) -> None:
 
 
 Adapter = Callable[..., Dataset]
-DATASETS: dict[str, Adapter] = {}
+
+
+def _import_adapters() -> None:
+    # Adapters register themselves on import; importing the package imports them all.
+    import mmcache.data  # noqa: F401
+
+
+DATASETS: Registry[Adapter] = Registry("dataset", _import_adapters)
+ALIASES = DATASETS.aliases  # alias -> dataset name
 DATASET_OPTIONS: dict[str, list[str]] = {}  # dataset -> the `-o KEY=VALUE` options its adapter takes
-ALIASES: dict[str, str] = {}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -215,19 +223,15 @@ def register_dataset(name: str, *aliases: str, options: Iterable[str] | None = N
     """
 
     def deco(fn: Adapter) -> Adapter:
-        DATASETS[name] = fn
         DATASET_OPTIONS[name] = list(options) if options is not None else adapter_options(fn)
-        for a in aliases:
-            ALIASES[a] = name
-        return fn
+        return DATASETS.add(name, fn, *aliases)
 
     return deco
 
 
 def dataset_names() -> list[str]:
     """All registered dataset names and aliases, sorted."""
-    _import_adapters()
-    return sorted([*DATASETS, *ALIASES])
+    return DATASETS.names(aliases=True)
 
 
 def default_root(name: str, data_dir: Path | str = "data") -> Path:
@@ -245,10 +249,7 @@ def load_dataset(name: str, root: Path | str | None = None, /, *, as_name: str |
     """
     from mmcache.data.io import show_progress
 
-    _import_adapters()
-    canonical = ALIASES.get(name, name)
-    if canonical not in DATASETS:
-        raise MMCacheError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    canonical = DATASETS.canonical(name)
     options = {k: v for k, v in options.items() if v is not None}
     check_options(name, options, DATASET_OPTIONS[canonical])
     if as_name is not None:
@@ -260,7 +261,7 @@ def load_dataset(name: str, root: Path | str | None = None, /, *, as_name: str |
             "or pass --data-dir"
         )
     with show_progress(progress):
-        ds = DATASETS[canonical](root, **options)
+        ds = DATASETS.get(canonical)(root, **options)
     if as_name is not None:
         ds.name = as_name
     elif name != canonical and ds.name == canonical:
@@ -302,11 +303,6 @@ def check_label_space(ds: Dataset) -> None:
     empty = [t for t, names in ds.labels.tasks.items() if not names]
     if empty:
         raise MMCacheError(f"dataset {ds.name!r} at {ds.root}: task {empty[0]!r} has no classes; fill in its labels")
-
-
-def _import_adapters() -> None:
-    # Adapters register themselves on import; importing the package imports them all.
-    import mmcache.data  # noqa: F401
 
 
 def check_unique(ids: Iterable[str], where: str) -> None:

@@ -114,12 +114,10 @@ def show(
 @app.command("list")
 def list_() -> None:
     """List registered datasets, their aliases and what each reads."""
-    from mmcache.data.base import ALIASES, DATASETS
-    from mmcache.data.base import dataset_names as _names
+    from mmcache.data.base import DATASETS
 
-    _names()  # imports the adapters
-    for name in sorted(DATASETS):
-        aliases = sorted(a for a, c in ALIASES.items() if c == name)
+    for name in DATASETS.names():
+        aliases = DATASETS.aliases_of(name)
         doc = (DATASETS[name].__doc__ or "").strip().splitlines()
         extra = f" (alias {', '.join(aliases)})" if aliases else ""
         typer.echo(f"{name}{extra}: {doc[0] if doc else ''}")

@@ -17,6 +17,7 @@ from torch.utils.data import default_collate
 
 from mmcache.cache.spec import spec_hash
 from mmcache.errors import MMCacheError
+from mmcache.registry import Registry
 
 # Store folder names. `context` is a second text (caption, OCR); `teacher` holds logits.
 MODALITIES = ("image", "text", "context", "video", "audio", "teacher")
@@ -95,26 +96,25 @@ class Extractor(nn.Module):
         raise NotImplementedError
 
 
+def _import_families() -> None:
+    import mmcache.extract.builtin  # noqa: F401  (decoders, families and presets register on import)
+
+
 Decoder = Callable[[Any, dict[str, int]], Any]
 # Raw field -> decoder(value, options) -> decoded object (PIL image, frames, waveform, str).
 # Raises DecodeError for a missing / empty / corrupt input.
-DECODERS: dict[str, Decoder] = {}
+DECODERS: Registry[Decoder] = Registry("decoder field", _import_families)
 
 
 def register_decoder(field: str) -> Callable[[Decoder], Decoder]:
     """Decorator registering the shared decoder of one raw field."""
-
-    def deco(fn: Decoder) -> Decoder:
-        DECODERS[field] = fn
-        return fn
-
-    return deco
+    return DECODERS.register(field)
 
 
 ExtractorClass = type[Extractor]
-FAMILIES: dict[str, ExtractorClass] = {}
+FAMILIES: Registry[ExtractorClass] = Registry("extractor family", _import_families)
 # Preset name -> config dict. "family" picks the class; the rest is passed to it.
-PRESETS: dict[str, dict[str, Any]] = {}
+PRESETS: Registry[dict[str, Any]] = Registry("extractor preset", _import_families)
 
 
 def register_family(name: str) -> Callable[[ExtractorClass], ExtractorClass]:
@@ -122,20 +122,18 @@ def register_family(name: str) -> Callable[[ExtractorClass], ExtractorClass]:
 
     def deco(cls: ExtractorClass) -> ExtractorClass:
         cls.family = name
-        FAMILIES[name] = cls
-        return cls
+        return FAMILIES.add(name, cls)
 
     return deco
 
 
 def register_preset(name: str, family: str, **config: Any) -> None:
     """Register preset `name` as data: family + its config (model id, weights, preprocessing)."""
-    PRESETS[name] = {"family": family, **config}
+    PRESETS.add(name, {"family": family, **config})
 
 
 def resolve_preset(name: str) -> tuple[str, dict[str, Any]]:
     """Preset name -> (canonical name, config). Families may parse free-form names (e.g. `arch:tag`)."""
-    _import_families()
     if name in PRESETS:
         return name, dict(PRESETS[name])
     for cls in FAMILIES.values():
@@ -143,7 +141,7 @@ def resolve_preset(name: str) -> tuple[str, dict[str, Any]]:
         cfg = parsed(name) if parsed else None
         if cfg is not None:
             return name, {"family": cls.family, **cfg}
-    raise MMCacheError(f"unknown extractor preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    raise PRESETS.unknown(name)
 
 
 def build_extractor(preset: str, modality: str, **overrides: Any) -> Extractor:
@@ -170,7 +168,3 @@ def check_options(preset: str, cls: ExtractorClass, config: dict[str, Any]) -> N
         if key in config and not any(value == a and type(value) is type(a) for a in allowed):
             shown = ", ".join(json.dumps(a) for a in allowed)
             raise MMCacheError(f"preset {preset!r}: {key}={json.dumps(value, default=str)} is not one of {shown}")
-
-
-def _import_families() -> None:
-    import mmcache.extract.builtin  # noqa: F401  (families register on import)

@@ -251,11 +251,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks)."""
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
-    if cfg.head not in HEADS:
-        import mmcache.heads.builtin  # noqa: F401
-
-        if cfg.head not in HEADS:
-            raise MMCacheError(f"unknown head {cfg.head!r}; known heads: {', '.join(sorted(HEADS))}")
+    HEADS.get(cfg.head)  # an unknown head is refused before any data is read
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
     run_dir = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name,

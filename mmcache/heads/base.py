@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmcache.errors import MMCacheError
+from mmcache.registry import Registry
 
 Features = dict[str, dict[str, torch.Tensor]]
 # modality -> array name -> per-row shape (without the batch dim), e.g. {"image": {"pooled": (512,)}}
@@ -58,7 +59,13 @@ def skip_removed_keys(module: nn.Module, removed: Callable[[str], bool]) -> None
 
 
 HeadClass = type[Head]
-HEADS: dict[str, HeadClass] = {}
+
+
+def _import_heads() -> None:
+    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
+
+
+HEADS: Registry[HeadClass] = Registry("head", _import_heads)
 
 
 def register_head(name: str) -> Callable[[HeadClass], HeadClass]:
@@ -66,20 +73,16 @@ def register_head(name: str) -> Callable[[HeadClass], HeadClass]:
 
     def deco(cls: HeadClass) -> HeadClass:
         cls.name = name
-        HEADS[name] = cls
-        return cls
+        return HEADS.add(name, cls)
 
     return deco
 
 
 def build_head(name: str, inputs: InputSpec, tasks: dict[str, int], hparams: dict[str, Any] | None = None) -> Head:
     """Build registered head `name` for these inputs and tasks."""
-    import mmcache.heads.builtin  # noqa: F401  (heads register on import)
-
-    if name not in HEADS:
-        raise MMCacheError(f"unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}")
-    check_hparams(name, HEADS[name], hparams or {})
-    return HEADS[name](inputs, tasks, **(hparams or {}))
+    cls = HEADS.get(name)
+    check_hparams(name, cls, hparams or {})
+    return cls(inputs, tasks, **(hparams or {}))
 
 
 def head_defaults(cls: HeadClass) -> dict[str, Any]:

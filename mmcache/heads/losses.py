@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcache.errors import MMCacheError
+from mmcache.registry import Registry
 
 IGNORE = -100
+CRITERIA: Registry[type[Criterion]] = Registry("loss")  # `--loss NAME`
 
 
 def _flag(value: Any) -> bool:
@@ -90,6 +92,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float = 3.0) -> tor
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
 
 
+@CRITERIA.register("ce")
 class Criterion(nn.Module):
     """Sum of per-task cross-entropies (the default); subclasses change the per-task loss or add terms.
 
@@ -169,6 +172,7 @@ class Criterion(nn.Module):
         return total, parts
 
 
+@CRITERIA.register("focal")
 class FocalCriterion(Criterion):
     """Focal loss per task, with class-balanced alpha (`alpha="balanced"`, from class counts) or none."""
 
@@ -199,6 +203,7 @@ class FocalCriterion(Criterion):
         return focal_loss(logits, target, self.gamma, getattr(self, f"alpha_{task}", None))
 
 
+@CRITERIA.register("scabg")
 class SCABGCriterion(FocalCriterion):
     """3-way CE/focal plus uncertainty-weighted coarse/fine losses on the `scabg` head's `_coarse` / `_fine`."""
 
@@ -266,13 +271,8 @@ class SCABGCriterion(FocalCriterion):
         return total
 
 
-CRITERIA: dict[str, type[Criterion]] = {"ce": Criterion, "focal": FocalCriterion, "scabg": SCABGCriterion}
-
-
 def build_criterion(name: str, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                     **options: Any) -> Criterion:
     """Build criterion `name` ("ce", "focal", "scabg") for `tasks`; `class_counts` (task -> [C] train counts)
     feeds class weights / class-balanced alphas; `options` are the loss flags (label_smoothing, gamma, kd_T, ...)."""
-    if name not in CRITERIA:
-        raise MMCacheError(f"unknown loss {name!r}; known: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name](tasks, class_counts=class_counts, **options)
+    return CRITERIA.get(name)(tasks, class_counts=class_counts, **options)
