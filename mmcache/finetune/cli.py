@@ -30,6 +30,9 @@ def run(
     video: Annotated[str | None, typer.Option("--video", "--videotype", help=f"Video encoder (e.g. r3d). {_ENC}")] = None,
     audio: Annotated[str | None, typer.Option("--audio", "--atype", help=f"Audio encoder (e.g. mel). {_ENC}")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
+    context_from: Annotated[str | None, typer.Option(
+        help="captions/NAME: the context text --context reads (default: the dataset's own, else its captions).")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the captions stores.")] = Path("cache"),
     head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
@@ -50,6 +53,9 @@ def run(
                                                               "(default per family: clip attn, roberta query,value).")] = None,
     freeze_encoders: Annotated[bool, typer.Option(help="Keep encoders frozen; train the head on live features.")] = False,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = no clipping).")] = 1.0,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute encoder activations in "
+                                                     "the backward pass: less memory, more time.")] = False,
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding raw inputs.")] = 2,
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each split (smoke runs).")] = None,
@@ -58,12 +64,21 @@ def run(
     device: Annotated[str | None, typer.Option(help="cuda / cpu (default cuda if available).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder; start over even "
+                                                           "when it holds a checkpoint.")] = False,
+    save_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps (epoch ends always are).")]
+    = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last checkpoint of --run-name (or of the newest "
+                                                      "run of these options); a named run continues by itself.")]
+    = False,
+    init_head: Annotated[Path | None, typer.Option(help="Start the head from this `heads train` run folder (same "
+                                                        "head, hyperparameters and input shapes).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold for datasets without official splits.")] = None,
 ) -> None:
     """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
 
     Example: finetune run --dataset mvsa --image clip --text clip --lora --epochs 5
+    A killed run continues from its last checkpoint: rerun the same command with the same --run-name.
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
     from mmcache.finetune.run import FinetuneConfig, finetune
@@ -77,11 +92,14 @@ def run(
                                   ("audio", audio)) if p}
     cfg = FinetuneConfig(
         dataset=dataset, encoders=encoders, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
+        context_from=context_from, cache_dir=str(cache_dir),
         head=head, head_hparams=hparams, loss=loss, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
         early_stopping=patience, overwrite=overwrite, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,
-        freeze_encoders=freeze_encoders, grad_accum=grad_accum, amp=amp, num_workers=num_workers, limit=limit,
+        freeze_encoders=freeze_encoders, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+        grad_checkpointing=grad_checkpointing, save_every=save_every, resume=resume,
+        init_head=str(init_head) if init_head else None, amp=amp, num_workers=num_workers, limit=limit,
         select_metric=select, seed=seed, device=device, run_name=run_name,
         dataset_options={} if fold is None else {"fold": fold},
     )

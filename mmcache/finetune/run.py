@@ -1,20 +1,29 @@
 """End-to-end fine-tuning: the live extractors (contract 2) feed the very same heads (contract 4).
 
 The extractors that `mmcache extract` runs frozen are trained here with gradients, either
-fully or through LoRA adapters (peft), together with a head built by `build_head`. Raw inputs
-are decoded and preprocessed in DataLoader workers exactly as for extraction. Under `torchrun`
-the model is wrapped in DistributedDataParallel and each rank trains on its share of the
-training split; rank 0 evaluates and writes the run folder, which has the same files as a
-`heads train` run plus the encoder weights that changed (`encoders.safetensors`).
+fully or through LoRA adapters (peft), together with a head built by `build_head` (or started
+from a `heads train` run, `init_head`). Raw inputs are decoded and preprocessed in DataLoader
+workers exactly as for extraction. Under `torchrun` the model is wrapped in
+DistributedDataParallel and each rank trains on its share of the training split; rank 0
+evaluates and writes the run folder, which has the same files as a `heads train` run plus the
+encoder weights that changed (`encoders.safetensors`).
+
+A run checkpoints at each epoch end and every `save_every` optimizer steps (`checkpoint.py`):
+rerun with the same run name (or `resume`) and it continues from the last checkpoint, on the same
+or another number of processes. Each epoch's sample order depends on (seed, epoch) only, so the
+samples an interrupted epoch already trained on are skipped, not drawn again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -42,10 +51,18 @@ from mmcache.engine import (
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, build_extractor
 from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
+from mmcache.finetune.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
 from mmcache.heads.metrics import classification_metrics
-from mmcache.utils import pick_device, seed_everything
+from mmcache.utils import pick_device, seed_everything, write_json
 
 # Linear layers LoRA adapts by default, per extractor family (attention output projections for
 # CLIP as in the content-moderation reference; query/value for BERT-style encoders).
@@ -54,6 +71,9 @@ LORA_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "resnet": ["fc"],
 }
+# Options that may change when a run resumes (where and how it runs, not what it computes).
+RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_every", "run_name", "runs_dir")
+CHECKPOINT_VERSION = 1
 
 
 def encoder_request(modality: str, value: str) -> Request:
@@ -78,7 +98,7 @@ class FinetuneConfig:
     encoders: dict[str, str]  # modality -> extractor preset, e.g. {"image": "clip", "text": "rob=roberta[pooling=cls]"}
     data_dir: str | None = None
     runs_dir: str = "runs"
-    head: str = "linear"
+    head: str | None = None  # None: the head of `init_head`, else "linear"
     head_hparams: dict[str, Any] = field(default_factory=dict)
     tasks: list[str] | None = None
     loss: str = "ce"
@@ -97,6 +117,8 @@ class FinetuneConfig:
     lora_targets: list[str] | None = None  # None = LORA_TARGETS of the family
     freeze_encoders: bool = False  # train the head only, on live features
     grad_accum: int = 1
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
+    grad_checkpointing: bool = False  # recompute encoder activations in backward (less memory, more time)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_workers: int = 2
     limit: int | None = None  # first N samples per split (smoke runs)
@@ -105,8 +127,13 @@ class FinetuneConfig:
     device: str | None = None
     run_name: str | None = None
     overwrite: bool = False
+    save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    resume: bool = False  # continue the run's last checkpoint (an error when there is none)
+    init_head: str | None = None  # a run folder whose head (same name, hparams, input shapes) starts training
     dataset_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
+    context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
+    cache_dir: str = "cache"  # where captions stores are read
 
 
 class LiveModel(nn.Module):
@@ -133,22 +160,39 @@ def _dist() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _with_context(ds: Dataset, cfg: FinetuneConfig) -> tuple[Dataset, dict[str, Any] | None]:
+    """The dataset with the context texts the context encoder reads (its own, or a captions store's), and
+    where they came from (None: the dataset)."""
+    if "context" not in cfg.encoders:
+        if cfg.context_from:
+            raise MMCacheError("--context-from chooses the text of the context encoder: add --context, e.g. "
+                               "--context roberta")
+        return ds, None
+    from mmcache.extract.caption import context_source
+
+    needed = [s.id for split in ("train", "val", "test") for s in _subset(ds, split, cfg.limit)]
+    return context_source(ds, cfg.cache_dir, cfg.context_from, needed=needed)
+
+
 def _subset(ds: Dataset, split: str, limit: int | None) -> list[Sample]:
     samples = [s for s in ds.split(split) if s.labels]
     return samples[:limit] if limit else samples
 
 
-def _loader(samples: list[Sample], extractors: list[Extractor], cfg: FinetuneConfig, shuffle: bool,
-            rank: int = 0, world: int = 1, epoch: int = 0) -> DataLoader:
-    if shuffle:
-        g = np.random.default_rng([cfg.seed, epoch])
-        order = g.permutation(len(samples))
-        samples = [samples[i] for i in order[rank::world]]  # each rank its own slice, no padded duplicates
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training samples' order in `epoch`: a permutation that depends on (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _loader(samples: list[Sample], extractors: list[Extractor], cfg: FinetuneConfig, epoch: int = 0) -> DataLoader:
     needs = [tuple(range(len(extractors)))] * len(samples)
     ds = DecodeDataset(samples, needs, extractors, merge_decode_options(extractors))
+    # The loader draws its workers' base seed from its own generator, never from the global one, so the
+    # random stream the model uses (dropout) continues exactly when a run resumes.
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=BatchCollate(extractors), pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, generator=gen)
 
 
 def _aligned(batch: dict[int, tuple[list[str], Any, list[tuple[str, str]]]], modalities: list[str],
@@ -207,6 +251,29 @@ def apply_lora(enc: Extractor, cfg: FinetuneConfig) -> int:
     return n
 
 
+def enable_grad_checkpointing(enc: Extractor) -> None:
+    """Recompute `enc`'s activations in the backward pass: open_clip's `set_grad_checkpointing` on its towers,
+    Hugging Face's `gradient_checkpointing_enable` (non-reentrant, so LoRA's frozen inputs still pass gradients)."""
+    found = False
+    modules: list[Any] = list(enc.modules())
+    for m in modules:
+        if hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", False):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            found = True
+        elif hasattr(m, "set_grad_checkpointing") and m is not enc:
+            try:
+                m.set_grad_checkpointing(True)
+                found = True
+            except (AttributeError, TypeError):  # a whole CLIP whose other tower was dropped
+                pass
+        elif hasattr(m, "grad_checkpointing") and isinstance(m.grad_checkpointing, bool):
+            m.grad_checkpointing = True  # an open_clip text Transformer
+            found = True
+    if not found:
+        raise MMCacheError(f"--grad-checkpointing: {enc.preset!r} ({enc.family}) has no gradient checkpointing; "
+                           "drop the flag for this encoder")
+
+
 @torch.no_grad()
 def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks: list[str],
              device: torch.device, desc: str = "eval") -> tuple[list[str], dict[str, np.ndarray]]:
@@ -215,7 +282,7 @@ def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks
     mods = list(model.encoders)
     ids_all: list[str] = []
     outs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    loader = _loader(samples, cast("list[Extractor]", list(model.encoders.values())), cfg, shuffle=False)
+    loader = _loader(samples, cast("list[Extractor]", list(model.encoders.values())), cfg)
     for batch in tqdm(loader, desc=desc, leave=False, disable=cfg.quiet):
         got = _aligned(batch, mods, device)
         if got is None:
@@ -246,22 +313,181 @@ def _metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sam
     return out
 
 
+# ---------------------------------------------------------------- run folder, resume and the initial head
+
+
+def _stem(cfg: FinetuneConfig) -> list[str]:
+    # Each encoder's NAME, never its options: a weights path must not nest folders.
+    return ["finetune", str(cfg.head), "+".join(f"{m}-{encoder_request(m, p).name}" for m, p in cfg.encoders.items())]
+
+
+def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to continue from or None). A named run with a checkpoint continues it (unless
+    `overwrite`, which starts over); `resume` without a name continues the newest run of the same stem."""
+    base = Path(cfg.runs_dir) / cfg.dataset
+    if cfg.run_name:
+        d = base / cfg.run_name
+        ckpt = None if cfg.overwrite else latest_checkpoint(d)
+        if ckpt is not None:
+            return d, ckpt
+        if cfg.resume:
+            raise MMCacheError(f"--resume: {d} holds no checkpoint to continue; drop --resume to start the run")
+        d = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _stem(cfg), cfg.overwrite)
+        remove_checkpoints(d)  # --overwrite starts over
+        return d, None
+    if cfg.resume:
+        prefix = "_".join(_stem(cfg)) + "_"
+        found = [(p, c) for p in sorted(base.glob(prefix + "*")) if p.is_dir() and (c := latest_checkpoint(p))]
+        if not found:
+            raise MMCacheError(f"--resume: no run folder {base / prefix}* holds a checkpoint; name the run to "
+                               "continue with --run-name")
+        return max(found, key=lambda pc: pc[1].stat().st_mtime)
+    return new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _stem(cfg), cfg.overwrite), None
+
+
+def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}, default=str))
+
+
+def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
+    """Refuse to continue a checkpoint written with other options, naming them."""
+    now = _resume_key(cfg)
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}={json.dumps(saved.get(k))} there, {json.dumps(now.get(k))} here" for k in diff[:4])
+        raise MMCacheError(f"{where} was written by a run with other options ({shown}); rerun with the same options "
+                           "to continue it, or pass --overwrite to start the run over")
+
+
+def read_head_run(path: str | Path) -> dict[str, Any]:
+    """A run folder's head: name, input shapes, tasks, hyperparameters, label space and weights (for `init_head`)."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    for name in ("head.json", "config.json", "model.safetensors"):
+        if not (d / name).is_file():
+            raise MMCacheError(f"--init-head {d}: {name} not found; pass a run folder written by `heads train`")
+    hc = json.loads((d / "head.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    return {"path": str(d), "name": hc["name"], "inputs": hc["inputs"], "tasks": hc["tasks"],
+            "hparams": hc["hparams"], "labels": cfg.get("resolved", {}).get("labels", {}).get("tasks", {}),
+            "stores": cfg.get("resolved", {}).get("stores", {}), "state": load_file(str(d / "model.safetensors"))}
+
+
+def _shapes(inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
+    return {m: {k: [int(s) for s in v] for k, v in a.items()} for m, a in inputs.items()}
+
+
+def check_init_head(init: dict[str, Any], head: Head, labels: dict[str, list[str]]) -> None:
+    """The head of `init` must equal `head` in name, hyperparameters, input shapes and classes; else one line
+    naming the first difference and what to do."""
+    p = f"--init-head {init['path']}"
+    if init["name"] != head.name:
+        raise MMCacheError(f"{p}: the run's head is {init['name']!r}, this one {head.name!r}; pass --head "
+                           f"{init['name']} (or leave --head unset)")
+    for k in sorted(set(init["hparams"]) | set(head.hparams)):
+        a, b = init["hparams"].get(k), head.hparams.get(k)
+        if json.dumps(a) != json.dumps(b):
+            raise MMCacheError(f"{p}: head hyperparameter {k}={json.dumps(a)} in the run, {json.dumps(b)} here; "
+                               f"leave {k} unset to take the run's")
+    got, want = _shapes(head.inputs), _shapes(init["inputs"])
+    for m in sorted(set(got) | set(want)):
+        for k in sorted(set(got.get(m, {})) | set(want.get(m, {}))):
+            a, b = want.get(m, {}).get(k), got.get(m, {}).get(k)
+            if a != b:
+                raise MMCacheError(
+                    f"{p}: the run's head reads {m} {k} of shape {a or 'none'}, these encoders give {b or 'none'}; "
+                    "fine-tune the encoders whose stores the run was trained on"
+                    + (f" ({', '.join(init['stores'])})" if init["stores"] else ""))
+    if {t: int(n) for t, n in init["tasks"].items()} != dict(head.tasks):
+        raise MMCacheError(f"{p}: the run's head predicts {init['tasks']} (task: classes), this one {head.tasks}; "
+                           "fine-tune the same tasks")
+    for t, names in labels.items():
+        if t not in init["labels"] or init["labels"][t] != names:
+            raise MMCacheError(f"{p}: task {t!r} has classes {names} here, {init['labels'].get(t)} in the run; start "
+                               "from a run trained on the same label space")
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch to run or continue
+    done: int = 0  # training samples of `epoch` already trained on, all processes together
+    epoch_steps: int = 0  # optimizer-step boundaries passed in `epoch`
+    global_step: int = 0
+    loss_sum: float = 0.0  # rank 0's running train loss of `epoch`
+    loss_batches: int = 0
+    fit_seconds: float = 0.0
+    train_seconds: float = 0.0  # forward/backward/step time, evaluation excluded
+    samples: int = 0  # training samples trained on so far, all processes together
+
+
+def _state_keys(model: LiveModel, frozen: bool) -> list[str]:
+    """State keys that training changes: the head's, trainable encoder parameters, and the encoders' buffers
+    (BatchNorm statistics) unless the encoders are frozen (then kept in eval mode)."""
+    params = dict(model.named_parameters())
+    return [k for k in model.state_dict() if k.startswith("head.") or (k in params and params[k].requires_grad)
+            or (not frozen and k not in params)]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _steps_per_epoch(n: int, cfg: FinetuneConfig, world: int) -> int:
+    return -(-n // (cfg.batch_size * world * cfg.grad_accum))
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory": "cuda allocated"}
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return {"peak_memory_bytes": int(kb) * 1024, "peak_memory": "process resident set (CPU)"}
+    except (ImportError, OSError):
+        return {}
+
+
 def finetune(cfg: FinetuneConfig) -> RunResult | None:
     """Fine-tune `cfg.encoders` with `cfg.head` end to end on the shared engine (optimizer, schedule, selection,
-    early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks)."""
+    early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks).
+    Continues the run's last checkpoint when there is one (see `resolve_run_dir`)."""
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
-    HEADS.get(cfg.head)  # an unknown head is refused before any data is read
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
-    run_dir = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name,
-                          # Each encoder's NAME, never its options: a weights path must not nest folders.
-                          ["finetune", cfg.head, "+".join(f"{m}-{encoder_request(m, p).name}"
-                                                          for m, p in cfg.encoders.items())], cfg.overwrite)
+    for flag, number, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
+                              ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
+        if not isinstance(number, int) or number < low:
+            raise MMCacheError(f"{flag} must be a whole number >= {low}, got {number!r}")
+    if not cfg.max_grad_norm >= 0:
+        raise MMCacheError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
+    init = read_head_run(cfg.init_head) if cfg.init_head else None
+    head_name: str = cfg.head or (init["name"] if init else "linear")
+    cfg = replace(cfg, head=head_name, head_hparams={**(init["hparams"] if init else {}), **cfg.head_hparams})
+    HEADS.get(head_name)  # an unknown head is refused before any data is read
+    run_dir, ckpt_path = resolve_run_dir(cfg)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if ckpt is not None:
+        check_resume_config(ckpt["config"], cfg, ckpt_path)  # type: ignore[arg-type]
     device = torch.device(pick_device(cfg.device) if world == 1 or not torch.cuda.is_available()
                           else f"cuda:{local_rank}")
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)
     seed_everything(cfg.seed)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
+    ds, context_from = _with_context(load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options), cfg)
     tasks = cfg.tasks or list(ds.labels.tasks)
     unknown = [t for t in tasks if t not in ds.labels.tasks]
     if unknown:
@@ -274,6 +500,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     by_id = ds.by_id()
 
     encoders = {m: build_encoder(m, p) for m, p in cfg.encoders.items()}
+    if context_from is not None:
+        encoders["context"].config["context_from"] = context_from  # the spec says which texts it read
     trainable = 0
     for enc in encoders.values():
         if cfg.freeze_encoders:
@@ -283,19 +511,29 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         else:
             enc.requires_grad_(True)
             trainable += sum(p.numel() for p in enc.parameters())
+        if cfg.grad_checkpointing and not cfg.freeze_encoders:
+            enable_grad_checkpointing(enc)
     mods = list(encoders)
     # The head's input shapes come from one real batch through the encoders.
-    probe = next(iter(_loader(val_s[: min(len(val_s), 4)], list(encoders.values()), cfg, shuffle=False)))
+    probe = next(iter(_loader(val_s[: min(len(val_s), 4)], list(encoders.values()), cfg)))
     got = _aligned(probe, mods, torch.device("cpu"))
     if got is None:
         raise MMCacheError(f"the first validation rows of {cfg.dataset!r} could not be decoded; check the data")
     with torch.no_grad():
         feats = {m: encoders[m](b) for m, b in got[1].items()}
-    keys = getattr(HEADS[cfg.head], "uses", None)
+    keys = getattr(HEADS[head_name], "uses", None)
     inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}
     n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
     seed_everything(cfg.seed)
-    head = build_head(cfg.head, inputs, n_classes, cfg.head_hparams)
+    head = build_head(head_name, inputs, n_classes, cfg.head_hparams)
+    if init is not None:
+        check_init_head(init, head, {t: ds.labels.tasks[t] for t in tasks})
+        head.load_state_dict(init["state"])
+        for m, enc in encoders.items():
+            store = next((h for tag, h in init["stores"].items() if tag.split("/", 1)[0] == m), None)
+            if store and store != enc.spec_hash() and rank == 0:
+                print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
+                      f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
     model = LiveModel(encoders, head).to(device)
     counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in train_s if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
@@ -303,57 +541,101 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
     opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr), cfg.head_lr,
                          cfg.weight_decay)
-    steps = cfg.epochs * -(-len(train_s) // (cfg.batch_size * world * cfg.grad_accum))
+    clip_params = [p for g in opt.param_groups for p in g["params"]]
+    steps = cfg.epochs * _steps_per_epoch(len(train_s), cfg, world)
     sel_task, metric = parse_select(cfg.select_metric, tasks, ds.labels.metric)
     selector = Selector(metric, cfg.early_stopping)
     sched = Schedule("cosine", opt, max(1, steps), int(cfg.warmup * steps), selector.mode)
+    state_keys = _state_keys(model, cfg.freeze_encoders)
+    prog = Progress()
+    curves: list[dict[str, Any]] = []
+    if ckpt is not None:
+        prog, curves = _restore(ckpt, model, crit, opt, sched, selector, state_keys, cfg, world, rank, device,
+                                len(train_s))
+        if rank == 0 and not cfg.quiet:
+            at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
+            print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
     net: nn.Module = model
     if world > 1:
         # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    n_total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in crit.parameters())
+    n_trainable = sum(p.numel() for p in clip_params)
     if rank == 0 and not cfg.quiet:
         print(f"{cfg.dataset}: train {len(train_s)}, val {len(val_s)}, test {len(test_s)}; encoders "
               f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
               f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}; "
               f"select val {sel_task}:{metric}", file=sys.stderr)
-    curves: list[dict[str, Any]] = []
-    t_fit = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+
+    def checkpoint(tag: str) -> None:
+        rngs = _gather(rng_state(device), world)  # every rank's random streams
+        if rank != 0:
+            return
+        state = {"version": CHECKPOINT_VERSION, "config": _resume_key(cfg), "world": world, "progress": asdict(prog),
+                 "curves": curves, "rng": rngs,
+                 "selector": {"best_value": selector.best_value, "best_epoch": selector.best_epoch,
+                              "stale": selector.stale, "stopped": selector.stopped},
+                 "best_state": selector.best_state or {},
+                 "weights": {k: v for k, v in model.state_dict().items() if k in set(state_keys)},
+                 "criterion": crit.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()}
+        save_checkpoint(run_dir, state, tag)
+
+    def step() -> None:
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(clip_params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        prog.global_step += 1
+
+    while prog.epoch <= cfg.epochs and not selector.stopped:
+        epoch = prog.epoch
         t_epoch = time.perf_counter()
         model.train()
         for encoder in model.encoders.values():
             if cfg.freeze_encoders:
                 encoder.eval()  # frozen encoders keep their normalisation statistics
-        loader = _loader(train_s, list(encoders.values()), cfg, shuffle=True, rank=rank, world=world, epoch=epoch)
-        total, nb = 0.0, 0
+        rest = epoch_order(len(train_s), cfg.seed, epoch)[prog.done:]
+        mine = [train_s[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
+        full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
+        loader = _loader(mine, list(encoders.values()), cfg, epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)
         opt.zero_grad(set_to_none=True)
         pending = 0
+        t_train = time.perf_counter()
         # Ranks may see different numbers of batches (uneven slices, undecodable rows): DDP's join
         # lets a rank that runs out early keep answering the others' all-reduces.
         with net.join() if isinstance(net, DDP) else nullcontext():
-            for batch in bar:
+            for i, batch in enumerate(bar, start=1):
                 got = _aligned(batch, mods, device)
-                if got is None:
+                if got is not None:
+                    ids, inputs_b = got
+                    with _autocast(device, cfg.amp):
+                        logits = net(inputs_b)
+                    loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
+                    (loss / cfg.grad_accum).backward()
+                    pending += 1
+                    prog.loss_sum += float(loss.detach())
+                    prog.loss_batches += 1
+                    bar.set_postfix(loss=f"{prog.loss_sum / prog.loss_batches:.4f}")
+                if i % cfg.grad_accum:
                     continue
-                ids, inputs = got
-                with _autocast(device, cfg.amp):
-                    logits = net(inputs)
-                loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
-                (loss / cfg.grad_accum).backward()
-                pending += 1
-                if pending == cfg.grad_accum:
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                if pending:
+                    step()
                     pending = 0
-                total += float(loss.detach())
-                nb += 1
-                bar.set_postfix(loss=f"{total / nb:.4f}")
+                prog.epoch_steps += 1
+                if cfg.save_every and prog.epoch_steps % cfg.save_every == 0 and i <= full_batches:
+                    base = prog.done
+                    prog.done = base + i * cfg.batch_size * world
+                    prog.train_seconds += time.perf_counter() - t_train
+                    prog.samples = prog.samples + i * cfg.batch_size * world
+                    checkpoint(f"epoch{epoch}-step{prog.global_step}")
+                    prog.done, prog.samples = base, prog.samples - i * cfg.batch_size * world
+                    t_train = time.perf_counter()
         if pending:  # the epoch's last, partial accumulation still counts
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            step()
+        prog.train_seconds += time.perf_counter() - t_train
+        prog.samples += len(rest)
         stop = False
         if rank == 0:
             ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
@@ -365,26 +647,27 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                     vm["loss"] = float(crit({t: v.to(device) for t, v in logits_t.items()},
                                             {t: v.to(device) for t, v in y.items()}, None, epoch - 1)[0])
             value = vm.get(metric, float("nan"))
-            curves.append(curve_row(epoch, total / max(1, nb), vm, opt.param_groups[0]["lr"],
-                                    time.perf_counter() - t_epoch))
+            train_loss = prog.loss_sum / max(1, prog.loss_batches)
+            curves.append(curve_row(epoch, train_loss, vm, opt.param_groups[0]["lr"], time.perf_counter() - t_epoch))
             if not cfg.quiet:
-                print(f"epoch {epoch}: train loss {total / max(1, nb):.4f}, val {metric} {value:.4f}", file=sys.stderr)
+                print(f"epoch {epoch}: train loss {train_loss:.4f}, val {metric} {value:.4f}", file=sys.stderr)
             selector.update(epoch, value, lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                                                   if k.startswith("head.") or _trainable(model, k)})
+                                                   if k in set(state_keys)})
             sched.epoch_end(value)
             stop = selector.stopped
         if world > 1:  # every rank stops together
             import torch.distributed as dist
 
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = bool(flag[0])
-        if stop:
-            if rank == 0 and not cfg.quiet:
-                print(f"early stop after epoch {epoch}: no better val {metric} for {selector.stale} epochs",
-                      file=sys.stderr)
-            break
-    fit_seconds = time.perf_counter() - t_fit
+            stop_flag = [stop]
+            dist.broadcast_object_list(stop_flag, src=0)
+            stop = bool(stop_flag[0])
+            selector.stopped = stop
+        prog.fit_seconds += time.perf_counter() - t_epoch
+        prog.epoch, prog.done, prog.epoch_steps, prog.loss_sum, prog.loss_batches = epoch + 1, 0, 0, 0.0, 0
+        checkpoint(f"epoch{epoch}-end-step{prog.global_step}")
+        if stop and rank == 0 and not cfg.quiet:
+            print(f"early stop after epoch {epoch}: no better val {metric} for {selector.stale} epochs",
+                  file=sys.stderr)
     result: RunResult | None = None
     if rank == 0:
         best_epoch, best_value, best_state = selector.result()
@@ -397,16 +680,28 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         warn_failed_checks(metrics)
         n_params = sum(p.numel() for p in model.head.parameters())
         select = {"task": sel_task, "metric": metric, "value": best_value}
+        train_stats = {"trainable_params": n_trainable, "total_params": n_total,
+                       "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
+                       "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": world,
+                       "device": str(device), **_peak_memory(device)}
         config = {**asdict(cfg), "resolved": {
             "device": str(device), "world_size": world, "head_hparams": model.head.hparams,
             "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
+            "context_from": context_from,
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
-            "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable}}
+            "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
+            "train": train_stats}}
         result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
-                           head=model.head, seconds=time.perf_counter() - t0, select=select, fit_seconds=fit_seconds)
-        # Only encoder weights that were trained (LoRA adapters or the full towers): the rest is the public preset.
-        enc_state = {k: v for k, v in model.encoders.state_dict().items() if _trainable(model.encoders, k)}
+                           head=model.head, seconds=time.perf_counter() - t0, select=select,
+                           fit_seconds=prog.fit_seconds)
+        # Only encoder state that training changed (LoRA adapters or the full towers, and their BatchNorm
+        # statistics): the rest is the public preset named in `config.json`.
+        enc_state = {k.removeprefix("encoders."): v for k, v in model.state_dict().items()
+                     if k.startswith("encoders.") and k in set(state_keys)}
         result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state)
+        mpath = run_dir / "metrics.json"
+        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats})
+        remove_checkpoints(run_dir)  # the run folder now holds the result
     if world > 1:
         import torch.distributed as dist
 
@@ -415,6 +710,41 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     return result
 
 
-def _trainable(model: nn.Module, key: str) -> bool:
-    params = dict(model.named_parameters())
-    return key in params and params[key].requires_grad
+def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch.optim.Optimizer, sched: Schedule,
+             selector: Selector, state_keys: list[str], cfg: FinetuneConfig, world: int, rank: int,
+             device: torch.device, n_train: int) -> tuple[Progress, list[dict[str, Any]]]:
+    """Load a checkpoint into the freshly built model, criterion, optimizer, schedule and selector; set this
+    rank's random streams. On another number of processes the schedule is rebuilt at the same progress."""
+    weights = ckpt["weights"]
+    missing = [k for k in state_keys if k not in weights]
+    if missing:
+        raise MMCacheError(f"the checkpoint lacks {len(missing)} trained weights (e.g. {missing[0]}); it does not "
+                           "fit this model: pass --overwrite to start the run over")
+    model.load_state_dict(weights, strict=False)
+    crit.load_state_dict(ckpt["criterion"])
+    saved_world = int(ckpt["world"])
+    prog = Progress(**ckpt["progress"])
+    if saved_world == world:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["schedule"])
+    else:
+        # The planned number of steps depends on the process count: continue the schedule at the same share.
+        k = round(prog.global_step * _steps_per_epoch(n_train, cfg, world) / _steps_per_epoch(n_train, cfg, saved_world))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping a scheduler before its optimizer, on purpose
+            for _ in range(k):
+                sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(ckpt["optimizer"])
+        for g, lr in zip(opt.param_groups, lrs, strict=True):
+            g["lr"] = lr
+        if rank == 0 and not cfg.quiet:
+            print(f"note: the checkpoint was written by {saved_world} process(es), this run has {world}; the "
+                  f"learning-rate schedule continues at step {k} of the new plan", file=sys.stderr)
+    sel = ckpt["selector"]
+    selector.best_value, selector.best_epoch = sel["best_value"], int(sel["best_epoch"])
+    selector.stale, selector.stopped = int(sel["stale"]), bool(sel["stopped"])
+    selector.best_state = dict(ckpt["best_state"]) or None
+    rngs = ckpt["rng"]
+    set_rng_state(rngs[rank % len(rngs)], device)
+    return prog, list(ckpt["curves"])

@@ -1,0 +1,204 @@
+"""Checkpoints and resume of `finetune run`: a run killed at a random step continues to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mmcache.finetune.run as ft_run
+from mmcache.data.demo import generate_demo
+from mmcache.errors import MMCacheError
+from mmcache.finetune.checkpoint import (
+    CKPT_DIR,
+    LATEST,
+    from_tree,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    to_tree,
+)
+from mmcache.finetune.run import FinetuneConfig, finetune
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_demo(tmp_path_factory.mktemp("resume") / "demo", n=90, seed=1)
+
+
+def _cfg(demo_dir: Path, runs: Path, **kw: object) -> FinetuneConfig:
+    base = dict(dataset="demo", data_dir=str(demo_dir), encoders={"image": "clip-tiny"}, runs_dir=str(runs),
+                epochs=2, batch_size=16, num_workers=0, quiet=True, head_hparams={"D": 32}, lr=1e-3, run_name="r")
+    base.update(kw)
+    return FinetuneConfig(**base)  # type: ignore[arg-type]
+
+
+def _assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
+    """Same head and encoder weights, same curves and metrics (within float tolerance)."""
+    for name in ("model.safetensors", "encoders.safetensors"):
+        if not (a / name).exists():
+            assert not (b / name).exists()
+            continue
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys(), name
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), atol=atol), f"{name}: {k} differs"
+    ca, cb = json.loads((a / "curves.json").read_text()), json.loads((b / "curves.json").read_text())
+    assert len(ca) == len(cb)
+    for ra, rb in zip(ca, cb, strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+            assert ra[key] == pytest.approx(rb[key], abs=atol), (key, ra, rb)
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+    for split in ma["splits"]:
+        for key in ("n", "accuracy", "macro_f1"):
+            assert ma["splits"][split]["label"][key] == pytest.approx(mb["splits"][split]["label"][key], abs=atol)
+
+
+def test_tree_round_trip_keeps_tuples_int_keys_and_tensors() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "rng": [{"torch": torch.get_rng_state(), "python": random.getstate()}],
+             "best": None, "inf": float("inf")}
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.loads(json.dumps(to_tree(state, tensors)))  # what goes to disk is plain JSON
+    back = from_tree(tree, tensors)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert set(back["optimizer"]["state"]) == {0, 1}
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert back["rng"][0]["python"] == random.getstate() and back["inf"] == float("inf")
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])  # torch takes it back
+
+
+def test_checkpoint_write_is_atomic_and_replaces_the_previous(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = save_checkpoint(run, {"x": torch.ones(2), "n": 1}, "a")
+    # A write killed half way leaves a temporary folder; latest.json still names the complete checkpoint.
+    (run / CKPT_DIR / ".tmp-b-dead").mkdir()
+    (run / CKPT_DIR / ".tmp-b-dead" / "tensors.safetensors").write_bytes(b"\x00" * 10)
+    assert latest_checkpoint(run) == first
+    assert load_checkpoint(first)["n"] == 1
+    second = save_checkpoint(run, {"x": torch.zeros(2), "n": 2}, "b")
+    assert latest_checkpoint(run) == second and not first.exists()
+    assert sorted(p.name for p in (run / CKPT_DIR).iterdir()) == sorted([LATEST, second.name])
+    assert sorted(p.name for p in second.iterdir()) == ["state.json", "tensors.safetensors"]  # nothing pickled
+    assert torch.equal(load_checkpoint(second)["x"], torch.zeros(2))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> list[str]:
+    """Make the run stop right after its n-th checkpoint is written (as a kill there would)."""
+    tags: list[str] = []
+    real = ft_run.save_checkpoint
+
+    def save(run_dir: Path, state: dict, tag: str) -> Path:
+        out = real(run_dir, state, tag)
+        tags.append(tag)
+        if len(tags) == n:
+            raise _Stop(tag)
+        return out
+
+    monkeypatch.setattr(ft_run, "save_checkpoint", save)
+    return tags
+
+
+def test_full_finetune_resumes_mid_epoch_to_the_same_result(demo_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    kw = dict(grad_accum=2, save_every=1, epochs=2)  # 72 train rows: 5 batches, 3 steps per epoch
+    ref = finetune(_cfg(demo_dir, runs, run_name="ref", **kw))
+    tags = _interrupt_after(monkeypatch, 3)  # epoch 1: steps 1 and 2, its end; stop before epoch 2
+    with pytest.raises(_Stop):
+        finetune(_cfg(demo_dir, runs, **kw))
+    assert tags == ["epoch1-step1", "epoch1-step2", "epoch1-end-step3"]
+    monkeypatch.undo()
+    ck = load_checkpoint(latest_checkpoint(runs / "demo" / "r"))  # type: ignore[arg-type]
+    assert ck["progress"]["epoch"] == 2 and ck["progress"]["done"] == 0 and len(ck["curves"]) == 1
+    assert ck["optimizer"]["state"], "optimizer moments are saved"
+    # Stopped mid-epoch 2 (after its first step), then continued by rerunning the same command.
+    tags = _interrupt_after(monkeypatch, 1)
+    with pytest.raises(_Stop):
+        finetune(_cfg(demo_dir, runs, **kw))
+    assert tags == ["epoch2-step4"]
+    ck = load_checkpoint(latest_checkpoint(runs / "demo" / "r"))  # type: ignore[arg-type]
+    assert ck["progress"]["epoch"] == 2 and ck["progress"]["done"] == 32  # 2 batches of 16 trained
+    monkeypatch.undo()
+    res = finetune(_cfg(demo_dir, runs, **kw))
+    assert ref is not None and res is not None
+    _assert_same_run(ref.run_dir, res.run_dir)  # type: ignore[arg-type]
+    assert not (res.run_dir / CKPT_DIR).exists()  # type: ignore[operator]  # a finished run keeps no checkpoint
+
+
+def test_resume_refuses_other_options_and_missing_checkpoints(demo_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(_Stop):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True))
+    monkeypatch.undo()
+    with pytest.raises(MMCacheError, match=r"other options \(epochs=2 there, 3 here\).*--overwrite"):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True, epochs=3))
+    with pytest.raises(MMCacheError, match="holds no checkpoint"):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True, run_name="other", resume=True))
+    # --resume without a name finds the newest run of the same options; --overwrite starts over.
+    with pytest.raises(MMCacheError, match="no run folder .* holds a checkpoint"):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True, run_name=None, resume=True))
+    res = finetune(_cfg(demo_dir, runs, freeze_encoders=True, epochs=3, overwrite=True))
+    assert res is not None and len(res.curves) == 3
+
+
+def _tag_step(run: Path) -> int:
+    try:
+        tag = json.loads((run / CKPT_DIR / LATEST).read_text())["tag"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return int(re.search(r"step(\d+)", tag).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A real process (LoRA on both CLIP towers) killed with SIGKILL at a random step, then the same run again."""
+    demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 40 train rows: 3 steps per epoch
+    runs = tmp_path / "runs"
+    cfg = dict(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"}, lora=True,
+               lora_r=4, epochs=2, batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3, save_every=1,
+               runs_dir=str(runs), quiet=True)
+    ref = finetune(FinetuneConfig(**cfg, run_name="ref"))  # type: ignore[arg-type]
+    assert ref is not None
+    kill_at = random.Random().randint(1, 5)  # checkpoints at steps 1, 2, 3 (epoch end), 4, 5, 6 (the last)
+    cmd = [sys.executable, "-m", "mmcache.finetune.cli", "run", "--dataset", "demo", "--data-dir", str(demo),
+           "--image", "clip-tiny", "--text", "clip-tiny", "--lora", "--lora-r", "4", "--epochs", "2",
+           "--batch-size", "16", "--num-workers", "0", "--D", "32", "--lr", "1e-3", "--save-every", "1",
+           "--runs-dir", str(runs), "--run-name", "k"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    run = runs / "demo" / "k"
+    deadline = time.monotonic() + 240
+    while _tag_step(run) < kill_at and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}: {err.decode()[-1500:]}"
+    assert not (run / "metrics.json").exists() and latest_checkpoint(run) is not None
+    # The same command again (here in-process) continues from the last complete checkpoint.
+    res = finetune(FinetuneConfig(**cfg, run_name="k"))  # type: ignore[arg-type]
+    assert res is not None and res.run_dir == run
+    _assert_same_run(ref.run_dir, run)  # type: ignore[arg-type]
