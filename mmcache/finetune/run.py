@@ -378,13 +378,18 @@ def _shapes(inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[int]]
     return {m: {k: [int(s) for s in v] for k, v in a.items()} for m, a in inputs.items()}
 
 
+def check_init_head_name(init: dict[str, Any], name: str) -> None:
+    """The head of `init` must be head `name`."""
+    if init["name"] != name:
+        raise MMCacheError(f"--init-head {init['path']}: the run's head is {init['name']!r}, this one {name!r}; pass "
+                           f"--head {init['name']} (or leave --head unset)")
+
+
 def check_init_head(init: dict[str, Any], head: Head, labels: dict[str, list[str]]) -> None:
     """The head of `init` must equal `head` in name, hyperparameters, input shapes and classes; else one line
     naming the first difference and what to do."""
     p = f"--init-head {init['path']}"
-    if init["name"] != head.name:
-        raise MMCacheError(f"{p}: the run's head is {init['name']!r}, this one {head.name!r}; pass --head "
-                           f"{init['name']} (or leave --head unset)")
+    check_init_head_name(init, head.name)
     for k in sorted(set(init["hparams"]) | set(head.hparams)):
         a, b = init["hparams"].get(k), head.hparams.get(k)
         if json.dumps(a) != json.dumps(b):
@@ -476,6 +481,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         raise MMCacheError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
     init = read_head_run(cfg.init_head) if cfg.init_head else None
     head_name: str = cfg.head or (init["name"] if init else "linear")
+    if init is not None:
+        check_init_head_name(init, head_name)
     cfg = replace(cfg, head=head_name, head_hparams={**(init["hparams"] if init else {}), **cfg.head_hparams})
     HEADS.get(head_name)  # an unknown head is refused before any data is read
     run_dir, ckpt_path = resolve_run_dir(cfg)

@@ -119,3 +119,54 @@ def test_torchrun_two_processes_ddp(demo_dir: Path, tmp_path: Path) -> None:
     enc = load_file(str(d / "encoders.safetensors"))
     assert enc and all("lora_" in k for k in enc)
     assert "2 process(es)" in res.stderr
+
+
+def test_metrics_report_parameters_throughput_and_memory(demo_dir: Path, tmp_path: Path) -> None:
+    res = finetune(_cfg(demo_dir, tmp_path, lora=True, lora_r=4, epochs=1, limit=32))
+    train = json.loads((Path(res.run_dir) / "metrics.json").read_text())["train"]
+    assert 0 < train["trainable_params"] < train["total_params"]
+    assert train["samples"] == 32 and train["samples_per_s"] > 0 and train["peak_memory_bytes"] > 0
+    assert train["world_size"] == 1 and train["device"] == "cpu"
+
+
+def test_gradients_are_clipped_by_default(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params: object, max_norm: float, *a: object, **k: object) -> torch.Tensor:
+        calls.append(max_norm)
+        return real(params, max_norm, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    finetune(_cfg(demo_dir, tmp_path, encoders={"image": "clip-tiny"}, epochs=1, limit=32, run_name="a"))
+    assert calls == [1.0, 1.0]  # two steps of 16
+    calls.clear()
+    finetune(_cfg(demo_dir, tmp_path, encoders={"image": "clip-tiny"}, epochs=1, limit=32, run_name="b",
+                  max_grad_norm=0.0))
+    assert calls == []
+
+
+def test_grad_checkpointing_gives_the_same_training(demo_dir: Path, tmp_path: Path) -> None:
+    from mmcache.finetune.run import enable_grad_checkpointing
+
+    enc = build_extractor("clip-tiny", "image")
+    enable_grad_checkpointing(enc)
+    assert enc.model.visual.transformer.grad_checkpointing is True
+    text = build_extractor("clip-tiny", "text")
+    enable_grad_checkpointing(text)
+    assert text.model.transformer.grad_checkpointing is True
+    kw = dict(encoders={"image": "clip-tiny"}, epochs=1, limit=32)
+    a = finetune(_cfg(demo_dir, tmp_path, run_name="plain", **kw))
+    b = finetune(_cfg(demo_dir, tmp_path, run_name="ckpt", grad_checkpointing=True, **kw))
+    wa, wb = (load_file(str(Path(r.run_dir) / "encoders.safetensors")) for r in (a, b))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    with pytest.raises(MMCacheError, match="has no gradient checkpointing"):
+        finetune(_cfg(demo_dir, tmp_path, run_name="rn", encoders={"image": "resnet-tiny"}, grad_checkpointing=True))
+
+
+def test_full_finetune_saves_batchnorm_statistics(demo_dir: Path, tmp_path: Path) -> None:
+    res = finetune(_cfg(demo_dir, tmp_path, encoders={"image": "resnet-tiny"}, epochs=1, limit=32))
+    enc = load_file(str(Path(res.run_dir) / "encoders.safetensors"))
+    init = build_extractor("resnet-tiny", "image").state_dict()
+    assert "image.model.bn1.running_mean" in enc
+    assert not torch.allclose(enc["image.model.bn1.running_mean"], init["model.bn1.running_mean"])
