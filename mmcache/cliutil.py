@@ -1,9 +1,11 @@
-"""Shared CLI plumbing: user errors as one line, no traceback."""
+"""Shared CLI plumbing: user errors as one line, no traceback; the one `KEY=VALUE` option parser."""
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mmcache.errors import MMCacheError
 
@@ -18,3 +20,52 @@ def run_app(typer_app: Callable[..., object]) -> None:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+
+
+# -- KEY=VALUE options: the one parser of every command's `-o`, `--hp`, `--loss-opt`, `PRESET[...]` and `--grid` --
+
+
+def parse_value(text: str) -> Any:
+    """JSON when it parses (1, 0.5, true, null, [1,2], {"a": 1}), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    """Split on commas outside [...] / {...}, so `clip[a=1,b=2],resnet` and JSON lists stay whole; items stripped."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [v.strip() for v in out if v.strip()]
+
+
+def split_kv(item: str, flag: str, example: str | None = None) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE), both stripped (the value may hold '='); an error naming `flag` otherwise."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise MMCacheError(f"{flag}: {item!r} is not KEY=VALUE" + (f" (e.g. {example})" if example else ""))
+    return key, value.strip()
+
+
+def parse_kv(items: Iterable[str] | str | None, flag: str, example: str | None = None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> dict, values parsed by `parse_value`; a key given twice is refused.
+
+    `flag` (`--hp`, `-o`, `--image clip[...]`) and `example` name the option in errors.
+    """
+    out: dict[str, Any] = {}
+    for item in [items] if isinstance(items, str) else items or []:
+        key, value = split_kv(item, flag, example)
+        if key in out:
+            raise MMCacheError(f"{flag}: {key!r} is given twice ({out[key]!r} and {parse_value(value)!r}); give it once")
+        out[key] = parse_value(value)
+    return out

@@ -64,25 +64,3 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
-
-def split_outside_brackets(text: str) -> list[str]:
-    """Split on commas outside [...] / {...}, so `clip[a=1,b=2],resnet` and JSON lists stay whole."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [v.strip() for v in out if v.strip()]
-
-
-def parse_value(text: str) -> Any:
-    """JSON when it parses (1, 0.5, true, [1,2]), else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text

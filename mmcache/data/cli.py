@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mmcache.errors import MMCacheError
+from mmcache.cliutil import parse_kv
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -30,23 +30,9 @@ def demo(
     typer.echo(f"wrote {n} rows to {root / 'data.csv'} (images under {root / 'images'})")
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings -> adapter options; values are JSON where they parse (true, 3), else strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise MMCacheError(f"option {pair!r} is not KEY=VALUE (e.g. -o skip_missing=true)")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def dataset_options(fold: int | None, seed: int | None, task: str | None, option: list[str] | None) -> dict[str, Any]:
     """The adapter options given on the command line (only those set)."""
-    opts = parse_options(option or [])
+    opts = parse_kv(option, "-o", "-o skip_missing=true")
     opts.update({k: v for k, v in (("fold", fold), ("seed", seed), ("task", task)) if v is not None})
     return opts
 

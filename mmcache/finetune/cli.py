@@ -81,8 +81,8 @@ def run(
     A killed run continues from its last checkpoint: rerun the same command with the same --run-name.
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
+    from mmcache.cliutil import parse_kv
     from mmcache.finetune.run import FinetuneConfig, finetune
-    from mmcache.heads.cli import parse_kv
 
     hparams = parse_kv(hp, "--hp")
     for key, value in (("D", D), ("dropout", dropout)):

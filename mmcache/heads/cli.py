@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from mmcache.cliutil import run_app
+from mmcache.cliutil import parse_kv, run_app
 from mmcache.errors import MMCacheError
-from mmcache.utils import parse_value
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 # CLI flag -> modality of the store it selects.
 STORE_FLAGS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video"}
-
-
-def parse_kv(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """`KEY=VALUE` pairs -> dict; values are JSON when they parse (numbers, true/false, lists), else strings."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MMCacheError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key] = parse_value(value)
-    return out
 
 
 def parse_floats(text: str | None, flag: str) -> list[float] | None:

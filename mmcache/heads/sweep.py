@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmcache.cliutil import parse_value, split_kv, split_outside_brackets
 from mmcache.errors import MMCacheError
-from mmcache.utils import parse_value, split_outside_brackets, write_json
+from mmcache.utils import write_json
 
 # (name, overrides): each row turns one part of SCABG off; "full" is the reference point.
 SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
@@ -46,10 +47,9 @@ def parse_grid(spec: str) -> dict[str, list[Any]]:
     for part in spec.split(";"):
         if not part.strip():
             continue
-        key, sep, values = part.partition("=")
-        key = key.strip()
+        key, values = split_kv(part, "--grid", "--grid 'head=linear,gated;D=128,256'")
         vals = split_outside_brackets(values)
-        if not sep or not key or not vals:
+        if not vals:
             raise MMCacheError(f"--grid part {part!r} must be KEY=V1,V2,... (parts separated by ';')")
         if key in grid:
             raise MMCacheError(f"--grid names {key!r} twice; list all its values in one part")

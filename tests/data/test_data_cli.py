@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mmcache.data import load_dataset
 from mmcache.data.base import DATASET_OPTIONS, DATASETS
-from mmcache.data.cli import app, parse_options
+from mmcache.data.cli import app, dataset_options
 from mmcache.data.table import write_table
 from mmcache.errors import MMCacheError
 from tests.data.layouts import write_meld, write_mvsa
@@ -30,11 +30,13 @@ def table_rows(out: str, first: str) -> dict[str, list[int]]:
     return rows
 
 
-def test_parse_options() -> None:
-    assert parse_options(["skip_missing=true", "k=3", "path=a/b.json"]) == {"skip_missing": True, "k": 3,
-                                                                             "path": "a/b.json"}
-    with pytest.raises(MMCacheError, match="not KEY=VALUE"):
-        parse_options(["oops"])
+def test_dataset_options_from_the_command_line() -> None:
+    assert dataset_options(2, None, "t", ["skip_missing=true", "k=3", "path=a/b.json"]) == {
+        "skip_missing": True, "k": 3, "path": "a/b.json", "fold": 2, "task": "t"}
+    with pytest.raises(MMCacheError, match=r"^-o: 'oops' is not KEY=VALUE \(e\.g\. -o skip_missing=true\)$"):
+        dataset_options(None, None, None, ["oops"])
+    res = runner.invoke(app, ["show", "demo", "-o", "seed=1", "-o", "seed=2"])
+    assert isinstance(res.exception, MMCacheError) and str(res.exception).startswith("-o: 'seed' is given twice")
 
 
 def test_show_mvsa_counts_and_fold(tmp_path: Path) -> None:

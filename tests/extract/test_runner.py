@@ -31,8 +31,11 @@ def test_parse_requests() -> None:
     assert parse_requests("text", "c=ViT-B-32:/w/a=b.bin") == [Request("text", "c", "ViT-B-32:/w/a=b.bin")]
     assert parse_requests("text", "ViT-B-32:laion2b_s34b_b79k")[0].name == "ViT-B-32:laion2b_s34b_b79k"
     assert parse_requests("image", None) == []
-    with pytest.raises(MMCacheError, match="key=value"):
+    with pytest.raises(MMCacheError, match=r"^--image clip\[\.\.\.\]: 'tokens' is not KEY=VALUE"):
         parse_requests("image", "clip[tokens]")
+    with pytest.raises(MMCacheError, match=r"^--image clip\[\.\.\.\]: 'seed' is given twice"):
+        parse_requests("image", "clip[seed=1, seed=2]")
+    assert parse_requests("image", "clip[ seed = 1 , tag=a=b ]")[0].overrides == {"seed": 1, "tag": "a=b"}
     with pytest.raises(MMCacheError, match="modality"):
         parse_requests("pixels", "clip")
 

@@ -69,7 +69,7 @@ def test_ablation_and_lbfgs_flags(toy_cache: Path, tmp_path: Path, monkeypatch: 
     (["train", "--dataset", "toy", "--vtype", "nope"], "feature store"),
     (["train", "--dataset", "other", "--vtype", "feat"], "manifest"),
     (["train", "--dataset", "toy"], "no feature stores selected"),
-    (["train", "--dataset", "toy", "--vtype", "feat", "--hp", "D"], "--hp expects KEY=VALUE"),
+    (["train", "--dataset", "toy", "--vtype", "feat", "--hp", "D"], "--hp: 'D' is not KEY=VALUE"),
     (["train", "--dataset", "toy", "--vtype", "feat", "--head", "nohead"], "unknown head"),
     (["train", "--dataset", "toy", "--vtype", "feat", "--loss", "noloss"], "unknown loss"),
     (["train", "--dataset", "toy", "--vtype", "feat", "--schedule", "step"], "unknown schedule"),
