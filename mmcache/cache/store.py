@@ -737,8 +737,8 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
         rep.problems.append(str(e))
         return rep
     rep.rows, rep.failed = len(r.ids), len(r.failed)
-    # Feature stores hold `pooled`; teacher stores hold only `logits`.
-    if "pooled" not in r.shapes and "logits" not in r.shapes and r.ids:
+    # Feature stores hold `pooled`; teacher stores hold only `logits`, captions stores only `caption` (UTF-8 bytes).
+    if not {"pooled", "logits", "caption"} & set(r.shapes) and r.ids:
         rep.problems.append(f"no `pooled` (or teacher `logits`) array (arrays: {r.keys})")
     if "tokens" in r.shapes or "mask" in r.shapes:
         t, m = r.shapes.get("tokens"), r.shapes.get("mask")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +26,12 @@ def extract(
     video: Annotated[list[str] | None, typer.Option(help=f"Video stores. {_STORES}")] = None,
     audio: Annotated[list[str] | None, typer.Option(help=f"Audio stores. {_STORES}")] = None,
     teacher: Annotated[list[str] | None, typer.Option(help=f"Teacher logits. {_STORES}")] = None,
+    caption: Annotated[list[str] | None, typer.Option(
+        help="Caption each image (blip, blip[beams=3,max_new_tokens=30], NAME=blip:/models/blip) into "
+             "cache/<dataset>/captions/<name>.h5, run before the other stores.")] = None,
+    context_from: Annotated[str | None, typer.Option(
+        help="captions/NAME: the context text --context stores read (default: the dataset's own, else its "
+             "captions).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder or table file.")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Root of the feature stores.")] = Path("cache"),
     device: Annotated[str | None, typer.Option(help="Device (default cuda when available, else cpu).")] = None,
@@ -48,20 +54,42 @@ def extract(
     """Extract features of DATASET into feature stores cache/<dataset>/<modality>/<name>.h5 (resumable)."""
     from mmcache.data import load_dataset
     from mmcache.data.cli import dataset_options
-    from mmcache.extract.runner import _dist_info, format_summary, parse_requests
+    from mmcache.extract.runner import Request, _dist_info, format_summary, parse_requests, select_samples
     from mmcache.extract.runner import extract as run
 
     if dtype not in ("float16", "float32"):
         raise MMCacheError(f"--dtype must be float16 or float32, not {dtype!r}")
     requests = [r for m, v in (("image", image), ("text", text), ("context", context), ("video", video),
                                ("audio", audio), ("teacher", teacher)) for r in parse_requests(m, v)]
-    if not requests:
+    captioners: list[Request] = []
+    if caption:
+        from mmcache.extract.caption import parse_captioners
+
+        captioners = parse_captioners(caption)
+    if not requests and not captioners:
         raise MMCacheError("name at least one store, e.g. `mmcache extract demo --image clip --text clip`")
+    if context_from and not any(r.modality == "context" for r in requests):
+        raise MMCacheError("--context-from chooses the text of --context stores: add --context, e.g. --context roberta")
     ds = load_dataset(dataset, data_dir, as_name=name, progress=progress,
                       **dataset_options(fold, None, None, option))
-    summaries = run(ds, requests, cache_dir=cache_dir, device=device, batch_size=batch_size,
-                    num_workers=_default_workers() if num_workers is None else num_workers, dtype=dtype,
-                    strict=strict, retry_failed=retry_failed, limit=limit, split=split, amp=amp, progress=progress,
-                    force=force)
+    common: dict[str, Any] = dict(
+        cache_dir=cache_dir, device=device, batch_size=batch_size, dtype=dtype, strict=strict, limit=limit,
+        num_workers=_default_workers() if num_workers is None else num_workers, retry_failed=retry_failed,
+        split=split, amp=amp, progress=progress, force=force)
+    summaries = []
+    if captioners:
+        from mmcache.extract.caption import build_captioner
+
+        # Captions first: the context stores below may read them.
+        built = [build_captioner(r.preset, **r.overrides) for r in captioners]
+        summaries += run(ds, captioners, extractors=built, **common)
+    source = None
+    if any(r.modality == "context" for r in requests):
+        from mmcache.extract.caption import context_source
+
+        needed = [s.id for s in select_samples(ds, split, limit)]
+        ds, source = context_source(ds, cache_dir, context_from, [r.name for r in captioners], needed)
+    if requests:
+        summaries += run(ds, requests, context_from=source, **common)
     if _dist_info()[0] == 0:
         typer.echo(format_summary(summaries))

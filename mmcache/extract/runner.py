@@ -39,11 +39,10 @@ from mmcache.cache.store import (
     partial_path,
     store_path,
 )
-from mmcache.cliutil import parse_kv, split_outside_brackets
 from mmcache.data.base import Dataset, Sample, check_manifest
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
-from mmcache.utils import pick_device, versions
+from mmcache.utils import parse_value, pick_device, split_outside_brackets, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
 
@@ -102,10 +101,14 @@ def failure_kind(reason: str, sample: Sample | None = None) -> str:
     return _NUMBER.sub("N", reason)
 
 
-def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Request]:
-    """`--image clip,res=resnet[arch=resnet101]` -> requests; `name=preset[key=value,...]`, name defaults to preset."""
-    if modality not in MODALITIES:
+def parse_requests(modality: str, values: Sequence[str] | str | None, flag: str | None = None) -> list[Request]:
+    """`--image clip,res=resnet[arch=resnet101]` -> requests; `name=preset[key=value,...]`, name defaults to preset.
+
+    `flag` names the option in errors for a store folder outside MODALITIES (e.g. `--caption` for `captions`).
+    """
+    if flag is None and modality not in MODALITIES:
         raise MMCacheError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
+    flag = flag or f"--{modality}"
     if values is None:
         return []
     items = [values] if isinstance(values, str) else list(values)
@@ -115,13 +118,19 @@ def parse_requests(modality: str, values: Sequence[str] | str | None) -> list[Re
             overrides: dict[str, Any] = {}
             if spec.endswith("]") and "[" in spec:
                 spec, opts = spec[:-1].split("[", 1)
-                overrides = parse_kv(split_outside_brackets(opts), f"--{modality} {spec.strip()}[...]", "clip[tokens=false]")
+                for kv in split_outside_brackets(opts):
+                    if "=" not in kv:
+                        raise MMCacheError(
+                            f"preset option {kv!r} in {flag} must be key=value, e.g. clip[tokens=false]"
+                        )
+                    k, v = kv.split("=", 1)
+                    overrides[k.strip()] = parse_value(v.strip())
             name, preset = spec.split("=", 1) if "=" in spec.split(":", 1)[0] else (None, spec)
             preset = preset.strip()
             name = (name or preset).strip()
             if not name or not preset or os.sep in name or name.startswith("."):
                 raise MMCacheError(
-                    f"bad store spec {spec!r} in --{modality}; write NAME=PRESET or PRESET (a preset with a path or "
+                    f"bad store spec {spec!r} in {flag}; write NAME=PRESET or PRESET (a preset with a path or "
                     "a colon needs a plain NAME=, e.g. clip=ViT-B-32:/weights/clip.bin)"
                 )
             out.append(Request(modality, name, preset, overrides))
@@ -345,6 +354,7 @@ def extract(
     extractors: Sequence[Extractor] | None = None,
     retry_failed: bool = False,
     force: bool = False,
+    context_from: dict[str, Any] | None = None,
 ) -> list[StoreSummary]:
     """Fill the requested stores of `ds` (resumable); returns a summary per store.
 
@@ -352,6 +362,8 @@ def extract(
     preset is built for its modality. Teachers get the dataset's class names as config.
     Ids recorded as failed count as done unless `retry_failed` (e.g. after fixing the files).
     A manifest under the same name listing ids `ds` lacks is refused up front unless `force`.
+    `context_from` says where the samples' context texts came from when not from the dataset (a captions
+    store); it becomes part of the spec of every context store, so texts of two sources never share a store.
     """
     if not requests:
         raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
@@ -373,8 +385,9 @@ def extract(
     selected = select_samples(ds, split, limit)
     for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
         if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
+            hint = " or generate captions as context with --caption blip" if r.modality == "context" else ""
             raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has a {r.modality} field; "
-                               f"drop --{r.modality} (this dataset's adapter provides none)")
+                               f"drop --{r.modality} (this dataset's adapter provides none){hint}")
 
     if extractors is None:
         built = []
@@ -385,6 +398,10 @@ def extract(
             built.append(build_extractor(r.preset, r.modality, **extra))
         extractors = built
     extractors = list(extractors)
+    if context_from is not None:
+        for r, ext in zip(requests, extractors, strict=True):
+            if r.modality == "context":
+                ext.config["context_from"] = dict(context_from)
     paths = [store_path(cache_dir, ds.name, r.modality, r.name) for r in requests]
     summaries = [StoreSummary(r.modality, r.name, r.preset, p) for r, p in zip(requests, paths, strict=True)]
 
