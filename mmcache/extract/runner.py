@@ -39,10 +39,11 @@ from mmcache.cache.store import (
     partial_path,
     store_path,
 )
+from mmcache.cliutil import parse_kv, split_outside_brackets
 from mmcache.data.base import Dataset, Sample, check_manifest
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
-from mmcache.utils import parse_value, pick_device, split_outside_brackets, versions
+from mmcache.utils import pick_device, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
 
@@ -118,13 +119,7 @@ def parse_requests(modality: str, values: Sequence[str] | str | None, flag: str 
             overrides: dict[str, Any] = {}
             if spec.endswith("]") and "[" in spec:
                 spec, opts = spec[:-1].split("[", 1)
-                for kv in split_outside_brackets(opts):
-                    if "=" not in kv:
-                        raise MMCacheError(
-                            f"preset option {kv!r} in {flag} must be key=value, e.g. clip[tokens=false]"
-                        )
-                    k, v = kv.split("=", 1)
-                    overrides[k.strip()] = parse_value(v.strip())
+                overrides = parse_kv(split_outside_brackets(opts), f"{flag} {spec.strip()}[...]", "clip[tokens=false]")
             name, preset = spec.split("=", 1) if "=" in spec.split(":", 1)[0] else (None, spec)
             preset = preset.strip()
             name = (name or preset).strip()
