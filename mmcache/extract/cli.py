@@ -27,7 +27,7 @@ def extract(
     audio: Annotated[list[str] | None, typer.Option(help=f"Audio stores. {_STORES}")] = None,
     teacher: Annotated[list[str] | None, typer.Option(help=f"Teacher logits. {_STORES}")] = None,
     caption: Annotated[list[str] | None, typer.Option(
-        help="Caption each image (blip, blip[beams=3,max_new_tokens=30], NAME=blip:/models/blip) into "
+        help="Caption each image (blip, blip\\[beams=3,max_new_tokens=30], NAME=blip:/models/blip) into "
              "cache/<dataset>/captions/<name>.h5, run before the other stores.")] = None,
     context_from: Annotated[str | None, typer.Option(
         help="captions/NAME: the context text --context stores read (default: the dataset's own, else its "
