@@ -241,3 +241,19 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         LogisticProbe(z, t, {"label": 3}, build_criterion("ce", {"label": 3}, uncertainty=True))
     with pytest.raises(MMCacheError, match="no train row has a label"):
         LogisticProbe(z, {"label": torch.full_like(t["label"], IGNORE)}, {"label": 3}, build_criterion("ce", {"label": 3}))
+
+
+def test_batched_grid_reaches_the_sequential_optima(tmp_path: Path) -> None:
+    """All penalties at once (cold, lockstep, one evaluation for all) give the warm-started fits' optima."""
+    x, y, sp = split_data("digits", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    grid = [1e-1, 1e-2, 1e-3]
+    runs = {b: probe_fit(data, grid=grid, tol=1e-7, max_iter=5000, batched=b) for b in (False, True)}
+    (hs, rs), (hb, rb) = runs[False], runs[True]
+    assert rb.best == rs.best and [c["val_accuracy"] for c in rb.curves] == [c["val_accuracy"] for c in rs.curves]
+    for fs, fb in zip(rs.fits, rb.fits, strict=True):
+        assert fb.converged and fb.loss == pytest.approx(fs.loss, rel=1e-7)
+    xt = torch.from_numpy(x[sp["test"]]).float()
+    with torch.no_grad():
+        ps, pb = (torch.softmax(h.classifiers["label"](xt), 1) for h in (hs, hb))
+    assert float((ps - pb).abs().max()) < 1e-3
