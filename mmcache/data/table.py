@@ -158,39 +158,20 @@ def load_label_space(path: Path) -> LabelSpace | None:
     return space
 
 
-def load_table(
-    root: Path,
-    name: str | None = None,
-    seed: int = 0,
-    fold: int | None = None,
-    label_names: list[str] | None = None,
-    image_root: str | Path | None = None,
-    metric: str | None = None,
-    label_column: str = PRIMARY_TASK,
-) -> Dataset:
-    """Load a table (or one table per split); label names -> indices, saved to `labels.json` beside it.
+def present_label_columns(rows: list[dict[str, Any]], space: LabelSpace, label_column: str = PRIMARY_TASK) -> dict[str, str]:
+    """Task -> column for the tasks of `space` a table has a column for (`label_column` is the primary task's,
+    `label_<task>` each task's); none at all is fine (an unlabelled table, for prediction)."""
+    seen = {c for row in rows for c in row}
+    cols = {t: f"{LABEL_PREFIX}{t}" for t in space.tasks if f"{LABEL_PREFIX}{t}" in seen}
+    if label_column in seen:
+        cols[space.primary] = label_column
+    return cols
 
-    Class order comes from `labels.json` if present (so indices stay stable when rows change), else
-    from `label_names` (primary task), else sorted names; a label outside a saved space is an error.
-    Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV. The
-    dataset is named `name`, else after the table file (or the folder of per-split tables).
-    """
-    root = Path(root)
-    name = name or default_name(root, "table")
-    if label_names is not None and (not isinstance(label_names, list) or not label_names):
-        raise MMCacheError(f"option label_names={label_names!r} must be a non-empty list of class names, "
-                           'e.g. -o \'label_names=["neg","pos"]\'')
-    tables = find_tables(root)
-    base = tables[0][0].parent
-    media_root = Path(image_root) if image_root is not None else base
-    rows: list[tuple[str, dict[str, Any], str | None]] = []
-    for table, split in tables:
-        rows += [(where, row, split) for where, row in read_rows(table)]
-    if not rows:
-        raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
 
-    source = tables[0][0] if len(tables) == 1 else root  # named in errors about the whole table
-    cols = label_columns([(w, r) for w, r, _ in rows], source, label_column)
+def _table_label_space(rows: list[tuple[str, dict[str, Any], str | None]], cols: dict[str, str], source: Path,
+                       base: Path, label_names: list[str] | None, metric: str | None) -> LabelSpace:
+    """The label space of a table's label columns: from `labels.json` beside it, else `label_names` (primary
+    task), else the sorted names found; written back to `labels.json` when it changed."""
     primary = next(iter(cols))
     labels_path = base / LABELS_FILE
     saved = load_label_space(labels_path)
@@ -211,6 +192,69 @@ def load_table(
             labels_path.write_text(json.dumps(space.to_json(), indent=1))
         except OSError:
             pass  # a read-only dataset folder still loads; indices then follow the sorted names
+    return space
+
+
+def load_table(
+    root: Path,
+    name: str | None = None,
+    seed: int = 0,
+    fold: int | None = None,
+    label_names: list[str] | None = None,
+    image_root: str | Path | None = None,
+    metric: str | None = None,
+    label_column: str = PRIMARY_TASK,
+) -> Dataset:
+    """Load a table (or one table per split); label names -> indices, saved to `labels.json` beside it.
+
+    Class order comes from `labels.json` if present (so indices stay stable when rows change), else
+    from `label_names` (primary task), else sorted names; a label outside a saved space is an error.
+    Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV. The
+    dataset is named `name`, else after the table file (or the folder of per-split tables).
+    """
+    return _load_table(root, name, seed, fold, label_names, image_root, metric, label_column)
+
+
+def load_unlabelled_table(root: Path, label_space: LabelSpace, name: str | None = None,
+                          image_root: str | Path | None = None, label_column: str = PRIMARY_TASK) -> Dataset:
+    """A table of new rows to predict on, in a trained model's `label_space`: labels are optional (those
+    present are read in that space, and one outside it is an error), nothing is saved beside the table,
+    and rows keep the split they have, or none (no split is generated)."""
+    return _load_table(root, name, image_root=image_root, label_column=label_column, label_space=label_space)
+
+
+def _load_table(
+    root: Path,
+    name: str | None = None,
+    seed: int = 0,
+    fold: int | None = None,
+    label_names: list[str] | None = None,
+    image_root: str | Path | None = None,
+    metric: str | None = None,
+    label_column: str = PRIMARY_TASK,
+    label_space: LabelSpace | None = None,
+) -> Dataset:
+    root = Path(root)
+    name = name or default_name(root, "table")
+    if label_names is not None and (not isinstance(label_names, list) or not label_names):
+        raise MMCacheError(f"option label_names={label_names!r} must be a non-empty list of class names, "
+                           'e.g. -o \'label_names=["neg","pos"]\'')
+    tables = find_tables(root)
+    base = tables[0][0].parent
+    media_root = Path(image_root) if image_root is not None else base
+    rows: list[tuple[str, dict[str, Any], str | None]] = []
+    for table, split in tables:
+        rows += [(where, row, split) for where, row in read_rows(table)]
+    if not rows:
+        raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
+
+    source = tables[0][0] if len(tables) == 1 else root  # named in errors about the whole table
+    if label_space is not None:
+        cols = present_label_columns([r for _, r, _ in rows], label_space, label_column)
+        space = label_space
+    else:
+        cols = label_columns([(w, r) for w, r, _ in rows], source, label_column)
+        space = _table_label_space(rows, cols, source, base, label_names, metric)
 
     def media(v: Any) -> str | None:
         return None if v is None else str(media_root / str(v).strip())
@@ -247,8 +291,10 @@ def load_table(
                 labels=labels,
             )
         )
+    if label_space is not None:
+        return Dataset(name=name, samples=samples, labels=space, root=base)
     notes = []
-    samples, note = fill_missing_splits(samples, str(tables[0][0]), primary, seed=seed, fold=fold)
+    samples, note = fill_missing_splits(samples, str(tables[0][0]), next(iter(cols)), seed=seed, fold=fold)
     if note:
         notes.append(note)
     elif fold is not None:
