@@ -56,6 +56,7 @@ def extract(
     from mmcache.data.cli import dataset_options
     from mmcache.extract.runner import Request, _dist_info, format_summary, parse_requests, select_samples
     from mmcache.extract.runner import extract as run
+    from mmcache.finetune import preset  # noqa: F401  (registers `finetuned:RUN`, a fine-tuned run's encoder)
 
     if dtype not in ("float16", "float32"):
         raise MMCacheError(f"--dtype must be float16 or float32, not {dtype!r}")

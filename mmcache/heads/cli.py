@@ -106,19 +106,36 @@ def train_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    run: Annotated[Path, typer.Option(help="Run folder written by `heads train`.")],
+    run: Annotated[Path, typer.Option(help="Run folder written by `heads train` or `finetune run`.")],
     dataset: Annotated[str | None, typer.Option(help="Dataset to predict on (default: the run's).")] = None,
-    split: Annotated[str, typer.Option(help="Split to predict (train, val, test, or all).")] = "test",
+    split: Annotated[str | None, typer.Option(help="Split to predict (train, val, test, or all; default test, "
+                                                   "all with --data).")] = None,
+    data: Annotated[Path | None, typer.Option(help="New inputs (a table, labels optional; a folder of images; an "
+                                                   "image): extracted as the run's stores were, as `mmcache predict`.")]
+    = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Raw files of --dataset for a `finetune run` (default: the "
+                                                       "run's).")] = None,
     out: Annotated[Path | None, typer.Option(help="CSV to write (default: <run>/predictions_<ds>_<split>.csv).")]
     = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: the run's).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
 ) -> None:
     """Write predictions of a trained run as CSV: id, label, predicted, one probability column per class."""
+    import json
+
+    config = run / "config.json"
+    finetuned = config.is_file() and "encoders" in json.loads(config.read_text())
+    if data is not None or finetuned:  # raw inputs, encoded as the run's features were
+        from mmcache.predict import predict_to_csv, summary_line
+
+        path, preds = predict_to_csv(run, data=data, dataset=dataset, data_dir=data_dir, split=split, out=out,
+                                     run_cache_dir=str(cache_dir) if cache_dir else None, device=device)
+        typer.echo(summary_line(path, preds))
+        return
     from mmcache.heads.train import predict
 
-    path = predict(run, dataset=dataset, split=split, cache_dir=str(cache_dir) if cache_dir else None, out=out,
-                   device=device)
+    path = predict(run, dataset=dataset, split=split or "test", cache_dir=str(cache_dir) if cache_dir else None,
+                   out=out, device=device)
     typer.echo(f"wrote {path}")
 
 
