@@ -37,6 +37,11 @@ def stackable(m: Member) -> bool:
             and m.cfg.schedule in ("cosine", "none"))
 
 
+def _clf(m: Member, task: str) -> torch.nn.Linear:
+    """Member `m`'s classifier of `task` (a probe's only parameters)."""
+    return cast(torch.nn.Linear, cast("LinearHead", m.head).classifiers[task])
+
+
 def _stack_key(m: Member) -> tuple[Any, ...]:
     h = m.head.hparams
     return (h.get("l2norm"), tuple(cast("LinearHead", m.head).mods), h.get("key"), m.crit.label_smoothing,
@@ -113,8 +118,8 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
         head0.eval()
         z = head0.fused(data.batch(idx))
         for t in data.tasks:
-            w = torch.stack([cast("LinearHead", members[j].head).classifiers[t].weight for j in js])
-            b = torch.stack([cast("LinearHead", members[j].head).classifiers[t].bias for j in js])
+            w = torch.stack([_clf(members[j], t).weight for j in js])
+            b = torch.stack([_clf(members[j], t).bias for j in js])
             logits = (z @ w.reshape(-1, w.shape[-1]).T).view(len(idx), len(js), -1) + b
             for k, j in enumerate(js):
                 out[j][t] = logits[:, k]
@@ -152,10 +157,8 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     y_val = {t: data.targets[t][val_idx] for t in tasks}
     weights = {t: getattr(crit0, f"w_{t}", None) for t in tasks}
     smoothing = crit0.label_smoothing
-    W = {t: torch.stack([cast("LinearHead", m.head).classifiers[t].weight.detach() for m in members]).clone()
-         .requires_grad_() for t in tasks}
-    B = {t: torch.stack([cast("LinearHead", m.head).classifiers[t].bias.detach() for m in members]).clone()
-         .requires_grad_() for t in tasks}
+    W = {t: torch.stack([_clf(m, t).weight.detach() for m in members]).clone().requires_grad_() for t in tasks}
+    B = {t: torch.stack([_clf(m, t).bias.detach() for m in members]).clone().requires_grad_() for t in tasks}
     lr = torch.tensor([m.cfg.lr for m in members], dtype=torch.float32, device=device)
     wd = torch.tensor([m.cfg.weight_decay for m in members], dtype=torch.float32, device=device)
     opt = StackedOptimizer(cfg0.optimizer, [*W.values(), *B.values()], wd)
