@@ -6,6 +6,7 @@ import json
 import os
 import random
 import subprocess
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,25 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write a text file atomically: a uniquely named temp file beside it, fsynced, then renamed into place, so a
+    kill (or a second writer) never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own per writer; opened as usual, so the file gets the permissions the umask gives.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 

@@ -45,6 +45,8 @@ from filelock import FileLock, Timeout
 from mmcache.cache.spec import canonical_spec, spec_hash
 from mmcache.data.base import MAX_ID_BYTES, id_problem
 from mmcache.errors import MMCacheError
+from mmcache.manifest import Manifest, default_manifest, manifest_ids
+from mmcache.manifest import manifest_path as manifest_path  # the stores' manifest sits beside them
 
 DEFAULT_CACHE = Path("cache")
 FORMAT = "mmcache-store/2"
@@ -66,16 +68,6 @@ def store_path(cache_dir: Path | str, dataset: str, modality: str, name: str) ->
     return Path(cache_dir) / dataset / modality / f"{name}.h5"
 
 
-def manifest_path(cache_dir: Path | str, dataset: str) -> Path:
-    """`cache/<dataset>/manifest.json`: ids, splits and labels of the dataset the stores were built from."""
-    return Path(cache_dir) / dataset / "manifest.json"
-
-
-def default_manifest(path: Path | str) -> Path:
-    """The manifest a store at `cache/<dataset>/<modality>/<name>.h5` belongs to."""
-    return Path(path).parent.parent / "manifest.json"
-
-
 def lock_path(path: Path | str) -> Path:
     """The lock file a writer of `path` holds."""
     return Path(f"{path}.lock")
@@ -90,39 +82,6 @@ def failures_path(path: Path | str) -> Path:
     """`cache/<dataset>/<modality>/<name>.failed.csv`: every failed id of a store with its reason."""
     p = Path(path)
     return p.with_name(f"{p.stem if p.suffix == '.h5' else p.name}.failed.csv")
-
-
-_MANIFESTS: dict[tuple[str, int, int], dict[str, list[str]]] = {}
-
-
-def manifest_ids(manifest: Path | str, split: str | None = None) -> list[str]:
-    """Sample ids listed in a dataset manifest, of one split or all, in dataset order."""
-    manifest = Path(manifest)
-    if not manifest.exists():
-        raise MMCacheError(f"manifest {manifest} not found; run `mmcache extract` for this dataset to write it")
-    st = manifest.stat()
-    # Parsing a large manifest costs more than reading a split of features, and train/val/test
-    # loads parse the same file: keep the last few parsed, keyed by their identity.
-    key = (str(manifest.resolve()), st.st_mtime_ns, st.st_size)
-    by_split = _MANIFESTS.get(key)
-    if by_split is None:
-        try:
-            samples = json.loads(manifest.read_text())["samples"]
-            by_split = {"": [s["id"] for s in samples]}
-            for s in samples:
-                by_split.setdefault(f"={s['split']}", []).append(s["id"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise MMCacheError(
-                f"manifest {manifest} is not valid ({e}); run `mmcache extract` again to rewrite it"
-            ) from None
-        if len(_MANIFESTS) >= 4:
-            _MANIFESTS.pop(next(iter(_MANIFESTS)))
-        _MANIFESTS[key] = by_split
-    ids = by_split.get("" if split is None else f"={split}")
-    if ids is None:
-        splits = sorted(k[1:] for k in by_split if k)
-        raise MMCacheError(f"manifest {manifest} has no split {split!r}; its splits are {splits}")
-    return list(ids)
 
 
 def _iso(ns: int) -> str:
@@ -791,13 +750,13 @@ def verify_store(path: Path | str, manifest: Path | str | None = None, strict: b
         rep.warnings.append(f"no manifest at {mpath}; ids were not checked against the dataset")
         return rep
     try:
-        mobj = json.loads(mpath.read_text())
-        expected = [s["id"] for s in mobj["samples"]]
-    except (ValueError, KeyError, TypeError) as e:
-        rep.problems.append(f"manifest {mpath} is not valid ({e})")
+        man = Manifest.read(mpath, labels=False)
+    except MMCacheError as e:
+        rep.problems.append(str(e))
         return rep
-    if mobj.get("name") and r.attrs.get("dataset") and mobj["name"] != r.attrs["dataset"]:
-        rep.problems.append(f"store is of dataset {r.attrs['dataset']!r} but manifest {mpath} is of {mobj['name']!r}")
+    expected = man.ids
+    if man.name and r.attrs.get("dataset") and man.name != r.attrs["dataset"]:
+        rep.problems.append(f"store is of dataset {r.attrs['dataset']!r} but manifest {mpath} is of {man.name!r}")
     exp = set(expected)
     stale = [i for i in r.ids if i not in exp]
     if stale:

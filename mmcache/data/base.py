@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -153,45 +152,10 @@ class Dataset:
         return out
 
     def write_manifest(self, path: Path) -> None:
-        """Write ids, splits, labels and the fold/seed of generated splits as JSON (heads and `verify` read it)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        obj = {
-            "name": self.name,
-            "fold": self.fold,
-            "seed": self.seed,
-            "labels": self.labels.to_json(),
-            "samples": [{"id": s.id, "split": s.split, "labels": s.labels} for s in self.samples],
-        }
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(obj))
-        tmp.replace(path)
+        """Write the manifest of this dataset (ids, splits, labels, fold/seed; see `mmcache.manifest`), atomically."""
+        from mmcache.manifest import Manifest
 
-
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The JSON of a manifest, or None when there is none or it is unreadable (it is then rewritten)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) and isinstance(obj.get("samples"), list) else None
-
-
-def check_manifest(path: Path, ds: Dataset, force: bool = False) -> None:
-    """Refuse to replace a manifest listing ids that `ds` lacks (another dataset under the same name), unless `force`.
-
-    A manifest whose ids `ds` all has (an earlier `--limit` or `--split` run, another fold) is no conflict.
-    """
-    old = read_manifest(path)
-    if old is None:
-        return
-    have = set(ds.ids())
-    stale = [str(r.get("id")) for r in old["samples"] if isinstance(r, dict) and str(r.get("id")) not in have]
-    if stale and not force:
-        raise MMCacheError(
-            f"{path} lists {len(stale)} ids not in dataset {ds.name!r} at {ds.root} (e.g. {stale[:3]}): it was "
-            "written for another dataset or an older version of this one. Give this dataset its own --name, or "
-            "pass --force to replace the manifest (its stores keep the old rows; `mmcache cache verify` lists them)"
-        )
+        Manifest.from_dataset(self).write(path)
 
 
 Adapter = Callable[..., Dataset]

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import re
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,10 @@ from mmcache.cache.store import (
     store_path,
 )
 from mmcache.cliutil import parse_kv, split_outside_brackets
-from mmcache.data.base import Dataset, Sample, check_manifest
+from mmcache.data.base import Dataset, Sample
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
+from mmcache.manifest import check_replace, update
 from mmcache.utils import pick_device, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
@@ -322,15 +322,7 @@ def select_samples(ds: Dataset, split: str | None = None, limit: int | None = No
 
 def write_manifest(ds: Dataset, cache_dir: Path | str, selected: Sequence[Sample]) -> Path:
     """Write the manifest of the selected samples plus those an earlier run listed (so heads train from the cache)."""
-    path = manifest_path(cache_dir, ds.name)
-    keep = {s.id for s in selected}
-    if path.exists():
-        try:
-            keep |= {r["id"] for r in json.loads(path.read_text())["samples"]}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # an unreadable manifest is rewritten from the dataset
-    replace(ds, samples=[s for s in ds.samples if s.id in keep]).write_manifest(path)  # keeps fold and seed
-    return path
+    return update(manifest_path(cache_dir, ds.name), ds, [s.id for s in selected])
 
 
 def extract(
@@ -366,7 +358,7 @@ def extract(
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
         raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
-    check_manifest(manifest_path(cache_dir, ds.name), ds, force=force)
+    check_replace(manifest_path(cache_dir, ds.name), ds, force=force)
     rank, world, local_rank = _dist_info()
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():

@@ -6,7 +6,6 @@ The trainer batches by index into these tensors (no DataLoader, no per-sample Py
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -19,48 +18,7 @@ from mmcache.cache.store import StoreReader, manifest_path, store_path
 from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, InputSpec
-
-IGNORE = -100  # target value of a row with no label for a task (cross_entropy's ignore_index)
-
-
-@dataclass
-class Manifest:
-    """Ids, splits and labels of a dataset as written by `Dataset.write_manifest`."""
-
-    name: str
-    labels: LabelSpace
-    ids: list[str]
-    splits: list[str]
-    targets: dict[str, np.ndarray]  # task -> [N] int64 class index, IGNORE where unlabeled
-    fold: int | None = None  # cross-validation fold whose splits the manifest holds (None: official splits)
-    split_seed: int | None = None  # seed of generated splits / folds
-
-    @classmethod
-    def read(cls, path: Path) -> Manifest:
-        """Read `cache/<dataset>/manifest.json`; a clear error when it is missing or malformed."""
-        if not path.exists():
-            raise MMCacheError(f"manifest {path} not found; run `mmcache extract` for this dataset first "
-                               "(it writes the manifest next to the stores)")
-        try:
-            obj = json.loads(path.read_text())
-            labels = LabelSpace.from_json(obj["labels"])
-            samples = obj["samples"]
-            ids = [str(s["id"]) for s in samples]
-            splits = [str(s["split"]) for s in samples]
-            targets = {t: np.array([s["labels"].get(t, IGNORE) for s in samples], dtype=np.int64)
-                       for t in labels.tasks}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise MMCacheError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); "
-                               "run `mmcache extract` again to rewrite it") from None
-        empty = [t for t, names in labels.tasks.items() if not names]
-        if not labels.tasks or empty:  # written by an older version from a blank label column
-            raise MMCacheError(f"{path}: task {(empty or ['(none)'])[0]!r} has no classes; fill in the dataset's "
-                               "labels and run `mmcache extract` again to rewrite the manifest")
-        fold = obj.get("fold")
-        seed = obj.get("split_seed", obj.get("seed"))
-        return cls(name=str(obj.get("name", path.parent.name)), labels=labels, ids=ids, splits=splits,
-                   targets=targets, fold=None if fold is None else int(fold),
-                   split_seed=None if seed is None else int(seed))
+from mmcache.manifest import IGNORE, Manifest
 
 
 @dataclass

@@ -188,7 +188,8 @@ def test_cli_demo_path(demo_root: Path, tmp_path: Path) -> None:
     assert "image/clip" in res.output and f"{N_DEMO:>9}" in res.output
     for m in ("image", "text"):
         assert {"pooled", "tokens", "mask"} <= set(StoreReader(store_path(tmp_path, "demo", m, "clip")).keys)
-    bad = CliRunner().invoke(app, ["extract", "demo", "--data-dir", str(demo_root), "--image", "nosuchpreset"])
+    bad = CliRunner().invoke(app, ["extract", "demo", "--data-dir", str(demo_root), "--cache-dir", str(tmp_path),
+                                   "--image", "nosuchpreset"])
     assert isinstance(bad.exception, MMCacheError) and "unknown extractor preset" in str(bad.exception)
 
 
