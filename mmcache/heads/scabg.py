@@ -32,6 +32,29 @@ Across branches:
    `compose=False` the task gets a plain linear classifier; `_coarse` and `_fine` are returned
    either way so the `scabg` loss can supervise them. Other tasks get linear classifiers.
 
+`variant="reference"` (or `--head scabg-ref`) builds the architecture of the public reference code
+(yili08/SCABG-LDT) instead; each of its parts is a flag of its own, so it can be ablated:
+
+- `branch_gates`: a gate pair per branch (steps 1-4 per branch side; the projection to `hidden`
+  stays one per modality) instead of one gate per modality shared by all branches;
+- `band_blocks`: one attention block per band (its own queries and q/k/v/o projections) instead
+  of projections shared across bands; with `branch_gates`, one per band and branch side;
+- `agg_mlp`: the aggregator's output is an MLP (Linear, ReLU, Dropout, Linear) instead of one layer;
+- `branch_mlp`: an MLP per branch (out_dim -> 2 out_dim -> out_dim) before the cross-branch fusion;
+- `mix_token`: the first branch's token becomes lam * b_last + (1 - lam) * b_first, lam = sigmoid of a
+  learned scalar (with the default branch order: the reference's mix of the text-context and
+  image-text branches);
+- `branch_pool="static"`: pooling weights are one learned softmax over branches (masked to the
+  present ones) instead of per-row scores;
+- `fuse_mlp`: the fused vector's MLP is Linear, ReLU, Dropout, Linear (2 out_dim wide inside);
+- `kd_branches` / `kd_classes`: auxiliary KD heads (Linear to `kd_classes` logits) on those branch
+  vectors, returned as `_kd` [B, n, kd_classes] for the criterion to distil one teacher into each;
+- `adversarial` / `grl`: per-branch heads predicting the task's classes through gradient reversal
+  (strength `grl`), returned as `_adv` [B, branches, C];
+- `aux_outputs`: return the branch vectors `_branches` [B, branches, out_dim], their presence
+  `_branch_mask` [B, branches] and the aggregators' band weights `_band_w` [B, branches, K], for the
+  criterion's InfoNCE and band-consistency terms.
+
 The reference implementation attends over padding; here every attention and pooling step
 uses the token masks, so padded values never change the output. Parameters that a softmax
 would cancel are not built: a bias on the band-attention keys or on the branch scores (each
@@ -41,6 +64,7 @@ learned default when nothing uses the condition.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any, cast
@@ -60,6 +84,27 @@ REMOVED = re.compile(r"branch_score\.(weight|bias)|cond_default|gates\.[^.]+\.ba
 
 # Branch order of the reference: image-vs-text first, then the context branches.
 MODALITY_ORDER = ("image", "text", "context", "video", "audio")
+
+
+# The public reference code's architecture (`variant="reference"`); each entry is a flag of its own.
+REFERENCE_VARIANT: dict[str, Any] = {
+    "branch_gates": True, "band_blocks": True, "agg_mlp": True, "branch_mlp": True, "mix_token": True,
+    "branch_pool": "static", "fuse_mlp": True, "kd_branches": "auto", "kd_classes": 2, "adversarial": True,
+    "grl": 0.05, "aux_outputs": True,
+}
+DEFAULT_VARIANT: dict[str, Any] = {
+    "branch_gates": False, "band_blocks": False, "agg_mlp": False, "branch_mlp": False, "mix_token": False,
+    "branch_pool": "score", "fuse_mlp": False, "kd_branches": None, "kd_classes": 0, "adversarial": False,
+    "grl": 0.05, "aux_outputs": False,
+}
+VARIANTS = {"default": DEFAULT_VARIANT, "reference": REFERENCE_VARIANT}
+# Where the reference attaches its two KD heads: the NLI teacher on text-context, the CLIP teacher on image-context.
+REFERENCE_KD_BRANCHES = ("text-context", "image-context")
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float) -> nn.Sequential:
+    """Linear, ReLU, Dropout, Linear (the reference's MLP block)."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
 
 
 def default_branches(mods: list[str]) -> list[tuple[str, str]]:
@@ -142,13 +187,87 @@ class BandQueryAttention(nn.Module):
         return out * has[:, None, None].to(out.dtype)
 
 
+class _GradReverse(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -strength backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, strength: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return -ctx.strength * grad, None
+
+
+def grad_reverse(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Gradient reversal (Ganin & Lempitsky): x forward, -strength * gradient backward."""
+    return cast(torch.Tensor, _GradReverse.apply(x, strength))
+
+
+def _band_weight(bands: int, d_in: int, d_out: int) -> nn.Parameter:
+    """[K, d_in, d_out] weights initialised like nn.Linear's (uniform in +-1/sqrt(d_in))."""
+    bound = d_in ** -0.5
+    return nn.Parameter(torch.empty(bands, d_in, d_out).uniform_(-bound, bound))
+
+
+class PerBandAttention(nn.Module):
+    """One attention block per band: band k has its own learned queries and q/k/v/o projections
+    (the reference's latent cross-attention per band), over the band's tokens T * p_k, masked.
+
+    As in `BandQueryAttention`, the keys have no bias and a modality with one token per row builds
+    only the value and output projections (its attention weight is 1).
+    """
+
+    def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float,
+                 single_key: bool = False) -> None:
+        super().__init__()
+        self.single_key = single_key
+        if not single_key:
+            self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
+            self.wq, self.wk = _band_weight(bands, hidden, hidden), _band_weight(bands, hidden, hidden)
+            self.bq = nn.Parameter(torch.zeros(bands, hidden))
+        self.wv, self.wo = _band_weight(bands, hidden, hidden), _band_weight(bands, hidden, hidden)
+        self.bv, self.bo = nn.Parameter(torch.zeros(bands, hidden)), nn.Parameter(torch.zeros(bands, hidden))
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
+        B, T, H = t.shape
+        nh, hd = self.heads, H // self.heads
+        pk = p.permute(0, 2, 1)[..., None]  # [B,K,T,1]
+        v = pk * torch.einsum("bth,khd->bktd", t, self.wv) + self.bv[None, :, None, :]  # [B,K,T,H]
+        has = mask.any(-1)
+        if self.single_key:
+            if T != 1:
+                raise MMCacheError(f"head scabg: built for one token per row, got {T}; rebuild the head for "
+                                   "these inputs")
+            out = torch.einsum("bkh,khd->bkd", v[:, :, 0], self.wo) + self.bo
+            return out * has[:, None, None].to(out.dtype)
+        K, Q = self.queries.shape[:2]
+        k = pk * torch.einsum("bth,khd->bktd", t, self.wk)
+        q = torch.einsum("kqh,khd->kqd", self.queries, self.wq) + self.bq[:, None, :]  # [K,Q,H]
+        q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
+        k = k.view(B, K, T, nh, hd).transpose(2, 3)
+        v = v.view(B, K, T, nh, hd).transpose(2, 3)
+        keep = mask | (~has[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(2, 3).reshape(B, K, Q, H).mean(2)  # the output projection commutes with the mean
+        out = torch.einsum("bkh,khd->bkd", out, self.wo) + self.bo
+        return out * has[:, None, None].to(out.dtype)
+
+
 class BandGate(nn.Module):
     """Steps 1-4 for one modality: calibrated, conditioned soft split into K bands, each summarised to a vector."""
 
     def __init__(self, dim: int, hidden: int, bands: int, queries: int, heads: int, dropout: float,
-                 calibrate: bool, condition: bool, band_queries: bool, seq_len: int = 2) -> None:
+                 calibrate: bool, condition: bool, band_queries: bool, seq_len: int = 2, project: bool = True,
+                 per_band: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden))
+        # Without `project` the tokens arrive already projected to `hidden` (one projection per modality).
+        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden)) if project else None
         # One band means p = 1 for every token: no gate to compute, so none of its parts are built.
         gate = bands > 1
         self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) \
@@ -158,13 +277,13 @@ class BandGate(nn.Module):
         self.W_c = nn.Linear(hidden, hidden, bias=False) if condition and gate else None
         self.W_g = nn.Linear(hidden, bands) if gate else None
         self.bands = bands
-        self.band_attn = BandQueryAttention(hidden, bands, queries, heads, dropout, single_key=seq_len == 1) \
-            if band_queries else None
+        attn = PerBandAttention if per_band else BandQueryAttention
+        self.band_attn = attn(hidden, bands, queries, heads, dropout, single_key=seq_len == 1) if band_queries else None
 
     def probabilities(self, x: torch.Tensor, mask: torch.Tensor,
                       c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected tokens T [B,T,H] and band probabilities p [B,T,K] (softmax over K per token)."""
-        t = self.proj(x)
+        t = self.proj(x) if self.proj is not None else x
         t = torch.where(mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
         if self.W is None or self.W_g is None:
             return t, torch.ones(*t.shape[:2], 1, dtype=t.dtype, device=t.device)
@@ -189,14 +308,16 @@ class BandGate(nn.Module):
 class BandAggregator(nn.Module):
     """Step 5 for one branch: f_k = MLP_k([hx_k; hy_k]), weighted by agreement with c, then an MLP."""
 
-    def __init__(self, hidden: int, out_dim: int, bands: int, dropout: float, aggregate: bool) -> None:
+    def __init__(self, hidden: int, out_dim: int, bands: int, dropout: float, aggregate: bool,
+                 mlp_out: bool = False) -> None:
         super().__init__()
         self.mlps = nn.ModuleList([
             nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
             for _ in range(bands)
         ])
         self.aggregate = aggregate
-        self.out = nn.Sequential(nn.Linear(hidden, out_dim), nn.GELU(), nn.Dropout(dropout))
+        self.out = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)) \
+            if mlp_out else nn.Sequential(nn.Linear(hidden, out_dim), nn.GELU(), nn.Dropout(dropout))
 
     def weights(self, f: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """Band weights [B,K]: softmax_k(<f_k, c> / sqrt(H)), or uniform when aggregation is off or K = 1."""
@@ -206,8 +327,14 @@ class BandAggregator(nn.Module):
 
     def forward(self, sx: torch.Tensor, sy: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """Branch vector [B,out_dim] from band summaries sx, sy [B,K,H]."""
+        return self.with_weights(sx, sy, c)[0]
+
+    def with_weights(self, sx: torch.Tensor, sy: torch.Tensor,
+                     c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Branch vector [B,out_dim] and the band weights [B,K] it was pooled with."""
         f = torch.stack([mlp(torch.cat([sx[:, k], sy[:, k]], -1)) for k, mlp in enumerate(self.mlps)], 1)
-        return self.out((self.weights(f, c)[..., None] * f).sum(1))
+        w = self.weights(f, c)
+        return self.out((w[..., None] * f).sum(1)), w
 
 
 @register_head("scabg")
@@ -222,11 +349,31 @@ class SCABGHead(Head):
                  aggregate: bool = True, cross_branch: bool = True, compose: bool = True,
                  compose_mode: str = "logits", classes: Any = (0, 1, 2), task: str | None = None,
                  branches: Any = None, use_tokens: bool = True, ablation: int = 0, modalities: list[str] | None = None,
-                 D: int | None = None,
+                 D: int | None = None, variant: str = "default", branch_gates: bool | None = None,
+                 band_blocks: bool | None = None, agg_mlp: bool | None = None, branch_mlp: bool | None = None,
+                 mix_token: bool | None = None, branch_pool: str | None = None, fuse_mlp: bool | None = None,
+                 kd_branches: Any = None, kd_classes: int | None = None, adversarial: bool | None = None,
+                 grl: float | None = None, aux_outputs: bool | None = None,
                  **extra: Any) -> None:
         reject_unknown("scabg", extra, type(self))
         if D is not None:  # `--D` of the trainer sets the hidden size
             hidden = int(D)
+        if variant not in VARIANTS:
+            raise MMCacheError(f"head scabg: variant={variant!r} must be one of {sorted(VARIANTS)}")
+        given = {"branch_gates": branch_gates, "band_blocks": band_blocks, "agg_mlp": agg_mlp,
+                 "branch_mlp": branch_mlp, "mix_token": mix_token, "branch_pool": branch_pool, "fuse_mlp": fuse_mlp,
+                 "kd_branches": kd_branches, "kd_classes": kd_classes, "adversarial": adversarial, "grl": grl,
+                 "aux_outputs": aux_outputs}
+        # The variant gives each part's default; a part set explicitly wins (`variant=reference mix_token=false`).
+        parts = {k: VARIANTS[variant][k] if v is None else v for k, v in given.items()}
+        for k in ("branch_gates", "band_blocks", "agg_mlp", "branch_mlp", "mix_token", "fuse_mlp", "adversarial",
+                  "aux_outputs"):
+            if not isinstance(parts[k], bool):
+                raise MMCacheError(f"head scabg: {k} must be true or false, got {parts[k]!r}")
+        if parts["branch_pool"] not in ("score", "static"):
+            raise MMCacheError(f"head scabg: branch_pool={parts['branch_pool']!r} must be 'score' or 'static'")
+        if isinstance(parts["kd_branches"], str) and parts["kd_branches"] != "auto":
+            parts["kd_branches"] = [b for b in parts["kd_branches"].split(",") if b]
         task = task or next(iter(tasks))
         if isinstance(classes, str):
             classes = [int(c) for c in classes.split(",") if c.strip()]
@@ -237,8 +384,13 @@ class SCABGHead(Head):
                          condition=condition, band_queries=band_queries, aggregate=aggregate,
                          cross_branch=cross_branch, compose=compose, compose_mode=compose_mode,
                          classes=list(classes), task=task, branches=list(branches) if branches else None,
-                         use_tokens=use_tokens, ablation=ablation, modalities=modalities)
+                         use_tokens=use_tokens, ablation=ablation, modalities=modalities, variant=variant, **parts)
         where = "head scabg"
+        if not isinstance(parts["kd_classes"], int) or isinstance(parts["kd_classes"], bool) or parts["kd_classes"] < 0:
+            raise MMCacheError(f"{where}: kd_classes={parts['kd_classes']!r} must be a whole number >= 0 "
+                               "(0: as many as the task's classes)")
+        if not isinstance(parts["grl"], (int, float)) or isinstance(parts["grl"], bool) or parts["grl"] < 0:
+            raise MMCacheError(f"{where}: grl={parts['grl']!r} must be a number >= 0")
         if hidden % heads or out_dim % branch_heads:
             raise MMCacheError(f"{where}: hidden={hidden} must divide by heads={heads} and "
                                f"out_dim={out_dim} by branch_heads={branch_heads}")
@@ -260,11 +412,21 @@ class SCABGHead(Head):
         self.use_tokens = use_tokens
         self.compose = compose
         self.compose_mode = compose_mode
-        self.gates = nn.ModuleDict({
-            m: BandGate(seq_dim(self.inputs[m]) if use_tokens else self.inputs[m]["pooled"][-1], hidden, bands,
-                        queries, heads, dropout, calibrate, condition, band_queries, self._seq_len(m))
-            for m in self.mods
-        })
+        self.branch_gates_on = parts["branch_gates"]
+        gate_args = (hidden, bands, queries, heads, dropout, calibrate, condition, band_queries)
+        if self.branch_gates_on:
+            # One projection per modality, then a gate pair (x side, y side) per branch.
+            self.projs = nn.ModuleDict({m: nn.Sequential(nn.Linear(self._in_dim(m), hidden), nn.LayerNorm(hidden))
+                                        for m in self.mods})
+            self.branch_gates = nn.ModuleList([
+                nn.ModuleDict({side: BandGate(hidden, *gate_args, seq_len=self._seq_len(m), project=False,
+                                              per_band=parts["band_blocks"]) for side, m in (("x", x), ("y", y))})
+                for x, y in self.branch_pairs])
+        else:
+            self.gates = nn.ModuleDict({
+                m: BandGate(self._in_dim(m), *gate_args, seq_len=self._seq_len(m), per_band=parts["band_blocks"])
+                for m in self.mods
+            })
         # c feeds the gate (condition) and the band weights (aggregate); both vanish with one band.
         self.uses_c = bands > 1 and (condition or aggregate)
         self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) \
@@ -273,19 +435,63 @@ class SCABGHead(Head):
         # has nothing to condition when it is the only modality, so then there is no default to learn.
         needs_default = self.uses_c and any(m != cond for pair in self.branch_pairs for m in pair)
         self.cond_default = nn.Parameter(torch.zeros(hidden)) if needs_default else None
-        self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate)
+        self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate, parts["agg_mlp"])
                                           for _ in self.branch_pairs])
+        nb = len(self.branch_pairs)
+        self.branch_mlps = nn.ModuleList([mlp(out_dim, 2 * out_dim, out_dim, dropout) for _ in self.branch_pairs]) \
+            if parts["branch_mlp"] else None
+        # The mix token's lam = sigmoid(0.7) at the start, as in the reference; nothing to mix with one branch.
+        self.mix_logit = nn.Parameter(torch.tensor(0.7)) if parts["mix_token"] and nb > 1 else None
         self.branch_attn = nn.MultiheadAttention(out_dim, branch_heads, dropout=dropout, batch_first=True) \
             if cross_branch else None
         self.branch_norm = nn.LayerNorm(out_dim) if cross_branch else None
         # Pooling scores: no bias (the softmax over branches cancels it), none at all for a single branch.
-        self.branch_score = nn.Linear(out_dim, 1, bias=False) if len(self.branch_pairs) > 1 else None
-        self.fuse = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
+        self.branch_score = nn.Linear(out_dim, 1, bias=False) \
+            if nb > 1 and parts["branch_pool"] == "score" else None
+        self.pool_logits = nn.Parameter(torch.zeros(nb)) if nb > 1 and parts["branch_pool"] == "static" else None
+        self.fuse = mlp(out_dim, 2 * out_dim, out_dim, dropout) if parts["fuse_mlp"] else \
+            nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
         self.coarse = nn.Linear(out_dim, 2)
         self.fine = nn.Linear(out_dim, 2)
         self.classifiers = nn.ModuleDict({t: nn.Linear(out_dim, c) for t, c in self.tasks.items()
                                           if not (compose and t == task)})
+        self.kd_index = self._kd_branches(parts["kd_branches"])
+        kd_width = parts["kd_classes"] or self.tasks[task]
+        self.kd_heads = nn.ModuleList([nn.Linear(out_dim, kd_width) for _ in self.kd_index]) if self.kd_index else None
+        self.adv_heads = nn.ModuleList([nn.Linear(out_dim, self.tasks[task]) for _ in self.branch_pairs]) \
+            if parts["adversarial"] else None
+        self.grl = float(parts["grl"])
+        self.aux_outputs = parts["aux_outputs"]
         skip_removed_keys(self, lambda name: REMOVED.fullmatch(name) is not None)
+
+    def _in_dim(self, m: str) -> int:
+        """Width of modality m's sequence positions (tokens, or `pooled` as the sequence)."""
+        return seq_dim(self.inputs[m]) if self.use_tokens else self.inputs[m]["pooled"][-1]
+
+    def branch_name(self, i: int) -> str:
+        """'x-y' of branch i."""
+        return "-".join(self.branch_pairs[i])
+
+    def _kd_branches(self, spec: Any) -> list[int]:
+        """Indices of the branches that get a KD head: `auto` = the reference's text-context and image-context
+        (those present; else the first branch), or the named branches in teacher order."""
+        if not spec:
+            return []
+        names = [self.branch_name(i) for i in range(len(self.branch_pairs))]
+        unordered = {frozenset(p): i for i, p in reversed(list(enumerate(self.branch_pairs)))}
+        if spec == "auto":
+            found = [unordered[frozenset(b.split("-"))] for b in REFERENCE_KD_BRANCHES
+                     if frozenset(b.split("-")) in unordered]
+            return found or [0]
+        out = []
+        for b in spec:
+            key = frozenset(str(b).split("-"))
+            if key not in unordered:
+                raise MMCacheError(f"head scabg: kd_branches names {b!r}, which is not a branch of this head "
+                                   f"({', '.join(names)}); name branches in teacher order, e.g. "
+                                   "kd_branches=text-context,image-context")
+            out.append(unordered[key])
+        return out
 
     def _seq_len(self, m: str) -> int:
         """Positions per row of modality m's sequence (1 for `pooled` as the sequence)."""
@@ -336,50 +542,117 @@ class SCABGHead(Head):
         return out
 
     def band_probabilities(self, features: Features) -> dict[str, torch.Tensor]:
-        """Per present modality, the band probabilities [B,T,K] of each token (for inspection and tests)."""
+        """Per present modality, the band probabilities [B,T,K] of each token (for inspection and tests);
+        with `branch_gates`, per branch side: keys 'x-y:x' and 'x-y:y'."""
         c = self.condition_vector(features)
-        return {m: cast(BandGate, self.gates[m]).probabilities(x, mask, c)[1]
-                for m, (x, mask) in self._sequences(features).items()}
+        seqs = self._sequences(features)
+        if not self.branch_gates_on:
+            return {m: cast(BandGate, self.gates[m]).probabilities(x, mask, c)[1] for m, (x, mask) in seqs.items()}
+        out = {}
+        for i, (pair, gates) in enumerate(zip(self.branch_pairs, self.branch_gates, strict=True)):
+            for side, m in zip(("x", "y"), pair, strict=True):
+                if m in seqs:
+                    x, mask = seqs[m]
+                    out[f"{self.branch_name(i)}:{side}"] = cast(BandGate, gates[side]).probabilities(
+                        self.projs[m](x), mask, c)[1]
+        return out
+
+    def _band_summaries(self, features: Features,
+                        c: torch.Tensor | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per branch, the band summaries [B,K,H] of its two sides, and the branch presence [B, branches]."""
+        B, device = batch_size(features)
+        H, K = self.hparams["hidden"], self.hparams["bands"]
+        dtype = self.dtype
+        seqs = self._sequences(features)
+        zeros = torch.zeros(B, K, H, dtype=dtype, device=device)
+        present = {m: seqs[m][1].any(-1) if m in seqs else torch.zeros(B, dtype=torch.bool, device=device)
+                   for m in self.mods}
+        if self.branch_gates_on:
+            proj = {m: (self.projs[m](x), mask) for m, (x, mask) in seqs.items()}
+            pairs = [tuple(gates[side](*proj[m], c) if m in proj else zeros
+                           for side, m in zip(("x", "y"), pair, strict=True))
+                     for pair, gates in zip(self.branch_pairs, self.branch_gates, strict=True)]
+        else:
+            summaries = {m: self.gates[m](x, mask, c) for m, (x, mask) in seqs.items()}
+            pairs = [(summaries.get(x, zeros), summaries.get(y, zeros)) for x, y in self.branch_pairs]
+        # A branch counts when at least one of its modalities is present, so one modality still informs.
+        bp = torch.stack([present[x] | present[y] for x, y in self.branch_pairs], 1)
+        return cast(list[tuple[torch.Tensor, torch.Tensor]], pairs), bp
+
+    def branch_vectors(self, features: Features) -> dict[str, torch.Tensor]:
+        """`branches` [B, nb, out_dim] (the aggregators' outputs, zeros for absent branches), `mask` [B, nb],
+        `band_w` [B, nb, K] (the aggregators' band weights)."""
+        c = self.condition_vector(features)
+        pairs, bp = self._band_summaries(features, c)
+        vecs, weights = zip(*[agg.with_weights(sx, sy, c) for agg, (sx, sy) in zip(self.aggregators, pairs,
+                                                                                    strict=True)], strict=True)
+        b = torch.stack(vecs, 1) * bp[..., None].to(vecs[0].dtype)
+        return {"branches": b, "mask": bp, "band_w": torch.stack(weights, 1)}
+
+    def _fuse(self, b: torch.Tensor, bp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 6 from the branch vectors b [B,nb,out_dim] (present where bp): the fused vector [B,out_dim]
+        and the branch tokens the fusion saw (after the per-branch MLPs)."""
+        if self.branch_mlps is not None:
+            b = torch.stack([m(b[:, i]) for i, m in enumerate(self.branch_mlps)], 1) * bp[..., None].to(b.dtype)
+        tokens = b
+        if self.mix_logit is not None:
+            lam = torch.sigmoid(self.mix_logit)
+            b = torch.cat([(lam * b[:, -1] + (1 - lam) * b[:, 0])[:, None], b[:, 1:]], 1)
+        if self.branch_attn is not None and self.branch_norm is not None:
+            b = self.branch_norm(b + masked_attention(self.branch_attn, b, b, bp))
+        if self.branch_score is not None:
+            s = self.branch_score(b).squeeze(-1)
+        elif self.pool_logits is not None:
+            s = self.pool_logits.to(b.dtype)[None].expand(b.shape[0], -1)
+        else:
+            s = None
+        if s is None:
+            w = bp.to(b.dtype)  # one branch: weight 1 where it is present
+        else:
+            s = s.masked_fill(~bp, float("-inf"))
+            w = torch.softmax(torch.where(bp.any(1, keepdim=True), s, torch.zeros_like(s)), 1) * bp
+        return self.fuse((w[..., None] * b).sum(1)) * bp.any(1, keepdim=True).to(b.dtype), tokens
 
     def fused(self, features: Features) -> torch.Tensor:
         """The fused vector [B,out_dim] before the output heads (zeros for rows with no modality)."""
-        B, device = batch_size(features)
-        c = self.condition_vector(features)
-        H = self.hparams["hidden"]
-        K = self.hparams["bands"]
-        dtype = self.dtype
-        seqs = self._sequences(features)
-        summaries, present = {}, {}
-        for m in self.mods:
-            seq = seqs.get(m)
-            if seq is None:
-                summaries[m] = torch.zeros(B, K, H, dtype=dtype, device=device)
-                present[m] = torch.zeros(B, dtype=torch.bool, device=device)
-            else:
-                x, mask = seq
-                summaries[m] = self.gates[m](x, mask, c)
-                present[m] = mask.any(-1)
-        b = torch.stack([agg(summaries[x], summaries[y], c)
-                         for agg, (x, y) in zip(self.aggregators, self.branch_pairs, strict=True)], 1)
-        # A branch counts when at least one of its modalities is present, so one modality still informs.
-        bp = torch.stack([present[x] | present[y] for x, y in self.branch_pairs], 1)
-        b = b * bp[..., None].to(b.dtype)
-        if self.branch_attn is not None and self.branch_norm is not None:
-            b = self.branch_norm(b + masked_attention(self.branch_attn, b, b, bp))
-        if self.branch_score is None:
-            w = bp.to(b.dtype)  # one branch: weight 1 where it is present
-        else:
-            s = self.branch_score(b).squeeze(-1).masked_fill(~bp, float("-inf"))
-            w = torch.softmax(torch.where(bp.any(1, keepdim=True), s, torch.zeros_like(s)), 1) * bp
-        return self.fuse((w[..., None] * b).sum(1)) * bp.any(1, keepdim=True).to(b.dtype)
+        v = self.branch_vectors(features)
+        return self._fuse(v["branches"], v["mask"])[0]
 
     def forward(self, features: Features) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """Logits per task, plus `_coarse` [B,2] (neutral, emotional) and `_fine` [B,2] (negative, positive)."""
-        z = self.fused(features)
+        """Logits per task, plus `_coarse` [B,2] (neutral, emotional) and `_fine` [B,2] (negative, positive);
+        with the reference's parts, `_kd`, `_adv`, `_branches`, `_branch_mask`, `_band_w` (see the module doc)."""
+        v = self.branch_vectors(features)
+        z, tokens = self._fuse(v["branches"], v["mask"])
         coarse, fine = self.coarse(z), self.fine(z)
         out = {t: clf(z) for t, clf in self.classifiers.items()}
         if self.compose:
             out[self.task] = compose_three_way(coarse, fine, self.classes, self.compose_mode)
         out["_coarse"] = coarse
         out["_fine"] = fine
-        return {t: out[t] for t in [*self.tasks, "_coarse", "_fine"]}
+        keys = [*self.tasks, "_coarse", "_fine"]
+        if self.kd_heads is not None:
+            out["_kd"] = torch.stack([h(tokens[:, i]) for h, i in zip(self.kd_heads, self.kd_index, strict=True)], 1)
+            keys.append("_kd")
+        if self.adv_heads is not None:
+            out["_adv"] = torch.stack([h(grad_reverse(tokens[:, i], self.grl))
+                                       for i, h in enumerate(self.adv_heads)], 1)
+            keys.append("_adv")
+        if self.aux_outputs:
+            out["_branches"], out["_branch_mask"], out["_band_w"] = \
+                v["branches"], v["mask"].to(v["branches"].dtype), v["band_w"]
+            keys += ["_branches", "_branch_mask", "_band_w"]
+        return {t: out[t] for t in keys}
+
+
+@register_head("scabg-ref")
+class SCABGReferenceHead(SCABGHead):
+    """`scabg` with `variant="reference"` by default: the public reference code's architecture."""
+
+    def __init__(self, inputs: InputSpec, tasks: dict[str, int], variant: str = "reference", **hparams: Any) -> None:
+        super().__init__(inputs, tasks, variant=variant, **hparams)
+
+
+# The same hyperparameters as `scabg` (for `--hp` checks and listings), with the reference variant as default.
+_sig = inspect.signature(SCABGHead.__init__)
+SCABGReferenceHead.__init__.__signature__ = _sig.replace(  # type: ignore[attr-defined]
+    parameters=[p.replace(default="reference") if p.name == "variant" else p for p in _sig.parameters.values()])

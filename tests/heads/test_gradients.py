@@ -77,6 +77,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("gated", {"D": 8, "dropout": 0.0, "gate": "sigmoid"}), ("gated", {"D": 8, "dropout": 0.0, "gate": "softmax"}),
     ("xattn", {"D": 8, "heads": 2, "dropout": 0.0}), ("xattn", {"D": 8, "heads": 2, "dropout": 0.0, "ffn": False}),
     ("scabg", {"hidden": 8, "out_dim": 8, "heads": 2, "branch_heads": 2, "queries": 2, "dropout": 0.0}),
+    ("scabg-ref", {"hidden": 8, "out_dim": 8, "heads": 2, "branch_heads": 2, "queries": 2, "dropout": 0.0}),
     ("transformer", {"D": 8, "heads": 2, "layers": 2, "dropout": 0.0}),
     ("transformer", {"D": 8, "heads": 2, "layers": 1, "dropout": 0.0, "use_tokens": False}),
 ]
@@ -109,6 +110,24 @@ def test_every_scabg_parameter_learns_under_every_flag_combination(layout: str) 
         bad = inert_parameters("scabg", layout, hp)
         if bad:
             failures[str({k: hp[k] for k in SCABG_FLAGS})] = bad
+    assert failures == {}
+
+
+# The reference variant's parts, each switched off in turn (one at a time: the product is too large to run).
+SCABG_REF_FLAGS = {"branch_gates": False, "band_blocks": False, "agg_mlp": False, "branch_mlp": False,
+                   "mix_token": False, "branch_pool": "score", "fuse_mlp": False, "kd_branches": "",
+                   "adversarial": False, "aux_outputs": False, "bands": 1, "band_queries": False, "cross_branch": False,
+                   "compose": False}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_scabg_reference_parameter_learns_with_each_part_off(layout: str) -> None:
+    base = next(dict(hp) for name, hp in CONFIGS if name == "scabg-ref")
+    failures = {}
+    for key, value in SCABG_REF_FLAGS.items():
+        bad = inert_parameters("scabg-ref", layout, {**base, key: value})
+        if bad:
+            failures[f"{key}={value}"] = bad
     assert failures == {}
 
 
