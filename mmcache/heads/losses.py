@@ -1,4 +1,5 @@
-"""Training criteria. One interface: `criterion(logits, targets, teacher=None, epoch=0) -> (loss, parts)`.
+"""Training criteria. One interface: `criterion(logits, targets, teacher=None, epoch=0, step=None) -> (loss, parts)`
+(`epoch`: 0-based epoch; `step`: 0-based optimizer step of the whole run, for per-step warm-ups).
 
 Registered by name in `CRITERIA` and built with `build_criterion(name, tasks, class_counts, **options)`:
 
@@ -14,9 +15,14 @@ Options every criterion takes:
 
 - multi-task: task losses are summed, or with `uncertainty=True` weighted by one learned
   log-variance per task (0.5 e^-s_t L_t + 0.5 s_t);
+- class-balanced cross-entropy: `ce_balanced=True` weights each class by Cui et al.'s
+  (1 - beta) / (1 - beta^n_c) (`beta` 0.999), normalised to mean 1;
 - distillation: with a teacher, `kd_lambda` * T^2 * KL(softmax(teacher/T) || softmax(student/T))
   on the primary task (`kd_task`), T = `kd_T` (3), `kd_lambda` 0.02, linearly warmed up from 0 at
-  epoch 0 to full weight at epoch `kd_warmup` (0 = no warm-up); skipped when teacher is None.
+  the start to full weight after `kd_warmup` epochs (or optimizer steps with `kd_warmup_unit="step"`;
+  0 = no warm-up); skipped when teacher is None. Several teachers arrive as [B, n, C]: their KD
+  terms are summed, each into the head's auxiliary KD head n when it returns `_kd` [B, n, k]
+  (else into the task logits).
 
 Learned log-variances are parameters of the criterion: the trainer must optimise
 `criterion.parameters()` together with the head's (without weight decay).
@@ -106,6 +112,7 @@ class Criterion(nn.Module):
     def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                  class_weights: bool = False, label_smoothing: float = 0.0, uncertainty: bool = False,
                  kd_lambda: float = 0.02, kd_T: float = 3.0, kd_warmup: int = 0, kd_task: str | None = None,
+                 kd_warmup_unit: str = "epoch", ce_balanced: bool = False, beta: float = 0.999,
                  **unknown: Any) -> None:
         super().__init__()
         if unknown:
@@ -114,6 +121,14 @@ class Criterion(nn.Module):
         self.tasks = dict(tasks)
         self.label_smoothing = float(label_smoothing)
         self.kd_lambda, self.kd_T, self.kd_warmup = float(kd_lambda), float(kd_T), int(kd_warmup)
+        if kd_warmup_unit not in ("epoch", "step"):
+            raise MMCacheError(f"loss {self.part}: kd_warmup_unit={kd_warmup_unit!r} must be 'epoch' or 'step'")
+        if not 0 <= float(beta) < 1:
+            raise MMCacheError(f"loss {self.part}: beta={beta} must be in [0, 1)")
+        self.warmup_unit = kd_warmup_unit
+        self.beta = float(beta)
+        self.progress: tuple[int, int | None] = (0, None)  # (epoch, step) of the current call
+        self.last_step: int | None = None  # the last training step seen (evaluation calls pass none)
         self.kd_task = kd_task or next(iter(self.tasks))
         if self.kd_task not in self.tasks:
             raise MMCacheError(f"kd_task={kd_task!r} is not one of the tasks {list(self.tasks)}")
@@ -122,7 +137,9 @@ class Criterion(nn.Module):
                 # Inverse-frequency weights, normalised to mean 1.
                 w = c.float().sum() / (len(c) * c.float().clamp(min=1))
                 self.register_buffer(f"w_{t}", w)
-        # Kendall & Gal log-variances, one per task (learned with the head).
+        if _flag(ce_balanced) and class_counts:
+            for t, c in class_counts.items():
+                self.register_buffer(f"cbw_{t}", class_balanced_alpha(c, self.beta))        # Kendall & Gal log-variances, one per task (learned with the head).
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if _flag(uncertainty) else None
 
     def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -131,6 +148,9 @@ class Criterion(nn.Module):
             return _zero_like(logits)
         logits = _upcast(logits)
         weight = getattr(self, f"w_{task}", None)
+        cb = getattr(self, f"cbw_{task}", None)
+        if cb is not None:
+            weight = cb if weight is None else weight * cb
         return F.cross_entropy(logits, target, weight=None if weight is None else weight.to(logits.dtype),
                                ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
@@ -139,15 +159,53 @@ class Criterion(nn.Module):
         """Additional terms of a subclass (None here)."""
         return None
 
-    def kd_weight(self, epoch: int) -> float:
-        """KD weight at `epoch` (0-based): kd_lambda, linearly warmed up over `kd_warmup` epochs."""
-        if self.kd_warmup <= 0:
-            return self.kd_lambda
-        return self.kd_lambda * min(1.0, epoch / self.kd_warmup)
+    def warmed(self, value: float, warmup: int, epoch: int | None = None, step: int | None = None) -> float:
+        """`value` linearly warmed up from 0 over `warmup` epochs or steps (`kd_warmup_unit`); at the current
+        call's progress when epoch/step are not given. Evaluation calls (no step) use the last training step."""
+        if warmup <= 0:
+            return value
+        if epoch is None:
+            epoch, step = self.progress
+        if self.warmup_unit == "epoch":
+            return value * min(1.0, epoch / warmup)
+        if step is None:
+            step = self.last_step
+        if step is None:
+            raise MMCacheError(f"loss {self.part}: kd_warmup_unit=step needs the optimizer step; this trainer "
+                               "passes epochs only, so use kd_warmup_unit=epoch")
+        return value * min(1.0, step / warmup)
+
+    def kd_weight(self, epoch: int, step: int | None = None) -> float:
+        """KD weight at `epoch` (0-based) or `step`: kd_lambda, linearly warmed up over `kd_warmup` epochs/steps."""
+        return self.warmed(self.kd_lambda, self.kd_warmup, epoch, step)
+
+    def teacher_for(self, teacher: torch.Tensor, width: int) -> torch.Tensor:
+        """A teacher's logits [B,C] for a student of `width` logits (unchanged here; the scabg loss reduces a
+        3-way teacher to the coarse [neutral, emotional] pair for 2-way KD heads)."""
+        return teacher
+
+    def distill(self, logits: dict[str, torch.Tensor], teacher: torch.Tensor) -> torch.Tensor:
+        """Sum of KD terms: one per teacher ([B,C] is one, [B,n,C] n), each into auxiliary KD head i of `_kd`
+        [B,n,k] when the head returns it, else into the `kd_task` logits."""
+        teachers = teacher[:, None] if teacher.dim() == 2 else teacher
+        heads = logits.get("_kd")
+        if heads is None:
+            return sum((kd_loss(logits[self.kd_task], teachers[:, i], self.kd_T) for i in range(teachers.shape[1])),
+                       _zero_like(logits[self.kd_task]))
+        if heads.shape[1] != teachers.shape[1]:
+            raise MMCacheError(f"the head has {heads.shape[1]} KD head(s) but {teachers.shape[1]} teacher store(s) "
+                               "were given; pass one teacher per KD head in order (--teacher nli,clip) or set the "
+                               "head's kd_branches to match")
+        return sum((kd_loss(heads[:, i], self.teacher_for(teachers[:, i], heads.shape[-1]), self.kd_T)
+                    for i in range(heads.shape[1])), _zero_like(heads))
 
     def forward(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],  # type: ignore[override]
-                teacher: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+                teacher: torch.Tensor | None = None, epoch: int = 0,
+                step: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Task losses (summed or uncertainty-weighted) + subclass terms + KD; returns (loss, float parts)."""
+        self.progress = (epoch, step)
+        if step is not None and self.training:
+            self.last_step = step
         parts: dict[str, float] = {}
         total = _zero_like(next(iter(logits.values())))
         for i, t in enumerate(self.tasks):
@@ -163,9 +221,9 @@ class Criterion(nn.Module):
         extra = self.extra_loss(logits, targets, parts)
         if extra is not None:
             total = total + extra
-        weight = self.kd_weight(epoch)
+        weight = self.kd_weight(epoch, step) if teacher is not None else 0.0
         if teacher is not None and weight > 0:
-            kd = kd_loss(logits[self.kd_task], teacher, self.kd_T)
+            kd = self.distill(logits, teacher)
             parts["kd"] = float(kd.detach())
             parts["kd_weight"] = weight
             total = total + weight * kd
@@ -180,11 +238,9 @@ class FocalCriterion(Criterion):
 
     def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                  gamma: float = 2.0, beta: float = 0.999, alpha: str = "balanced", **options: Any) -> None:
-        super().__init__(tasks, class_counts=class_counts, **options)
+        super().__init__(tasks, class_counts=class_counts, beta=beta, **options)
         if alpha not in ("balanced", "none"):
             raise MMCacheError(f"loss {self.part}: alpha={alpha!r} must be 'balanced' or 'none'")
-        if not 0 <= float(beta) < 1:
-            raise MMCacheError(f"loss {self.part}: beta={beta} must be in [0, 1)")
         self.gamma = float(gamma)
         if self.label_smoothing and type(self) is FocalCriterion:
             raise MMCacheError("loss focal: label_smoothing applies to cross-entropy only; drop it or use loss ce")
@@ -203,16 +259,56 @@ class FocalCriterion(Criterion):
         return focal_loss(logits, target, self.gamma, getattr(self, f"alpha_{task}", None))
 
 
+def info_nce(a: torch.Tensor, b: torch.Tensor, T: float) -> torch.Tensor:
+    """Symmetric InfoNCE of paired rows a, b [N,D] (cosine similarity / T; row i's positive is row i)."""
+    logits = F.normalize(_upcast(a), dim=-1) @ F.normalize(_upcast(b), dim=-1).t() / T
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+# The public reference code's training recipe (`variant="reference"`); each entry is an option of its own.
+SCABG_REFERENCE_RECIPE: dict[str, Any] = {
+    "ce_balanced": True, "kd_lambda": 0.02, "kd_T": 3.0, "kd_warmup": 6000, "kd_warmup_unit": "step",
+    "adv_weight": 0.001, "adv_warmup": 12000, "nce_weight": 0.005, "nce_warmup": 9000, "band_weight": 0.005,
+    "band_warmup": 9000,
+}
+
+
 @CRITERIA.register("scabg")
 class SCABGCriterion(FocalCriterion):
-    """3-way CE/focal plus uncertainty-weighted coarse/fine losses on the `scabg` head's `_coarse` / `_fine`."""
+    """3-way CE/focal plus uncertainty-weighted coarse/fine losses on the `scabg` head's `_coarse` / `_fine`;
+    optionally the reference code's adversarial (`_adv`), InfoNCE (`_branches`) and band-consistency
+    (`_band_w`) terms, each warmed up like KD."""
 
     part = "main"
 
     def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                  focal: bool = False, aux_uncertainty: bool = True, aux_weight: float = 1.0,
-                 classes: Any = (0, 1, 2), task: str | None = None, **options: Any) -> None:
+                 classes: Any = (0, 1, 2), task: str | None = None, variant: str = "default",
+                 adv_weight: float = 0.0, adv_warmup: int = 0, nce_weight: float = 0.0, nce_T: float = 0.07,
+                 nce_warmup: int = 0, band_weight: float = 0.0, band_warmup: int = 0, **options: Any) -> None:
+        if variant not in ("default", "reference"):
+            raise MMCacheError(f"loss scabg: variant={variant!r} must be 'default' or 'reference'")
+        if variant == "reference":  # the recipe's values, unless set explicitly
+            given = {"adv_weight": adv_weight, "adv_warmup": adv_warmup, "nce_weight": nce_weight,
+                     "nce_warmup": nce_warmup, "band_weight": band_weight, "band_warmup": band_warmup}
+            defaults = {"adv_weight": 0.0, "adv_warmup": 0, "nce_weight": 0.0, "nce_warmup": 0, "band_weight": 0.0,
+                        "band_warmup": 0}
+            ref = {k: SCABG_REFERENCE_RECIPE[k] if given[k] == defaults[k] else given[k] for k in given}
+            adv_weight, adv_warmup, nce_weight = ref["adv_weight"], ref["adv_warmup"], ref["nce_weight"]
+            nce_warmup, band_weight, band_warmup = ref["nce_warmup"], ref["band_weight"], ref["band_warmup"]
+            options = {**{k: v for k, v in SCABG_REFERENCE_RECIPE.items() if k not in given}, **options}
         super().__init__(tasks, class_counts=class_counts, **options)
+        for name, v in (("adv_weight", adv_weight), ("nce_weight", nce_weight), ("band_weight", band_weight),
+                        ("adv_warmup", adv_warmup), ("nce_warmup", nce_warmup), ("band_warmup", band_warmup)):
+            if float(v) < 0:
+                raise MMCacheError(f"loss scabg: {name}={v} must be >= 0")
+        if float(nce_T) <= 0:
+            raise MMCacheError(f"loss scabg: nce_T={nce_T} must be > 0")
+        self.adv = (float(adv_weight), int(adv_warmup))
+        self.nce = (float(nce_weight), int(nce_warmup))
+        self.band = (float(band_weight), int(band_warmup))
+        self.nce_T = float(nce_T)
         from mmcache.heads.scabg import check_classes
 
         self.focal = _flag(focal)
@@ -233,6 +329,65 @@ class SCABGCriterion(FocalCriterion):
             return super().task_loss(task, logits, target)
         return Criterion.task_loss(self, task, logits, target)
 
+    def teacher_for(self, teacher: torch.Tensor, width: int) -> torch.Tensor:
+        """A 3-way teacher [B,3] for a 2-way KD head: its coarse pair [neutral, emotional], the emotional logit
+        being logsumexp(negative, positive) (the probabilities of the two emotional classes added)."""
+        if width == 2 and teacher.shape[-1] == 3:
+            neg, neu, pos = self.classes
+            return torch.stack([teacher[:, neu], torch.logaddexp(teacher[:, neg], teacher[:, pos])], -1)
+        return teacher
+
+    def reference_terms(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                        parts: dict[str, float]) -> torch.Tensor | None:
+        """adv_weight * mean over branches of CE(_adv) + nce_weight * InfoNCE over branch pairs
+        + band_weight * sum over branch pairs of MSE(band weights), each warmed up; None when all are off."""
+        total = None
+        need = {"adv": "_adv", "nce": "_branches", "band": "_band_w"}
+        for name, (value, warmup) in (("adv", self.adv), ("nce", self.nce), ("band", self.band)):
+            if value <= 0:
+                continue
+            if need[name] not in logits:
+                if not self.training:
+                    continue
+                raise MMCacheError(f"loss scabg: {name}_weight needs the head's `{need[name]}` output; use --head "
+                                   "scabg-ref (or --hp variant=reference, or the part's flag: adversarial / "
+                                   f"aux_outputs) or set {name}_weight=0")
+            weight = self.warmed(value, warmup)
+            term = getattr(self, f"_{name}_loss")(logits, targets)
+            if term is None:
+                continue
+            parts[name] = float(term.detach())
+            total = weight * term if total is None else total + weight * term
+        return total
+
+    def _adv_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        y = targets.get(self.task)
+        if y is None or not _labelled(y).any():
+            return None
+        adv = logits["_adv"]  # [B, branches, C]
+        return torch.stack([F.cross_entropy(_upcast(adv[:, i]), y, ignore_index=IGNORE)
+                            for i in range(adv.shape[1])]).mean()
+
+    @staticmethod
+    def _pairs(logits: dict[str, torch.Tensor], nb: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Branch pairs (i, j), i < j, with the rows where both are present (`_branch_mask`; all rows without it)."""
+        mask = logits.get("_branch_mask")
+        rows = len(logits["_coarse"])
+        present = mask > 0 if mask is not None else torch.ones(rows, nb, dtype=torch.bool,
+                                                               device=logits["_coarse"].device)
+        return [(i, j, present[:, i] & present[:, j]) for i in range(nb) for j in range(i + 1, nb)]
+
+    def _nce_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        b = logits["_branches"]
+        terms = [info_nce(b[m, i], b[m, j], self.nce_T) for i, j, m in self._pairs(logits, b.shape[1])
+                 if int(m.sum()) >= 2]
+        return torch.stack(terms).mean() if terms else None
+
+    def _band_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        w = _upcast(logits["_band_w"])
+        terms = [F.mse_loss(w[m, i], w[m, j]) for i, j, m in self._pairs(logits, w.shape[1]) if m.any()]
+        return torch.stack(terms).sum() if terms else None
+
     def aux_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse targets (0 neutral, 1 emotional) and fine targets (0 negative, 1 positive; -100 if neutral)."""
         neg, neu, pos = self.classes
@@ -252,8 +407,9 @@ class SCABGCriterion(FocalCriterion):
                 return None  # evaluation code may keep only the task logits; the val loss is then the main loss
             raise MMCacheError("loss scabg needs the `_coarse` and `_fine` outputs of head scabg; "
                                "use --head scabg or another loss")
+        extra = self.reference_terms(logits, targets, parts)
         if self.task not in targets:
-            return None
+            return extra
         yc, yf = self.aux_targets(targets[self.task])
         total = _zero_like(logits["_coarse"])
         for i, (name, out, y) in enumerate((("coarse", logits["_coarse"], yc), ("fine", logits["_fine"], yf))):
@@ -268,7 +424,7 @@ class SCABGCriterion(FocalCriterion):
             else:
                 loss = self.aux_weight * loss
             total = total + loss
-        return total
+        return total if extra is None else total + extra
 
 
 def build_criterion(name: str, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,

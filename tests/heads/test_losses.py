@@ -217,3 +217,97 @@ def test_scabg_focal_option_and_multitask() -> None:
     assert float(loss) == pytest.approx(want, rel=1e-5)
     with pytest.raises(MMCacheError, match="label_smoothing"):
         build_criterion("scabg", {"sent": 3}, focal=True, label_smoothing=0.1)
+
+
+def test_ce_balanced_weights_plain_cross_entropy() -> None:
+    counts = {"t": torch.tensor([100, 10, 1])}
+    logits, y = _batch()
+    crit = build_criterion("ce", {"t": 3}, class_counts=counts, ce_balanced=True, beta=0.99)
+    w = class_balanced_alpha(counts["t"], 0.99)
+    loss, _ = crit({"t": logits}, {"t": y})
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y, weight=w))
+    # The scabg loss's cross-entropy path takes it too (the reference weights plain CE as well as focal).
+    sc = build_criterion("scabg", {"t": 3}, class_counts=counts, ce_balanced=True, beta=0.99, aux_uncertainty=False,
+                         aux_weight=0.0)
+    torch.testing.assert_close(sc({"t": logits, "_coarse": logits[:, :2], "_fine": logits[:, 1:]}, {"t": y})[0],
+                               F.cross_entropy(logits, y, weight=w))
+    with pytest.raises(MMCacheError, match="beta"):
+        build_criterion("ce", {"t": 3}, ce_balanced=True, beta=1.0)
+
+
+def test_kd_warmup_per_step() -> None:
+    crit = build_criterion("ce", {"t": 3}, kd_lambda=0.1, kd_warmup=100, kd_warmup_unit="step")
+    assert crit.kd_weight(0, step=25) == pytest.approx(0.025) and crit.kd_weight(3, step=400) == pytest.approx(0.1)
+    logits, y = _batch()
+    teacher = torch.randn_like(logits)
+    _, parts = crit({"t": logits}, {"t": y}, teacher, 0, step=50)
+    assert parts["kd_weight"] == pytest.approx(0.05)
+    crit.eval()  # evaluation calls pass no step: the last training step's weight
+    _, parts = crit({"t": logits}, {"t": y}, teacher, 0)
+    assert parts["kd_weight"] == pytest.approx(0.05)
+    fresh = build_criterion("ce", {"t": 3}, kd_warmup=10, kd_warmup_unit="step")
+    with pytest.raises(MMCacheError, match="kd_warmup_unit=epoch"):
+        fresh({"t": logits}, {"t": y}, teacher, 1)  # a trainer that passes epochs only
+    with pytest.raises(MMCacheError, match="kd_warmup_unit"):
+        build_criterion("ce", {"t": 3}, kd_warmup_unit="batch")
+    # Per epoch, as before.
+    assert build_criterion("ce", {"t": 3}, kd_lambda=0.1, kd_warmup=4).kd_weight(1) == pytest.approx(0.025)
+
+
+def test_two_teachers_through_auxiliary_kd_heads() -> None:
+    logits, y = _batch(n=16)
+    g = torch.Generator().manual_seed(3)
+    teachers = torch.randn(16, 2, 3, generator=g)
+    kd_heads = torch.randn(16, 2, 2, generator=g)
+    crit = build_criterion("scabg", {"t": 3}, kd_lambda=1.0, classes=[0, 1, 2])
+    out = {"t": logits, "_coarse": logits[:, :2], "_fine": logits[:, 1:], "_kd": kd_heads}
+    base, _ = crit({k: v for k, v in out.items() if k != "_kd"}, {"t": y})
+    loss, parts = crit(out, {"t": y}, teachers)
+    # A 3-way teacher [neg, neu, pos] becomes [neutral, emotional] for a 2-way head; the two KD terms add up.
+    coarse = [torch.stack([t[:, 1], torch.logsumexp(t[:, [0, 2]], 1)], 1) for t in teachers.unbind(1)]
+    want = sum(kd_loss(kd_heads[:, i], coarse[i], 3.0) for i in range(2))
+    torch.testing.assert_close(loss - base, want)
+    assert parts["kd"] == pytest.approx(float(want))
+    with pytest.raises(MMCacheError, match="--teacher nli,clip"):
+        crit(out, {"t": y}, teachers[:, :1])
+    # Without KD heads, each teacher is distilled into the task logits and the terms are summed.
+    plain = build_criterion("ce", {"t": 3}, kd_lambda=1.0)
+    l2, _ = plain({"t": logits}, {"t": y}, teachers)
+    l0, _ = plain({"t": logits}, {"t": y})
+    torch.testing.assert_close(l2 - l0, kd_loss(logits, teachers[:, 0]) + kd_loss(logits, teachers[:, 1]))
+
+
+def test_scabg_reference_terms() -> None:
+    from mmcache.heads.losses import info_nce
+
+    logits, y = _batch(n=8)
+    g = torch.Generator().manual_seed(4)
+    branches, band_w = torch.randn(8, 3, 5, generator=g), torch.softmax(torch.randn(8, 3, 4, generator=g), -1)
+    adv = torch.randn(8, 3, 3, generator=g)
+    mask = torch.ones(8, 3)
+    mask[0, 2] = 0.0  # row 0 lacks branch 2: it drops out of the pairs with branch 2
+    out = {"t": logits, "_coarse": logits[:, :2], "_fine": logits[:, 1:], "_adv": adv, "_branches": branches,
+           "_branch_mask": mask, "_band_w": band_w}
+    kw = {"aux_uncertainty": False, "aux_weight": 0.0}
+    base, _ = build_criterion("scabg", {"t": 3}, **kw)(out, {"t": y})
+    crit = build_criterion("scabg", {"t": 3}, adv_weight=0.5, nce_weight=0.25, band_weight=2.0, nce_T=0.1, **kw)
+    loss, parts = crit(out, {"t": y})
+    adv_want = torch.stack([F.cross_entropy(adv[:, i], y) for i in range(3)]).mean()
+    keep = mask.bool()
+    pairs = [(i, j, keep[:, i] & keep[:, j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    nce_want = torch.stack([info_nce(branches[m, i], branches[m, j], 0.1) for i, j, m in pairs]).mean()
+    band_want = sum(F.mse_loss(band_w[m, i], band_w[m, j]) for i, j, m in pairs)
+    torch.testing.assert_close(loss - base, 0.5 * adv_want + 0.25 * nce_want + 2.0 * band_want)
+    assert set(parts) >= {"adv", "nce", "band"}
+    # Warm-ups per step, and a head without the outputs a term needs is refused in one line.
+    warm = build_criterion("scabg", {"t": 3}, adv_weight=0.5, adv_warmup=10, kd_warmup_unit="step", **kw)
+    l_half, _ = warm(out, {"t": y}, step=5)
+    torch.testing.assert_close(l_half - base, 0.25 * adv_want)
+    with pytest.raises(MMCacheError, match="scabg-ref"):
+        crit({k: v for k, v in out.items() if k != "_adv"}, {"t": y})
+    # The reference recipe: its values unless set; an explicit option wins.
+    ref = build_criterion("scabg", {"t": 3}, class_counts={"t": torch.tensor([5, 3, 2])}, variant="reference")
+    assert ref.adv == (0.001, 12000) and ref.nce == (0.005, 9000) and ref.band == (0.005, 9000)
+    assert ref.warmup_unit == "step" and ref.kd_warmup == 6000 and hasattr(ref, "cbw_t")
+    assert build_criterion("scabg", {"t": 3}, variant="reference", nce_weight=0.1, kd_warmup=7).nce[0] == 0.1
+    assert build_criterion("scabg", {"t": 3}, variant="reference", kd_warmup=7).kd_warmup == 7

@@ -284,3 +284,156 @@ def test_gradients_finite_with_missing_rows_and_modalities() -> None:
     grads = [p.grad for p in head.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert head.gates["image"].proj[0].weight.grad.abs().sum() > 0
+
+
+# --- the reference code's variant -------------------------------------------------------------------------
+
+REF_OFF = [{"branch_gates": False}, {"band_blocks": False}, {"agg_mlp": False}, {"branch_mlp": False},
+           {"mix_token": False}, {"branch_pool": "score"}, {"fuse_mlp": False}, {"kd_branches": ""},
+           {"adversarial": False}, {"aux_outputs": False}]
+
+
+def make_ref(**hp: object) -> SCABGHead:
+    torch.manual_seed(0)
+    head = build_head("scabg-ref", INPUTS, TASKS, {**HP, **hp})
+    assert isinstance(head, SCABGHead)
+    return head
+
+
+def test_reference_variant_builds_its_parts() -> None:
+    ref = make_ref()
+    same = make(variant="reference")
+    assert ref.hparams == {**same.hparams} and ref.state_dict().keys() == same.state_dict().keys()
+    assert not hasattr(ref, "gates") and len(ref.branch_gates) == 3  # a gate pair per branch
+    gx = ref.branch_gates[0]["x"]
+    assert gx.proj is None and set(ref.projs) == {"image", "text", "context"}  # one projection per modality
+    assert gx.band_attn.wq.shape == (3, 16, 16) and gx.band_attn.queries.shape == (3, 3, 16)  # per band
+    assert isinstance(ref.aggregators[0].out[-1], torch.nn.Linear)  # MLP output
+    assert ref.branch_mlps is not None and ref.mix_logit is not None and ref.pool_logits is not None
+    assert ref.branch_score is None
+    assert float(torch.sigmoid(ref.mix_logit.detach())) == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item())
+    # KD heads on text-context and image-context (the reference's NLI and CLIP teachers), 2-way.
+    assert [ref.branch_name(i) for i in ref.kd_index] == ["text-context", "image-context"]
+    assert len(ref.adv_heads) == 3
+    # Explicit flags win over the variant; the default variant is today's head.
+    assert make_ref(mix_token=False).mix_logit is None
+    assert make().hparams["branch_gates"] is False and make().kd_heads is None
+
+
+def test_reference_forward_backward_with_masks_and_missing_modalities() -> None:
+    head = make_ref().train()
+    f = feats()
+    f["image"]["mask"][0] = False
+    f["text"]["pooled"][2] = float("nan")
+    f["text"]["mask"][2] = False
+    out = head(f)
+    assert list(out) == ["sentiment", "_coarse", "_fine", "_kd", "_adv", "_branches", "_branch_mask", "_band_w"]
+    assert out["_kd"].shape == (5, 2, 2) and out["_adv"].shape == (5, 3, 3)
+    assert out["_branches"].shape == (5, 3, 8) and out["_band_w"].shape == (5, 3, 3)
+    assert torch.allclose(out["_band_w"].sum(-1), torch.ones(5, 3), atol=1e-6)
+    sum(v.float().pow(2).sum() for v in out.values()).backward()
+    for n, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    # An absent modality (the context store not loaded): a branch counts where its other side is present.
+    del f["context"]
+    out = head(f)
+    image_there = torch.tensor([0.0, 1, 1, 1, 1])  # row 0 has no image token
+    text_there = torch.tensor([1.0, 1, 0, 1, 1])  # row 2 has no text
+    assert torch.equal(out["_branch_mask"], torch.stack([torch.maximum(image_there, text_there), image_there,
+                                                         text_there], 1))
+    assert torch.isfinite(out["sentiment"]).all()
+
+
+def test_reference_padding_does_not_change_outputs() -> None:
+    head = make_ref().eval()
+    f = feats()
+    g = {m: {k: v.clone() for k, v in d.items()} for m, d in f.items()}
+    for m in g:
+        g[m]["tokens"][~g[m]["mask"]] = 1e3  # garbage in the padding
+    a, b = head(f), head(g)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+@pytest.mark.parametrize("off", REF_OFF, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_reference_each_part_off_builds_and_runs(off: dict[str, object]) -> None:
+    head = make_ref(**off)
+    out = head(feats())
+    assert out["sentiment"].shape == (5, 3)
+    sum(v.float().pow(2).sum() for v in out.values()).backward()
+    assert all(p.grad is not None for p in head.parameters())
+    if "aux_outputs" in off:  # outputs only, no parameters
+        assert not {"_branches", "_branch_mask", "_band_w"} & set(out)
+    elif "branch_pool" not in off:  # per-row scores replace the static weights; every other part is removed
+        assert sum(p.numel() for p in head.parameters()) < sum(p.numel() for p in make_ref().parameters())
+
+
+def test_gradient_reversal_flips_the_branch_gradient() -> None:
+    """The adversarial heads' loss pushes the branch vectors the other way, scaled by grl."""
+    f = feats()
+    grads = {}
+    for grl in (0.0, 0.5, 1.0):
+        head = make_ref(grl=grl, dropout=0.0).train()
+        v = head.branch_vectors(f)["branches"]
+        v.retain_grad()
+        z, tokens = head._fuse(v, head.branch_vectors(f)["mask"])
+        from mmcache.heads.scabg import grad_reverse
+        adv = head.adv_heads[0](grad_reverse(tokens[:, 0], grl))
+        adv.sum().backward()
+        grads[grl] = v.grad[:, 0].clone()
+    assert torch.equal(grads[0.0], torch.zeros_like(grads[0.0]))
+    torch.testing.assert_close(grads[1.0], 2 * grads[0.5])
+    head = make_ref(grl=1.0, dropout=0.0).train()
+    v = head.branch_vectors(f)["branches"]
+    v.retain_grad()
+    head.adv_heads[0](head._fuse(v, head.branch_vectors(f)["mask"])[1][:, 0]).sum().backward()
+    torch.testing.assert_close(v.grad[:, 0], -grads[1.0])
+
+
+def test_reference_validation_errors() -> None:
+    for hp, msg in (({"variant": "paper"}, "variant"), ({"branch_pool": "mean"}, "branch_pool"),
+                    ({"kd_branches": "image-audio"}, "kd_branches"), ({"kd_classes": -1}, "kd_classes"),
+                    ({"mix_token": "yes"}, "mix_token")):
+        with pytest.raises(MMCacheError, match=msg):
+            make_ref(**hp)
+    # The variant without a context store: KD heads fall back to the first branch.
+    two = {m: INPUTS[m] for m in ("image", "text")}
+    head = build_head("scabg-ref", two, TASKS, HP)
+    assert head.kd_index == [0] and head.mix_logit is None and head.pool_logits is None
+
+
+def test_reference_config_round_trip() -> None:
+    head = make_ref(kd_branches="image-text,text-context").eval()
+    cfg = json.loads(json.dumps(head.config))
+    again = build_head(cfg["name"], cfg["inputs"], cfg["tasks"], cfg["hparams"]).eval()
+    again.load_state_dict(head.state_dict())
+    f = feats()
+    assert torch.equal(again(f)["_kd"], head(f)["_kd"])
+
+
+def test_reference_recipe_trains_on_a_toy_cache_with_two_teachers(make_cache) -> None:  # type: ignore[no-untyped-def]
+    """scabg-ref + the reference loss recipe, two teachers (--teacher oracle,second), step-wise KD warm-up:
+    trains end to end through the trainer and beats chance."""
+    import numpy as np
+
+    from mmcache.cache.store import FeatureStore, store_path
+    from mmcache.heads.data import load_cached
+    from mmcache.heads.train import TrainConfig, train
+
+    cache = make_cache(teacher=True, n=300)
+    ids = [f"r{i:04d}" for i in range(300)]
+    with FeatureStore(store_path(cache, "toy", "teacher", "second"), {"preset": "second"}, "toy", capacity=300) as st:
+        st.write(ids, {"logits": np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)})
+    data = load_cached("toy", {"image": "feat", "text": "feat"}, cache, teacher="oracle,second")
+    assert data.teacher is not None and data.teacher.shape == (300, 2, 3)
+    assert torch.equal(data.teacher[:, 0].argmax(1), data.targets["label"])
+    cfg = TrainConfig(dataset="toy", modalities={"image": "feat", "text": "feat"}, cache_dir=str(cache),
+                      runs_dir=str(cache.parent / "runs"), epochs=12, batch_size=32, lr=3e-3, quiet=True, save=False,
+                      head="scabg-ref", head_hparams={"hidden": 16, "out_dim": 16, "heads": 2, "branch_heads": 2,
+                                                      "queries": 2, "dropout": 0.0,
+                                                      "kd_branches": "image-text,image-text"},
+                      loss="scabg", loss_options={"variant": "reference", "kd_warmup": 20, "adv_warmup": 20,
+                                                  "nce_warmup": 20, "band_warmup": 20},
+                      teacher="oracle,second", select_metric="macro_f1")
+    r = train(cfg)
+    assert r.metrics["test"]["label"]["accuracy"] > 0.6  # chance is about 1/3
