@@ -106,11 +106,13 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     readers: dict[str, StoreReader] = {}
     for mod, name in modalities.items():
         readers[f"{mod}/{name}"] = StoreReader(store_path(cache_dir, dataset, mod, name))
-    if teacher:
-        readers[f"teacher/{teacher}"] = StoreReader(store_path(cache_dir, dataset, "teacher", teacher))
-        if "logits" not in readers[f"teacher/{teacher}"].keys:
-            raise MMCacheError(f"{readers[f'teacher/{teacher}'].path} holds no `logits` array; "
-                               "a teacher store needs per-row logits")
+    for name in (teacher or "").split(","):  # several teachers: --teacher nli,clip
+        if not name.strip():
+            continue
+        tag = f"teacher/{name.strip()}"
+        readers[tag] = StoreReader(store_path(cache_dir, dataset, "teacher", name.strip()))
+        if "logits" not in readers[tag].keys:
+            raise MMCacheError(f"{readers[tag].path} holds no `logits` array; a teacher store needs per-row logits")
 
     keep = np.ones(len(man.ids), dtype=bool)
     dropped: dict[str, int] = {}
@@ -136,14 +138,14 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         dtype = torch.float32 if dev.type == "cpu" else None  # type: ignore[assignment]
     features: Features = {}
     inputs: InputSpec = {}
-    teacher_t = None
+    teacher_list: list[tuple[Path, torch.Tensor]] = []
     specs: dict[str, str] = {}
     for tag, r in readers.items():
         mod = tag.split("/", 1)[0]
         specs[tag] = str(r.attrs.get("spec_hash", ""))
         if mod == "teacher":
             arr = r.load(ids, keys=["logits"])["logits"]
-            teacher_t = torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)
+            teacher_list.append((r.path, torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)))
             continue
         want = list(keys) if keys is not None else r.keys
         want = [k for k in want if k in r.keys]
@@ -159,6 +161,7 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         features[mod] = feats
         inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
 
+    teacher_t = _stack_teachers(teacher_list)
     targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
     split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
     if "train" not in split_index:
@@ -175,6 +178,17 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                       labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
                       val_fraction=val_fraction, carved_seed=carved_seed)
+
+
+def _stack_teachers(teachers: list[tuple[Path, torch.Tensor]]) -> torch.Tensor | None:
+    """One teacher's logits [N,C]; several stacked as [N,n,C] (each must have the same C)."""
+    if len(teachers) <= 1:
+        return teachers[0][1] if teachers else None
+    widths = {p: tuple(t.shape[1:]) for p, t in teachers}
+    if len(set(widths.values())) > 1:
+        raise MMCacheError("teacher stores must hold the same number of logits per row to be used together: "
+                           + ", ".join(f"{p} has {w}" for p, w in widths.items()))
+    return torch.stack([t for _, t in teachers], 1)
 
 
 def _carve_val(split_index: dict[str, torch.Tensor], y: torch.Tensor, frac: float,

@@ -308,7 +308,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
     n = len(train_idx)
     if n < 2:
         raise MMCacheError(f"{data.dataset!r} has {n} labelled train row(s); a head needs at least 2")
-    total_steps = cfg0.epochs * steps_per_epoch(n, cfg0.batch_size)
+    spe = steps_per_epoch(n, cfg0.batch_size)
+    total_steps = cfg0.epochs * spe
     for m in members:
         m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
         m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
@@ -344,7 +345,7 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
                 logits = m.head(x)
                 targets = {t: data.targets[t].index_select(0, idx) for t in data.tasks}
                 loss, _ = m.crit(logits, targets, teacher.index_select(0, idx) if teacher is not None else None,
-                                 epoch - 1)
+                                 epoch - 1, step=(epoch - 1) * spe + m.steps)
                 m.rng_out()
                 total = loss if total is None else total + loss
                 m.loss_sum = m.loss_sum + loss.detach()
