@@ -153,7 +153,9 @@ def sweep_cmd(
     grid_file: Annotated[Path | None, typer.Option(help="TOML grid file ([grid] table of KEY = [values]; optional "
                                                         "top-level seeds = [...]), crossed with --grid.")] = None,
     ablation_scabg: Annotated[bool, typer.Option("--ablation-scabg", help="Run the SCABG ablation: the full model "
-                                                                            "and each part switched off in turn.")]
+                                                                            "and each part switched off in turn (the "
+                                                                            "reference variant's parts with --head "
+                                                                            "scabg-ref or --hp variant=reference).")]
     = False,
     vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store name.")] = None,
     ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store name.")] = None,
@@ -204,7 +206,8 @@ def sweep_cmd(
         grid = ";".join(g for g in (file_grid, grid) if g)
         if file_seeds and seeds == "0":
             seed_list = file_seeds
-    configs = configs_from(grid, ablation_scabg)
+    configs = configs_from(grid, ablation_scabg,
+                           reference=head == "scabg-ref" or base.head_hparams.get("variant") == "reference")
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs)
     if rows:  # rank 0 (or the only process)

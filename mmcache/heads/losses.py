@@ -285,24 +285,24 @@ class SCABGCriterion(FocalCriterion):
     def __init__(self, tasks: dict[str, int], class_counts: dict[str, torch.Tensor] | None = None,
                  focal: bool = False, aux_uncertainty: bool = True, aux_weight: float = 1.0,
                  classes: Any = (0, 1, 2), task: str | None = None, variant: str = "default",
-                 adv_weight: float = 0.0, adv_warmup: int = 0, nce_weight: float = 0.0, nce_T: float = 0.07,
-                 nce_warmup: int = 0, band_weight: float = 0.0, band_warmup: int = 0, **options: Any) -> None:
+                 adv_weight: float | None = None, adv_warmup: int | None = None, nce_weight: float | None = None,
+                 nce_T: float = 0.07, nce_warmup: int | None = None, band_weight: float | None = None,
+                 band_warmup: int | None = None, **options: Any) -> None:
         if variant not in ("default", "reference"):
             raise MMCacheError(f"loss scabg: variant={variant!r} must be 'default' or 'reference'")
-        if variant == "reference":  # the recipe's values, unless set explicitly
-            given = {"adv_weight": adv_weight, "adv_warmup": adv_warmup, "nce_weight": nce_weight,
-                     "nce_warmup": nce_warmup, "band_weight": band_weight, "band_warmup": band_warmup}
-            defaults = {"adv_weight": 0.0, "adv_warmup": 0, "nce_weight": 0.0, "nce_warmup": 0, "band_weight": 0.0,
-                        "band_warmup": 0}
-            ref = {k: SCABG_REFERENCE_RECIPE[k] if given[k] == defaults[k] else given[k] for k in given}
-            adv_weight, adv_warmup, nce_weight = ref["adv_weight"], ref["adv_warmup"], ref["nce_weight"]
-            nce_warmup, band_weight, band_warmup = ref["nce_warmup"], ref["band_weight"], ref["band_warmup"]
-            options = {**{k: v for k, v in SCABG_REFERENCE_RECIPE.items() if k not in given}, **options}
+        given = {"adv_weight": adv_weight, "adv_warmup": adv_warmup, "nce_weight": nce_weight,
+                 "nce_warmup": nce_warmup, "band_weight": band_weight, "band_warmup": band_warmup}
+        # Unset options take the variant's value: 0 (off) by default, the reference recipe's with variant=reference.
+        recipe = SCABG_REFERENCE_RECIPE if variant == "reference" else {}
+        v = {k: (recipe.get(k, 0) if x is None else x) for k, x in given.items()}
+        adv_weight, adv_warmup, nce_weight = v["adv_weight"], v["adv_warmup"], v["nce_weight"]
+        nce_warmup, band_weight, band_warmup = v["nce_warmup"], v["band_weight"], v["band_warmup"]
+        options = {**{k: x for k, x in recipe.items() if k not in given}, **options}
         super().__init__(tasks, class_counts=class_counts, **options)
-        for name, v in (("adv_weight", adv_weight), ("nce_weight", nce_weight), ("band_weight", band_weight),
-                        ("adv_warmup", adv_warmup), ("nce_warmup", nce_warmup), ("band_warmup", band_warmup)):
-            if float(v) < 0:
-                raise MMCacheError(f"loss scabg: {name}={v} must be >= 0")
+        for name, value in (("adv_weight", adv_weight), ("nce_weight", nce_weight), ("band_weight", band_weight),
+                            ("adv_warmup", adv_warmup), ("nce_warmup", nce_warmup), ("band_warmup", band_warmup)):
+            if float(value) < 0:
+                raise MMCacheError(f"loss scabg: {name}={value} must be >= 0")
         if float(nce_T) <= 0:
             raise MMCacheError(f"loss scabg: nce_T={nce_T} must be > 0")
         self.adv = (float(adv_weight), int(adv_warmup))

@@ -38,6 +38,23 @@ SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("no-aux-loss", {"loss.aux_uncertainty": False, "loss.aux_weight": 0.0}),
     ("plain-3way-no-aux", {"hp.compose": False, "loss.aux_uncertainty": False, "loss.aux_weight": 0.0}),
 ]
+# The reference variant (head scabg-ref, loss variant=reference): each of its parts off in turn, then today's rows.
+SCABG_REFERENCE_ABLATION: list[tuple[str, dict[str, Any]]] = [
+    ("reference", {}),
+    ("shared-band-gates", {"hp.branch_gates": False}),
+    ("shared-band-attention", {"hp.band_blocks": False}),
+    ("linear-aggregator-out", {"hp.agg_mlp": False}),
+    ("no-branch-mlps", {"hp.branch_mlp": False}),
+    ("no-mix-token", {"hp.mix_token": False}),
+    ("score-pooling", {"hp.branch_pool": "score"}),
+    ("linear-fuse", {"hp.fuse_mlp": False}),
+    ("kd-into-logits", {"hp.kd_branches": ""}),
+    ("no-adversarial", {"hp.adversarial": False, "loss.adv_weight": 0.0}),
+    ("no-infonce", {"loss.nce_weight": 0.0}),
+    ("no-band-consistency", {"loss.band_weight": 0.0}),
+    ("unweighted-ce", {"loss.ce_balanced": False}),
+    *[(n, ov) for n, ov in SCABG_ABLATION if n != "full"],
+]
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
@@ -321,16 +338,21 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
     return ";".join(parts), seeds
 
 
-def configs_from(grid: str | None, ablation_scabg: bool) -> list[tuple[str, dict[str, Any]]]:
-    """Named configs of a `--grid` spec and/or the SCABG ablation preset (crossed when both are given)."""
+def configs_from(grid: str | None, ablation_scabg: bool,
+                 reference: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Named configs of a `--grid` spec and/or the SCABG ablation preset (crossed when both are given); with
+    `reference`, the reference variant's ablation (head scabg-ref, the reference loss recipe)."""
     grid_cfgs = [(",".join(f"{k}={v}" for k, v in ov.items()) or "base", ov)
                  for ov in expand_grid(parse_grid(grid or ""))]
     if not ablation_scabg:
         return grid_cfgs
-    base = {"head": "scabg", "loss": "scabg"}
+    base: dict[str, Any] = {"head": "scabg", "loss": "scabg"}
+    rows = SCABG_ABLATION
+    if reference:
+        base, rows = {"head": "scabg-ref", "loss": "scabg", "loss.variant": "reference"}, SCABG_REFERENCE_ABLATION
     out = []
     for gname, gov in grid_cfgs:
-        for aname, aov in SCABG_ABLATION:
+        for aname, aov in rows:
             name = aname if gname == "base" else f"{gname}/{aname}"
             out.append((name, {**base, **gov, **aov}))
     return out

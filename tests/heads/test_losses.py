@@ -311,3 +311,4 @@ def test_scabg_reference_terms() -> None:
     assert ref.warmup_unit == "step" and ref.kd_warmup == 6000 and hasattr(ref, "cbw_t")
     assert build_criterion("scabg", {"t": 3}, variant="reference", nce_weight=0.1, kd_warmup=7).nce[0] == 0.1
     assert build_criterion("scabg", {"t": 3}, variant="reference", kd_warmup=7).kd_warmup == 7
+    assert build_criterion("scabg", {"t": 3}, variant="reference", adv_weight=0.0).adv == (0.0, 12000)  # off is off

@@ -437,3 +437,21 @@ def test_reference_recipe_trains_on_a_toy_cache_with_two_teachers(make_cache) ->
                       teacher="oracle,second", select_metric="macro_f1")
     r = train(cfg)
     assert r.metrics["test"]["label"]["accuracy"] > 0.6  # chance is about 1/3
+
+
+def test_reference_ablation_rows() -> None:
+    from mmcache.heads.sweep import SCABG_ABLATION, configs_from
+
+    default = configs_from(None, True)
+    assert [n for n, _ in default] == [n for n, _ in SCABG_ABLATION] and default[0][1]["head"] == "scabg"
+    ref = dict(configs_from(None, True, reference=True))
+    assert ref["reference"] == {"head": "scabg-ref", "loss": "scabg", "loss.variant": "reference"}
+    assert ref["no-adversarial"]["hp.adversarial"] is False and ref["no-adversarial"]["loss.adv_weight"] == 0.0
+    assert ref["no-infonce"]["loss.nce_weight"] == 0.0 and ref["one-band"]["hp.bands"] == 1
+    # Every row builds: its head flags are the head's and its loss options the loss's.
+    from mmcache.heads.losses import build_criterion
+
+    for name, ov in ref.items():
+        hp = {k[3:]: v for k, v in ov.items() if k.startswith("hp.")}
+        build_head(ov["head"], INPUTS, TASKS, {**HP, **hp})
+        build_criterion("scabg", TASKS, **{k[5:]: v for k, v in ov.items() if k.startswith("loss.")})
