@@ -139,7 +139,8 @@ class Criterion(nn.Module):
                 self.register_buffer(f"w_{t}", w)
         if _flag(ce_balanced) and class_counts:
             for t, c in class_counts.items():
-                self.register_buffer(f"cbw_{t}", class_balanced_alpha(c, self.beta))        # Kendall & Gal log-variances, one per task (learned with the head).
+                self.register_buffer(f"cbw_{t}", class_balanced_alpha(c, self.beta))
+        # Kendall & Gal log-variances, one per task (learned with the head).
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if _flag(uncertainty) else None
 
     def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -294,20 +295,17 @@ class SCABGCriterion(FocalCriterion):
                  "nce_warmup": nce_warmup, "band_weight": band_weight, "band_warmup": band_warmup}
         # Unset options take the variant's value: 0 (off) by default, the reference recipe's with variant=reference.
         recipe = SCABG_REFERENCE_RECIPE if variant == "reference" else {}
-        v = {k: (recipe.get(k, 0) if x is None else x) for k, x in given.items()}
-        adv_weight, adv_warmup, nce_weight = v["adv_weight"], v["adv_warmup"], v["nce_weight"]
-        nce_warmup, band_weight, band_warmup = v["nce_warmup"], v["band_weight"], v["band_warmup"]
+        v: dict[str, float] = {k: float(recipe.get(k, 0) if x is None else x) for k, x in given.items()}
         options = {**{k: x for k, x in recipe.items() if k not in given}, **options}
         super().__init__(tasks, class_counts=class_counts, **options)
-        for name, value in (("adv_weight", adv_weight), ("nce_weight", nce_weight), ("band_weight", band_weight),
-                            ("adv_warmup", adv_warmup), ("nce_warmup", nce_warmup), ("band_warmup", band_warmup)):
-            if float(value) < 0:
+        for name, value in v.items():
+            if value < 0:
                 raise MMCacheError(f"loss scabg: {name}={value} must be >= 0")
         if float(nce_T) <= 0:
             raise MMCacheError(f"loss scabg: nce_T={nce_T} must be > 0")
-        self.adv = (float(adv_weight), int(adv_warmup))
-        self.nce = (float(nce_weight), int(nce_warmup))
-        self.band = (float(band_weight), int(band_warmup))
+        self.adv = (v["adv_weight"], int(v["adv_warmup"]))
+        self.nce = (v["nce_weight"], int(v["nce_warmup"]))
+        self.band = (v["band_weight"], int(v["band_warmup"]))
         self.nce_T = float(nce_T)
         from mmcache.heads.scabg import check_classes
 

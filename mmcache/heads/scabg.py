@@ -553,8 +553,8 @@ class SCABGHead(Head):
             for side, m in zip(("x", "y"), pair, strict=True):
                 if m in seqs:
                     x, mask = seqs[m]
-                    out[f"{self.branch_name(i)}:{side}"] = cast(BandGate, gates[side]).probabilities(
-                        self.projs[m](x), mask, c)[1]
+                    out[f"{self.branch_name(i)}:{side}"] = cast(BandGate, cast(nn.ModuleDict, gates)[side]) \
+                        .probabilities(self.projs[m](x), mask, c)[1]
         return out
 
     def _band_summaries(self, features: Features,
@@ -569,7 +569,7 @@ class SCABGHead(Head):
                    for m in self.mods}
         if self.branch_gates_on:
             proj = {m: (self.projs[m](x), mask) for m, (x, mask) in seqs.items()}
-            pairs = [tuple(gates[side](*proj[m], c) if m in proj else zeros
+            pairs = [tuple(cast(nn.ModuleDict, gates)[side](*proj[m], c) if m in proj else zeros
                            for side, m in zip(("x", "y"), pair, strict=True))
                      for pair, gates in zip(self.branch_pairs, self.branch_gates, strict=True)]
         else:
@@ -584,8 +584,8 @@ class SCABGHead(Head):
         `band_w` [B, nb, K] (the aggregators' band weights)."""
         c = self.condition_vector(features)
         pairs, bp = self._band_summaries(features, c)
-        vecs, weights = zip(*[agg.with_weights(sx, sy, c) for agg, (sx, sy) in zip(self.aggregators, pairs,
-                                                                                    strict=True)], strict=True)
+        vecs, weights = zip(*[cast(BandAggregator, agg).with_weights(sx, sy, c)
+                              for agg, (sx, sy) in zip(self.aggregators, pairs, strict=True)], strict=True)
         b = torch.stack(vecs, 1) * bp[..., None].to(vecs[0].dtype)
         return {"branches": b, "mask": bp, "band_w": torch.stack(weights, 1)}
 

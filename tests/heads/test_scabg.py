@@ -451,7 +451,7 @@ def test_reference_ablation_rows() -> None:
     # Every row builds: its head flags are the head's and its loss options the loss's.
     from mmcache.heads.losses import build_criterion
 
-    for name, ov in ref.items():
+    for ov in ref.values():
         hp = {k[3:]: v for k, v in ov.items() if k.startswith("hp.")}
         build_head(ov["head"], INPUTS, TASKS, {**HP, **hp})
         build_criterion("scabg", TASKS, **{k[5:]: v for k, v in ov.items() if k.startswith("loss.")})
