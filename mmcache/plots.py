@@ -25,15 +25,17 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(max(width, MIN_INCHES), max(height, MIN_INCHES)), dpi=DPI)
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: Path) -> Any:
     fig.savefig(path, dpi=DPI)
+    return fig
 
 
 def plot_curves(curves: list[dict[str, Any]], path: Path, metric: str | None, best: int | None = None,
-                title: str = "") -> None:
-    """Train/val loss (left) and the validation `metric` (right) per epoch, with the chosen epoch marked."""
+                title: str = "") -> Any:
+    """Train/val loss (left) and the validation `metric` (right) per epoch, with the chosen epoch marked;
+    returns the figure (None without curves)."""
     if not curves:
-        return
+        return None
     lbfgs = "epoch" not in curves[0] and "l2" in curves[0]
     xs = [r["l2"] if lbfgs else r.get("epoch", i + 1) for i, r in enumerate(curves)]
     fig = _figure(12, 6)
@@ -63,16 +65,17 @@ def plot_curves(curves: list[dict[str, Any]], path: Path, metric: str | None, be
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else float("nan")
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> Any:
     """A confusion matrix (rows true, columns predicted) through scikit-learn's `ConfusionMatrixDisplay`:
-    class names on both axes, each cell the share of its true class (colour and value) and the count."""
+    class names on both axes, each cell the share of its true class (colour and value) and the count;
+    returns the figure."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
     cm = np.asarray(cm, dtype=np.int64)
@@ -92,15 +95,16 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, title: str) -> 
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_sweep(summary: list[dict[str, Any]], columns: Sequence[str], path: Path, title: str = "") -> None:
-    """Grouped bars: one group per config, one bar per metric column, error bars = std over seeds (and folds)."""
+def plot_sweep(summary: list[dict[str, Any]], columns: Sequence[str], path: Path, title: str = "") -> Any:
+    """Grouped bars: one group per config, one bar per metric column, error bars = std over seeds (and folds);
+    returns the figure (None when no config has a value)."""
     configs = [s for s in summary if any(isinstance(s.get(c), (int, float)) for c in columns)]
     cols = [c for c in columns if any(isinstance(s.get(c), (int, float)) for s in configs)]
     if not configs or not cols:
-        return
+        return None
     n, k = len(configs), len(cols)
     fig = _figure(2.0 + 0.35 * n * (k + 1), 6)
     ax = fig.subplots()
@@ -120,4 +124,4 @@ def plot_sweep(summary: list[dict[str, Any]], columns: Sequence[str], path: Path
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    return _save(fig, path)

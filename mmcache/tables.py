@@ -28,7 +28,7 @@ def render(header: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "tex
     table = Table(box=box.MARKDOWN if fmt == "md" else box.SIMPLE_HEAD, title=None if fmt == "md" else title,
                   title_justify="left", show_edge=fmt == "md", pad_edge=fmt == "md")
     for h in header:
-        table.add_column(str(h), justify="right" if h in right else "left", no_wrap=True, overflow="ignore")
+        table.add_column(str(h), justify="right" if h in right else "left", no_wrap=True)
     for r in rows:
         table.add_row(*("" if c is None else str(c) for c in r))
     buf = io.StringIO()

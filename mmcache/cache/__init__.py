@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmcache.cache.store import (
     FeatureStore,
+    SplitData,
     StoreReader,
     VerifyReport,
     find_stores,
@@ -13,5 +14,5 @@ from mmcache.cache.store import (
     verify_store,
 )
 
-__all__ = ["FeatureStore", "StoreReader", "VerifyReport", "find_stores", "manifest_ids", "manifest_path",
+__all__ = ["FeatureStore", "SplitData", "StoreReader", "VerifyReport", "find_stores", "manifest_ids", "manifest_path",
            "store_path", "verify_store"]

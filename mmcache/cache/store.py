@@ -484,6 +484,20 @@ def _describe(meta: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
     return "{" + ", ".join(f"{k}: {list(s)} {np.dtype(d).name}" for k, (s, d) in sorted(meta.items())) + "}"
 
 
+IGNORE_LABEL = -100  # label of a row without one for a task (cross_entropy's ignore_index)
+
+
+@dataclass
+class SplitData:
+    """One split as `StoreReader.load_split` reads it: ids, the store's arrays and the labels, row-aligned."""
+
+    ids: list[str]
+    features: dict[str, np.ndarray]  # array name (pooled, tokens, ...) -> [N, ...]
+    labels: dict[str, np.ndarray]  # task -> [N] class index, IGNORE_LABEL where a row has no label
+    classes: dict[str, list[str]]  # task -> class names
+    missing: list[str] = field(default_factory=list)  # ids of the split the store lacks (left out)
+
+
 class StoreReader:
     """Reads the committed rows of a store, aligned to requested ids; takes no lock, never blocks."""
 
@@ -577,6 +591,32 @@ class StoreReader:
             return {k: self._gather(fd, self._layout[k], rows) for k in keys}
         finally:
             os.close(fd)
+
+    def load_split(self, split: str, keys: Sequence[str] | None = None, *,
+                   manifest: Path | str | None = None) -> SplitData:
+        """Ids, arrays and labels of one split together, from the dataset manifest (default
+        `cache/<dataset>/manifest.json` beside the store's folder), in manifest order. Ids of the split the store
+        lacks (failed or not extracted) are left out and listed in `missing`."""
+        from mmcache.data.base import LabelSpace
+
+        path = Path(manifest) if manifest is not None else self.manifest()
+        if not path.exists():
+            raise MMCacheError(f"manifest {path} not found; run `mmcache extract` for this dataset to write it, "
+                               "or pass manifest=")
+        try:
+            obj = json.loads(path.read_text())
+            space = LabelSpace.from_json(obj["labels"])
+            samples = [(str(r["id"]), r.get("labels") or {}) for r in obj["samples"] if r["split"] == split]
+            known = sorted({str(r["split"]) for r in obj["samples"]})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MMCacheError(f"manifest {path} is not valid ({e}); run `mmcache extract` again to rewrite it") from None
+        if not samples:
+            raise MMCacheError(f"manifest {path} has no split {split!r}; its splits are {known}")
+        have = [(i, lab) for i, lab in samples if i in self.index]
+        ids = [i for i, _ in have]
+        labels = {t: np.array([lab.get(t, IGNORE_LABEL) for _, lab in have], dtype=np.int64) for t in space.tasks}
+        return SplitData(ids=ids, features=self.load(ids, keys), labels=labels, classes=dict(space.tasks),
+                         missing=[i for i, _ in samples if i not in self.index])
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of `ids`; a clear error lists ids that are missing (and why, if they failed)."""

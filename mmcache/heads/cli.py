@@ -71,6 +71,10 @@ def train_cmd(
                                                       "MMCACHE_THREADS overrides).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
                                                   "--fold K` writes it); refused when it holds another.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation: one head per fold of K (the dataset's own "
+                                                   "fold definition, from the same stores); mean ± std.")] = None,
+    track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
+                                                    "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
@@ -98,7 +102,17 @@ def train_cmd(
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), run_name=run_name,
-                      overwrite=overwrite, quiet=quiet)
+                      overwrite=overwrite, quiet=quiet, track=track)
+    if folds is not None:
+        from mmcache.heads.cv import cv_table, train_folds
+
+        cv = train_folds(cfg, folds)
+        if quiet:
+            typer.echo(str(cv.folder))
+        else:
+            typer.echo(cv_table(cv))
+            typer.echo(f"run folders: {cv.folder}/fold0 ... fold{folds - 1}; summary: {cv.folder}/cv.csv, .md, .json, .png")
+        return
     result = train(cfg)
     if quiet and result.run_dir is not None:
         typer.echo(str(result.run_dir))
@@ -178,6 +192,13 @@ def sweep_cmd(
                                                       "MMCACHE_THREADS overrides).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
                                                   "--fold K` writes it); refused when it holds another.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation: every config on each fold of K (from the same "
+                                                   "stores); mean ± std over seeds and folds.")] = None,
+    track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
+                                                    "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
+    columns: Annotated[str | None, typer.Option(help="Comma list of table columns (default: config, what varies, "
+                                                     "runs, the val metric, test accuracy / macro F1, seconds).")]
+    = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
@@ -200,7 +221,9 @@ def sweep_cmd(
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
                        epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
-                       fold=fold)
+                       fold=fold, track=track)
+    if folds is not None and fold is not None:
+        raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
     if grid_file is not None:
         file_grid, file_seeds = load_grid_file(grid_file)
         grid = ";".join(g for g in (file_grid, grid) if g)
@@ -209,10 +232,34 @@ def sweep_cmd(
     configs = configs_from(grid, ablation_scabg,
                            reference=head == "scabg-ref" or base.head_hparams.get("variant") == "reference")
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
-    rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs)
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
     if rows:  # rank 0 (or the only process)
-        typer.echo(format_table(summarize(rows)))
-        typer.echo(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+        typer.echo(format_table(summarize(rows), columns=cols))
+        typer.echo(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.md')}, {out.with_suffix('.json')} and "
+                   f"{out.with_suffix('.png')}")
+
+
+@app.command("runs")
+def runs_cmd(
+    runs_dir: Annotated[Path, typer.Option(help="Folder searched for run folders (config.json + metrics.json).")]
+    = Path("runs"),
+    dataset: Annotated[str | None, typer.Option(help="Only runs of this dataset.")] = None,
+    sort: Annotated[str | None, typer.Option(help="Column to sort by: val, test_accuracy, seconds, date (default), "
+                                                  "...; metrics best first.")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="KEY=VALUE on a column or a config key (head=gated, "
+                                                         "loss=focal, head_hparams.D=256); repeatable.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, md or csv.")] = "text",
+    best: Annotated[bool, typer.Option("--best", help="Only the best run (val selection metric) per dataset, "
+                                                      "stores and head.")] = False,
+) -> None:
+    """One table over every run folder (heads train, sweeps with --save-runs, CV folds, finetune run)."""
+    from mmcache.runs import best_per_group, collect, runs_table, sort_rows
+
+    rows = collect(runs_dir, dataset, where or [])
+    if best:
+        rows = best_per_group(rows)
+    typer.echo(runs_table(sort_rows(rows, sort), fmt))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class CachedData:
     manifest_split_index: dict[str, torch.Tensor] | None = None  # splits as the manifest has them
     val_fraction: float = 0.1
     carved_seed: int | None = None  # seed of the val rows carved from train (None: the manifest has val)
+    manifest: Manifest | None = None  # the manifest the rows came from (every row, dropped ones included)
 
     def for_seed(self, seed: int) -> CachedData:
         """The same tensors with the validation rows a run with `seed` uses: unchanged when the manifest has
@@ -48,6 +49,33 @@ class CachedData:
             return self
         split_index = _carve_val(self.manifest_split_index, self.targets[self.labels.primary], self.val_fraction, seed)
         return replace(self, split_index=split_index, carved_seed=seed)
+
+    def for_fold(self, fold: int, k: int = 10) -> CachedData:
+        """The same tensors with the splits of fold `fold` of `k`-fold cross-validation, as the dataset defines
+        them (`mmcache extract --fold K` writes the same splits for k=10): the features do not depend on the
+        fold, only the split does. Refused for a dataset with its own splits, and for a manifest whose splits
+        are not the ones its recorded fold/seed give over its rows (a part of the dataset, or edited)."""
+        from mmcache.data.io import assign_splits
+
+        man = self.manifest
+        if man is None or man.split_seed is None:
+            raise MMCacheError(f"{self.dataset!r} has its own splits (its manifest records no generated fold/seed); "
+                               "cross-validation folds exist for datasets whose splits are generated (mvsa-single, "
+                               "mvsa-multiple, a table or webdataset without splits)")
+        # The adapters draw splits from the primary task's labels, -1 where a row has none.
+        y = [int(v) if v != IGNORE else -1 for v in man.targets[man.labels.primary]]
+        if assign_splits(y, seed=man.split_seed, fold=man.fold) != man.splits:
+            held = f"fold {man.fold}" if man.fold is not None else "8:1:1"
+            raise MMCacheError(f"the {held} splits in the manifest of {self.dataset!r} are not the ones seed "
+                               f"{man.split_seed} gives over its {len(man.ids)} rows (it lists a part of the dataset, "
+                               f"e.g. after `--limit`, or was edited); run `mmcache extract {self.dataset}` over the "
+                               "whole dataset before cross-validating")
+        splits = np.asarray(assign_splits(y, seed=man.split_seed, fold=fold, k=k))
+        pos = {sid: j for j, sid in enumerate(man.ids)}
+        mine = splits[np.fromiter((pos[i] for i in self.ids), dtype=np.int64, count=len(self.ids))]
+        dev = self.targets[self.labels.primary].device
+        split_index = {s: torch.from_numpy(np.flatnonzero(mine == s)).to(dev) for s in ("train", "val", "test")}
+        return replace(self, split_index=split_index, manifest_split_index=split_index, carved_seed=None, fold=fold)
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -177,7 +205,7 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=features, targets=targets,
                       labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
-                      val_fraction=val_fraction, carved_seed=carved_seed)
+                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man)
 
 
 def _stack_teachers(teachers: list[tuple[Path, torch.Tensor]]) -> torch.Tensor | None:

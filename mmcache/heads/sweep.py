@@ -109,10 +109,12 @@ STORE_KEYS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "a
               "image": "image", "text": "text", "context": "context", "audio": "audio", "video": "video"}
 
 
-def _row(name: str, overrides: dict[str, Any], seed: int, result: Any) -> dict[str, Any]:
+def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fold: int | None = None) -> dict[str, Any]:
+    """One table row of a run: config name, overrides, seed (fold), what it is, val/test metrics, seconds."""
     task = result.select["task"]
     cfg = result.config
     row: dict[str, Any] = {"config": name, **{k: v for k, v in overrides.items()}, "seed": seed,
+                           **({"fold": fold} if fold is not None else {}),
                            "stores": "+".join(f"{m}-{s}" for m, s in cfg["modalities"].items()),
                            "head": cfg["head"], "D": cfg["resolved"]["head_hparams"].get("D"), "lr": cfg["lr"],
                            f"val_{result.select['metric']}": result.select["value"]}
@@ -157,41 +159,67 @@ def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
 
 
 def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[int] | None = None,
-              out: Path | str | None = None, save_runs: bool = False) -> list[dict[str, Any]]:
-    """Train every (name, overrides) config for each seed; return one row per run (rank 0 under torchrun).
+              out: Path | str | None = None, save_runs: bool = False, folds: int | None = None) -> list[dict[str, Any]]:
+    """Train every (name, overrides) config for each seed (and each of `folds` cross-validation folds); return
+    one row per run (rank 0 under torchrun).
 
     Stores are loaded once; configs that share data, epochs and batch size train together
     (`train_many`). Under `torchrun` the config groups are split across ranks and the rows
     gathered on rank 0. Writes `<out>.csv`, `<out>.md` and `<out>.json` (raw rows and the
     per-config summary) when `out` is given. A config that fails with a user error is recorded
     with its message and the sweep goes on; when every run fails (e.g. a missing store), that
-    error is raised.
+    error is raised. With `base.track` every run is logged (one child run per config, seed and fold under a
+    parent run named after `out`).
     """
     from mmcache.heads.train import train_many
+    from mmcache.tracking import require
 
+    require(base.track)
     seeds = seeds or [base.seed]
-    jobs = [(name, ov, s) for name, ov in configs for s in seeds]
+    fold_ids: list[int | None] = list(range(folds)) if folds else [None]
+    jobs = [(name, ov, s, f) for name, ov in configs for s in seeds for f in fold_ids]
     cfgs = []
-    for _name, overrides, seed in jobs:
+    for _name, overrides, seed, fold in jobs:
         cfg = apply_overrides(base, {**overrides, "seed": seed})
+        if folds:
+            cfg = dataclasses.replace(cfg, fold=fold, folds=folds)
         cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=None))
     rank, world = _dist()
     mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
     print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
-          + (f", rank {rank} of {world}" if world > 1 else "") + ")", file=sys.stderr)
+          + (f" x {folds} folds" if folds else "") + (f", rank {rank} of {world}" if world > 1 else "") + ")",
+          file=sys.stderr)
     # The table reports val and test; run folders (--save-runs) get every split.
     results = train_many([cfgs[i] for i in mine], errors=True, splits=None if save_runs else ("val", "test"))
     rows_by_index: dict[int, dict[str, Any]] = {}
+    tracked = []
     for i, res in zip(mine, results, strict=True):
-        name, overrides, seed = jobs[i]
+        name, overrides, seed, fold = jobs[i]
         if isinstance(res, MMCacheError):
-            rows_by_index[i] = {"config": name, **overrides, "seed": seed, "error": str(res)}
-            print(f"warning: sweep config {name} (seed {seed}) failed: {res}", file=sys.stderr)
+            rows_by_index[i] = {"config": name, **overrides, "seed": seed, **({"fold": fold} if folds else {}),
+                                "error": str(res)}
+            print(f"warning: sweep config {name} (seed {seed}{f', fold {fold}' if folds else ''}) failed: {res}",
+                  file=sys.stderr)
         else:
-            rows_by_index[i] = _row(name, overrides, seed, res)
+            rows_by_index[i] = result_row(name, overrides, seed, res, fold)
+            tracked.append((f"{name} seed{seed}" + (f" fold{fold}" if folds else ""), res,
+                            {"kind": "heads", "dataset": base.dataset, "config": name, "seed": str(seed),
+                             **({"fold": str(fold)} if folds else {})}))
+    stem = Path(out).name if out is not None else "sweep"
+
+    def log(files: list[Path]) -> None:
+        if base.track and tracked:  # under torchrun each rank logs its own runs, under a parent of its own
+            from mmcache.tracking import track
+
+            track(base.track, base.dataset, base.runs_dir, tracked,
+                  parent=(stem + (f" rank{rank}" if world > 1 else ""),
+                          {"configs": len(configs), "seeds": seeds, "folds": folds, "grid": [n for n, _ in configs]}),
+                  files=files)
+
     if world > 1:
         import torch.distributed as dist
 
+        log([])
         gathered: list[Any] = [None] * world if rank == 0 else []
         dist.gather_object(rows_by_index, gathered if rank == 0 else None, dst=0)
         if rank != 0:
@@ -201,8 +229,9 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     rows = [rows_by_index[i] for i in sorted(rows_by_index)]
     if rows and all("error" in r for r in rows):
         raise MMCacheError(f"every sweep run failed; the first: {rows[0]['error']}")
-    if out is not None:
-        write_results(rows, Path(out))
+    files = write_results(rows, Path(out)) if out is not None else []
+    if world == 1:
+        log(files)
     return rows
 
 
@@ -248,41 +277,62 @@ def _rank_column(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def format_table(summary: list[dict[str, Any]], fmt: str = "text") -> str:
-    """`summarize` output as a text (`fmt="text"`) or markdown (`"md"`) table: one row per config, best first,
-    mean (+- std over seeds)."""
+def default_columns(summary: list[dict[str, Any]]) -> list[str]:
+    """The columns the console table shows: config, the describing columns that differ between configs, runs,
+    the validation selection metric, test accuracy and macro F1 (and the test selection metric), seconds."""
+    keys = list(dict.fromkeys(k for s in summary for k in s))
+    rank = _rank_column(summary)
+    desc = [k for k in DESCRIBE if len({str(s.get(k)) for s in summary if k in s}) > 1]
+    tests = [f"test_{rank[4:]}"] if rank and rank != "val_loss" else []
+    tests += ["test_accuracy", "test_macro_f1"]
+    metrics = [k for k in dict.fromkeys([rank or "", *tests]) if k in keys]
+    return ["config", *desc, "runs", *metrics, "seconds"]
+
+
+def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list[str] | None = None) -> str:
+    """`summarize` output as a text (`fmt="text"`, rich) or markdown (`"md"`) table: one row per config, best first,
+    mean ± std over seeds (and folds). `columns`: the columns to show (default `default_columns`; the markdown
+    file shows every column); an unknown column is an error listing the known ones."""
     if not summary:
         return "(no runs)"
-    metric_cols = [k for k in dict.fromkeys(k for s in summary for k in s)
-                   if k.startswith(("val_", "test_")) and not k.endswith("_std")]
-    desc = [k for k in DESCRIBE if any(k in s for s in summary)]
-    cols = ["config", *desc, "runs", *metric_cols, "seconds"]
+    from mmcache.tables import render
+
+    known = list(dict.fromkeys(k for s in summary for k in s if not k.endswith("_std") and k != "error"))
+    if columns is None:
+        if fmt == "md":
+            metric_cols = [k for k in known if k.startswith(("val_", "test_"))]
+            cols = ["config", *[k for k in DESCRIBE if k in known], "runs", *metric_cols, "seconds"]
+        else:
+            cols = default_columns(summary)
+    else:
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            raise MMCacheError(f"--columns: unknown column(s) {unknown}; the sweep has {', '.join(known)}")
+        cols = list(columns)
 
     def cell(s: dict[str, Any], c: str) -> str:
         if c not in s:
             return "-"
         v = s[c]
-        if c in metric_cols:
-            return f"{v:.4f} +- {s[c + '_std']:.3f}" if f"{c}_std" in s else f"{v:.4f}"
-        if c == "seconds":
+        if c.startswith(("val_", "test_")) and isinstance(v, float):
+            return f"{v:.4f} ± {s[c + '_std']:.4f}" if f"{c}_std" in s else f"{v:.4f}"
+        if c == "seconds" and isinstance(v, float):
             return f"{v:.2f}"
         return str(v)
 
-    body = [[cell(s, c) for c in cols] + [f"error: {s['error']}" if "error" in s else ""] for s in summary]
-    header = [*cols, ""]
-    if fmt == "md":
-        lines = ["| " + " | ".join(header[:-1]) + " | note |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
-    widths = [max(len(header[i]), *(len(b[i]) for b in body)) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip(),
-             "  ".join("-" * w for w in widths[:-1])]
-    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(b)).rstrip() for b in body]
-    return "\n".join(lines)
+    note = any("error" in s for s in summary)
+    rows = [[cell(s, c) for c in cols] + ([f"error: {s['error']}" if "error" in s else ""] if note else [])
+            for s in summary]
+    header = [*cols, *(["note"] if note else [])]
+    right = [c for c in cols if c.startswith(("val_", "test_")) or c in ("runs", "seconds", "D", "lr")]
+    return render(header, rows, fmt, right=right)
 
 
-def write_results(rows: list[dict[str, Any]], out: Path) -> None:
-    """`<out>.csv` (one row per run), `<out>.md` (the summary table) and `<out>.json` (rows + summary)."""
+def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """`<out>.csv` (one row per run), `<out>.md` (the summary table), `<out>.json` (rows + summary) and `<out>.png`
+    (grouped bars per config, error bars over seeds); returns the files written."""
+    from mmcache.plots import plot_sweep
+
     out.parent.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out.with_suffix(".csv")
@@ -293,6 +343,9 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> None:
     summary = summarize(rows)
     out.with_suffix(".md").write_text(format_table(summary, "md") + "\n")
     write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
+    shown = [c for c in default_columns(summary) if c.startswith(("val_", "test_"))]
+    plot_sweep(summary, shown, out.with_suffix(".png"), f"{out.name}: mean ± std over runs")
+    return [p for p in (out.with_suffix(x) for x in (".csv", ".md", ".json", ".png")) if p.exists()]
 
 
 def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:

@@ -92,6 +92,7 @@ class TrainConfig:
     select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
     seed: int = 0
     fold: int | None = None  # cross-validation fold the manifest must hold (None: whatever it holds)
+    folds: int | None = None  # k of k-fold CV: `fold`'s splits are then computed from the dataset's definition
     device: str | None = None
     threads: int | None = None  # torch intra-op CPU threads (None: `default_threads()`)
     solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
@@ -103,6 +104,7 @@ class TrainConfig:
     overwrite: bool = False
     save: bool = True  # False: train and evaluate without writing a run folder
     quiet: bool = False
+    track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (inverse of `TrainConfig(**obj)`)."""
@@ -160,6 +162,12 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
     if cfg.threads is not None:
         _check_number("--threads", cfg.threads, 1, integer=True)
+    if cfg.folds is not None:
+        _check_number("--folds", cfg.folds, 2, integer=True)
+        _check_number("--fold", cfg.fold, 0, cfg.folds - 1, integer=True)
+    from mmcache.tracking import require
+
+    require(cfg.track)
     HEADS.get(cfg.head)  # an unknown head is refused before any data is read
     if not cfg.modalities:
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
@@ -401,7 +409,7 @@ def _run_stem(cfg: TrainConfig) -> list[str]:
 def _data_key(cfg: TrainConfig, device: str) -> tuple[Any, ...]:
     """Configs with the same key read the same loaded stores."""
     return (cfg.dataset, tuple(sorted(cfg.modalities.items())), str(cfg.cache_dir), tuple(cfg.tasks or ()),
-            cfg.teacher, device, cfg.val_fraction, cfg.fold)
+            cfg.teacher, device, cfg.val_fraction, None if cfg.folds else cfg.fold)  # CV folds share the stores
 
 
 def _uses(heads: list[str]) -> list[str] | None:
@@ -487,16 +495,22 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
         try:
             base = load_cached(cfg0.dataset, cfg0.modalities, cfg0.cache_dir, keys=_uses([cfgs[i].head for i in idxs]),
                                tasks=cfg0.tasks, teacher=cfg0.teacher, device=device, val_fraction=cfg0.val_fraction,
-                               seed=cfg0.seed, fold=cfg0.fold, quiet=all(cfgs[i].quiet for i in idxs))
+                               seed=cfg0.seed, fold=None if cfg0.folds else cfg0.fold,
+                               quiet=all(cfgs[i].quiet for i in idxs))
         except MMCacheError as e:
             for i in idxs:
                 fail(i, e)
             continue
         members: dict[int, Member] = {}
-        by_seed: dict[int, CachedData] = {}
+        by_seed: dict[tuple[int, int | None], CachedData] = {}
         for i in idxs:
             try:
-                data = by_seed.setdefault(cfgs[i].seed, base.for_seed(cfgs[i].seed))
+                c = cfgs[i]
+                key = (c.seed, c.fold if c.folds else None)
+                if key not in by_seed:  # a CV fold: the same tensors with that fold's splits
+                    by_seed[key] = (base.for_fold(c.fold, c.folds) if c.folds and c.fold is not None
+                                    else base).for_seed(c.seed)
+                data = by_seed[key]
                 members[i] = _build_member(cfgs[i], data)
                 m = members[i]
                 _log(m.cfg, f"{m.cfg.dataset}: {', '.join(f'{s} {len(v)}' for s, v in data.split_index.items())} rows; "
@@ -563,11 +577,24 @@ def train(cfg: TrainConfig) -> RunResult:
     if isinstance(result, MMCacheError):
         raise result
     result.seconds = time.perf_counter() - t0
+    if cfg.track:
+        from mmcache.tracking import track
+
+        name = result.run_dir.name if result.run_dir is not None else "_".join(_run_stem(cfg))
+        track(cfg.track, cfg.dataset, cfg.runs_dir, [(name, result, run_tags(cfg, "heads"))])
     if not cfg.quiet:
         print(results_table(result))
         if result.run_dir is not None:
             print(f"run folder: {result.run_dir}")
     return result
+
+
+def run_tags(cfg: TrainConfig, kind: str) -> dict[str, str]:
+    """Tags of a tracked run: what trained it, the dataset, fold and seed."""
+    tags = {"kind": kind, "dataset": cfg.dataset, "seed": str(cfg.seed)}
+    if cfg.fold is not None:
+        tags["fold"] = str(cfg.fold)
+    return tags
 
 
 def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, sel_task: str,

@@ -96,7 +96,7 @@ def test_run_sweep_on_a_cache(make_cache: Callable[..., Path], tmp_path: Path) -
     mean = sum(r["test_accuracy"] for r in good if r["config"] == "head=gated,D=16") / 2
     assert s["head=gated,D=16"]["test_accuracy"] == pytest.approx(mean)
     table = format_table(summary)
-    assert "head=gated,D=16" in table and "error" in table.splitlines()[-1] and "+-" in table
+    assert "head=gated,D=16" in table and "error" in table.splitlines()[-1] and "±" in table
     # Every run failing (here: no such dataset) is an error, not a table of errors.
     with pytest.raises(MMCacheError, match="every sweep run failed.*manifest"):
         run_sweep(apply_overrides(base, {"dataset": "nope"}), configs[:2])

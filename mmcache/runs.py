@@ -1,0 +1,181 @@
+"""`heads runs`: one table over every run folder under a runs folder (heads and finetune runs alike).
+
+A run folder is any folder holding `config.json` and `metrics.json` (what `heads train`, each fold of
+`heads train --folds`, `heads sweep --save-runs` and `finetune run` write). Reads JSON only: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmcache.errors import MMCacheError
+
+COLUMNS = ("run", "kind", "dataset", "stores", "head", "D", "lr", "fold", "seed", "select", "val",
+           "test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc", "seconds", "date")
+METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc")
+ASCENDING = {"run", "kind", "dataset", "stores", "head", "select", "seconds"}  # sorted low to high; others high first
+GROUP = ("dataset", "stores", "head")  # --best keeps the best run of each
+
+
+def find_runs(runs_dir: Path) -> list[Path]:
+    """Every run folder under `runs_dir` (sorted by path)."""
+    return sorted(p.parent for p in runs_dir.rglob("metrics.json") if (p.parent / "config.json").is_file())
+
+
+def _stores(cfg: dict[str, Any]) -> str:
+    if isinstance(cfg.get("modalities"), dict):
+        return "+".join(f"{m}-{s}" for m, s in cfg["modalities"].items())
+    # finetune: NAME=PRESET[options] per modality; the NAME (or the preset) says which encoder it was.
+    encs = cfg.get("encoders") or {}
+    return "+".join(f"{m}-{str(p).split('=', 1)[0].split('[', 1)[0]}" for m, p in encs.items())
+
+
+def read_run(d: Path, runs_dir: Path) -> dict[str, Any]:
+    """The table row of run folder `d` (an MMCacheError naming the file when its JSON is unreadable)."""
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+        met = json.loads((d / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MMCacheError(f"{d}: unreadable config.json / metrics.json ({e})") from None
+    res = cfg.get("resolved") or {}
+    sel = met.get("select") or {}
+    task = sel.get("task")
+    test = (met.get("splits") or {}).get("test", {}).get(task, {})
+    row: dict[str, Any] = {
+        "run": str(d.relative_to(runs_dir)) if d.is_relative_to(runs_dir) else str(d),
+        "kind": "finetune" if "encoders" in cfg else "heads",
+        "dataset": cfg.get("dataset"),
+        "stores": _stores(cfg),
+        "head": cfg.get("head"),
+        "D": (res.get("head_hparams") or {}).get("D", (cfg.get("head_hparams") or {}).get("D")),
+        "lr": cfg.get("lr"),
+        "fold": res.get("fold", cfg.get("fold")),
+        "seed": cfg.get("seed"),
+        "select": f"{task}:{sel.get('metric')}" if task else None,
+        "val": sel.get("value"),
+        **{k: test.get(k[5:]) for k in METRICS},
+        "seconds": met.get("seconds"),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "metrics.json").stat().st_mtime)),
+        "_config": cfg,
+        "_metric": sel.get("metric"),
+    }
+    return row
+
+
+def collect(runs_dir: Path, dataset: str | None = None, where: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of every readable run under `runs_dir` (unreadable ones are skipped with a warning), filtered by
+    dataset and by `KEY=VALUE` conditions on a column or a config key (`loss=focal`, `head_hparams.D=256`)."""
+    if not runs_dir.is_dir():
+        raise MMCacheError(f"runs folder {runs_dir} does not exist; train something first or pass --runs-dir")
+    conds = []
+    for w in where:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise MMCacheError(f"--where expects KEY=VALUE, got {w!r}")
+        conds.append((key.strip(), value.strip()))
+    rows = []
+    for d in find_runs(runs_dir):
+        try:
+            row = read_run(d, runs_dir)
+        except MMCacheError as e:
+            print(f"warning: skipped {e}", file=sys.stderr)
+            continue
+        if dataset is not None and row["dataset"] != dataset:
+            continue
+        if all(_matches(_lookup(row, k), v) for k, v in conds):
+            rows.append(row)
+    return rows
+
+
+def _lookup(row: dict[str, Any], key: str) -> Any:
+    if key in row and not key.startswith("_"):
+        return row[key]
+    cur: Any = row["_config"]
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+_MISSING = object()
+
+
+def _matches(value: Any, want: str) -> bool:
+    if value is _MISSING:
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return math.isclose(float(value), float(want), rel_tol=1e-9)
+        except ValueError:
+            return False
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value) == want.lower()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":")) == want.replace(" ", "")
+    return str(value) == want
+
+
+def sort_rows(rows: list[dict[str, Any]], column: str | None) -> list[dict[str, Any]]:
+    """Rows by `column` (metrics high first, `seconds` and names low first, dates newest first); rows without a
+    value last. Default: newest first."""
+    column = column or "date"
+    if rows and column not in rows[0]:
+        raise MMCacheError(f"--sort {column!r}: unknown column; choose one of {', '.join(COLUMNS)}")
+    present = [r for r in rows if r.get(column) is not None]
+    missing = [r for r in rows if r.get(column) is None]
+    reverse = column not in ASCENDING
+    if column == "val":  # each run's own selection metric: a loss is better low
+        present.sort(key=lambda r: -r["val"] if r["_metric"] == "loss" else r["val"], reverse=True)
+    else:
+        present.sort(key=lambda r: r[column], reverse=reverse)
+    return present + missing
+
+
+def best_per_group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run with the best validation selection value of each (dataset, stores, head) group."""
+    best: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("val") is None or (isinstance(r["val"], float) and math.isnan(r["val"])):
+            continue
+        key = tuple(r[k] for k in GROUP)
+        cur = best.get(key)
+        lower = r["_metric"] == "loss"
+        if cur is None or (r["val"] < cur["val"] if lower else r["val"] > cur["val"]):
+            best[key] = r
+    return list(best.values())
+
+
+def _cell(v: Any, col: str) -> str:
+    if v is None:
+        return "-"
+    if col in ("val", *METRICS) and isinstance(v, (int, float)):
+        return f"{v:.4f}"
+    if col == "seconds" and isinstance(v, (int, float)):
+        return f"{v:.1f}"
+    if col == "lr" and isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def runs_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
+    """The table of `rows` as text (rich), markdown or CSV; metric columns no run has are left out."""
+    from mmcache.tables import FORMATS, render
+
+    if fmt not in FORMATS:
+        raise MMCacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if not rows:
+        return "(no runs)" if fmt != "csv" else ",".join(COLUMNS)
+    cols = [c for c in COLUMNS if c not in (*METRICS, "fold") or any(r.get(c) is not None for r in rows)]
+    if fmt == "csv":
+        body = [[r.get(c) for c in cols] for r in rows]
+    else:
+        body = [[_cell(r.get(c), c) for c in cols] for r in rows]
+    right = ["D", "lr", "fold", "seed", "val", *METRICS, "seconds"]
+    return render(cols, body, fmt, right=right)
