@@ -49,6 +49,9 @@ class Extractor(nn.Module):
     options: ClassVar[tuple[str, ...] | None] = None
     # Options whose value is one of a fixed set, e.g. {"pooling": ("cls", "mean")}; a flag is (True, False).
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # Arrays read from other modalities' feature stores at forward time, e.g. {"image": ("tokens", "boxes",
+    # "mask")}: `finetune run` passes the batch's cached rows as `batch["consumed"][modality][key]`.
+    consumes: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__()

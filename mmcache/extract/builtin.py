@@ -11,3 +11,4 @@ import mmcache.extract.r3d  # noqa: F401
 import mmcache.extract.resnet  # noqa: F401
 import mmcache.extract.roberta  # noqa: F401
 import mmcache.extract.teachers  # noqa: F401
+import mmcache.extract.visualbert  # noqa: F401

@@ -14,6 +14,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 
 
 _ENC = "PRESET or NAME=PRESET, with options PRESET\\[key=value,...], as `mmcache extract` takes them."
+_STORE = ("the feature store NAME (cache-dir/DATASET/MODALITY/NAME.h5) instead of a live encoder; those raw inputs "
+          "are never decoded.")
 
 
 @app.callback()
@@ -29,10 +31,16 @@ def run(
     context: Annotated[str | None, typer.Option("--context", "--ctype", help=f"Context-text encoder. {_ENC}")] = None,
     video: Annotated[str | None, typer.Option("--video", "--videotype", help=f"Video encoder (e.g. r3d). {_ENC}")] = None,
     audio: Annotated[str | None, typer.Option("--audio", "--atype", help=f"Audio encoder (e.g. mel). {_ENC}")] = None,
+    image_store: Annotated[str | None, typer.Option(help=f"Read the image features from {_STORE}")] = None,
+    text_store: Annotated[str | None, typer.Option(help=f"Read the text features from {_STORE}")] = None,
+    context_store: Annotated[str | None, typer.Option(help=f"Read the context features from {_STORE}")] = None,
+    video_store: Annotated[str | None, typer.Option(help=f"Read the video features from {_STORE}")] = None,
+    audio_store: Annotated[str | None, typer.Option(help=f"Read the audio features from {_STORE}")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
     context_from: Annotated[str | None, typer.Option(
         help="captions/NAME: the context text --context reads (default: the dataset's own, else its captions).")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the captions stores.")] = Path("cache"),
+    cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the feature stores (--*-store) and captions "
+                                                 "stores.")] = Path("cache"),
     head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
@@ -78,6 +86,7 @@ def run(
     """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
 
     Example: finetune run --dataset mvsa --image clip --text clip --lora --epochs 5
+    Hybrid (cached image regions, live VisualBERT): finetune run --dataset hateful-memes --text visualbert --image-store frcnn
     A killed run continues from its last checkpoint: rerun the same command with the same --run-name.
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
@@ -90,8 +99,10 @@ def run(
             hparams[key] = value
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
+    stores = {m: n for m, n in (("image", image_store), ("text", text_store), ("context", context_store),
+                                ("video", video_store), ("audio", audio_store)) if n}
     cfg = FinetuneConfig(
-        dataset=dataset, encoders=encoders, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
+        dataset=dataset, encoders=encoders, stores=stores, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
         context_from=context_from, cache_dir=str(cache_dir),
         head=head, head_hparams=hparams, loss=loss, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,

@@ -12,6 +12,11 @@ A run checkpoints at each epoch end and every `save_every` optimizer steps (`che
 rerun with the same run name (or `resume`) and it continues from the last checkpoint, on the same
 or another number of processes. Each epoch's sample order depends on (seed, epoch) only, so the
 samples an interrupted epoch already trained on are skipped, not drawn again.
+
+Hybrid runs: modalities named in `stores` are not encoded live but read by id from their feature stores
+(`cache/<dataset>/<modality>/<name>.h5`; their raw inputs are never decoded). A stored modality feeds the
+head directly, or, when a live encoder declares that it `consumes` it (VisualBERT over Faster R-CNN regions),
+that encoder only.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mmcache.cache.store import StoreReader, store_path
 from mmcache.data.base import Dataset, Sample, load_dataset
 from mmcache.engine import (
     IGNORE,
@@ -49,7 +55,7 @@ from mmcache.engine import (
     write_run,
 )
 from mmcache.errors import MMCacheError
-from mmcache.extract.base import Extractor, build_extractor
+from mmcache.extract.base import FAMILIES, Extractor, build_extractor, resolve_preset
 from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
 from mmcache.finetune.checkpoint import (
     latest_checkpoint,
@@ -69,6 +75,7 @@ from mmcache.utils import pick_device, seed_everything, write_json
 LORA_TARGETS: dict[str, list[str]] = {
     "clip": ["attn"],  # open_clip blocks' nn.MultiheadAttention (peft adapts its in/out projections)
     "roberta": ["query", "value"],
+    "visualbert": ["query", "value"],
     "resnet": ["fc"],
 }
 # Options that may change when a run resumes (where and how it runs, not what it computes).
@@ -84,10 +91,17 @@ def encoder_request(modality: str, value: str) -> Request:
     return requests[0]
 
 
-def build_encoder(modality: str, value: str) -> Extractor:
-    """The live encoder of `--image PRESET` or `NAME=PRESET[key=value,...]`."""
+def build_encoder(modality: str, value: str, **fixed: Any) -> Extractor:
+    """The live encoder of `--image PRESET` or `NAME=PRESET[key=value,...]`; `fixed` options (set by the run,
+    e.g. a region store's width) override the preset's and the user's."""
     r = encoder_request(modality, value)
-    return build_extractor(r.preset, modality, **r.overrides)
+    return build_extractor(r.preset, modality, **{**r.overrides, **fixed})
+
+
+def encoder_consumes(modality: str, value: str) -> dict[str, tuple[str, ...]]:
+    """What the encoder of `value` reads from other modalities' stores (its family's `consumes`)."""
+    _, cfg = resolve_preset(encoder_request(modality, value).preset)
+    return dict(getattr(FAMILIES[cfg["family"]], "consumes", {}) or {})
 
 
 @dataclass
@@ -96,6 +110,7 @@ class FinetuneConfig:
 
     dataset: str
     encoders: dict[str, str]  # modality -> extractor preset, e.g. {"image": "clip", "text": "rob=roberta[pooling=cls]"}
+    stores: dict[str, str] = field(default_factory=dict)  # modality -> feature store name read from cache_dir
     data_dir: str | None = None
     runs_dir: str = "runs"
     head: str | None = None  # None: the head of `init_head`, else "linear"
@@ -133,21 +148,57 @@ class FinetuneConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
     context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
-    cache_dir: str = "cache"  # where captions stores are read
+    cache_dir: str = "cache"  # where feature stores (`stores`) and captions stores are read
+
+
+class CachedInputs:
+    """The feature stores of a hybrid run: each batch's rows read by id (the page cache keeps them warm)."""
+
+    def __init__(self, readers: dict[str, StoreReader], keys: dict[str, list[str]], to_head: list[str]) -> None:
+        self.readers = readers  # modality -> its store
+        self.keys = keys  # modality -> arrays read per row
+        self.to_head = to_head  # modalities the head reads (the others feed an encoder that consumes them)
+
+    def batch(self, ids: list[str], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+        """Rows `ids` of every store, floats as float32 (stores may be float16), on `device`."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for m, r in self.readers.items():
+            arrays = r.load(ids, keys=self.keys[m])
+            out[m] = {k: (t.float() if t.is_floating_point() else t).to(device)
+                      for k, t in ((k, torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items())}
+        return out
+
+
+def encode(encoders: nn.ModuleDict | dict[str, Extractor], batches: dict[str, Any], cached: CachedInputs | None,
+           ids: list[str] | None, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """The head's inputs: each live encoder's features (an encoder that consumes stored arrays gets the batch's rows
+    under `batch["consumed"]`) plus the stored features the head reads."""
+    stored = cached.batch(ids, device) if cached is not None and ids is not None else {}
+    feats: dict[str, dict[str, torch.Tensor]] = {}
+    for m, b in batches.items():
+        enc = encoders[m]
+        needs = getattr(enc, "consumes", {})
+        if needs:
+            b = {**b, "consumed": {cm: {k: stored[cm][k] for k in keys} for cm, keys in needs.items()}}
+        feats[m] = {k: v.float() for k, v in enc(b).items()}
+    for m in cached.to_head if cached is not None else ():
+        feats[m] = stored[m]
+    return feats
 
 
 class LiveModel(nn.Module):
-    """Encoders + head: raw batches per modality -> {task: logits}."""
+    """Encoders + head: raw batches per modality (+ stored features by id) -> {task: logits}."""
 
-    def __init__(self, encoders: dict[str, Extractor], head: Head) -> None:
+    def __init__(self, encoders: dict[str, Extractor], head: Head, cached: CachedInputs | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.head = head
+        self.cached = cached
 
-    def forward(self, batches: dict[str, Any]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """Encode each modality's batch, then classify with the head."""
-        feats = {m: {k: v.float() for k, v in self.encoders[m](b).items()} for m, b in batches.items()}
-        return self.head(feats)
+    def forward(self, batches: dict[str, Any], ids: list[str] | None = None) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Encode each modality's batch, add the stored features of rows `ids`, then classify with the head."""
+        device = next(self.parameters()).device
+        return self.head(encode(self.encoders, batches, self.cached, ids, device))
 
 
 def _dist() -> tuple[int, int, int]:
@@ -172,6 +223,73 @@ def _with_context(ds: Dataset, cfg: FinetuneConfig) -> tuple[Dataset, dict[str, 
 
     needed = [s.id for split in ("train", "val", "test") for s in _subset(ds, split, cfg.limit)]
     return context_source(ds, cfg.cache_dir, cfg.context_from, needed=needed)
+
+
+def check_stores(cfg: FinetuneConfig) -> None:
+    """A modality is either encoded live or read from a store; at least one encoder trains."""
+    both = sorted(set(cfg.encoders) & set(cfg.stores))
+    if both:
+        raise MMCacheError(f"--{both[0]} and --{both[0]}-store both name the {both[0]} features; keep one (live "
+                           "encoder or feature store)")
+    if cfg.stores and not cfg.encoders:
+        raise MMCacheError("every modality comes from a feature store: there is no encoder to fine-tune; train a "
+                           "head on the stores with `heads train`, or name a live encoder, e.g. --text clip")
+
+
+def open_stores(cfg: FinetuneConfig, head_name: str) -> tuple[CachedInputs | None, dict[str, dict[str, Any]]]:
+    """The run's feature stores (None without any) and the options each live encoder takes from them (a
+    region-reading encoder's `visual_dim` is its store's feature width)."""
+    consumes = {m: encoder_consumes(m, value) for m, value in cfg.encoders.items()}
+    for m, value in cfg.encoders.items():
+        for cm, want in consumes[m].items():
+            if cm not in cfg.stores:
+                raise MMCacheError(f"--{m} {value} reads {cm} {', '.join(want)} from a feature store; pass "
+                                   f"--{cm}-store NAME (a region store such as frcnn: `mmcache extract "
+                                   f"{cfg.dataset} --{cm} frcnn`)")
+    if not cfg.stores:
+        return None, {}
+    readers = {m: StoreReader(store_path(cfg.cache_dir, cfg.dataset, m, n)) for m, n in cfg.stores.items()}
+    keys: dict[str, set[str]] = {m: set() for m in readers}
+    fixed: dict[str, dict[str, Any]] = {}
+    consumed: set[str] = set()
+    for m, value in cfg.encoders.items():
+        for cm, want in consumes[m].items():
+            r = readers[cm]
+            lacking = [k for k in want if k not in r.keys]
+            if lacking:
+                raise MMCacheError(f"--{m} {value} reads {', '.join(want)} from {r.path}, which holds "
+                                   f"{', '.join(r.keys)}; pass a region store (e.g. --{cm}-store frcnn)")
+            consumed.add(cm)
+            keys[cm] |= set(want)
+            fixed[m] = {"visual_dim": int(r.shapes["tokens"][-1])} if "tokens" in want else {}
+    uses = getattr(HEADS[head_name], "uses", None)
+    to_head = [m for m in readers if m not in consumed]
+    for m in to_head:
+        r = readers[m]
+        got = [k for k in r.keys if uses is None or k in uses]
+        if not got:
+            raise MMCacheError(f"{r.path} holds {', '.join(r.keys)}, none of the arrays head {head_name!r} reads "
+                               f"({', '.join(uses or [])})")
+        keys[m] |= set(got)
+    order = {m: [k for k in r.keys if k in keys[m]] for m, r in readers.items()}
+    return CachedInputs(readers, order, to_head), fixed
+
+
+def drop_unstored(samples: list[Sample], cached: CachedInputs | None, split: str, quiet: bool) -> list[Sample]:
+    """`samples` without the rows some store lacks (failed or not extracted), with a printed count."""
+    if cached is None or not samples:
+        return samples
+    keep = samples
+    for r in cached.readers.values():
+        miss = [s.id for s in keep if s.id not in r.index]
+        if miss and not quiet:
+            failed = sum(1 for i in miss if i in r.failed)
+            print(f"warning: {len(miss)} of {len(keep)} {split} rows are missing from {r.path} ({failed} failed, "
+                  f"{len(miss) - failed} not extracted); dropped", file=sys.stderr)
+        if miss:
+            gone = set(miss)
+            keep = [s for s in keep if s.id not in gone]
+    return keep
 
 
 def _subset(ds: Dataset, split: str, limit: int | None) -> list[Sample]:
@@ -289,7 +407,7 @@ def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks
             continue
         ids, inputs = got
         with _autocast(device, cfg.amp):
-            logits = model(inputs)
+            logits = model(inputs, ids)
         ids_all += ids
         for t in tasks:
             outs[t].append(logits[t].float().cpu().numpy())
@@ -318,7 +436,8 @@ def _metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sam
 
 def _stem(cfg: FinetuneConfig) -> list[str]:
     # Each encoder's NAME, never its options: a weights path must not nest folders.
-    return ["finetune", str(cfg.head), "+".join(f"{m}-{encoder_request(m, p).name}" for m, p in cfg.encoders.items())]
+    parts = [f"{m}-{encoder_request(m, p).name}" for m, p in cfg.encoders.items()]
+    return ["finetune", str(cfg.head), "+".join(parts + [f"{m}-store-{n}" for m, n in cfg.stores.items()])]
 
 
 def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
@@ -346,7 +465,9 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
 
 
 def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}, default=str))
+    # `stores` only when set, so checkpoints written before hybrid runs existed still continue.
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE
+                                  and not (k == "stores" and not v)}, default=str))
 
 
 def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
@@ -471,6 +592,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     Continues the run's last checkpoint when there is one (see `resolve_run_dir`)."""
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
+    check_stores(cfg)
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
     for flag, number, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
@@ -499,14 +621,18 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     unknown = [t for t in tasks if t not in ds.labels.tasks]
     if unknown:
         raise MMCacheError(f"unknown task(s) {unknown}; {cfg.dataset!r} has {list(ds.labels.tasks)}")
-    train_s = _subset(ds, "train", cfg.limit)
-    val_s = _subset(ds, "val", cfg.limit) or _subset(ds, "test", cfg.limit)
-    test_s = _subset(ds, "test", cfg.limit)
+    cached, fixed = open_stores(cfg, head_name)
+    quiet = cfg.quiet or rank != 0
+    train_s = drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
+    val_s = drop_unstored(_subset(ds, "val", cfg.limit) or _subset(ds, "test", cfg.limit), cached, "val", quiet)
+    test_s = drop_unstored(_subset(ds, "test", cfg.limit), cached, "test", quiet)
     if not train_s or not val_s:
-        raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows to fine-tune")
+        where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
+        raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
+                           + ("; run `mmcache extract` for them" if where else ""))
     by_id = ds.by_id()
 
-    encoders = {m: build_encoder(m, p) for m, p in cfg.encoders.items()}
+    encoders = {m: build_encoder(m, p, **fixed.get(m, {})) for m, p in cfg.encoders.items()}
     if context_from is not None:
         encoders["context"].config["context_from"] = context_from  # the spec says which texts it read
     trainable = 0
@@ -527,7 +653,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if got is None:
         raise MMCacheError(f"the first validation rows of {cfg.dataset!r} could not be decoded; check the data")
     with torch.no_grad():
-        feats = {m: encoders[m](b) for m, b in got[1].items()}
+        feats = encode(encoders, got[1], cached, got[0], torch.device("cpu"))
     keys = getattr(HEADS[head_name], "uses", None)
     inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}
     n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
@@ -541,7 +667,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             if store and store != enc.spec_hash() and rank == 0:
                 print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
                       f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
-    model = LiveModel(encoders, head).to(device)
+    model = LiveModel(encoders, head, cached).to(device)
     counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in train_s if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
@@ -571,15 +697,22 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if rank == 0 and not cfg.quiet:
         print(f"{cfg.dataset}: train {len(train_s)}, val {len(val_s)}, test {len(test_s)}; encoders "
               f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
+              + (f"stores {cfg.stores}, " if cfg.stores else "") +
               f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}; "
               f"select val {sel_task}:{metric}", file=sys.stderr)
 
+    params = {n for n, _ in model.named_parameters()}
+    buffer_keys = {k for k in state_keys if k not in params}
+
     def checkpoint(tag: str) -> None:
-        rngs = _gather(rng_state(device), world)  # every rank's random streams
+        # Every rank's random streams and buffers: under DDP's join the BatchNorm statistics each forward
+        # starts from are another rank's, so ranks' buffers differ and each is saved.
+        own = {"rng": rng_state(device), "buffers": {k: v for k, v in model.state_dict().items() if k in buffer_keys}}
+        ranks = _gather(own, world)
         if rank != 0:
             return
         state = {"version": CHECKPOINT_VERSION, "config": _resume_key(cfg), "world": world, "progress": asdict(prog),
-                 "curves": curves, "rng": rngs,
+                 "curves": curves, "rng": [r["rng"] for r in ranks], "buffers": [r["buffers"] for r in ranks],
                  "selector": {"best_value": selector.best_value, "best_epoch": selector.best_epoch,
                               "stale": selector.stale, "stopped": selector.stopped},
                  "best_state": selector.best_state or {},
@@ -618,7 +751,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 if got is not None:
                     ids, inputs_b = got
                     with _autocast(device, cfg.amp):
-                        logits = net(inputs_b)
+                        logits = net(inputs_b, ids)
                     loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
                     (loss / cfg.grad_accum).backward()
                     pending += 1
@@ -694,6 +827,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         config = {**asdict(cfg), "resolved": {
             "device": str(device), "world_size": world, "head_hparams": model.head.hparams,
             "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
+            "stores": {f"{m}/{n}": str(cached.readers[m].attrs.get("spec_hash", "")) for m, n in cfg.stores.items()}
+            if cached is not None else {},
             "context_from": context_from,
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
             "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
@@ -721,7 +856,8 @@ def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch
              selector: Selector, state_keys: list[str], cfg: FinetuneConfig, world: int, rank: int,
              device: torch.device, n_train: int) -> tuple[Progress, list[dict[str, Any]]]:
     """Load a checkpoint into the freshly built model, criterion, optimizer, schedule and selector; set this
-    rank's random streams. On another number of processes the schedule is rebuilt at the same progress."""
+    rank's random streams and buffers. On another number of processes the schedule is rebuilt at the same
+    progress (and rank r takes saved rank r mod the saved count's streams)."""
     weights = ckpt["weights"]
     missing = [k for k in state_keys if k not in weights]
     if missing:
@@ -752,6 +888,7 @@ def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch
     selector.best_value, selector.best_epoch = sel["best_value"], int(sel["best_epoch"])
     selector.stale, selector.stopped = int(sel["stale"]), bool(sel["stopped"])
     selector.best_state = dict(ckpt["best_state"]) or None
-    rngs = ckpt["rng"]
+    rngs, buffers = ckpt["rng"], ckpt["buffers"]
+    model.load_state_dict(buffers[rank % len(buffers)], strict=False)
     set_rng_state(rngs[rank % len(rngs)], device)
     return prog, list(ckpt["curves"])

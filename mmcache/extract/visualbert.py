@@ -1,0 +1,168 @@
+"""VisualBERT (transformers' `VisualBertModel`): a single-stream transformer over text tokens and image regions.
+
+The text is tokenised here; the image regions are not computed here but read from a region
+feature store (e.g. `frcnn`, whose `tokens [K,d]`, `boxes [K,5]` and `mask [K]` arrays it takes),
+so the detector runs once at extraction and only the transformer trains. The family declares this
+with `consumes`: `finetune run --text visualbert --image-store frcnn` passes the batch's cached
+region arrays to `forward` under `batch["consumed"]["image"]`.
+
+Boxes are position features: the normalised box (x1, y1, x2, y2, area) goes through a linear layer
+(zero-initialised, so a pretrained checkpoint starts unchanged) and is added to each region feature
+before VisualBERT's own visual projection, as ViLBERT's and MMF's image location embeddings.
+
+Presets: `visualbert` (the public `uclanlp/visualbert-vqa-coco-pre` with the `bert-base-uncased`
+tokenizer), `visualbert-tiny` (random init, a WordPiece tokenizer trained on the fly, offline), and
+`visualbert:<id-or-dir>`. `visual_dim` (the region feature width) comes from the store; a checkpoint
+trained on another width (the public ones: 2048-d Detectron features) gets a new visual projection.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mmcache.errors import MMCacheError
+from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
+from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec
+from mmcache.extract.weights import hub_offline, offline_hint
+
+PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
+TINY_VISUALBERT: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                   "intermediate_size": 128, "vocab_size": 1000}
+register_preset("visualbert", "visualbert", model=PUBLIC, tokenizer="bert-base-uncased", max_length=128)
+register_preset("visualbert-tiny", "visualbert", model="tiny", tiny=TINY_VISUALBERT, seed=0, max_length=32)
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_bert_tokenizer(vocab_size: int = 1000) -> Any:
+    """A lower-casing BERT WordPiece tokenizer trained on the tiny RoBERTa's corpus (deterministic, offline)."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
+                           show_progress=False)
+    return BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]:
+    """(VisualBertModel, tokenizer): a seeded tiny random init, or a Hub id / local folder whose visual
+    projection is re-initialised when it was trained on another region width."""
+    from transformers import AutoTokenizer, VisualBertConfig, VisualBertModel
+
+    name = str(cfg["model"])
+    if name == "tiny":
+        tok = tiny_bert_tokenizer(int(cfg["tiny"].get("vocab_size", 1000)))
+        conf = VisualBertConfig(**{**cfg["tiny"], "vocab_size": len(tok)}, visual_embedding_dim=visual_dim,
+                                pad_token_id=tok.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.get("seed", 0)))
+            model = VisualBertModel(conf)
+        return model, tok
+    local = _is_path(name)
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
+    offline = None if local else hub_offline()
+    tok_name = str(cfg.get("tokenizer") or name)
+    if local and not cfg.get("tokenizer") and not any(
+            os.path.isfile(os.path.join(os.path.expanduser(name), f)) for f in ("vocab.txt", "tokenizer.json")):
+        raise MMCacheError(f"{name} holds no tokenizer (vocab.txt / tokenizer.json); save one there or pass "
+                           "tokenizer=bert-base-uncased (or its folder) in the preset options")
+    try:
+        conf = VisualBertConfig.from_pretrained(name, local_files_only=bool(offline))
+        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=bool(offline) or _is_path(tok_name))
+        model = VisualBertModel.from_pretrained(name, local_files_only=bool(offline), visual_embedding_dim=visual_dim,
+                                                ignore_mismatched_sizes=True)
+    except (OSError, ValueError) as e:
+        if offline:
+            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
+        raise MMCacheError(f"could not load {name!r} ({str(e).strip().splitlines()[0]}); save the model "
+                           f"(save_pretrained) and pass the folder, e.g. {example}") from None
+    if int(conf.visual_embedding_dim) != visual_dim:
+        print(f"note: {name} was trained on {conf.visual_embedding_dim}-d region features, the store holds "
+              f"{visual_dim}-d ones: its visual projection starts from a new random init", file=sys.stderr)
+    return model, tok
+
+
+@register_family("visualbert")
+class VisualBertExtractor(Extractor):
+    """Text tokens + cached image regions -> `pooled` (VisualBERT's pooler, the [CLS] state as MMF classifies),
+    `tokens [T+K,h]` (text then regions) and `mask [T+K]`."""
+
+    modalities = ("text", "context")
+    # Arrays this family reads from another modality's feature store at forward time.
+    consumes: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("tokens", "boxes", "mask")}
+    options = ("model", "tiny", "seed", "tokenizer", "max_length", "visual_dim", "boxes", "tokens")
+    choices = {"boxes": (True, False), "tokens": (True, False)}
+
+    def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
+        super().__init__(preset, config, modality)
+        if self.config.get("visual_dim") is None:
+            raise MMCacheError(f"preset {preset!r} reads image regions from a feature store: use it in `finetune run` "
+                               f"with --image-store NAME (e.g. frcnn), which sets visual_dim from the store")
+        self.visual_dim = int(self.config["visual_dim"])
+        self.max_length = int(self.config.get("max_length", 128))
+        self.use_boxes = bool(self.config.get("boxes", True))
+        self.with_tokens = bool(self.config.get("tokens", True))
+        self.config.update(hf_weights_spec(str(self.config["model"])))
+        example = f"--{modality} visualbert:/models/{PUBLIC.rsplit('/', 1)[-1]}"
+        self.model, self.tokenizer = _load(self.config, self.visual_dim, example)
+        self.model.eval()
+        # Box (x1, y1, x2, y2, area) -> region-feature space, added to each region before the visual projection.
+        self.box_proj = nn.Linear(5, self.visual_dim) if self.use_boxes else None
+        if self.box_proj is not None:
+            nn.init.zeros_(self.box_proj.weight)
+            nn.init.zeros_(self.box_proj.bias)
+        self.requires_grad_(False)
+
+    @staticmethod
+    def parse_preset(name: str) -> dict[str, Any] | None:
+        """`visualbert:<hf-id-or-dir>` -> a visualbert config (the bert-base-uncased tokenizer for a Hub id)."""
+        if not name.startswith("visualbert:"):
+            return None
+        target = name[len("visualbert:"):]
+        if os.path.isdir(os.path.expanduser(target)):
+            return {"model": os.path.abspath(os.path.expanduser(target)), "max_length": 128}
+        return {"model": target, "tokenizer": "bert-base-uncased", "max_length": 128}
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The raw text field this encoder reads (the regions come from a store)."""
+        return (self.modality,)
+
+    def preprocess(self, decoded: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Tokenise one text, padded / truncated to `max_length`."""
+        text = decoded[self.modality]
+        if not isinstance(text, str):
+            raise DecodeError(f"expected a text, got {type(text).__name__}")
+        enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Token ids + `batch["consumed"]["image"]` ({tokens [B,K,d], boxes [B,K,5], mask [B,K]}) -> outputs."""
+        regions = (batch.get("consumed") or {}).get("image")
+        if regions is None:
+            raise MMCacheError(f"{self.preset} needs the batch's image regions from a feature store; pass "
+                               "--image-store NAME to `finetune run`")
+        feats = regions["tokens"].to(self.model.dtype)
+        if feats.shape[-1] != self.visual_dim:
+            raise MMCacheError(f"{self.preset} was built for {self.visual_dim}-d regions, the store gives "
+                               f"{feats.shape[-1]}-d ones")
+        if self.box_proj is not None:
+            feats = feats + self.box_proj(regions["boxes"].to(feats.dtype))
+        vmask = regions["mask"].long()
+        mask = batch["attention_mask"]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=mask, visual_embeds=feats,
+                         visual_attention_mask=vmask, visual_token_type_ids=torch.ones_like(vmask))
+        res = {"pooled": out.pooler_output}
+        if self.with_tokens:
+            res.update(tokens=out.last_hidden_state, mask=torch.cat([mask, vmask], dim=1).bool())
+        return res
