@@ -256,9 +256,10 @@ def run_params(result: RunResult) -> dict[str, Any]:
     params = _flatten(cfg)
     params.update(_flatten({k: resolved[k] for k in _RESOLVED if k in resolved}, "resolved."))
     head = result.head
-    params["params_total"] = sum(p.numel() for p in head.parameters()) + int(resolved.get("encoder_params", 0))
-    params["params_trainable"] = (sum(p.numel() for p in head.parameters() if p.requires_grad)
-                                  + int(resolved.get("trainable_encoder_params", 0)))
+    stats = resolved.get("train") or {}  # fine-tuning counts the whole model (encoders, head, loss)
+    params["params_total"] = stats.get("total_params", sum(p.numel() for p in head.parameters()))
+    params["params_trainable"] = stats.get("trainable_params",
+                                           sum(p.numel() for p in head.parameters() if p.requires_grad))
     params["device"] = str(resolved.get("device", ""))
     return params
 

@@ -142,3 +142,30 @@ def test_missing_backend_is_one_line(cache: Path, tmp_path: Path, monkeypatch: p
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "runs").exists()  # refused before anything trained
+
+
+def test_finetune_run_is_tracked(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from mmcache.data.demo import generate_demo
+    from mmcache.finetune.run import FinetuneConfig, finetune
+
+    demo = generate_demo(tmp_path / "demo", n=60, seed=1)
+    res = finetune(FinetuneConfig(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"},
+                                  runs_dir=str(tmp_path / "runs"), epochs=2, batch_size=16, num_workers=0, quiet=True,
+                                  head_hparams={"D": 16}, run_name="ft", track="tensorboard"))
+    assert res is not None
+    s = _scalars(tmp_path / "runs" / "tensorboard" / "demo" / "ft")
+    assert [step for step, _ in s["epoch/train_loss"]] == [1, 2]
+    assert s["test/label/accuracy"][0][1] == pytest.approx(res.metrics["test"]["label"]["accuracy"], rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "tensorboard" / "demo" / "ft"))
+    acc.Reload()
+    info = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    stats = res.config["resolved"]["train"]
+    assert info.hparams["params_total"].number_value == stats["total_params"]
+    # the encoders train too: far more trainable parameters than the head has
+    assert info.hparams["params_trainable"].number_value == stats["trainable_params"] > 10 * sum(
+        p.numel() for p in res.head.parameters())

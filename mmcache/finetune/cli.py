@@ -82,6 +82,8 @@ def run(
     init_head: Annotated[Path | None, typer.Option(help="Start the head from this `heads train` run folder (same "
                                                         "head, hyperparameters and input shapes).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold for datasets without official splits.")] = None,
+    track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
+                                                    "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
 ) -> None:
     """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
 
@@ -112,7 +114,7 @@ def run(
         grad_checkpointing=grad_checkpointing, save_every=save_every, resume=resume,
         init_head=str(init_head) if init_head else None, amp=amp, num_workers=num_workers, limit=limit,
         select_metric=select, seed=seed, device=device, run_name=run_name,
-        dataset_options={} if fold is None else {"fold": fold},
+        dataset_options={} if fold is None else {"fold": fold}, track=track,
     )
     res = finetune(cfg)
     if res is not None:  # rank 0

@@ -149,6 +149,7 @@ class FinetuneConfig:
     quiet: bool = False
     context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
     cache_dir: str = "cache"  # where feature stores (`stores`) and captions stores are read
+    track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
 
 
 class CachedInputs:
@@ -593,6 +594,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     t0 = time.perf_counter()
     rank, world, local_rank = _dist()
     check_stores(cfg)
+    from mmcache.tracking import require
+
+    require(cfg.track)  # a missing backend stops the run before any training
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
     for flag, number, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
@@ -846,6 +850,11 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         remove_checkpoints(run_dir)  # the run folder now holds the result
     if world > 1:
         import torch.distributed as dist
+        if cfg.track:
+            from mmcache.tracking import track
+
+            tags = {"kind": "finetune", "dataset": cfg.dataset, "seed": str(cfg.seed)}
+            track(cfg.track, cfg.dataset, cfg.runs_dir, [(run_dir.name, result, tags)])
 
         dist.barrier()
         dist.destroy_process_group()
