@@ -244,6 +244,10 @@ def test_data_show_of_every_adapter_runs_without_torch(tmp_path: Path) -> None:
 TINY = sorted(p for p in PRESETS if p.endswith("-tiny"))
 FULL = sorted(p for p in PRESETS if not p.endswith("-tiny"))
 TINY_PAIRS = [(p, m) for p in TINY for m in FAMILIES[PRESETS[p]["family"]].modalities]
+# Families that read other modalities' stored arrays at forward time (`consumes`) run in `finetune run` only.
+CONSUMING = {f for f, cls in FAMILIES.items() if cls.consumes}
+STORED_PAIRS = [(p, m) for p, m in TINY_PAIRS if PRESETS[p]["family"] not in CONSUMING]
+REGION_DIM = 16  # the region width the contract feeds to consuming families
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -291,6 +295,7 @@ FULL_SIZE_CHECKS: dict[str, Callable[[str], Callable[[dict[str, Any]], None]]] =
     "r3d": lambda p: _torchvision_catalogue,
     "frcnn": lambda p: _torchvision_catalogue,
     "roberta": lambda p: _hf_name,
+    "visualbert": lambda p: _hf_name,
     "nli-teacher": lambda p: _hf_name,
     "mel": _buildable_offline,  # no weights: built for real
 }
@@ -413,7 +418,27 @@ def odd_inputs(d: Path) -> dict[str, list[OddInput]]:
 @functools.cache
 def tiny_extractor(preset: str, modality: str) -> Any:
     """One build per (preset, modality) for the whole module (teachers get the 3-way class names)."""
-    return build_extractor(preset, modality, **({"label_space": SPACE} if modality == "teacher" else {}))
+    extra: dict[str, Any] = {"label_space": SPACE} if modality == "teacher" else {}
+    if PRESETS[preset]["family"] in CONSUMING:
+        extra["visual_dim"] = REGION_DIM
+    return build_extractor(preset, modality, **extra)
+
+
+def consumed_rows(ext: Any, n: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Stored arrays of `n` rows for a family that consumes them: random regions, boxes, the first K-1 real."""
+    g = torch.Generator().manual_seed(n)
+    k = 4
+    rows = {"tokens": torch.randn(n, k, REGION_DIM, generator=g), "boxes": torch.rand(n, k, 5, generator=g),
+            "mask": torch.arange(k).expand(n, k) < k - 1}
+    return {m: {key: rows[key] for key in keys} for m, keys in ext.consumes.items()}
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in TINY if PRESETS[p]["family"] in CONSUMING))
+def test_consuming_family_refuses_extraction_in_one_line(preset: str) -> None:
+    cls = FAMILIES[PRESETS[preset]["family"]]
+    with pytest.raises(MMCacheError, match="finetune run") as err:
+        build_extractor(preset, cls.modalities[0])
+    assert "\n" not in str(err.value)
 
 
 @dataclasses.dataclass
@@ -465,7 +490,7 @@ def extracted(odd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
     return get
 
 
-@pytest.mark.parametrize(("preset", "modality"), TINY_PAIRS)
+@pytest.mark.parametrize(("preset", "modality"), STORED_PAIRS)
 def test_tiny_extractor_writes_good_inputs_and_records_bad_ones(preset: str, modality: str,
                                                                  extracted: Callable[[str, str], Extracted]) -> None:
     run = extracted(preset, modality)
@@ -491,7 +516,7 @@ def test_tiny_extractor_writes_good_inputs_and_records_bad_ones(preset: str, mod
         assert reader.load(keys=["mask"])["mask"].any(-1).all(), "a written row has no real token"
 
 
-@pytest.mark.parametrize(("preset", "modality"), TINY_PAIRS)
+@pytest.mark.parametrize(("preset", "modality"), STORED_PAIRS)
 def test_tiny_extractor_store_rows_equal_a_direct_forward_and_resume(preset: str, modality: str,
                                                                       extracted: Callable[[str, str], Extracted]) -> None:
     run = extracted(preset, modality)
@@ -536,8 +561,9 @@ def test_tiny_extractor_forward_backward_as_finetune_runs_it(preset: str, modali
     good = {f: [v for _, v, ok in odd[f] if ok] for f in ext.inputs}
 
     def batch(rows: range) -> Any:
-        return ext.collate([ext.preprocess({f: DECODERS[f](good[f][r % len(good[f])], opts) for f in ext.inputs})
-                            for r in rows])
+        out = ext.collate([ext.preprocess({f: DECODERS[f](good[f][r % len(good[f])], opts) for f in ext.inputs})
+                           for r in rows])
+        return {**out, "consumed": consumed_rows(ext, len(rows))} if ext.consumes else out
 
     with torch.inference_mode():
         one, three = ext(batch(range(1))), ext(batch(range(1, 4)))

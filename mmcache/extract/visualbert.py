@@ -12,7 +12,7 @@ before VisualBERT's own visual projection, as ViLBERT's and MMF's image location
 
 Presets: `visualbert` (the public `uclanlp/visualbert-vqa-coco-pre` with the `bert-base-uncased`
 tokenizer), `visualbert-tiny` (random init, a WordPiece tokenizer trained on the fly, offline), and
-`visualbert:<id-or-dir>`. `visual_dim` (the region feature width) comes from the store; a checkpoint
+`visualbert:<id-or-dir>` (a folder's own tokenizer is used when it holds one). `visual_dim` (the region feature width) comes from the store; a checkpoint
 trained on another width (the public ones: 2048-d Detectron features) gets a new visual projection.
 """
 
@@ -70,9 +70,11 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
     offline = None if local else hub_offline()
-    tok_name = str(cfg.get("tokenizer") or name)
-    if local and not cfg.get("tokenizer") and not any(
-            os.path.isfile(os.path.join(os.path.expanduser(name), f)) for f in ("vocab.txt", "tokenizer.json")):
+    # A folder's own tokenizer wins; else the `tokenizer` option (the public checkpoints ship none).
+    has_tok = local and any(os.path.isfile(os.path.join(os.path.expanduser(name), f))
+                            for f in ("vocab.txt", "tokenizer.json"))
+    tok_name = name if has_tok else str(cfg.get("tokenizer") or name)
+    if local and not has_tok and not cfg.get("tokenizer"):
         raise MMCacheError(f"{name} holds no tokenizer (vocab.txt / tokenizer.json); save one there or pass "
                            "tokenizer=bert-base-uncased (or its folder) in the preset options")
     try:
@@ -112,7 +114,8 @@ class VisualBertExtractor(Extractor):
         self.use_boxes = bool(self.config.get("boxes", True))
         self.with_tokens = bool(self.config.get("tokens", True))
         self.config.update(hf_weights_spec(str(self.config["model"])))
-        example = f"--{modality} visualbert:/models/{PUBLIC.rsplit('/', 1)[-1]}"
+        folder = f"/models/{str(self.config['model']).rstrip('/').rsplit('/', 1)[-1]}"
+        example = f"--{modality} visualbert[model={folder}]"
         self.model, self.tokenizer = _load(self.config, self.visual_dim, example)
         self.model.eval()
         # Box (x1, y1, x2, y2, area) -> region-feature space, added to each region before the visual projection.
