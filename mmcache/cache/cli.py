@@ -46,10 +46,10 @@ def dims(reader: StoreReader) -> str:
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
-    """Print rows as an aligned plain-text table."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    """Print rows as an aligned table (rich); counts right-aligned."""
+    from mmcache.tables import render
+
+    typer.echo(render(header, rows, right=["rows", "failed", "size"]))
 
 
 @app.command("ls")
