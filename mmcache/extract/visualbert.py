@@ -12,8 +12,9 @@ before VisualBERT's own visual projection, as ViLBERT's and MMF's image location
 
 Presets: `visualbert` (the public `uclanlp/visualbert-vqa-coco-pre` with the `bert-base-uncased`
 tokenizer), `visualbert-tiny` (random init, a WordPiece tokenizer trained on the fly, offline), and
-`visualbert:<id-or-dir>` (a folder's own tokenizer is used when it holds one). `visual_dim` (the region feature width) comes from the store; a checkpoint
-trained on another width (the public ones: 2048-d Detectron features) gets a new visual projection.
+`visualbert:<id-or-dir>` (a folder's own tokenizer is used when it holds one). `visual_dim` (the
+region feature width) comes from the store; a checkpoint trained on another width (the public
+ones: 2048-d Detectron features) gets a new visual projection.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ register_preset("visualbert-tiny", "visualbert", model="tiny", tiny=TINY_VISUALB
 def tiny_bert_tokenizer(vocab_size: int = 1000) -> Any:
     """A lower-casing BERT WordPiece tokenizer trained on the tiny RoBERTa's corpus (deterministic, offline)."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
                            show_progress=False)
-    return BertTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+    return BertTokenizer(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                              cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 

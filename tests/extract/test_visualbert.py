@@ -28,6 +28,9 @@ def test_outputs_cover_text_and_regions_and_boxes_are_positions() -> None:
     with torch.no_grad():
         out = ext(batch)
     T = ext.max_length
+    # BERT's layout: [CLS] text [SEP] (the pooler reads the [CLS] position).
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    assert ids[0] == ext.tokenizer.cls_token_id and ids[-1] == ext.tokenizer.sep_token_id and len(ids) == 6
     assert out["pooled"].shape == (2, 64) and out["tokens"].shape == (2, T + 3, 64)
     # The mask is the text's attention mask followed by the regions' mask.
     assert torch.equal(out["mask"][:, T:], batch["consumed"]["image"]["mask"])

@@ -145,3 +145,17 @@ def test_hybrid_errors_are_one_line(demo: tuple[Path, Path], tmp_path: Path, kw:
     with pytest.raises(MMCacheError, match=match) as err:
         finetune(_cfg(demo, tmp_path, **kw))
     assert "\n" not in str(err.value)
+
+
+def test_cli_store_flags_reach_the_run(demo: tuple[Path, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmcache.finetune.cli import app
+
+    data, cache = demo
+    res = CliRunner().invoke(app, ["run", "--dataset", "demo", "--data-dir", str(data), "--cache-dir", str(cache),
+                                   "--text", "clip-tiny", "--image", "clip-tiny", "--image-store", "clip"])
+    assert isinstance(res.exception, MMCacheError) and "--image and --image-store" in str(res.exception)
+    res = CliRunner().invoke(app, ["run", "--dataset", "demo", "--data-dir", str(data), "--cache-dir", str(cache),
+                                   "--context-store", "clip"])
+    assert isinstance(res.exception, MMCacheError) and "heads train" in str(res.exception)
