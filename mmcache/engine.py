@@ -228,9 +228,10 @@ class Selector:
 
 
 def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_parts: list[str],
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, taken: set[Path] | None = None) -> Path:
     """`<runs_dir>/<dataset>/<run_name>` (refused when it exists and holds files, unless `overwrite`),
-    or a fresh `<parts>_<time>` folder name that never collides with an existing one."""
+    or a fresh `<parts>_<time>` folder name that never collides with an existing one, nor with a name in
+    `taken` (the folders handed out earlier in the same call, not yet written; the new one is added)."""
     base = Path(runs_dir) / dataset
     if run_name:
         d = base / run_name
@@ -238,10 +239,12 @@ def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_p
             raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
         return d
     stem = "_".join([*stem_parts, time.strftime("%Y%m%d-%H%M%S")])
+    taken = taken if taken is not None else set()
     d, k = base / stem, 1
-    while d.exists():
+    while d.exists() or d in taken:
         k += 1
         d = base / f"{stem}-{k}"
+    taken.add(d)
     return d
 
 

@@ -122,3 +122,21 @@ def test_runs_table_loads_no_torch(runs: Path) -> None:
             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code, str(runs)], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip().splitlines()[-1] == "False", res.stderr
+
+
+def test_sweep_save_runs_gives_each_run_its_own_folder(tmp_path: Path) -> None:
+    from mmcache.heads.sweep import run_sweep
+    from mmcache.runs import collect
+
+    cache = tmp_path / "cache"
+    build_cache(cache, n=120)
+    base = TrainConfig(dataset="toy", modalities={"image": "feat", "text": "feat"}, cache_dir=str(cache),
+                       runs_dir=str(tmp_path / "runs"), epochs=2, batch_size=64, head_hparams={"D": 4})
+    rows = run_sweep(base, [("lr=0.01", {"lr": 0.01}), ("lr=0.003", {"lr": 0.003})], seeds=[0, 1], save_runs=True)
+    dirs = {r["run_dir"] for r in rows}
+    assert len(dirs) == 4  # configs sharing a name stem and a second never share (and overwrite) a folder
+    for r in rows:
+        conf = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert (conf["lr"], conf["seed"]) == (r["lr"], r["seed"])
+    assert sorted((x["lr"], x["seed"]) for x in collect(tmp_path / "runs")) == [
+        (0.003, 0), (0.003, 1), (0.01, 0), (0.01, 1)]

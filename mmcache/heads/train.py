@@ -475,11 +475,13 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
         results[i] = e
 
     devices: dict[int, str] = {}
+    handed_out: set[Path] = set()  # generated run folder names: each config of the call gets its own
     for i, cfg in enumerate(cfgs):
         try:
             validate_config(cfg)
             if cfg.save:  # refuse an existing run folder before training, not after
-                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _run_stem(cfg), cfg.overwrite)
+                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _run_stem(cfg), cfg.overwrite,
+                                          taken=handed_out)
             devices[i] = pick_device(cfg.device)
         except MMCacheError as e:
             fail(i, e)
