@@ -696,6 +696,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if world > 1:
         # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    if ckpt is not None:  # after DDP, which sets every rank's buffers to rank 0's
+        model.load_state_dict(ckpt["buffers"][rank % len(ckpt["buffers"])], strict=False)
     n_total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in crit.parameters())
     n_trainable = sum(p.numel() for p in clip_params)
     if rank == 0 and not cfg.quiet:
@@ -848,13 +850,13 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         mpath = run_dir / "metrics.json"
         write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats})
         remove_checkpoints(run_dir)  # the run folder now holds the result
-    if world > 1:
-        import torch.distributed as dist
         if cfg.track:
             from mmcache.tracking import track
 
             tags = {"kind": "finetune", "dataset": cfg.dataset, "seed": str(cfg.seed)}
             track(cfg.track, cfg.dataset, cfg.runs_dir, [(run_dir.name, result, tags)])
+    if world > 1:
+        import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
@@ -865,7 +867,7 @@ def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch
              selector: Selector, state_keys: list[str], cfg: FinetuneConfig, world: int, rank: int,
              device: torch.device, n_train: int) -> tuple[Progress, list[dict[str, Any]]]:
     """Load a checkpoint into the freshly built model, criterion, optimizer, schedule and selector; set this
-    rank's random streams and buffers. On another number of processes the schedule is rebuilt at the same
+    rank's random streams (its buffers are loaded once DDP wraps the model). On another number of processes the schedule is rebuilt at the same
     progress (and rank r takes saved rank r mod the saved count's streams)."""
     weights = ckpt["weights"]
     missing = [k for k in state_keys if k not in weights]
@@ -897,7 +899,6 @@ def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch
     selector.best_value, selector.best_epoch = sel["best_value"], int(sel["best_epoch"])
     selector.stale, selector.stopped = int(sel["stale"]), bool(sel["stopped"])
     selector.best_state = dict(ckpt["best_state"]) or None
-    rngs, buffers = ckpt["rng"], ckpt["buffers"]
-    model.load_state_dict(buffers[rank % len(buffers)], strict=False)
+    rngs = ckpt["rng"]
     set_rng_state(rngs[rank % len(rngs)], device)
     return prog, list(ckpt["curves"])

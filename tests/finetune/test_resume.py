@@ -176,7 +176,7 @@ def _tag_step(run: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """A real process (LoRA on both CLIP towers) killed with SIGKILL at a random step, then the same run again."""
-    demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 40 train rows: 3 steps per epoch
+    demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 43 train rows: 3 steps per epoch
     runs = tmp_path / "runs"
     cfg = dict(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"}, lora=True,
                lora_r=4, epochs=2, batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3, save_every=1,
@@ -202,3 +202,72 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     res = finetune(FinetuneConfig(**cfg, run_name="k"))  # type: ignore[arg-type]
     assert res is not None and res.run_dir == run
     _assert_same_run(ref.run_dir, run)  # type: ignore[arg-type]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _torchrun(args: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "mmcache.finetune.cli", "run", *args]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
+    """A 2-process (gloo) run killed at a random step resumes on 2 processes to the uninterrupted run's result,
+    and on 1 process to a finished run."""
+    import shutil
+
+    demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 43 train rows: 22 and 21 per rank, 3 batches of 8
+    runs = tmp_path / "runs"
+    args = ["--dataset", "demo", "--data-dir", str(demo), "--image", "clip-tiny", "--text", "clip-tiny", "--lora",
+            "--lora-r", "4", "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--D", "32", "--lr", "1e-3",
+            "--save-every", "1", "--runs-dir", str(runs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ref = subprocess.run(_torchrun([*args, "--run-name", "ref"], 29541), capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    kill_at = random.Random().randint(1, 4)  # checkpoints at steps 1, 2, 3 (epoch end), 4, 5, 6 (the last)
+    proc = subprocess.Popen(_torchrun([*args, "--run-name", "k"], 29542), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    run = runs / "demo" / "k"
+    deadline = time.monotonic() + 300
+    while _tag_step(run) < kill_at and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher and both workers
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, err = proc.communicate(timeout=60)
+    assert not (run / "metrics.json").exists(), f"the run ended before step {kill_at}: {err.decode()[-1500:]}"
+    assert latest_checkpoint(run) is not None
+    ck = load_checkpoint(latest_checkpoint(run))  # type: ignore[arg-type]
+    assert ck["world"] == 2 and len(ck["rng"]) == 2  # every rank's random streams
+    shutil.copytree(run, runs / "demo" / "one")
+    res = subprocess.run(_torchrun([*args, "--run-name", "k"], 29543), capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stderr
+    _assert_same_run(runs / "demo" / "ref", run)
+    # The same checkpoint continued by one process: the schedule is re-planned, the run finishes.
+    one = finetune(FinetuneConfig(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"},
+                                  lora=True, lora_r=4, epochs=2, batch_size=8, num_workers=0, head_hparams={"D": 32},
+                                  lr=1e-3, save_every=1, runs_dir=str(runs), run_name="one", quiet=True))
+    assert one is not None and [c["epoch"] for c in one.curves] == [1, 2]
+    n_train = one.config["resolved"]["rows"]["train"]
+    assert json.loads((runs / "demo" / "one" / "metrics.json").read_text())["train"]["samples"] == 2 * n_train
