@@ -453,7 +453,7 @@ def predict_cmd(
 ) -> None:
     """Predict new data with a trained run: extracts the run's features into its own cache, writes id, predicted,
     p_<class>... (label where the data has one; inputs that cannot be encoded get a reason)."""
-    from mmcache.heads.cli import parse_kv
+    from mmcache.cliutil import parse_kv
 
     path, preds = predict_to_csv(run, data=data, dataset=dataset, data_dir=data_dir,
                                  dataset_options=parse_kv(option, "--option"), split=split, out=out,
