@@ -164,15 +164,20 @@ def _cell(v: Any, col: str) -> str:
     return str(v)
 
 
-def runs_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
-    """The table of `rows` as text (rich), markdown or CSV; metric columns no run has are left out."""
+def runs_table(rows: list[dict[str, Any]], fmt: str = "text", columns: Sequence[str] | None = None) -> str:
+    """The table of `rows` as text (rich), markdown or CSV: `columns` (default every column; metric and fold
+    columns that no run has are left out)."""
     from mmcache.tables import FORMATS, render
 
     if fmt not in FORMATS:
         raise MMCacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    unknown = [c for c in columns or () if c not in COLUMNS]
+    if unknown:
+        raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
     if not rows:
-        return "(no runs)" if fmt != "csv" else ",".join(COLUMNS)
-    cols = [c for c in COLUMNS if c not in (*METRICS, "fold") or any(r.get(c) is not None for r in rows)]
+        return "(no runs)" if fmt != "csv" else ",".join(columns or COLUMNS)
+    cols = list(columns) if columns else [c for c in COLUMNS if c not in (*METRICS, "fold")
+                                          or any(r.get(c) is not None for r in rows)]
     if fmt == "csv":
         body = [[r.get(c) for c in cols] for r in rows]
     else:

@@ -99,6 +99,8 @@ def test_text_and_markdown_tables(runs: Path, monkeypatch: pytest.MonkeyPatch, c
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:4] == ["run", "kind", "dataset", "stores"] and "test_accuracy" in lines[0]
     assert len(lines) == 2 + 3 and all("toy/" in ln for ln in lines[2:])
+    _, out, _ = heads(["--runs-dir", str(runs), "--dataset", "toy", "--columns", "run,val,seed"], monkeypatch, capsys)
+    assert out.splitlines()[0].split() == ["run", "val", "seed"]
     code, out, _ = heads(["--runs-dir", str(runs), "--format", "md", "--dataset", "demo"], monkeypatch, capsys)
     md = out.splitlines()
     assert md[0].startswith("| run") and set(md[1]) <= {"|", "-", ":"} and "demo/ft" in md[2]
@@ -108,6 +110,7 @@ def test_text_and_markdown_tables(runs: Path, monkeypatch: pytest.MonkeyPatch, c
     (["--where", "head"], "--where expects KEY=VALUE"),
     (["--sort", "nope"], "--sort 'nope': unknown column"),
     (["--format", "html"], "--format 'html'"),
+    (["--columns", "run,nope"], "--columns: unknown column(s) ['nope']"),
     (["--runs-dir", "/no/such/folder"], "does not exist"),
 ])
 def test_user_errors_are_one_line(runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -252,14 +252,16 @@ def runs_cmd(
     fmt: Annotated[str, typer.Option("--format", help="text, md or csv.")] = "text",
     best: Annotated[bool, typer.Option("--best", help="Only the best run (val selection metric) per dataset, "
                                                       "stores and head.")] = False,
+    columns: Annotated[str | None, typer.Option(help="Comma list of columns to show (default: all).")] = None,
 ) -> None:
     """One table over every run folder (heads train, sweeps with --save-runs, CV folds, finetune run)."""
     from mmcache.runs import best_per_group, collect, runs_table, sort_rows
 
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     rows = collect(runs_dir, dataset, where or [])
     if best:
         rows = best_per_group(rows)
-    typer.echo(runs_table(sort_rows(rows, sort), fmt))
+    typer.echo(runs_table(sort_rows(rows, sort), fmt, cols))
 
 
 if __name__ == "__main__":
