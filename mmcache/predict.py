@@ -73,7 +73,8 @@ def extractor_from_spec(spec: dict[str, Any]) -> Extractor:
 
 
 def _store_extractor(config: dict[str, Any], modality: str, name: str, cache_dir: str | None) -> tuple[Extractor, str]:
-    """The extractor of store `modality/name` a `heads train` run was trained on, and the store's dtype."""
+    """The extractor of store `modality/name` a run was trained on (a `heads train` run's, or a hybrid
+    `finetune run`'s stored modality), and the store's dtype."""
     from mmcache.cache.store import StoreReader, store_path
 
     root = cache_dir or config.get("cache_dir", "cache")
@@ -132,7 +133,8 @@ class Predictor:
     @classmethod
     def load(cls, run: str | Path, device: str | None = None, run_cache_dir: str | None = None) -> Predictor:
         """Rebuild run folder `run` (a `heads train` or a `finetune run` folder) for prediction.
-        `run_cache_dir`: where a `heads train` run's stores are (default: its `cache_dir`)."""
+        `run_cache_dir`: where the run's stores are (a `heads train` run's, or a hybrid `finetune run`'s
+        stored modalities; default: its `cache_dir`)."""
         from mmcache.extract.base import build_extractor
         from mmcache.heads.train import load_run
         from mmcache.utils import pick_device
@@ -149,6 +151,9 @@ class Predictor:
             for m in config["encoders"]:
                 extractors[m] = build_extractor(f"finetuned:{run_dir.absolute()}", m)
                 names[m], dtypes[m] = "finetuned", "float32"  # the head saw the live encoders' float32 outputs
+            for m, name in (config.get("stores") or {}).items():  # a hybrid run's stored modalities
+                extractors[m], dtypes[m] = _store_extractor(config, m, name, run_cache_dir)
+                names[m] = name
         elif isinstance(config.get("modalities"), dict):
             for m, name in config["modalities"].items():
                 extractors[m], dtypes[m] = _store_extractor(config, m, name, run_cache_dir)

@@ -221,3 +221,24 @@ def test_finetuned_encoder_as_an_extractor_preset(setup: dict[str, Path], ft_run
         build_extractor(f"finetuned:{setup['run']}", "image")
     with pytest.raises(MMCacheError, match="fine-tuned image, text encoders, not 'audio'"):
         build_extractor(f"finetuned:{ft_run}", "audio")
+
+
+def test_hybrid_finetuned_run_predicts_with_its_stored_modality(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A `finetune run` that read image features from a store: the store's extractor encodes new images."""
+    res = finetune(FinetuneConfig(dataset="demo", data_dir=str(setup["demo"]), encoders={"text": "clip-tiny"},
+                                  stores={"image": "clip"}, cache_dir=str(setup["cache"]), lora=True, lora_r=4,
+                                  epochs=1, batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3,
+                                  runs_dir=str(tmp_path / "runs"), run_name="hy", quiet=True))
+    assert res is not None and res.run_dir is not None
+    pred = Predictor.load(res.run_dir, device="cpu")
+    assert pred.extractors["image"].preset == "clip-tiny" and pred.dtypes["image"] == "float16"
+    _, preds = predict_to_csv(res.run_dir, data=setup["table"], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc",
+                              progress=False)
+    by_id = {p.id: p for p in preds}
+    assert by_id["broken"].label is None and "image" in (by_id["broken"].error or "")
+    assert sum(p.label is not None for p in preds) == len(preds) - 2
+    # The test split through the raw files gives the run's own test metrics.
+    out, _ = predict_to_csv(res.run_dir, out=tmp_path / "t.csv", cache_dir=tmp_path / "pc", progress=False)
+    rows = _read(out)
+    metrics = json.loads((res.run_dir / "metrics.json").read_text())["splits"]["test"]["label"]
+    assert sum(r["label"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])

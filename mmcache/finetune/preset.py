@@ -58,7 +58,13 @@ def load_finetuned_encoder(run: Path, modality: str) -> tuple[Extractor, dict[st
     names = {f.name for f in fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in config.items() if k in names})
     enc = build_encoder(modality, encoders[modality])
+    if enc.consumes:
+        raise MMCacheError(f"{run}: its {modality} encoder {encoders[modality]!r} reads "
+                           f"{', '.join(enc.consumes)} features from a store while it encodes; it cannot be used as an "
+                           "extractor on its own")
     trained = config.get("resolved", {}).get("specs", {}).get(modality)
+    if trained is not None and "context_from" in trained:
+        enc.config["context_from"] = trained["context_from"]  # which texts the run's context encoder read
     diff = _spec_diff(trained, enc.spec) if trained is not None else []
     if diff:
         raise MMCacheError(f"{run}: the {modality} encoder {encoders[modality]!r} is not the one the run was trained "
