@@ -79,7 +79,8 @@ LORA_TARGETS: dict[str, list[str]] = {
     "resnet": ["fc"],
 }
 # Options that may change when a run resumes (where and how it runs, not what it computes).
-RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_every", "run_name", "runs_dir")
+RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_every", "run_name", "runs_dir",
+               "track")
 CHECKPOINT_VERSION = 1
 
 

@@ -271,3 +271,17 @@ def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
     assert one is not None and [c["epoch"] for c in one.curves] == [1, 2]
     n_train = one.config["resolved"]["rows"]["train"]
     assert json.loads((runs / "demo" / "one" / "metrics.json").read_text())["train"]["samples"] == 2 * n_train
+
+
+def test_where_and_how_a_run_goes_may_change_on_resume(demo_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(_Stop):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True, save_every=1))
+    monkeypatch.undo()
+    res = finetune(_cfg(demo_dir, runs, freeze_encoders=True, save_every=0, device="cpu", track=None, quiet=True))
+    assert res is not None and [c["epoch"] for c in res.curves] == [1, 2]
+    from mmcache.finetune.run import RESUME_FREE
+
+    assert {"num_workers", "device", "save_every", "track", "quiet"} <= set(RESUME_FREE)
