@@ -129,3 +129,23 @@ def test_sweep_cli(make_cache: Callable[..., Path], tmp_path: Path) -> None:
     assert "head=linear" in res.output and "head=gated" in res.output and "test_accuracy" in res.output
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["head"] for r in rows] == ["linear", "gated"] and all("error" not in r for r in rows)
+
+
+def test_table_shows_chosen_columns() -> None:
+    summary = [{"config": "a", "runs": 2, "stores": "image-x", "head": "linear", "D": 8, "lr": 0.01,
+                "val_auroc": 0.9, "val_auroc_std": 0.01, "val_accuracy": 0.8, "test_auroc": 0.85, "test_accuracy": 0.7,
+                "test_macro_f1": 0.6, "test_weighted_f1": 0.65, "seconds": 1.5},
+               {"config": "b", "runs": 2, "stores": "image-x", "head": "gated", "D": 8, "lr": 0.01,
+                "val_auroc": 0.8, "val_accuracy": 0.7, "test_auroc": 0.75, "test_accuracy": 0.6,
+                "test_macro_f1": 0.5, "test_weighted_f1": 0.55, "seconds": 2.0}]
+    # the selection metric (val and test), test accuracy and macro F1; of the describing columns only what varies
+    header = format_table(summary).splitlines()[0].split()
+    assert header == ["config", "head", "runs", "val_auroc", "test_auroc", "test_accuracy", "test_macro_f1", "seconds"]
+    table = format_table(summary)
+    assert "0.9000 ± 0.0100" in table and "test_weighted_f1" not in table
+    chosen = format_table(summary, columns=["config", "test_weighted_f1"])
+    assert chosen.splitlines()[0].split() == ["config", "test_weighted_f1"] and "0.6500" in chosen
+    md = format_table(summary, "md").splitlines()[0]
+    assert "test_weighted_f1" in md and "stores" in md  # the markdown file keeps every column
+    with pytest.raises(MMCacheError, match=r"--columns: unknown column\(s\) \['nope'\]"):
+        format_table(summary, columns=["nope"])
