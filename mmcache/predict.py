@@ -453,13 +453,16 @@ def predict_cmd(
                                                            "cache_dir); their specs rebuild the extractors.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Inputs per batch.")] = 64,
-    num_workers: Annotated[int, typer.Option(min=0, help="Decoding workers.")] = 0,
+    num_workers: Annotated[int | None, typer.Option(min=0, help="Decoding workers (default: cores-1, max 8).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Predict new data with a trained run: extracts the run's features into its own cache, writes id, predicted,
     p_<class>... (label where the data has one; inputs that cannot be encoded get a reason)."""
     from mmcache.cliutil import parse_kv
+    from mmcache.extract.runner import usable_cores
 
+    if num_workers is None:
+        num_workers = min(8, max(0, usable_cores() - 1))
     path, preds = predict_to_csv(run, data=data, dataset=dataset, data_dir=data_dir,
                                  dataset_options=parse_kv(option, "--option"), split=split, out=out,
                                  cache_dir=cache_dir, run_cache_dir=run_cache_dir, device=device,

@@ -868,8 +868,8 @@ def _restore(ckpt: dict[str, Any], model: LiveModel, crit: nn.Module, opt: torch
              selector: Selector, state_keys: list[str], cfg: FinetuneConfig, world: int, rank: int,
              device: torch.device, n_train: int) -> tuple[Progress, list[dict[str, Any]]]:
     """Load a checkpoint into the freshly built model, criterion, optimizer, schedule and selector; set this
-    rank's random streams (its buffers are loaded once DDP wraps the model). On another number of processes the schedule is rebuilt at the same
-    progress (and rank r takes saved rank r mod the saved count's streams)."""
+    rank's random streams (its buffers are loaded once DDP wraps the model). On another number of processes
+    the schedule is rebuilt at the same progress (and rank r takes saved rank r mod the saved count's streams)."""
     weights = ckpt["weights"]
     missing = [k for k in state_keys if k not in weights]
     if missing:
