@@ -613,6 +613,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     cfg = replace(cfg, head=head_name, head_hparams={**(init["hparams"] if init else {}), **cfg.head_hparams})
     HEADS.get(head_name)  # an unknown head is refused before any data is read
     run_dir, ckpt_path = resolve_run_dir(cfg)
+    if ckpt_path is None and not cfg.run_name and rank == 0 and not cfg.quiet:
+        print(f"run folder {run_dir}; if the run stops, continue it with --run-name {run_dir.name}", file=sys.stderr)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if ckpt is not None:
         check_resume_config(ckpt["config"], cfg, ckpt_path)  # type: ignore[arg-type]

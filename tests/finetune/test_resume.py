@@ -285,3 +285,17 @@ def test_where_and_how_a_run_goes_may_change_on_resume(demo_dir: Path, tmp_path:
     from mmcache.finetune.run import RESUME_FREE
 
     assert {"num_workers", "device", "save_every", "track", "quiet"} <= set(RESUME_FREE)
+
+
+def test_an_unnamed_run_says_how_to_continue_and_resume_finds_it(demo_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(_Stop):
+        finetune(_cfg(demo_dir, runs, freeze_encoders=True, run_name=None, quiet=False))
+    monkeypatch.undo()
+    (run,) = (runs / "demo").iterdir()
+    assert f"continue it with --run-name {run.name}" in capsys.readouterr().err
+    res = finetune(_cfg(demo_dir, runs, freeze_encoders=True, run_name=None, resume=True))
+    assert res is not None and res.run_dir == run and len(res.curves) == 2
