@@ -604,6 +604,7 @@ HEAD_HPARAMS: dict[str, dict[str, Any]] = {
     "gated": {"D": 8},
     "xattn": {"D": 8, "heads": 2},
     "scabg": {"hidden": 8, "heads": 2, "out_dim": 8, "branch_heads": 2, "queries": 2},
+    "scabg-ref": {"hidden": 8, "heads": 2, "out_dim": 8, "branch_heads": 2, "queries": 2},
     "transformer": {"D": 8, "heads": 2, "layers": 2},
 }
 INPUTS = {"image": {"pooled": (12,), "tokens": (5, 12), "mask": (5,)},
