@@ -172,6 +172,9 @@ class Predictor:
     def predict(self, rows: list[dict[str, Any]] | list[Sample] | list[Any], batch_size: int = 64) -> list[Prediction]:
         """Predict rows given as dicts (`image` path, `text`, ... and an optional `id`) or `Sample`s, in memory."""
         samples = [_as_sample(r, i) for i, r in enumerate(rows)]
+        dup = [k for k, n in Counter(s.id for s in samples).items() if n > 1]
+        if dup:
+            raise MMCacheError(f"duplicate row ids {dup[:5]}; give each row its own id (or none: the row's position)")
         feats, failed = self._encode(samples, batch_size)
         return self._predict(samples, feats, failed)
 
@@ -179,7 +182,7 @@ class Predictor:
         import torch
         from torch.utils.data import DataLoader
 
-        from mmcache.extract.runner import BatchCollate, DecodeDataset, merge_decode_options, to_device
+        from mmcache.extract.runner import BatchCollate, DecodeDataset, _autocast, merge_decode_options, to_device
 
         mods = list(self.extractors)
         exts = [self.extractors[m] for m in mods]
@@ -197,7 +200,8 @@ class Predictor:
                         failed.setdefault(sid, f"{m}: {reason}")
                     if not ids:
                         continue
-                    out = exts[k](to_device(inputs, dev))
+                    with _autocast(dev, True):  # as extraction runs it (bf16/fp16 on a GPU)
+                        out = exts[k](to_device(inputs, dev))
                     for j, sid in enumerate(ids):
                         rows[m][sid] = {key: self._as_trained(m, out[key][j]) for key in self.head.inputs.get(m, {})}
         return rows, failed

@@ -242,3 +242,8 @@ def test_hybrid_finetuned_run_predicts_with_its_stored_modality(setup: dict[str,
     rows = _read(out)
     metrics = json.loads((res.run_dir / "metrics.json").read_text())["splits"]["test"]["label"]
     assert sum(r["label"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])
+
+
+def test_predictor_refuses_duplicate_row_ids(setup: dict[str, Path]) -> None:
+    with pytest.raises(MMCacheError, match=r"duplicate row ids \['a'\]"):
+        Predictor.load(setup["run"], device="cpu").predict([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}])
