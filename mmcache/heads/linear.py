@@ -88,9 +88,14 @@ class LinearHead(Head):
                 parts.append(ref.new_zeros(ref.shape[0], self.widths[m], dtype=dtype))
                 continue
             x = features[m][self.key].to(dtype)
+            # A row whose vector is not finite (a NaN from a failed upstream step) counts as missing:
+            # it contributes zeros, as an absent modality does, instead of turning the logits into NaN.
+            ok = torch.isfinite(x).all(-1, keepdim=True)
+            x = torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device))
             if self.l2norm:
                 x = F.normalize(x, dim=-1)
-            parts.append(self.branches[m](x) if m in self.branches else x)
+            y = self.branches[m](x) if m in self.branches else x
+            parts.append(torch.where(ok, y, torch.zeros((), dtype=y.dtype, device=y.device)))
         return torch.cat(parts, dim=-1)
 
     def forward(self, features: Features) -> dict[str, torch.Tensor]:  # type: ignore[override]
