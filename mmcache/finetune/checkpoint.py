@@ -33,9 +33,10 @@ def to_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """`obj` as JSON values, each tensor moved to `tensors` under its path and replaced by a reference.
     Tuples, numpy arrays and dicts with non-string keys (an optimizer's parameter indices) are tagged."""
     if isinstance(obj, torch.Tensor):
+        key = path if path not in tensors else f"{path}#{len(tensors)}"  # keys holding dots could meet
         # A copy: saved tensors must not share memory, and a checkpoint never aliases live weights.
-        tensors[path] = obj.detach().cpu().clone().contiguous()
-        return {"__tensor__": path}
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):

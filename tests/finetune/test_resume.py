@@ -83,6 +83,9 @@ def test_tree_round_trip_keeps_tuples_int_keys_and_tensors() -> None:
     assert back["rng"][0]["python"] == random.getstate() and back["inf"] == float("inf")
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt2.load_state_dict(back["optimizer"])  # torch takes it back
+    tensors = {}
+    clash = from_tree(to_tree({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, tensors), tensors)
+    assert clash["a.b"].item() == 1 and clash["a"]["b"].item() == 0
 
 
 def test_checkpoint_write_is_atomic_and_replaces_the_previous(tmp_path: Path) -> None:
