@@ -77,13 +77,23 @@ def _store_extractor(config: dict[str, Any], modality: str, name: str, cache_dir
     `finetune run`'s stored modality), and the store's dtype."""
     from mmcache.cache.store import StoreReader, store_path
 
+    want = config.get("resolved", {}).get("stores", {}).get(f"{modality}/{name}")
+    kept = config.get("resolved", {}).get("store_specs", {}).get(f"{modality}/{name}")
+    if kept and cache_dir is None:
+        # The run recorded its stores' specs: the extractor is rebuilt without the training stores.
+        ext = extractor_from_spec(kept["spec"])
+        if want and ext.spec_hash() != want:
+            diff = _spec_diff(kept["spec"], ext.spec)
+            raise MMCacheError(f"{modality}/{name}: the extractor rebuilt from the run's record has spec hash "
+                               f"{ext.spec_hash()}, the run was trained on {want} ({', '.join(diff) or 'spec'} changed, "
+                               "e.g. a weights file replaced); restore the files the run was trained with, or train again")
+        return ext, str(kept.get("dtype", "float32"))
     root = cache_dir or config.get("cache_dir", "cache")
     path = store_path(root, config["dataset"], modality, name)
     if not path.exists():
         raise MMCacheError(f"{path} not found: predicting rebuilds the extractor of each store the run was trained "
                            "on from the spec kept in that store; pass --run-cache-dir where the run's stores are")
     reader = StoreReader(path)
-    want = config.get("resolved", {}).get("stores", {}).get(f"{modality}/{name}")
     have = str(reader.attrs.get("spec_hash", ""))
     if want and have != want:
         raise MMCacheError(f"{path} was rebuilt with another spec ({have}) since the run was trained on it ({want}); "

@@ -247,3 +247,21 @@ def test_hybrid_finetuned_run_predicts_with_its_stored_modality(setup: dict[str,
 def test_predictor_refuses_duplicate_row_ids(setup: dict[str, Path]) -> None:
     with pytest.raises(MMCacheError, match=r"duplicate row ids \['a'\]"):
         Predictor.load(setup["run"], device="cpu").predict([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}])
+
+
+def test_a_cached_run_predicts_after_its_training_stores_are_gone(setup: dict[str, Path], tmp_path: Path) -> None:
+    """The run records its stores' specs, so new data can be predicted without the training cache."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(setup["cache"], copy)
+    res = train(TrainConfig(dataset="demo", modalities={"image": "clip", "text": "clip"}, cache_dir=str(copy),
+                            runs_dir=str(tmp_path / "runs"), head_hparams={"D": 16}, epochs=2, run_name="gone",
+                            quiet=True))
+    kept = json.loads((res.run_dir / "config.json").read_text())["resolved"]["store_specs"]  # type: ignore[operator]
+    assert kept["image/clip"]["spec"]["preset"] == "clip-tiny" and kept["text/clip"]["dtype"]
+    shutil.rmtree(copy)
+    out, _ = predict_to_csv(res.run_dir, data=setup["table"], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc",
+                            progress=False)
+    rows = _read(out)
+    assert sum(1 for r in rows if r["predicted"]) == len(rows) - 2  # all but the two undecodable inputs

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ class CachedData:
     teacher: torch.Tensor | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # "<modality>/<name>" -> rows missing there
     specs: dict[str, str] = field(default_factory=dict)  # "<modality>/<name>" -> spec hash
+    store_specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "<modality>/<name>" -> full spec, dtype
     fold: int | None = None  # the manifest's cross-validation fold (None: official splits)
     split_seed: int | None = None  # the manifest's split seed
     manifest_split_index: dict[str, torch.Tensor] | None = None  # splits as the manifest has them
@@ -168,9 +170,12 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     inputs: InputSpec = {}
     teacher_list: list[tuple[Path, torch.Tensor]] = []
     specs: dict[str, str] = {}
+    store_specs: dict[str, dict[str, Any]] = {}
     for tag, r in readers.items():
         mod = tag.split("/", 1)[0]
         specs[tag] = str(r.attrs.get("spec_hash", ""))
+        # What rebuilds the extractor later (prediction on new data), even once the store is gone.
+        store_specs[tag] = {"spec": r.spec, "dtype": str(r.attrs.get("dtype", "float32"))}
         if mod == "teacher":
             arr = r.load(ids, keys=["logits"])["logits"]
             teacher_list.append((r.path, torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)))
@@ -203,7 +208,8 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
             _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
                   f"seed {seed}) for validation")
     return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=features, targets=targets,
-                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, fold=man.fold,
+                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, store_specs=store_specs,
+                      fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
                       val_fraction=val_fraction, carved_seed=carved_seed, manifest=man)
 

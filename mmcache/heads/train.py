@@ -448,7 +448,8 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
         "device": device, "threads": torch.get_num_threads(), "head_hparams": m.head.hparams,
         "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
         "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
-        "stores": data.specs, "select": select, "best_epoch": m.best_epoch, "n_params": n_params}}
+        "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
+        "n_params": n_params}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
                      head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds)
 
