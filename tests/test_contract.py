@@ -178,9 +178,7 @@ def annotation_files(root: Path) -> list[Path]:
 BAD_ANNOTATIONS = {"empty": lambda data: b"", "garbage": lambda data: b"\x00\xff\xfe not \x80 what you think\n\x00"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=known_gap("empty annotation files load as a dataset with "
-                                                                  "no samples instead of an error"))
-                                  if n == "hateful-memes" else n for n in ADAPTERS])
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_adapter_refuses_bad_annotations_in_one_line(name: str, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(MMCacheError) as err:
@@ -547,8 +545,7 @@ def test_tiny_extractor_store_rows_equal_a_direct_forward_and_resume(preset: str
     assert StoreReader(run.path).ids == reader.ids
 
 
-TRAIN_GAPS = {"frcnn": "Faster R-CNN in train mode wants detection targets, so `finetune run --image frcnn-...` "
-                       "fails unless the encoder is frozen"}
+TRAIN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(("preset", "modality"), [

@@ -41,6 +41,7 @@ def load_hateful_memes(root: Path, seed: int = 0, unseen: bool = True) -> Datase
             continue
         done.add(split)
         n_unlabeled = 0
+        before = len(samples)
         for n, line in enumerate(text_lines(decode_bytes(path.read_bytes())), 1):
             if not line.strip():
                 continue
@@ -64,6 +65,8 @@ def load_hateful_memes(root: Path, seed: int = 0, unseen: bool = True) -> Datase
                 n_unlabeled += 1
             samples.append(Sample(id=sid, split=split, text=str(row.get("text") or ""), image=str(base / img),
                                   labels=labels))
+        if len(samples) == before:
+            raise MMCacheError(f"{path} holds no meme (an empty or truncated download?); restore the file or remove it")
         notes.append(f"{split}: {path.name}" + (f" ({n_unlabeled} rows without labels)" if n_unlabeled else ""))
     img_dir = base / "img"
     if not img_dir.is_dir():

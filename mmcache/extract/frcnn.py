@@ -82,6 +82,13 @@ class FasterRCNNExtractor(TorchvisionExtractor):
         heads.score_thresh = min(float(cfg["score_thresh"]), float(cfg["candidate_thresh"]))
         heads.detections_per_img = max(CANDIDATES, int(cfg["regions"]))
 
+    def train(self, mode: bool = True) -> Any:
+        """The detector always runs as at inference (proposals and detections need no targets, normalisation
+        keeps its statistics); fine-tuning still trains its weights through the region features."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     @property
     def dim(self) -> int:
         """Width of each region feature and of `pooled` (the box head's representation size)."""
