@@ -97,6 +97,9 @@ def apply_overrides(base: Any, overrides: dict[str, Any]) -> Any:
             raise MMCacheError(f"sweep: set {key} entries one by one (hp.NAME=..., loss.NAME=...)")
         elif key in STORE_KEYS:
             changes.setdefault("modalities", dict(base.modalities))[STORE_KEYS[key]] = value
+        elif key in ("use", "modalities") and not isinstance(value, dict):
+            # Which loaded modalities the head uses (`heads train --use`), not the store mapping.
+            hparams["modalities"] = [m.strip() for m in value.split(",")] if isinstance(value, str) else value
         elif key in fields:
             changes[key] = value
         else:

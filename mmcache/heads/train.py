@@ -231,6 +231,7 @@ class Member:
     best_value: float = float("nan")
     select: dict[str, Any] = field(default_factory=dict)
     fit_seconds: float = 0.0
+    busy: float = 0.0  # seconds spent in this member's own forward passes (lockstep groups)
     final_logits: dict[str, dict[str, torch.Tensor]] | None = None  # split -> task -> logits, when batched
 
     def order_key(self) -> tuple[Any, ...]:
@@ -349,12 +350,14 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             total: torch.Tensor | None = None
             for m in active:
                 idx, x = feats[m.order_key()]
+                t_member = time.perf_counter()
                 m.rng_in()
                 logits = m.head(x)
                 targets = {t: data.targets[t].index_select(0, idx) for t in data.tasks}
                 loss, _ = m.crit(logits, targets, teacher.index_select(0, idx) if teacher is not None else None,
                                  epoch - 1, step=(epoch - 1) * spe + m.steps)
                 m.rng_out()
+                m.busy += time.perf_counter() - t_member
                 total = loss if total is None else total + loss
                 m.loss_sum = m.loss_sum + loss.detach()
                 m.steps += 1
@@ -541,26 +544,33 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
                     m.curves, m.best_epoch, m.best_value = curves, best, value
                     # The same objective in scikit-learn's terms: LogisticRegression(C=C) (mmcache.heads.probe).
                     m.select = {"l2": lam, "sklearn_C": C}
+                    m.fit_seconds = time.perf_counter() - t_fit
                 else:
                     quiet = all(m.cfg.quiet for m in group)
                     stacked = [m for m in group if stackable(m)]
                     rest = [m for m in group if m not in stacked]
                     if stacked:
+                        t_stack = time.perf_counter()
                         fit_stacked(stacked, group[0].data, quiet)
+                        for m in stacked:  # one computation: its time shared evenly
+                            m.fit_seconds = (time.perf_counter() - t_stack) / len(stacked)
                         data = group[0].data
                         per_split = {sp: stacked_logits(stacked, data, ix) for sp, ix in data.split_index.items()
                                      if splits is None or sp in splits}
                         for k, m in enumerate(stacked):
                             m.final_logits = {sp: per_split[sp][k] for sp in per_split}
                     if rest:
+                        t_lock = time.perf_counter()
                         _fit_lockstep(rest, group[0].data, quiet)
+                        # The group's time, shared by each member's own forward time (its backward scales with it).
+                        spent, busy = time.perf_counter() - t_lock, sum(m.busy for m in rest)
+                        for m in rest:
+                            m.fit_seconds = spent * (m.busy / busy if busy > 0 else 1.0 / len(rest))
             except MMCacheError as e:
                 for i in gidx:
                     fail(i, e)
                 continue
-            per = (time.perf_counter() - t_fit) / len(group)
             for i in gidx:
-                members[i].fit_seconds = per
                 try:
                     res = _evaluate(members[i], t_start, devices[i], splits, members[i].final_logits)
                     warn_failed_checks(res.metrics)

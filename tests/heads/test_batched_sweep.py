@@ -193,3 +193,26 @@ def test_sweep_under_torchrun_splits_groups(toy_cache: Path, tmp_path: Path) -> 
     by_name = {r["config"]: r for r in single}
     for r in rows:
         assert r["test_accuracy"] == pytest.approx(by_name[r["config"]]["test_accuracy"], abs=1e-9)
+
+
+def test_modalities_and_use_grid_keys_choose_what_the_head_uses(toy_cache: Path) -> None:
+    """`modalities` / `use` in a grid set the head's modalities, never the store mapping."""
+    rows = run_sweep(base(toy_cache, head_hparams={"D": 8}, lr=1e-2, epochs=15),
+                     configs_from('modalities=["image"],["image","text"]', False) + configs_from("use=text", False))
+    assert all("error" not in r for r in rows), rows
+    assert all(r["stores"] == "image-feat+text-feat" for r in rows)
+    accs = {r["config"]: r["test_accuracy"] for r in rows}
+    both, image, text = accs["modalities=['image', 'text']"], accs["modalities=['image']"], accs["use=text"]
+    assert both > max(image, text) + 0.2, accs  # fusion needs both; each alone caps near 5/9
+
+
+def test_fit_seconds_share_the_groups_time(toy_cache: Path) -> None:
+    """Each config of a lockstep group gets a part of the group's fitting time (by its own forward time)."""
+    import time
+
+    cfgs = [base(toy_cache, head_hparams={"D": d}, head=h) for h, d in (("linear", 4), ("gated", 8), ("xattn", 8))]
+    t = time.perf_counter()
+    res = train_many(cfgs)
+    wall = time.perf_counter() - t
+    secs = [r.fit_seconds for r in res]  # type: ignore[union-attr]
+    assert all(s > 0 for s in secs) and sum(secs) < wall
