@@ -137,9 +137,25 @@ def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoo
     return loss.sum(0) / denom.clamp(min=torch.finfo(loss.dtype).tiny) if bool(lab.any()) else loss.sum(0) * 0.0
 
 
+def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+    """`_ce` for several batch orders at once: logits [S, B, G, C], y [S, B] -> [S*G] (slot-major)."""
+    s, b, g, _ = logits.shape
+    loss = F.cross_entropy(logits.permute(0, 3, 1, 2).float(), y[:, :, None].expand(s, b, g), weight=weight,
+                           ignore_index=IGNORE, label_smoothing=smoothing, reduction="none")
+    lab = y != IGNORE
+    denom = ((weight[y.clamp(min=0)] * lab).sum(1) if weight is not None else lab.sum(1)).to(loss.dtype)
+    per = loss.sum(1) / denom.clamp(min=torch.finfo(loss.dtype).tiny)[:, None]
+    return torch.where(denom[:, None] > 0, per, per * 0.0).reshape(s * g)
+
+
 def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     from mmcache.heads.train import BatchOrders, _labelled_train, steps_per_epoch
 
+    # Members that share a batch order (seed) sit next to each other: each order's weights are one slice.
+    first: dict[tuple[Any, ...], int] = {}
+    for j, m in enumerate(members):
+        first.setdefault(m.order_key(), j)
+    members = sorted(members, key=lambda m: first[m.order_key()])
     cfg0 = members[0].cfg
     head0 = cast("LinearHead", members[0].head)
     crit0 = members[0].crit
@@ -169,12 +185,14 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     for m in members:
         m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
     orders = BatchOrders(members, data, train_idx)
-    by_key: dict[tuple[Any, ...], torch.Tensor] = {}
+    slots: dict[tuple[Any, ...], slice] = {}
     for j, m in enumerate(members):
-        by_key.setdefault(m.order_key(), torch.zeros(0, dtype=torch.long))
-        by_key[m.order_key()] = torch.cat([by_key[m.order_key()], torch.tensor([j])])
-    slots = {key: ks.to(device) for key, ks in by_key.items()}
-    whole = len(slots) == 1
+        a = slots.get(m.order_key(), slice(j, j))
+        slots[m.order_key()] = slice(a.start, j + 1)
+    sizes = {sl.stop - sl.start for sl in slots.values()}
+    # Every order with as many configs: all of them as one batched product ([orders, batch, features]).
+    batched = len(sizes) == 1
+    n_slots, per_slot = len(slots), k_all // len(slots)
     live = [True] * k_all
     bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
     for epoch in bar:
@@ -186,20 +204,29 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
             if n - s < 2:  # as the single-run loop: no one-row batch
                 continue
             total: torch.Tensor | None = None
-            for key, ks in slots.items():
-                pos = perm[key][s:s + cfg0.batch_size]
-                x = z_train.index_select(0, pos)
+            if batched:
+                pos = torch.cat([perm[key][s:s + cfg0.batch_size] for key in slots])
+                rows = len(pos) // n_slots
+                x = z_train.index_select(0, pos).view(n_slots, rows, -1)
                 for t in tasks:
-                    w = W[t] if whole else W[t][ks]
-                    b = B[t] if whole else B[t][ks]
-                    kk, c, f = w.shape
-                    logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T).view(len(pos), kk, c)
-                    per = _ce(logits, y_train[t].index_select(0, pos), weights[t], smoothing)
+                    c, f = W[t].shape[1:]
+                    logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
+                                           W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
+                    per = _ce_slots(logits.view(n_slots, rows, per_slot, c),
+                                    y_train[t].index_select(0, pos).view(n_slots, rows), weights[t], smoothing)
                     total = per.sum() if total is None else total + per.sum()
-                    if whole:
-                        loss_sum += per.detach()
-                    else:
-                        loss_sum[ks] += per.detach()
+                    loss_sum += per.detach()
+            else:
+                for key, sl in slots.items():
+                    pos = perm[key][s:s + cfg0.batch_size]
+                    x = z_train.index_select(0, pos)
+                    for t in tasks:
+                        w, b = W[t][sl], B[t][sl]
+                        kk, c, f = w.shape
+                        logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T).view(len(pos), kk, c)
+                        per = _ce(logits, y_train[t].index_select(0, pos), weights[t], smoothing)
+                        total = per.sum() if total is None else total + per.sum()
+                        loss_sum[sl] += per.detach()
             assert total is not None
             opt.zero_grad()
             total.backward()

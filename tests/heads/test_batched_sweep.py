@@ -47,10 +47,12 @@ def assert_same(single: object, batched: object) -> None:
 
 
 GRIDS = {
-    # linear probes: one stacked computation (lr, weight decay, seed, optimizer differ per config)
+    # linear probes: one stacked computation (lr, weight decay, seed, optimizer differ per config); the adam
+    # stack has unequal seed groups (2, 2, 1: one product per seed), the adamw one equal ones (one batched product)
     "stacked": [dict(head_hparams={"D": 0}, lr=lr, weight_decay=wd, seed=s, optimizer=o)
                 for lr, wd, s, o in ((1e-2, 0.0, 0, "adam"), (3e-2, 1e-3, 0, "adam"), (1e-2, 0.0, 1, "adam"),
-                                     (5e-2, 0.0, 1, "adam"), (1e-2, 1e-2, 0, "adamw"), (5e-2, 1e-3, 1, "adamw"))]
+                                     (5e-2, 0.0, 1, "adam"), (3e-2, 0.0, 2, "adam"), (1e-2, 1e-2, 0, "adamw"),
+                                     (5e-2, 1e-3, 1, "adamw"))]
     + [dict(head_hparams={"D": 0}, lr=0.05, optimizer="sgd", seed=2, schedule="none"),
        dict(head_hparams={"D": 0}, lr=0.05, optimizer="sgd", seed=3, schedule="none", label_smoothing=0.1,
             class_weights=True),
