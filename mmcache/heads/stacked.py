@@ -190,8 +190,9 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
         a = slots.get(m.order_key(), slice(j, j))
         slots[m.order_key()] = slice(a.start, j + 1)
     sizes = {sl.stop - sl.start for sl in slots.values()}
-    # Every order with as many configs: all of them as one batched product ([orders, batch, features]).
-    batched = len(sizes) == 1
+    # Several orders with as many configs each: all of them as one batched product ([orders, batch, features]);
+    # a single order is one plain matrix product (bmm's backward is slower there).
+    batched = len(sizes) == 1 and len(slots) > 1
     n_slots, per_slot = len(slots), k_all // len(slots)
     live = [True] * k_all
     bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
