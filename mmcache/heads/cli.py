@@ -63,6 +63,9 @@ def train_cmd(
                                                         "(default: the dataset's metric).")] = None,
     solver: Annotated[str, typer.Option(help="adam (minibatch, see --optimizer) or lbfgs (full-batch "
                                               "logistic-regression probe, L2 chosen on val).")] = "adam",
+    l2_batched: Annotated[bool, typer.Option("--l2-batched", help="lbfgs: fit every penalty of the grid in lockstep "
+                                                                 "as one batched solve (faster; a validation tie may "
+                                                                 "pick another penalty than sequential fits)")] = False,
     l2_grid: Annotated[str | None, typer.Option(help="lbfgs: comma list of L2 penalties to try on val "
                                                      "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -101,7 +104,7 @@ def train_cmd(
                       class_weights=class_weights, fold=fold,
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
-                      lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), run_name=run_name,
+                      lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
                       overwrite=overwrite, quiet=quiet, track=track)
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds

@@ -98,6 +98,7 @@ class TrainConfig:
     solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
     lbfgs_grid: list[float] | None = None  # L2 penalties tried by the lbfgs solver (None = LBFGS_GRID)
     lbfgs_max_iter: int = 500
+    lbfgs_batched: bool = False  # every penalty's fit in lockstep, evaluated together (faster; ties may differ)
     lbfgs_tol: float = 1e-4  # max |gradient| at convergence, as scikit-learn's lbfgs `tol`
     val_fraction: float = 0.1  # carved from train when the manifest has no val split
     run_name: str | None = None
@@ -624,7 +625,7 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
     crit.eval()
     r = fit_l2_grid(cast("LinearHead", head), crit, data, sel_task, sel_metric, score,  # --head linear only
                     grid=list(cfg.lbfgs_grid or LBFGS_GRID), tol=cfg.lbfgs_tol, max_iter=cfg.lbfgs_max_iter,
-                    quiet=cfg.quiet)
+                    quiet=cfg.quiet, batched=cfg.lbfgs_batched)
     return r.curves, r.best + 1, r.value, r.l2, r.sklearn_C
 
 

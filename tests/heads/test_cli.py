@@ -60,6 +60,12 @@ def test_ablation_and_lbfgs_flags(toy_cache: Path, tmp_path: Path, monkeypatch: 
     m = json.loads((runs / "toy" / "lb" / "metrics.json").read_text())
     assert m["select"]["l2"] in (1e-2, 1e-3) and m["splits"]["test"]["label"]["accuracy"] > 0.9
     assert [c["l2"] for c in json.loads((runs / "toy" / "lb" / "curves.json").read_text())] == [1e-2, 1e-3]
+    # The batched grid solve reaches a penalty of the same grid and records itself in the config.
+    assert run([*base, "--solver", "lbfgs", "--l2-grid", "1e-2,1e-3", "--l2-batched", "--run-name", "lbb"],
+               monkeypatch) == 0
+    mb = json.loads((runs / "toy" / "lbb" / "metrics.json").read_text())
+    assert mb["select"]["l2"] in (1e-2, 1e-3) and mb["splits"]["test"]["label"]["accuracy"] > 0.9
+    assert json.loads((runs / "toy" / "lbb" / "config.json").read_text())["lbfgs_batched"] is True
     # Default run names tell ablation variants apart.
     assert run([*base, "--ablation", "2"], monkeypatch) == 0
     assert len(list((runs / "toy").glob("linear_image-feat+text-feat_ablation2_*"))) == 1
