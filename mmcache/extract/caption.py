@@ -36,7 +36,7 @@ from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, check_options
 from mmcache.extract.roberta import _is_path, hf_weights_spec
 from mmcache.extract.runner import Request, parse_requests
-from mmcache.extract.weights import hub_offline, offline_hint
+from mmcache.extract.weights import hf_loading
 
 CAPTIONS = "captions"  # the store folder: cache/<dataset>/captions/<name>.h5
 KEY = "caption"  # the store's one array: UTF-8 bytes, zero padded
@@ -128,16 +128,9 @@ def load_blip(cfg: dict[str, Any], example: str) -> tuple[Any, Any]:
     name = str(cfg["model"])
     if name == "tiny":
         return tiny_blip(cfg["tiny"], int(cfg.get("seed", 0)))
-    local = _is_path(name)
-    offline = None if local else hub_offline()
-    try:
-        processor = BlipProcessor.from_pretrained(name, local_files_only=bool(offline))
-        model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=bool(offline))
-    except (OSError, ValueError) as e:
-        if offline:
-            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
-        raise MMCacheError(f"could not load BLIP {name!r} ({str(e).strip().splitlines()[0]}); save the model and its "
-                           f"processor (save_pretrained) and pass the folder, e.g. {example}") from None
+    with hf_loading(name, _is_path(name), example, f"BLIP {name!r}", "the model and its processor") as cache_only:
+        processor = BlipProcessor.from_pretrained(name, local_files_only=cache_only)
+        model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=cache_only)
     return model.eval(), processor
 
 

@@ -17,7 +17,7 @@ import torch
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.weights import hub_offline, offline_hint, weights_sha256
+from mmcache.extract.weights import hf_loading, weights_sha256
 
 POOLINGS = ("cls", "pooler", "mean", "sum4")
 
@@ -131,19 +131,18 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
     local = _is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained (model and tokenizer)")
-    # No network: read the Hugging Face cache only, so a missing model fails at once instead of after retries.
-    offline = None if local else hub_offline()
-    try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=bool(offline))
-        model = auto.from_pretrained(name, local_files_only=bool(offline))
-    except (OSError, ValueError) as e:
-        if offline:
-            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
-        raise MMCacheError(
-            f"could not load {name!r} ({str(e).strip().splitlines()[0]}); save the model and tokenizer "
-            f"(save_pretrained) and pass the folder, e.g. {example}"
-        ) from None
+    with hf_loading(name, local, example, f"{name!r}", "the model and tokenizer") as cache_only:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
+        model = auto.from_pretrained(name, local_files_only=cache_only)
     return model.eval(), tok
+
+
+def tokenize(tokenizer: Any, text: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """One decoded text -> `input_ids` and `attention_mask`, padded / truncated to `max_length`."""
+    if not isinstance(text, str):
+        raise DecodeError(f"expected a text, got {type(text).__name__}")
+    enc = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
 
 
 @register_family("roberta")
@@ -190,12 +189,7 @@ class RobertaExtractor(Extractor):
 
     def preprocess(self, decoded: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Tokenise one text, padded / truncated to `max_length`."""
-        text = decoded[self.modality]
-        if not isinstance(text, str):
-            raise DecodeError(f"expected a text, got {type(text).__name__}")
-        enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+        return tokenize(self.tokenizer, decoded[self.modality], self.max_length)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Encode a batch of token ids; pooled vectors use the attention mask, so padding never counts."""

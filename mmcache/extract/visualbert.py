@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from mmcache.errors import MMCacheError
-from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec
-from mmcache.extract.weights import hub_offline, offline_hint
+from mmcache.extract.base import Extractor, register_family, register_preset
+from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec, tokenize
+from mmcache.extract.weights import hf_loading
 
 PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
 TINY_VISUALBERT: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -70,7 +70,6 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     local = _is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
-    offline = None if local else hub_offline()
     # A folder's own tokenizer wins; else the `tokenizer` option (the public checkpoints ship none).
     has_tok = local and any(os.path.isfile(os.path.join(os.path.expanduser(name), f))
                             for f in ("vocab.txt", "tokenizer.json"))
@@ -78,16 +77,11 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     if local and not has_tok and not cfg.get("tokenizer"):
         raise MMCacheError(f"{name} holds no tokenizer (vocab.txt / tokenizer.json); save one there or pass "
                            "tokenizer=bert-base-uncased (or its folder) in the preset options")
-    try:
-        conf = VisualBertConfig.from_pretrained(name, local_files_only=bool(offline))
-        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=bool(offline) or _is_path(tok_name))
-        model = VisualBertModel.from_pretrained(name, local_files_only=bool(offline), visual_embedding_dim=visual_dim,
+    with hf_loading(name, local, example, f"{name!r}", "the model") as cache_only:
+        conf = VisualBertConfig.from_pretrained(name, local_files_only=cache_only)
+        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=cache_only or _is_path(tok_name))
+        model = VisualBertModel.from_pretrained(name, local_files_only=cache_only, visual_embedding_dim=visual_dim,
                                                 ignore_mismatched_sizes=True)
-    except (OSError, ValueError) as e:
-        if offline:
-            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
-        raise MMCacheError(f"could not load {name!r} ({str(e).strip().splitlines()[0]}); save the model "
-                           f"(save_pretrained) and pass the folder, e.g. {example}") from None
     if int(conf.visual_embedding_dim) != visual_dim:
         print(f"note: {name} was trained on {conf.visual_embedding_dim}-d region features, the store holds "
               f"{visual_dim}-d ones: its visual projection starts from a new random init", file=sys.stderr)
@@ -143,12 +137,7 @@ class VisualBertExtractor(Extractor):
 
     def preprocess(self, decoded: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Tokenise one text, padded / truncated to `max_length`."""
-        text = decoded[self.modality]
-        if not isinstance(text, str):
-            raise DecodeError(f"expected a text, got {type(text).__name__}")
-        enc = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0]}
+        return tokenize(self.tokenizer, decoded[self.modality], self.max_length)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Token ids + `batch["consumed"]["image"]` ({tokens [B,K,d], boxes [B,K,5], mask [B,K]}) -> outputs."""

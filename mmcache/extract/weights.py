@@ -15,6 +15,8 @@ import os
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -181,4 +183,19 @@ def offline_hint(what: str, reason: str, local: str) -> str:
             f"and pass the local copy, e.g. {local}{tail}")
 
 
-__all__ = ["hub_offline", "hub_reachable", "offline_hint", "user_cache_dir", "weights_sha256"]
+@contextmanager
+def hf_loading(name: str, local: bool, example: str, label: str, saves: str) -> Iterator[bool]:
+    """Around Hugging Face `from_pretrained` calls of model `name`: yields their `local_files_only` (True when
+    the Hub cannot be used, so a missing model fails at once instead of after retries), and turns a load error
+    into one line: the offline hint, or "could not load <label> (...); save <saves> (save_pretrained) ..."."""
+    offline = None if local else hub_offline()
+    try:
+        yield bool(offline)
+    except (OSError, ValueError) as e:
+        if offline:
+            raise MMCacheError(offline_hint(f"{name!r}", offline, f"{example} (a save_pretrained folder)")) from None
+        raise MMCacheError(f"could not load {label} ({str(e).strip().splitlines()[0]}); save {saves} "
+                           f"(save_pretrained) and pass the folder, e.g. {example}") from None
+
+
+__all__ = ["hf_loading", "hub_offline", "hub_reachable", "offline_hint", "user_cache_dir", "weights_sha256"]
