@@ -129,16 +129,12 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
 def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
     """Per-config mean cross-entropy, as `F.cross_entropy(..., reduction="mean")` for each config alone.
     logits [B, K, C], y [B] -> [K]; 0 for a config when no row is labelled."""
-    b, k, _ = logits.shape
-    loss = F.cross_entropy(logits.permute(0, 2, 1).float(), y[:, None].expand(b, k), weight=weight,
-                           ignore_index=IGNORE, label_smoothing=smoothing, reduction="none")
-    lab = y != IGNORE
-    denom = (weight[y[lab]].sum() if weight is not None else lab.sum()).to(loss.dtype)
-    return loss.sum(0) / denom.clamp(min=torch.finfo(loss.dtype).tiny) if bool(lab.any()) else loss.sum(0) * 0.0
+    return _ce_slots(logits[None], y[None], weight, smoothing)
 
 
 def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
-    """`_ce` for several batch orders at once: logits [S, B, G, C], y [S, B] -> [S*G] (slot-major)."""
+    """`_ce` for several batch orders at once: logits [S, B, G, C], y [S, B] -> [S*G] (slot-major); a config
+    whose batch has no labelled row gets 0."""
     s, b, g, _ = logits.shape
     loss = F.cross_entropy(logits.permute(0, 3, 1, 2).float(), y[:, :, None].expand(s, b, g), weight=weight,
                            ignore_index=IGNORE, label_smoothing=smoothing, reduction="none")
