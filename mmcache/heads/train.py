@@ -209,7 +209,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
-@dataclass
+@dataclass(eq=False)  # members are told apart by identity (they hold modules and tensors)
 class Member:
     """One config of a lockstep group: its head, criterion, optimizer, schedule, selection, random stream."""
 
@@ -553,8 +553,9 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
                     if stacked:
                         t_stack = time.perf_counter()
                         fit_stacked(stacked, group[0].data, quiet)
+                        share = (time.perf_counter() - t_stack) / len(stacked)
                         for m in stacked:  # one computation: its time shared evenly
-                            m.fit_seconds = (time.perf_counter() - t_stack) / len(stacked)
+                            m.fit_seconds = share
                         data = group[0].data
                         per_split = {sp: stacked_logits(stacked, data, ix) for sp, ix in data.split_index.items()
                                      if splits is None or sp in splits}
