@@ -345,18 +345,17 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             feats: dict[tuple[Any, ...], Any] = {}
             for m in active:
                 key = m.order_key()
-                if key not in feats:
+                if key not in feats:  # one gather of rows, targets and teacher logits per batch order
                     idx = train_idx[perm[key][s:s + cfg0.batch_size].to(device)]
-                    feats[key] = (idx, data.batch(idx))
+                    feats[key] = (data.batch(idx), {t: data.targets[t].index_select(0, idx) for t in data.tasks},
+                                  teacher.index_select(0, idx) if teacher is not None else None)
             total: torch.Tensor | None = None
             for m in active:
-                idx, x = feats[m.order_key()]
+                x, targets, teach = feats[m.order_key()]
                 t_member = time.perf_counter()
                 m.rng_in()
                 logits = m.head(x)
-                targets = {t: data.targets[t].index_select(0, idx) for t in data.tasks}
-                loss, _ = m.crit(logits, targets, teacher.index_select(0, idx) if teacher is not None else None,
-                                 epoch - 1, step=(epoch - 1) * spe + m.steps)
+                loss, _ = m.crit(logits, targets, teach, epoch - 1, step=(epoch - 1) * spe + m.steps)
                 m.rng_out()
                 m.busy += time.perf_counter() - t_member
                 total = loss if total is None else total + loss
