@@ -49,6 +49,19 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
+def init_distributed(cpu: bool = False) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; under torchrun (world > 1) the default
+    process group is initialised once: nccl when CUDA is there and `cpu` is not asked, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() and not cpu else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def pick_device(device: str | None = None) -> str:
     """`device` if given, else cuda when available, else cpu."""
     import torch

@@ -43,7 +43,7 @@ from mmcache.data.base import Dataset, Sample
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
 from mmcache.manifest import check_replace, update
-from mmcache.utils import pick_device, versions
+from mmcache.utils import init_distributed, pick_device, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
 
@@ -359,11 +359,8 @@ def extract(
     if dup:
         raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
     check_replace(manifest_path(cache_dir, ds.name), ds, force=force)
-    rank, world, local_rank = _dist_info()
+    rank, world, local_rank = init_distributed(cpu=device is not None and not device.startswith("cuda"))
     distributed = world > 1
-    if distributed and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (device is None or device.startswith("cuda")) else "gloo"
-        torch.distributed.init_process_group(backend)
     if device is None and distributed and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
     dev = torch.device(pick_device(device))

@@ -22,7 +22,6 @@ that encoder only.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -68,7 +67,7 @@ from mmcache.finetune.checkpoint import (
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import build_criterion
 from mmcache.heads.metrics import classification_metrics
-from mmcache.utils import pick_device, seed_everything, write_json
+from mmcache.utils import init_distributed, pick_device, seed_everything, write_json
 
 # Linear layers LoRA adapts by default, per extractor family (attention output projections for
 # CLIP as in the content-moderation reference; query/value for BERT-style encoders).
@@ -201,16 +200,6 @@ class LiveModel(nn.Module):
         """Encode each modality's batch, add the stored features of rows `ids`, then classify with the head."""
         device = next(self.parameters()).device
         return self.head(encode(self.encoders, batches, self.cached, ids, device))
-
-
-def _dist() -> tuple[int, int, int]:
-    """(rank, world size, local rank), initialising the process group under torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _with_context(ds: Dataset, cfg: FinetuneConfig) -> tuple[Dataset, dict[str, Any] | None]:
@@ -593,7 +582,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks).
     Continues the run's last checkpoint when there is one (see `resolve_run_dir`)."""
     t0 = time.perf_counter()
-    rank, world, local_rank = _dist()
+    rank, world, local_rank = init_distributed()
     check_stores(cfg)
     from mmcache.tracking import require
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from mmcache.cliutil import parse_value, split_kv, split_outside_brackets
 from mmcache.errors import MMCacheError
-from mmcache.utils import write_json
+from mmcache.utils import init_distributed, write_json
 
 # (name, overrides): each row turns one part of SCABG off; "full" is the reference point.
 SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
@@ -133,21 +133,6 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
     return row
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed under torchrun (gloo on CPU, nccl on GPUs)."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), world
-    return 0, 1
-
-
 def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
     """Config indices per rank: whole groups (same stores, head, D, epochs, batch size) stay on one rank, so
     each rank loads its stores once and keeps the batched groups whole; groups are balanced by size."""
@@ -187,7 +172,7 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
         if folds:
             cfg = dataclasses.replace(cfg, fold=fold, folds=folds)
         cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=None))
-    rank, world = _dist()
+    rank, world, _ = init_distributed()
     mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
     print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
           + (f" x {folds} folds" if folds else "") + (f", rank {rank} of {world}" if world > 1 else "") + ")",
