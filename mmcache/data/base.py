@@ -52,6 +52,7 @@ class Sample:
     entity: str | None = None
     context: str | None = None
     labels: dict[str, int] = field(default_factory=dict)
+    source: str | None = None  # the dataset a sample comes from, in a run over several (`mmhs150k,fakeddit`)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of the sample."""
@@ -210,11 +211,23 @@ def load_dataset(name: str, root: Path | str | None = None, /, *, as_name: str |
     `options` go to the adapter (None values count as not given; unknown ones are refused). The
     dataset's name keys its cache and run folders: `as_name`, else the adapter's (a table's file or
     folder name), else the name as typed. `progress=False` hides the adapter's progress bars.
+    Several names `a,b` with option `label_map` load one combined dataset (`mmcache.data.combined`).
     """
     from mmcache.data.io import show_progress
 
-    canonical = DATASETS.canonical(name)
     options = {k: v for k, v in options.items() if v is not None}
+    if "," in name:  # several datasets through a label map: mmcache.data.combined
+        from mmcache.data.combined import load_combined
+
+        ds = load_combined(name, root, progress=progress, **options)
+        if as_name is not None:
+            check_name(as_name)
+            ds.name = as_name
+        return ds
+    canonical = DATASETS.canonical(name)
+    if "label_map" in options:
+        raise MMCacheError(f"a label map maps the labels of several datasets onto one label space; name them "
+                           f"together, e.g. --dataset {name},OTHER, or drop the label map")
     check_options(name, options, DATASET_OPTIONS[canonical])
     if as_name is not None:
         check_name(as_name)
