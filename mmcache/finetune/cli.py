@@ -25,7 +25,8 @@ def _group() -> None:
 
 @app.command("run")
 def run(
-    dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes).")],
+    dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes), or several "
+                                              "(mmhs150k,fakeddit) with --label-map.")],
     image: Annotated[str | None, typer.Option("--image", "--vtype", help=f"Image encoder (clip, resnet, ...). {_ENC}")] = None,
     text: Annotated[str | None, typer.Option("--text", "--ttype", help=f"Text encoder (e.g. clip, roberta). {_ENC}")] = None,
     context: Annotated[str | None, typer.Option("--context", "--ctype", help=f"Context-text encoder. {_ENC}")] = None,
@@ -36,7 +37,8 @@ def run(
     context_store: Annotated[str | None, typer.Option(help=f"Read the context features from {_STORE}")] = None,
     video_store: Annotated[str | None, typer.Option(help=f"Read the video features from {_STORE}")] = None,
     audio_store: Annotated[str | None, typer.Option(help=f"Read the audio features from {_STORE}")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>); several datasets: a "
+                                                       "folder holding each one's, or NAME=PATH,NAME=PATH.")] = None,
     context_from: Annotated[str | None, typer.Option(
         help="captions/NAME: the context text --context reads (default: the dataset's own, else its captions).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the feature stores (--*-store) and captions "
@@ -82,6 +84,10 @@ def run(
     init_head: Annotated[Path | None, typer.Option(help="Start the head from this `heads train` run folder (same "
                                                         "head, hyperparameters and input shapes).")] = None,
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold for datasets without official splits.")] = None,
+    label_map: Annotated[Path | None, typer.Option(help="Several datasets: JSON {dataset: {class: target or null}} "
+                                                        "onto one label space.")] = None,
+    upsample: Annotated[list[str] | None, typer.Option(help="Several datasets: NAME=K repeats that dataset's training "
+                                                            "rows K times per epoch (repeatable).")] = None,
     track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
                                                     "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
 ) -> None:
@@ -93,6 +99,7 @@ def run(
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
     from mmcache.cliutil import parse_kv
+    from mmcache.data.combined import parse_upsample
     from mmcache.finetune.run import FinetuneConfig, finetune
 
     hparams = parse_kv(hp, "--hp")
@@ -114,7 +121,9 @@ def run(
         grad_checkpointing=grad_checkpointing, save_every=save_every, resume=resume,
         init_head=str(init_head) if init_head else None, amp=amp, num_workers=num_workers, limit=limit,
         select_metric=select, seed=seed, device=device, run_name=run_name,
-        dataset_options={} if fold is None else {"fold": fold}, track=track,
+        dataset_options={k: v for k, v in (("fold", fold), ("label_map", str(label_map) if label_map else None))
+                         if v is not None},
+        upsample=parse_upsample(upsample), track=track,
     )
     res = finetune(cfg)
     if res is not None:  # rank 0

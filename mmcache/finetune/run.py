@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from mmcache.cache.store import StoreReader, store_path
 from mmcache.data.base import Dataset, Sample, load_dataset
+from mmcache.data.combined import combined_name, epoch_pool, sources
 from mmcache.engine import (
     IGNORE,
     RunResult,
@@ -146,6 +147,7 @@ class FinetuneConfig:
     resume: bool = False  # continue the run's last checkpoint (an error when there is none)
     init_head: str | None = None  # a run folder whose head (same name, hparams, input shapes) starts training
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    upsample: dict[str, int] = field(default_factory=dict)  # source dataset -> K: its train rows K times per epoch
     quiet: bool = False
     context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
     cache_dir: str = "cache"  # where feature stores (`stores`) and captions stores are read
@@ -239,7 +241,7 @@ def open_stores(cfg: FinetuneConfig, head_name: str) -> tuple[CachedInputs | Non
                                    f"{cfg.dataset} --{cm} frcnn`)")
     if not cfg.stores:
         return None, {}
-    readers = {m: StoreReader(store_path(cfg.cache_dir, cfg.dataset, m, n)) for m, n in cfg.stores.items()}
+    readers = {m: StoreReader(store_path(cfg.cache_dir, combined_name(cfg.dataset), m, n)) for m, n in cfg.stores.items()}
     keys: dict[str, set[str]] = {m: set() for m in readers}
     fixed: dict[str, dict[str, Any]] = {}
     consumed: set[str] = set()
@@ -411,6 +413,30 @@ def _autocast(device: torch.device, amp: bool) -> Any:
     return nullcontext()
 
 
+def split_select(spec: str | None, srcs: list[str]) -> tuple[str | None, str | None]:
+    """`--select SOURCE/[task:]metric` -> (SOURCE, the rest); without `SOURCE/` (None, spec): all val rows."""
+    if not spec or "/" not in spec:
+        return None, spec
+    src, _, rest = spec.partition("/")
+    if src not in srcs:
+        raise MMCacheError(f"--select {spec!r}: {src!r} is not a source dataset of this run"
+                           + (f"; its sources are {', '.join(srcs)}" if srcs else
+                              "; SOURCE/ selects on one dataset of a run over several (--dataset a,b)"))
+    return src, rest or None
+
+
+def source_metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sample],
+                   labels: dict[str, list[str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """source dataset -> the metrics of its rows alone (as `_metrics` over those rows)."""
+    out = {}
+    for n in dict.fromkeys(by_id[i].source for i in ids):
+        if n is None:
+            continue
+        keep = [k for k, i in enumerate(ids) if by_id[i].source == n]
+        out[n] = _metrics([ids[k] for k in keep], {t: v[keep] for t, v in logits.items()}, by_id, labels)
+    return out
+
+
 def _metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sample],
              labels: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     out = {}
@@ -434,7 +460,7 @@ def _stem(cfg: FinetuneConfig) -> list[str]:
 def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
     """(run folder, checkpoint to continue from or None). A named run with a checkpoint continues it (unless
     `overwrite`, which starts over); `resume` without a name continues the newest run of the same stem."""
-    base = Path(cfg.runs_dir) / cfg.dataset
+    base = Path(cfg.runs_dir) / combined_name(cfg.dataset)
     if cfg.run_name:
         d = base / cfg.run_name
         ckpt = None if cfg.overwrite else latest_checkpoint(d)
@@ -442,7 +468,7 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
             return d, ckpt
         if cfg.resume:
             raise MMCacheError(f"--resume: {d} holds no checkpoint to continue; drop --resume to start the run")
-        d = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _stem(cfg), cfg.overwrite)
+        d = new_run_dir(cfg.runs_dir, combined_name(cfg.dataset), cfg.run_name, _stem(cfg), cfg.overwrite)
         remove_checkpoints(d)  # --overwrite starts over
         return d, None
     if cfg.resume:
@@ -452,13 +478,13 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
             raise MMCacheError(f"--resume: no run folder {base / prefix}* holds a checkpoint; name the run to "
                                "continue with --run-name")
         return max(found, key=lambda pc: pc[1].stat().st_mtime)
-    return new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _stem(cfg), cfg.overwrite), None
+    return new_run_dir(cfg.runs_dir, combined_name(cfg.dataset), cfg.run_name, _stem(cfg), cfg.overwrite), None
 
 
 def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
     # `stores` only when set, so checkpoints written before hybrid runs existed still continue.
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE
-                                  and not (k == "stores" and not v)}, default=str))
+                                  and not (k in ("stores", "upsample") and not v)}, default=str))
 
 
 def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
@@ -612,7 +638,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed)
-    ds, context_from = _with_context(load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options), cfg)
+    ds, context_from = _with_context(load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
+                                                  **cfg.dataset_options), cfg)
     tasks = cfg.tasks or list(ds.labels.tasks)
     unknown = [t for t in tasks if t not in ds.labels.tasks]
     if unknown:
@@ -627,6 +654,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
                            + ("; run `mmcache extract` for them" if where else ""))
     by_id = ds.by_id()
+    srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
+    pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample
 
     encoders = {m: build_encoder(m, p, **fixed.get(m, {})) for m, p in cfg.encoders.items()}
     if context_from is not None:
@@ -664,15 +693,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
                       f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
     model = LiveModel(encoders, head, cached).to(device)
-    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in train_s if t in s.labels], dtype=torch.long),
+    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
     # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
     opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr), cfg.head_lr,
                          cfg.weight_decay)
     clip_params = [p for g in opt.param_groups for p in g["params"]]
-    steps = cfg.epochs * _steps_per_epoch(len(train_s), cfg, world)
-    sel_task, metric = parse_select(cfg.select_metric, tasks, ds.labels.metric)
+    steps = cfg.epochs * _steps_per_epoch(len(pool), cfg, world)
+    sel_source, sel_spec = split_select(cfg.select_metric, srcs)
+    sel_task, metric = parse_select(sel_spec, tasks, ds.labels.metric)
     selector = Selector(metric, cfg.early_stopping)
     sched = Schedule("cosine", opt, max(1, steps), int(cfg.warmup * steps), selector.mode)
     state_keys = _state_keys(model, cfg.freeze_encoders)
@@ -680,7 +710,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     curves: list[dict[str, Any]] = []
     if ckpt is not None:
         prog, curves = _restore(ckpt, model, crit, opt, sched, selector, state_keys, cfg, world, rank, device,
-                                len(train_s))
+                                len(pool))
         if rank == 0 and not cfg.quiet:
             at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
             print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
@@ -733,8 +763,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         for encoder in model.encoders.values():
             if cfg.freeze_encoders:
                 encoder.eval()  # frozen encoders keep their normalisation statistics
-        rest = epoch_order(len(train_s), cfg.seed, epoch)[prog.done:]
-        mine = [train_s[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
+        rest = epoch_order(len(pool), cfg.seed, epoch)[prog.done:]
+        mine = [pool[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
         full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
         loader = _loader(mine, list(encoders.values()), cfg, epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)
@@ -777,6 +807,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         stop = False
         if rank == 0:
             ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
+            if sel_source is not None:  # `--select SOURCE/...`: that source dataset's val rows choose the epoch
+                keep = [k for k, i in enumerate(ids) if by_id[i].source == sel_source]
+                ids, lg = [ids[k] for k in keep], {t: v[keep] for t, v in lg.items()}
             y = {t: torch.tensor([by_id[i].labels.get(t, IGNORE) for i in ids], dtype=torch.long) for t in tasks}
             logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
             vm = val_metrics(y[sel_task], logits_t[sel_task], metric) if ids else {}
@@ -811,13 +844,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         best_epoch, best_value, best_state = selector.result()
         model.load_state_dict(best_state, strict=False)
         metrics = {}
+        by_source: dict[str, dict[str, Any]] = {}  # split -> source dataset -> task -> metrics
         for split, ss in (("val", val_s), ("test", test_s)):
             if ss:
                 ids, lg = evaluate(model, ss, cfg, tasks, device, desc=split)
                 metrics[split] = _metrics(ids, lg, by_id, ds.labels.tasks)
+                if srcs:
+                    by_source[split] = source_metrics(ids, lg, by_id, ds.labels.tasks)
         warn_failed_checks(metrics)
         n_params = sum(p.numel() for p in model.head.parameters())
-        select = {"task": sel_task, "metric": metric, "value": best_value}
+        select = {"task": sel_task, "metric": metric, "value": best_value, **({"source": sel_source} if sel_source else {})}
         train_stats = {"trainable_params": n_trainable, "total_params": n_total,
                        "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
                        "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": world,
@@ -829,6 +865,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             if cached is not None else {},
             "context_from": context_from,
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
+            **({"epoch_rows": len(pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
+                                                         (("train", train_s), ("val", val_s), ("test", test_s))}
+                                                     for n in srcs}} if srcs else {}),
             "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
             "train": train_stats}}
         result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
@@ -840,7 +879,14 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                      if k.startswith("encoders.") and k in set(state_keys)}
         result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state)
         mpath = run_dir / "metrics.json"
-        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats})
+        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats,
+                           **({"by_source": by_source} if by_source else {})})
+        if by_source and not cfg.quiet:
+            for split, per in by_source.items():
+                for n, m in per.items():
+                    got = m.get(sel_task, {})
+                    print(f"{split} {n}: {sel_task} {metric} {got.get(metric, float('nan')):.4f} (n={got.get('n', 0)})",
+                          file=sys.stderr)
         remove_checkpoints(run_dir)  # the run folder now holds the result
         if cfg.track:
             from mmcache.tracking import track
