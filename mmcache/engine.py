@@ -10,7 +10,12 @@ One place for what every trainer does the same way:
 - best-epoch selection on a validation metric and early stopping (`Selector`): an undefined
   metric (NaN) never wins, and a run whose metric is undefined in every epoch is an error;
 - the result type (`RunResult`) and the run folder (`new_run_dir`, `write_run`): one set of files
-  and one `metrics.json` layout, whether the features came from the cache or from live encoders.
+  and one `metrics.json` layout, whether the features came from the cache or from live encoders;
+- where training stands (`TrainProgress`, `progress_hook`): one call per training step tells the criterion
+  (warm-ups, late decays) and the head (a gradient-reversal schedule) the step, epoch and share of the run;
+- an exponential moving average of the trainable weights (`EMA`), evaluated, selected and saved in their place;
+- post-hoc logit adjustment (`logit_offsets`, `adjust_logits`): tau * log(class prior) subtracted from
+  the logits at evaluation and prediction.
 
 The data side differs by trainer (index batches over cached tensors in `mmcache.heads.train`,
 DataLoader workers decoding raw inputs in `mmcache.finetune.run`) and stays there.
@@ -23,7 +28,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +61,8 @@ class RunResult:
     seconds: float  # the whole call: loading, fitting, evaluating, writing
     select: dict[str, Any] = field(default_factory=dict)  # task, metric, value (+ l2, sklearn_C for lbfgs)
     fit_seconds: float = 0.0  # fitting alone (epochs with their validation, or the lbfgs grid)
+    # split -> source dataset -> task -> metrics, for a dataset combined from several (else empty)
+    by_source: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -134,6 +142,137 @@ class Schedule:
         s = self.per_step or self.plateau
         if s is not None and state:
             s.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- progress, weight averaging, logit adjustment
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a run stands at a training step: its 0-based epoch, its 0-based optimizer step over the whole
+    run, and the run's planned number of steps."""
+
+    epoch: int
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        """The share of the run's steps done before this one: 0 at the first step, below 1 at the last."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+def progress_hook(*modules: nn.Module | None) -> Callable[[TrainProgress], None]:
+    """One callable that tells every submodule of `modules` defining `set_progress(progress)` where training
+    stands (the criterion's warm-ups and late decays, a head's gradient-reversal schedule). Trainers call it
+    once per training step, before the forward pass; it is the only way progress reaches heads and losses."""
+    targets = [sub.set_progress for m in modules if m is not None for sub in m.modules()
+               if callable(getattr(sub, "set_progress", None))]
+
+    def tell(progress: TrainProgress) -> None:
+        for set_progress in targets:
+            set_progress(progress)
+
+    return tell
+
+
+def check_ema(decay: Any, flag: str = "--ema") -> float:
+    """`decay` as a float in [0, 1) (0 = no averaging), else a one-line error naming `flag`."""
+    ok = isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1
+    if not ok:
+        raise MMCacheError(f"{flag} must be a decay in [0, 1), e.g. 0.999 (0 = off), got {decay!r}")
+    return float(decay)
+
+
+class EMA:
+    """Exponential moving average of `module`'s trainable parameters: started from their initial values and
+    updated after every optimizer step with torch's `get_ema_multi_avg_fn` (ema = decay * ema + (1 - decay) * w).
+    Buffers (BatchNorm statistics) stay the module's own. Inside `applied()` the module holds the averages
+    (evaluate, select and save there); on leaving it holds its trained weights again."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        self.decay = check_ema(decay)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self._update = get_ema_multi_avg_fn(self.decay)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, p in enumerate(self.params):  # torch's foreach update takes one device and dtype per call
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        self._groups = [([self.shadow[i] for i in ix], [self.params[i] for i in ix]) for ix in groups.values()]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After each optimizer step."""
+        for shadow, params in self._groups:
+            self._update(shadow, params, self.updates)
+        self.updates += 1
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module holds the averaged weights inside the block, its trained weights again after it."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, trained, strict=True):
+                    p.copy_(w)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averages and the update count (for checkpoints)."""
+        return {"shadow": [s.detach().clone() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        if len(state["shadow"]) != len(self.shadow):
+            raise MMCacheError(f"the saved weight averages hold {len(state['shadow'])} tensors, the model "
+                               f"{len(self.shadow)}; pass --overwrite to start the run over")
+        with torch.no_grad():
+            for s, v in zip(self.shadow, state["shadow"], strict=True):
+                s.copy_(v)
+        self.updates = int(state["updates"])
+
+
+def logit_offsets(class_counts: Mapping[str, torch.Tensor], tau: float,
+                  labels: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[float]]:
+    """Post-hoc logit adjustment (Menon et al. 2021): per task, tau * log(prior) with the prior from the train
+    class counts; `adjust_logits` subtracts it (tau > 0: toward balanced error; tau < 0 adds |tau| log p(y)).
+    Empty when tau is 0. A class without train rows has no prior: an error naming it."""
+    if not tau:
+        return {}
+    out: dict[str, list[float]] = {}
+    for t, counts in class_counts.items():
+        c = counts.double().cpu()
+        if bool((c <= 0).any()):
+            k = int((c <= 0).nonzero()[0])
+            name = labels[t][k] if labels is not None and t in labels else str(k)
+            raise MMCacheError(f"--logit-adjust: class {name!r} of task {t!r} has no train rows, so its prior is 0; "
+                               "leave --logit-adjust at 0 for this data")
+        out[t] = (tau * torch.log(c / c.sum())).tolist()
+    return out
+
+
+def adjust_logits(logits: Mapping[str, Any], offsets: Mapping[str, Sequence[float]] | None) -> dict[str, Any]:
+    """`logits` (task -> [N, C] tensor or array) minus each task's offsets from `logit_offsets` (unchanged
+    where a task has none)."""
+    if not offsets:
+        return dict(logits)
+    out = {}
+    for t, x in logits.items():
+        off = offsets.get(t)
+        if off is None:
+            out[t] = x
+        elif isinstance(x, torch.Tensor):
+            out[t] = x - torch.tensor(off, dtype=x.dtype, device=x.device)
+        else:
+            out[t] = x - np.asarray(off, dtype=x.dtype)
+    return out
 
 
 # ---------------------------------------------------------------- validation and selection
@@ -255,7 +394,8 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def metrics_json(result: RunResult) -> dict[str, Any]:
     """The one `metrics.json` layout."""
     return {"best_epoch": result.best_epoch, "select": result.select, "fit_seconds": result.fit_seconds,
-            "seconds": result.seconds, "splits": result.metrics}
+            "seconds": result.seconds, "splits": result.metrics,
+            **({"by_source": result.by_source} if result.by_source else {})}
 
 
 def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,

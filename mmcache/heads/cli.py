@@ -58,6 +58,12 @@ def train_cmd(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
     oversample: Annotated[bool, typer.Option("--oversample", help="Draw train rows class-balanced.")] = False,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
+    ema: Annotated[float, typer.Option(help="Decay of an exponential moving average of the weights (e.g. 0.999), "
+                                            "evaluated, selected and saved instead of them (0 = off).")] = 0.0,
+    logit_adjust: Annotated[float | None, typer.Option(help="TAU: subtract TAU * log(train class prior) from the "
+                                                             "logits at evaluation and prediction (Menon et al.; "
+                                                             "negative TAU adds it; default 0, -1 for scabg-ref).")]
+    = None,
     select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric: accuracy, "
                                                         "macro_f1, weighted_f1, auroc, top2_accuracy, loss "
                                                         "(default: the dataset's metric).")] = None,
@@ -105,7 +111,7 @@ def train_cmd(
                       label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
-                      overwrite=overwrite, quiet=quiet, track=track)
+                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust)
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds
 
@@ -189,6 +195,11 @@ def sweep_cmd(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
+    ema: Annotated[float, typer.Option(help="Decay of the weights' moving average, evaluated and selected instead "
+                                            "of them (0 = off; also a grid key: ema=0,0.999).")] = 0.0,
+    logit_adjust: Annotated[float | None, typer.Option(help="TAU * log(train class prior) subtracted from the "
+                                                             "logits at evaluation (default 0, -1 for scabg-ref; "
+                                                             "grid key logit_adjust).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma list of seeds; each config runs once per seed.")] = "0",
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
@@ -224,7 +235,7 @@ def sweep_cmd(
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
                        epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
-                       fold=fold, track=track)
+                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust)
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
     if grid_file is not None:

@@ -1,5 +1,9 @@
-"""Training criteria. One interface: `criterion(logits, targets, teacher=None, epoch=0, step=None) -> (loss, parts)`
-(`epoch`: 0-based epoch; `step`: 0-based optimizer step of the whole run, for per-step warm-ups).
+"""Training criteria. One interface: `criterion(logits, targets, teacher=None) -> (loss, parts)`.
+
+Trainers tell a criterion where training stands through `set_progress(progress)` (a
+`mmcache.engine.TrainProgress`: 0-based epoch, 0-based optimizer step of the whole run, planned steps),
+called once per training step by `mmcache.engine.progress_hook`; warm-ups and late decays read it.
+A direct call may still pass `epoch` (and `step`) instead.
 
 Registered by name in `CRITERIA` and built with `build_criterion(name, tasks, class_counts, **options)`:
 
@@ -30,7 +34,7 @@ Learned log-variances are parameters of the criterion: the trainer must optimise
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,9 @@ from torch import nn
 
 from mmcache.errors import MMCacheError
 from mmcache.registry import Registry
+
+if TYPE_CHECKING:
+    from mmcache.engine import TrainProgress
 
 IGNORE = -100
 CRITERIA: Registry[type[Criterion]] = Registry("loss")  # `--loss NAME`
@@ -129,6 +136,7 @@ class Criterion(nn.Module):
         self.beta = float(beta)
         self.progress: tuple[int, int | None] = (0, None)  # (epoch, step) of the current call
         self.last_step: int | None = None  # the last training step seen (evaluation calls pass none)
+        self.fraction = 0.0  # share of the run's planned steps done (`set_progress`)
         self.kd_task = kd_task or next(iter(self.tasks))
         if self.kd_task not in self.tasks:
             raise MMCacheError(f"kd_task={kd_task!r} is not one of the tasks {list(self.tasks)}")
@@ -160,6 +168,12 @@ class Criterion(nn.Module):
         """Additional terms of a subclass (None here)."""
         return None
 
+    def set_progress(self, progress: TrainProgress) -> None:
+        """Where training stands (called by the trainer before each training step's forward pass)."""
+        self.progress = (progress.epoch, progress.step)
+        self.last_step = progress.step
+        self.fraction = progress.fraction
+
     def warmed(self, value: float, warmup: int, epoch: int | None = None, step: int | None = None) -> float:
         """`value` linearly warmed up from 0 over `warmup` epochs or steps (`kd_warmup_unit`); at the current
         call's progress when epoch/step are not given. Evaluation calls (no step) use the last training step."""
@@ -172,8 +186,8 @@ class Criterion(nn.Module):
         if step is None:
             step = self.last_step
         if step is None:
-            raise MMCacheError(f"loss {self.part}: kd_warmup_unit=step needs the optimizer step; this trainer "
-                               "passes epochs only, so use kd_warmup_unit=epoch")
+            raise MMCacheError(f"loss {self.part}: kd_warmup_unit=step needs the optimizer step, which the trainer "
+                               "sets through set_progress; use kd_warmup_unit=epoch when calling it directly")
         return value * min(1.0, step / warmup)
 
     def kd_weight(self, epoch: int, step: int | None = None) -> float:
@@ -201,12 +215,15 @@ class Criterion(nn.Module):
                     for i in range(heads.shape[1])), _zero_like(heads))
 
     def forward(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],  # type: ignore[override]
-                teacher: torch.Tensor | None = None, epoch: int = 0,
+                teacher: torch.Tensor | None = None, epoch: int | None = None,
                 step: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Task losses (summed or uncertainty-weighted) + subclass terms + KD; returns (loss, float parts)."""
-        self.progress = (epoch, step)
-        if step is not None and self.training:
-            self.last_step = step
+        """Task losses (summed or uncertainty-weighted) + subclass terms + KD; returns (loss, float parts).
+        Warm-ups use the progress of `set_progress`, or `epoch` / `step` when given."""
+        if epoch is not None or step is not None:
+            self.progress = (epoch or 0, step)
+            if step is not None and self.training:
+                self.last_step = step
+        epoch, step = self.progress
         parts: dict[str, float] = {}
         total = _zero_like(next(iter(logits.values())))
         for i, t in enumerate(self.tasks):
@@ -271,15 +288,18 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, T: float) -> torch.Tensor:
 SCABG_REFERENCE_RECIPE: dict[str, Any] = {
     "ce_balanced": True, "kd_lambda": 0.02, "kd_T": 3.0, "kd_warmup": 6000, "kd_warmup_unit": "step",
     "adv_weight": 0.001, "adv_warmup": 12000, "nce_weight": 0.005, "nce_warmup": 9000, "band_weight": 0.005,
-    "band_warmup": 9000,
+    "band_warmup": 9000, "late_start": 0.6, "late_adv_decay": 0.5, "late_nce_decay": 0.25,
 }
+# Without the reference variant: no late decay (late_start 1 is never reached).
+LATE_DEFAULTS: dict[str, float] = {"late_start": 1.0, "late_adv_decay": 1.0, "late_nce_decay": 1.0}
 
 
 @CRITERIA.register("scabg")
 class SCABGCriterion(FocalCriterion):
     """3-way CE/focal plus uncertainty-weighted coarse/fine losses on the `scabg` head's `_coarse` / `_fine`;
     optionally the reference code's adversarial (`_adv`), InfoNCE (`_branches`) and band-consistency
-    (`_band_w`) terms, each warmed up like KD."""
+    (`_band_w`) terms, each warmed up like KD; from `late_start` (a share of the run's planned steps) on, the
+    adversarial and InfoNCE weights are multiplied by `late_adv_decay` and `late_nce_decay`."""
 
     part = "main"
 
@@ -288,7 +308,8 @@ class SCABGCriterion(FocalCriterion):
                  classes: Any = (0, 1, 2), task: str | None = None, variant: str = "default",
                  adv_weight: float | None = None, adv_warmup: int | None = None, nce_weight: float | None = None,
                  nce_T: float = 0.07, nce_warmup: int | None = None, band_weight: float | None = None,
-                 band_warmup: int | None = None, **options: Any) -> None:
+                 band_warmup: int | None = None, late_start: float | None = None,
+                 late_adv_decay: float | None = None, late_nce_decay: float | None = None, **options: Any) -> None:
         if variant not in ("default", "reference"):
             raise MMCacheError(f"loss scabg: variant={variant!r} must be 'default' or 'reference'")
         given = {"adv_weight": adv_weight, "adv_warmup": adv_warmup, "nce_weight": nce_weight,
@@ -296,11 +317,18 @@ class SCABGCriterion(FocalCriterion):
         # Unset options take the variant's value: 0 (off) by default, the reference recipe's with variant=reference.
         recipe = SCABG_REFERENCE_RECIPE if variant == "reference" else {}
         v: dict[str, float] = {k: float(recipe.get(k, 0) if x is None else x) for k, x in given.items()}
-        options = {**{k: x for k, x in recipe.items() if k not in given}, **options}
+        late_given = {"late_start": late_start, "late_adv_decay": late_adv_decay, "late_nce_decay": late_nce_decay}
+        late = {k: float(recipe.get(k, LATE_DEFAULTS[k]) if x is None else x) for k, x in late_given.items()}
+        options = {**{k: x for k, x in recipe.items() if k not in given and k not in late_given}, **options}
         super().__init__(tasks, class_counts=class_counts, **options)
         for name, value in v.items():
             if value < 0:
                 raise MMCacheError(f"loss scabg: {name}={value} must be >= 0")
+        for name, value in late.items():
+            if not 0 <= value <= 1:
+                raise MMCacheError(f"loss scabg: {name}={value} must be in [0, 1]")
+        self.late_start = late["late_start"]
+        self.late_decay = {"adv": late["late_adv_decay"], "nce": late["late_nce_decay"]}
         if float(nce_T) <= 0:
             raise MMCacheError(f"loss scabg: nce_T={nce_T} must be > 0")
         self.adv = (v["adv_weight"], int(v["adv_warmup"]))
@@ -338,7 +366,8 @@ class SCABGCriterion(FocalCriterion):
     def reference_terms(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
                         parts: dict[str, float]) -> torch.Tensor | None:
         """adv_weight * mean over branches of CE(_adv) + nce_weight * InfoNCE over branch pairs
-        + band_weight * sum over branch pairs of MSE(band weights), each warmed up; None when all are off."""
+        + band_weight * sum over branch pairs of MSE(band weights), each warmed up (the adversarial and InfoNCE
+        weights decayed from `late_start` on); None when all are off."""
         total = None
         need = {"adv": "_adv", "nce": "_branches", "band": "_band_w"}
         for name, (value, warmup) in (("adv", self.adv), ("nce", self.nce), ("band", self.band)):
@@ -350,13 +379,19 @@ class SCABGCriterion(FocalCriterion):
                 raise MMCacheError(f"loss scabg: {name}_weight needs the head's `{need[name]}` output; use --head "
                                    "scabg-ref (or --hp variant=reference, or the part's flag: adversarial / "
                                    f"aux_outputs) or set {name}_weight=0")
-            weight = self.warmed(value, warmup)
+            weight = self.warmed(value, warmup) * self.late_factor(name)
             term = getattr(self, f"_{name}_loss")(logits, targets)
             if term is None:
                 continue
             parts[name] = float(term.detach())
             total = weight * term if total is None else total + weight * term
         return total
+
+    def late_factor(self, name: str) -> float:
+        """The late-training factor of term `name` ("adv", "nce"; 1 for others) at the current progress."""
+        if self.late_start < 1 and self.fraction >= self.late_start:
+            return self.late_decay.get(name, 1.0)
+        return 1.0
 
     def _adv_loss(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         y = targets.get(self.task)

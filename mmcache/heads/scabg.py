@@ -50,7 +50,10 @@ Across branches:
 - `kd_branches` / `kd_classes`: auxiliary KD heads (Linear to `kd_classes` logits) on those branch
   vectors, returned as `_kd` [B, n, kd_classes] for the criterion to distil one teacher into each;
 - `adversarial` / `grl`: per-branch heads predicting the task's classes through gradient reversal
-  (strength `grl`), returned as `_adv` [B, branches, C];
+  (strength `grl`), returned as `_adv` [B, branches, C]; `grl_schedule` ramps the strength over training
+  (the trainer's progress, `set_progress`): `constant`, `linear` from 0 over `grl_warmup` optimizer steps
+  (the reference's, tied to its adversarial warm-up of 12000 steps), or `dann`, grl * (2 / (1 + exp(-10 p)) - 1)
+  over the share p of the run's steps (Ganin et al.);
 - `aux_outputs`: return the branch vectors `_branches` [B, branches, out_dim], their presence
   `_branch_mask` [B, branches] and the aggregators' band weights `_band_w` [B, branches, K], for the
   criterion's InfoNCE and band-consistency terms.
@@ -90,13 +93,14 @@ MODALITY_ORDER = ("image", "text", "context", "video", "audio")
 REFERENCE_VARIANT: dict[str, Any] = {
     "branch_gates": True, "band_blocks": True, "agg_mlp": True, "branch_mlp": True, "mix_token": True,
     "branch_pool": "static", "fuse_mlp": True, "kd_branches": "auto", "kd_classes": 2, "adversarial": True,
-    "grl": 0.05, "aux_outputs": True,
+    "grl": 0.05, "aux_outputs": True, "grl_schedule": "linear", "grl_warmup": 12000,
 }
 DEFAULT_VARIANT: dict[str, Any] = {
     "branch_gates": False, "band_blocks": False, "agg_mlp": False, "branch_mlp": False, "mix_token": False,
     "branch_pool": "score", "fuse_mlp": False, "kd_branches": None, "kd_classes": 0, "adversarial": False,
-    "grl": 0.05, "aux_outputs": False,
+    "grl": 0.05, "aux_outputs": False, "grl_schedule": "constant", "grl_warmup": 0,
 }
+GRL_SCHEDULES = ("constant", "linear", "dann")
 VARIANTS = {"default": DEFAULT_VARIANT, "reference": REFERENCE_VARIANT}
 # Where the reference attaches its two KD heads: the NLI teacher on text-context, the CLIP teacher on image-context.
 REFERENCE_KD_BRANCHES = ("text-context", "image-context")
@@ -187,6 +191,13 @@ class BandQueryAttention(nn.Module):
         return out * has[:, None, None].to(out.dtype)
 
 
+class _Start:
+    """The progress before the first training step."""
+
+    epoch = step = 0
+    fraction = 0.0
+
+
 class _GradReverse(torch.autograd.Function):
     """Identity forward; the gradient multiplied by -strength backward."""
 
@@ -203,6 +214,16 @@ class _GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, strength: float) -> torch.Tensor:
     """Gradient reversal (Ganin & Lempitsky): x forward, -strength * gradient backward."""
     return cast(torch.Tensor, _GradReverse.apply(x, strength))
+
+
+def grl_factor(schedule: str, warmup: int, progress: Any) -> float:
+    """The share of the full gradient-reversal strength at `progress` (a `mmcache.engine.TrainProgress`):
+    1 (`constant`), min(1, step / warmup) (`linear`), or 2 / (1 + exp(-10 p)) - 1 over the run's share p (`dann`)."""
+    if schedule == "linear":
+        return min(1.0, progress.step / warmup) if warmup > 0 else 1.0
+    if schedule == "dann":
+        return 2.0 / (1.0 + math.exp(-10.0 * progress.fraction)) - 1.0
+    return 1.0
 
 
 def _band_weight(bands: int, d_in: int, d_out: int) -> nn.Parameter:
@@ -353,8 +374,8 @@ class SCABGHead(Head):
                  band_blocks: bool | None = None, agg_mlp: bool | None = None, branch_mlp: bool | None = None,
                  mix_token: bool | None = None, branch_pool: str | None = None, fuse_mlp: bool | None = None,
                  kd_branches: Any = None, kd_classes: int | None = None, adversarial: bool | None = None,
-                 grl: float | None = None, aux_outputs: bool | None = None,
-                 **extra: Any) -> None:
+                 grl: float | None = None, aux_outputs: bool | None = None, grl_schedule: str | None = None,
+                 grl_warmup: int | None = None, **extra: Any) -> None:
         reject_unknown("scabg", extra, type(self))
         if D is not None:  # `--D` of the trainer sets the hidden size
             hidden = int(D)
@@ -363,7 +384,7 @@ class SCABGHead(Head):
         given = {"branch_gates": branch_gates, "band_blocks": band_blocks, "agg_mlp": agg_mlp,
                  "branch_mlp": branch_mlp, "mix_token": mix_token, "branch_pool": branch_pool, "fuse_mlp": fuse_mlp,
                  "kd_branches": kd_branches, "kd_classes": kd_classes, "adversarial": adversarial, "grl": grl,
-                 "aux_outputs": aux_outputs}
+                 "aux_outputs": aux_outputs, "grl_schedule": grl_schedule, "grl_warmup": grl_warmup}
         # The variant gives each part's default; a part set explicitly wins (`variant=reference mix_token=false`).
         parts = {k: VARIANTS[variant][k] if v is None else v for k, v in given.items()}
         for k in ("branch_gates", "band_blocks", "agg_mlp", "branch_mlp", "mix_token", "fuse_mlp", "adversarial",
@@ -391,6 +412,11 @@ class SCABGHead(Head):
                                "(0: as many as the task's classes)")
         if not isinstance(parts["grl"], (int, float)) or isinstance(parts["grl"], bool) or parts["grl"] < 0:
             raise MMCacheError(f"{where}: grl={parts['grl']!r} must be a number >= 0")
+        if parts["grl_schedule"] not in GRL_SCHEDULES:
+            raise MMCacheError(f"{where}: grl_schedule={parts['grl_schedule']!r} must be one of "
+                               f"{', '.join(GRL_SCHEDULES)}")
+        if not isinstance(parts["grl_warmup"], int) or isinstance(parts["grl_warmup"], bool) or parts["grl_warmup"] < 0:
+            raise MMCacheError(f"{where}: grl_warmup={parts['grl_warmup']!r} must be a whole number of steps >= 0")
         if hidden % heads or out_dim % branch_heads:
             raise MMCacheError(f"{where}: hidden={hidden} must divide by heads={heads} and "
                                f"out_dim={out_dim} by branch_heads={branch_heads}")
@@ -461,8 +487,16 @@ class SCABGHead(Head):
         self.adv_heads = nn.ModuleList([nn.Linear(out_dim, self.tasks[task]) for _ in self.branch_pairs]) \
             if parts["adversarial"] else None
         self.grl = float(parts["grl"])
+        self.grl_schedule, self.grl_warmup = parts["grl_schedule"], parts["grl_warmup"]
+        self.grl_now = 0.0  # the strength at the current step (`set_progress`)
+        self.set_progress(_Start())
         self.aux_outputs = parts["aux_outputs"]
         skip_removed_keys(self, lambda name: REMOVED.fullmatch(name) is not None)
+
+    def set_progress(self, progress: Any) -> None:
+        """Where training stands (a `mmcache.engine.TrainProgress`, from the trainer before each training step):
+        sets the gradient-reversal strength of this step from `grl_schedule`."""
+        self.grl_now = self.grl * grl_factor(self.grl_schedule, self.grl_warmup, progress)
 
     def _in_dim(self, m: str) -> int:
         """Width of modality m's sequence positions (tokens, or `pooled` as the sequence)."""
@@ -634,7 +668,7 @@ class SCABGHead(Head):
             out["_kd"] = torch.stack([h(tokens[:, i]) for h, i in zip(self.kd_heads, self.kd_index, strict=True)], 1)
             keys.append("_kd")
         if self.adv_heads is not None:
-            out["_adv"] = torch.stack([h(grad_reverse(tokens[:, i], self.grl))
+            out["_adv"] = torch.stack([h(grad_reverse(tokens[:, i], self.grl_now))
                                        for i, h in enumerate(self.adv_heads)], 1)
             keys.append("_adv")
         if self.aux_outputs:

@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 
 
 def stackable(m: Member) -> bool:
-    """True when member `m` is a linear probe with a plain cross-entropy that the stacked path trains exactly."""
+    """True when member `m` is a linear probe with a plain cross-entropy that the stacked path trains exactly
+    (without a weight average or a logit adjustment: those train in the per-config loop)."""
     return (m.cfg.head == "linear" and m.head.hparams.get("D") == 0 and type(m.crit) is Criterion
             and m.crit.log_vars is None and m.data.teacher is None and m.cfg.optimizer in ("adam", "adamw", "sgd")
-            and m.cfg.schedule in ("cosine", "none"))
+            and m.cfg.schedule in ("cosine", "none") and not m.cfg.ema and not m.offsets)
 
 
 def _clf(m: Member, task: str) -> torch.nn.Linear:

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mmcache.engine import (
+    EMA,
     IGNORE,
     OPTIMIZERS,
     SCHEDULES,
@@ -34,11 +36,16 @@ from mmcache.engine import (
     RunResult,
     Schedule,
     Selector,
+    TrainProgress,
+    adjust_logits,
+    check_ema,
     curve_row,
+    logit_offsets,
     make_optimizer,
     new_run_dir,
     param_groups,
     parse_select,
+    progress_hook,
     results_table,
     snapshot,
     val_metrics,
@@ -106,6 +113,8 @@ class TrainConfig:
     save: bool = True  # False: train and evaluate without writing a run folder
     quiet: bool = False
     track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
+    ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
+    logit_adjust: float | None = None  # tau: tau * log(train prior) subtracted at evaluation (None: reference_tau)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (inverse of `TrainConfig(**obj)`)."""
@@ -161,6 +170,11 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
     _check_number("--patience", cfg.early_stopping, 0, integer=True)
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
+    check_ema(cfg.ema)
+    if cfg.ema and cfg.solver == "lbfgs":
+        raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")
+    if cfg.logit_adjust is not None:
+        _check_number("--logit-adjust", cfg.logit_adjust, -math.inf)
     if cfg.threads is not None:
         _check_number("--threads", cfg.threads, 1, integer=True)
     if cfg.folds is not None:
@@ -234,6 +248,9 @@ class Member:
     fit_seconds: float = 0.0
     busy: float = 0.0  # seconds spent in this member's own forward passes (lockstep groups)
     final_logits: dict[str, dict[str, torch.Tensor]] | None = None  # split -> task -> logits, when batched
+    ema: EMA | None = None  # the head's weight average (cfg.ema)
+    tau: float = 0.0  # logit adjustment (cfg.logit_adjust, or the head's default)
+    offsets: dict[str, list[float]] = field(default_factory=dict)  # task -> tau * log(prior), subtracted at evaluation
 
     def order_key(self) -> tuple[Any, ...]:
         """Members with the same key see the same batches (same seed, same sampling)."""
@@ -266,8 +283,16 @@ def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
                            class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing,
                            **cfg.loss_options).to(device)
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    tau = reference_tau(head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
+    offsets = logit_offsets(data.class_counts("train"), tau, data.labels.tasks)
     return Member(cfg=cfg, data=data, head=head, crit=crit, sel_task=sel_task, sel_metric=sel_metric,
-                  rng=torch.get_rng_state(), cuda_rng=cuda_rng)
+                  rng=torch.get_rng_state(), cuda_rng=cuda_rng, tau=tau, offsets=offsets)
+
+
+def reference_tau(head_hparams: dict[str, Any]) -> float:
+    """The logit adjustment a run gets when `--logit-adjust` is not given: -1 for the SCABG reference head (the
+    reference code adds log p(y) to its logits at evaluation), 0 otherwise."""
+    return -1.0 if head_hparams.get("variant") == "reference" else 0.0
 
 
 def _labelled_train(data: CachedData) -> torch.Tensor:
@@ -324,6 +349,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
         m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
         m.sched = Schedule(m.cfg.schedule, m.opt, total_steps, int(m.cfg.warmup * total_steps), m.selector.mode)
+        m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
+    tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
     orders = BatchOrders(members, data, train_idx)
     val_idx = data.split_index["val"]
     val_chunks = [data.batch(val_idx[s:s + EVAL_BATCH]) for s in range(0, len(val_idx), EVAL_BATCH)]
@@ -354,8 +381,9 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
                 x, targets, teach = feats[m.order_key()]
                 t_member = time.perf_counter()
                 m.rng_in()
+                tell[m](TrainProgress(epoch - 1, (epoch - 1) * spe + m.steps, total_steps))
                 logits = m.head(x)
-                loss, _ = m.crit(logits, targets, teach, epoch - 1, step=(epoch - 1) * spe + m.steps)
+                loss, _ = m.crit(logits, targets, teach)
                 m.rng_out()
                 m.busy += time.perf_counter() - t_member
                 total = loss if total is None else total + loss
@@ -367,18 +395,22 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             for m in active:
                 cast(torch.optim.Optimizer, m.opt).step()
                 cast(Schedule, m.sched).step()
+                if m.ema is not None:
+                    m.ema.update()
         seconds = time.perf_counter() - t0
         for m in active:
             m.crit.eval()
-            vlog = _logits_of(m.head, val_chunks, data.tasks, len(val_idx))
-            vm = val_metrics(data.targets[m.sel_task][val_idx], vlog[m.sel_task], m.sel_metric)
-            vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
-            opt = cast(torch.optim.Optimizer, m.opt)
-            m.curves.append(curve_row(epoch, float(cast(torch.Tensor, m.loss_sum)) / max(1, m.steps), vm,
-                                      opt.param_groups[0]["lr"], seconds / len(active)))
-            value = vm.get(m.sel_metric, float("nan"))
-            sel = cast(Selector, m.selector)
-            sel.update(epoch, value, lambda m=m: snapshot(m.head))
+            with m.ema.applied() if m.ema is not None else nullcontext():  # evaluated and kept: the averages
+                vlog = _logits_of(m.head, val_chunks, data.tasks, len(val_idx))
+                vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
+                                 m.sel_metric)
+                vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
+                opt = cast(torch.optim.Optimizer, m.opt)
+                m.curves.append(curve_row(epoch, float(cast(torch.Tensor, m.loss_sum)) / max(1, m.steps), vm,
+                                          opt.param_groups[0]["lr"], seconds / len(active)))
+                value = vm.get(m.sel_metric, float("nan"))
+                sel = cast(Selector, m.selector)
+                sel.update(epoch, value, lambda m=m: snapshot(m.head))
             cast(Schedule, m.sched).epoch_end(value)
             if sel.stopped:
                 _log(m.cfg, f"early stop after epoch {epoch}: no better val {m.sel_metric} for {sel.stale} epochs")
@@ -436,7 +468,8 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
         if splits is not None and split not in splits:
             continue
         idx = data.split_index[split]
-        logits = logits_of[split] if logits_of is not None else predict_logits(m.head, data, idx)
+        logits = adjust_logits(logits_of[split] if logits_of is not None else predict_logits(m.head, data, idx),
+                               m.offsets)
         per_task = {}
         for t in data.tasks:
             mt = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
@@ -452,7 +485,7 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
         "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
         "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
         "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
-        "n_params": n_params}}
+        "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
                      head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds)
 
@@ -540,7 +573,8 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
             try:
                 if gkey[0] == "lbfgs":
                     m = group[0]
-                    curves, best, value, lam, C = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric)
+                    curves, best, value, lam, C = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric,
+                                                             m.offsets)
                     m.curves, m.best_epoch, m.best_value = curves, best, value
                     # The same objective in scikit-learn's terms: LogisticRegression(C=C) (mmcache.heads.probe).
                     m.select = {"l2": lam, "sklearn_C": C}
@@ -612,13 +646,15 @@ def run_tags(cfg: TrainConfig, kind: str) -> dict[str, str]:
 
 
 def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, sel_task: str,
-               sel_metric: str) -> tuple[list[dict[str, Any]], int, float, float, float]:
-    """The lbfgs probe (mmcache.heads.probe): one fit per L2 penalty, the best on validation. Returns curves,
-    the best fit (1-based), its validation value, its penalty and that penalty's scikit-learn C."""
+               sel_metric: str, offsets: dict[str, list[float]] | None = None
+               ) -> tuple[list[dict[str, Any]], int, float, float, float]:
+    """The lbfgs probe (mmcache.heads.probe): one fit per L2 penalty, the best on validation (on logits less
+    `offsets`, the logit adjustment). Returns curves, the best fit (1-based), its validation value, its penalty
+    and that penalty's scikit-learn C."""
     val_idx = data.split_index["val"]
 
     def score(vlog: dict[str, torch.Tensor]) -> dict[str, float]:
-        vm = quick_metrics(data.targets[sel_task][val_idx], vlog[sel_task], sel_metric)
+        vm = quick_metrics(data.targets[sel_task][val_idx], adjust_logits(vlog, offsets)[sel_task], sel_metric)
         vm["loss"] = _eval_loss(crit, vlog, data, val_idx, 0)
         return vm
 
@@ -643,6 +679,11 @@ def load_run(run_dir: Path | str, device: str = "cpu") -> tuple[Head, dict[str, 
     head.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
     head.to(device).eval()
     return head, json.loads((d / "config.json").read_text())
+
+
+def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:
+    """The logit adjustment a run folder's `config.json` records (task -> offsets subtracted), empty if none."""
+    return dict((config.get("resolved") or {}).get("logit_adjust", {}).get("offsets") or {})
 
 
 def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test", cache_dir: str | None = None,
@@ -675,7 +716,7 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
         idx = data.split_index[split]
     else:
         raise MMCacheError(f"split {split!r} not in {dataset!r} (splits: {', '.join(data.split_index)}, all)")
-    logits = predict_logits(head, data, idx)
+    logits = adjust_logits(predict_logits(head, data, idx), run_offsets(cfg))
     out = Path(out) if out else Path(run_dir) / f"predictions_{dataset}_{split}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     multi = len(labels) > 1
