@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics
@@ -130,19 +130,49 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
 def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
     """Per-config mean cross-entropy, as `F.cross_entropy(..., reduction="mean")` for each config alone.
     logits [B, K, C], y [B] -> [K]; 0 for a config when no row is labelled."""
-    return _ce_slots(logits[None], y[None], weight, smoothing)
+    return _ce_slots(logits[None], y[None], weight, smoothing)[0]
 
 
-def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
-    """`_ce` for several batch orders at once: logits [S, B, G, C], y [S, B] -> [S*G] (slot-major); a config
-    whose batch has no labelled row gets 0."""
-    s, b, g, _ = logits.shape
-    loss = F.cross_entropy(logits.permute(0, 3, 1, 2).float(), y[:, :, None].expand(s, b, g), weight=weight,
-                           ignore_index=IGNORE, label_smoothing=smoothing, reduction="none")
-    lab = y != IGNORE
-    denom = ((weight[y.clamp(min=0)] * lab).sum(1) if weight is not None else lab.sum(1)).to(loss.dtype)
-    per = loss.sum(1) / denom.clamp(min=torch.finfo(loss.dtype).tiny)[:, None]
-    return torch.where(denom[:, None] > 0, per, per * 0.0).reshape(s * g)
+def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float,
+              grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_ce` for several batch orders at once, with its gradient: logits [S, B, G, C], y [S, B] ->
+    (loss [S*G] slot-major, d(loss.sum())/d(logits) [S, B, G, C] when `grad`, else None). A config whose
+    batch has no labelled row gets 0.
+
+    torch's per-row loss with class weights w and label smoothing e (what `F.cross_entropy` computes):
+    (1-e) w_y (lse - l_y) + e/C sum_c w_c (lse - l_c), averaged with the weights w_y of the labelled rows.
+    Its gradient is written out rather than taken by autograd: over a class axis of 2-10 the softmax
+    and cross-entropy kernels and autograd's bookkeeping cost more than the matrix products of a step."""
+    s, b, g, c = logits.shape
+    lab = (y != IGNORE).to(logits.dtype)
+    yc = y.clamp(min=0)
+    w_y = weight[yc] * lab if weight is not None else lab  # [S, B]
+    denom = w_y.sum(1).clamp(min=torch.finfo(logits.dtype).tiny)  # [S]
+    top = logits.amax(-1, keepdim=True)
+    e = (logits - top).exp_()
+    se = e.sum(-1, keepdim=True)
+    lse = se.log() + top  # [S, B, G, 1]
+    picked = logits.gather(-1, yc[:, :, None, None].expand(s, b, g, 1))
+    row = (lse - picked).squeeze(-1) * ((1 - smoothing) * w_y)[:, :, None]  # [S, B, G]
+    if smoothing:
+        wc = weight if weight is not None else torch.ones(c, dtype=logits.dtype, device=logits.device)
+        smooth = lse.squeeze(-1) * wc.sum() - logits @ wc  # sum_c w_c (lse - l_c)
+        row = row + smooth * (smoothing / c * lab)[:, :, None]
+    loss = (row.sum(1) / denom[:, None]).reshape(s * g)
+    if not grad:
+        return loss, None
+    # d/dl_c: (1-e) w_y (p_c - [c=y]) + e/C (p_c sum(w) - w_c), over the same denominator.
+    p = e.div_(se)
+    coef = (1 - smoothing) * w_y
+    if smoothing:
+        coef = coef + smoothing / c * wc.sum() * lab
+    d = p * coef[:, :, None, None]
+    d.scatter_add_(-1, yc[:, :, None, None].expand(s, b, g, 1),
+                   (-(1 - smoothing) * w_y)[:, :, None, None].expand(s, b, g, 1))
+    if smoothing:
+        d -= (smoothing / c * lab)[:, :, None, None] * wc
+    d /= denom[:, None, None, None]
+    return loss, d
 
 
 def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
@@ -179,6 +209,13 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     total_steps = cfg0.epochs * steps_per_epoch(n, cfg0.batch_size)
     sched = Schedule(cfg0.schedule, unit, total_steps, int(cfg0.warmup * total_steps))
+    factors = [unit.param_groups[0]["lr"]]  # factors[k]: the learning rate's factor after k optimizer steps
+    with warnings.catch_warnings():  # the unit optimizer never steps: nothing to warn about
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(total_steps):
+            sched.step()
+            factors.append(unit.param_groups[0]["lr"])
+    done = 0
     for m in members:
         m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
     orders = BatchOrders(members, data, train_idx)
@@ -201,39 +238,45 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
         for s in range(0, n, cfg0.batch_size):
             if n - s < 2:  # as the single-run loop: no one-row batch
                 continue
-            total: torch.Tensor | None = None
-            if batched:
-                pos = torch.cat([perm[key][s:s + cfg0.batch_size] for key in slots])
-                rows = len(pos) // n_slots
-                x = z_train.index_select(0, pos).view(n_slots, rows, -1)
-                for t in tasks:
-                    c, f = W[t].shape[1:]
-                    logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
-                                           W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
-                    per = _ce_slots(logits.view(n_slots, rows, per_slot, c),
-                                    y_train[t].index_select(0, pos).view(n_slots, rows), weights[t], smoothing)
-                    total = per.sum() if total is None else total + per.sum()
-                    loss_sum += per.detach()
-            else:
-                for key, sl in slots.items():
-                    pos = perm[key][s:s + cfg0.batch_size]
-                    x = z_train.index_select(0, pos)
+            with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
+                if batched:
+                    pos = torch.cat([perm[key][s:s + cfg0.batch_size] for key in slots])
+                    rows = len(pos) // n_slots
+                    x = z_train.index_select(0, pos).view(n_slots, rows, -1)
                     for t in tasks:
-                        w, b = W[t][sl], B[t][sl]
-                        kk, c, f = w.shape
-                        logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T).view(len(pos), kk, c)
-                        per = _ce(logits, y_train[t].index_select(0, pos), weights[t], smoothing)
-                        total = per.sum() if total is None else total + per.sum()
-                        loss_sum[sl] += per.detach()
-            assert total is not None
-            opt.zero_grad()
-            total.backward()
-            opt.step(lr * unit.param_groups[0]["lr"])
-            unit.step()  # no gradient: only tells the scheduler a step happened
-            sched.step()
+                        c, f = W[t].shape[1:]
+                        logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
+                                               W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
+                        per, d = _ce_slots(logits.view(n_slots, rows, per_slot, c),
+                                           y_train[t].index_select(0, pos).view(n_slots, rows), weights[t],
+                                           smoothing, grad=True)
+                        assert d is not None
+                        d = d.view(n_slots, rows, per_slot * c)
+                        W[t].grad = torch.bmm(d.transpose(1, 2), x).view(k_all, c, f)
+                        B[t].grad = d.sum(1).view(k_all, c)
+                        loss_sum += per
+                else:
+                    for t in tasks:
+                        W[t].grad, B[t].grad = torch.empty_like(W[t]), torch.empty_like(B[t])
+                    for key, sl in slots.items():
+                        pos = perm[key][s:s + cfg0.batch_size]
+                        x = z_train.index_select(0, pos)
+                        for t in tasks:
+                            w, b = W[t][sl], B[t][sl]
+                            kk, c, f = w.shape
+                            logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T)
+                            per, d = _ce_slots(logits.view(1, len(pos), kk, c), y_train[t].index_select(0, pos)[None],
+                                               weights[t], smoothing, grad=True)
+                            assert d is not None
+                            d = d.view(len(pos), kk * c)
+                            torch.mm(d.T, x, out=cast(torch.Tensor, W[t].grad)[sl].view(kk * c, f))
+                            torch.sum(d, 0, out=cast(torch.Tensor, B[t].grad)[sl].view(kk * c))
+                            loss_sum[sl] += per
+            opt.step(lr * factors[done])
+            done += 1
             steps += 1
         seconds = time.perf_counter() - t0
-        factor = unit.param_groups[0]["lr"]
+        factor = factors[done]
         with torch.no_grad():
             vlog = {t: (z_val @ W[t].reshape(-1, W[t].shape[-1]).T).view(len(val_idx), k_all, -1) + B[t] for t in tasks}
             vloss = sum(_ce(vlog[t], y_val[t], weights[t], smoothing) for t in tasks)
