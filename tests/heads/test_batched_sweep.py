@@ -218,3 +218,34 @@ def test_fit_seconds_share_the_groups_time(toy_cache: Path) -> None:
     wall = time.perf_counter() - t
     secs = [r.fit_seconds for r in res]  # type: ignore[union-attr]
     assert all(s > 0 for s in secs) and sum(secs) < wall
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_stacked_cross_entropy_and_its_gradient_are_torchs(smoothing: float, weighted: bool) -> None:
+    """The written-out loss and gradient of the stacked probes equal F.cross_entropy and autograd, per config,
+    with class weights, label smoothing, unlabelled rows and a batch without any labelled row."""
+    import torch.nn.functional as F
+
+    from mmcache.engine import IGNORE
+    from mmcache.heads.stacked import _ce_slots
+
+    g = torch.Generator().manual_seed(0)
+    s, b, k, c = 3, 7, 4, 5
+    logits = (torch.randn(s, b, k, c, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    y = torch.randint(0, c, (s, b), generator=g)
+    y[0, :3] = IGNORE
+    y[2] = IGNORE  # no labelled row: loss and gradient 0
+    weight = torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    loss, d = _ce_slots(logits.detach(), y, weight, smoothing, grad=True)
+    assert d is not None
+    want = torch.zeros(s, k, dtype=torch.float64)
+    for i in range(s):
+        for j in range(k):
+            if (y[i] != IGNORE).any():
+                want[i, j] = F.cross_entropy(logits[i, :, j], y[i], weight=weight, ignore_index=IGNORE,
+                                             label_smoothing=smoothing)
+    want.sum().backward()
+    torch.testing.assert_close(loss.view(s, k), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d, logits.grad, rtol=1e-10, atol=1e-12)
+    assert float(d[2].abs().sum()) == 0.0 and float(loss.view(s, k)[2].abs().sum()) == 0.0
