@@ -7,6 +7,8 @@ fold/seed of generated splits (both null for a dataset's own splits). The JSON l
      "labels": {"tasks": {"sentiment": ["negative", "neutral", "positive"]}, "metric": "accuracy"},
      "samples": [{"id": "1", "split": "train", "labels": {"sentiment": 2}}, ...]}
 
+Rows of a dataset combined from several (`mmhs150k,fakeddit`) also name their `"source"` dataset.
+
 This module is its one reader and writer: `Manifest.read` (checked, cached by content), `Manifest.write`
 (atomic), and what extraction needs (`check_replace`, `update`).
 """
@@ -58,6 +60,7 @@ class Manifest:
     fold: int | None = None  # cross-validation fold whose splits the manifest holds (None: official splits)
     seed: int | None = None  # seed of generated splits / folds
     path: Path | None = field(default=None, compare=False)  # the file it was read from
+    row_sources: list[str | None] = field(default_factory=list)  # per row: its source dataset (empty: one dataset)
 
     @property
     def split_seed(self) -> int | None:
@@ -94,8 +97,10 @@ class Manifest:
     def from_dataset(cls, ds: Dataset, ids: Collection[str] | None = None) -> Manifest:
         """The manifest of `ds` (its rows whose id is in `ids`, default all), keeping its fold and seed."""
         rows = [s for s in ds.samples if ids is None or s.id in ids]
+        sources = [s.source for s in rows]
         return cls(name=ds.name, labels=ds.labels, ids=[s.id for s in rows], splits=[s.split for s in rows],
-                   row_labels=[dict(s.labels) for s in rows], fold=ds.fold, seed=ds.seed)
+                   row_labels=[dict(s.labels) for s in rows], fold=ds.fold, seed=ds.seed,
+                   row_sources=sources if any(sources) else [])
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to disk (the layout in the module docstring)."""
@@ -104,8 +109,9 @@ class Manifest:
             "fold": self.fold,
             "seed": self.seed,
             "labels": self.labels.to_json(),
-            "samples": [{"id": i, "split": s, "labels": lab}
-                        for i, s, lab in zip(self.ids, self.splits, self.row_labels, strict=True)],
+            "samples": [{"id": i, "split": s, "labels": lab, **({"source": src} if src is not None else {})}
+                        for i, s, lab, src in zip(self.ids, self.splits, self.row_labels,
+                                                  self.row_sources or [None] * len(self.ids), strict=True)],
         }
 
     def write(self, path: Path | str) -> Path:
@@ -127,6 +133,7 @@ class Manifest:
             raw = [s["id"] for s in samples]
             splits = [str(s["split"]) for s in samples]
             row_labels = [{str(t): int(v) for t, v in (s.get("labels") or {}).items()} for s in samples]
+            sources = [None if s.get("source") is None else str(s["source"]) for s in samples]
             fold, seed = obj.get("fold"), obj.get("split_seed", obj.get("seed"))
             fold = None if fold is None else int(fold)
             seed = None if seed is None else int(seed)
@@ -141,7 +148,7 @@ class Manifest:
         if dup:
             raise MMCacheError(f"{where} lists {len(dup)} ids twice (e.g. {dup[:3]}); {_REWRITE}")
         return cls(name=str(obj.get("name") or ""), labels=labels, ids=ids, splits=splits, row_labels=row_labels,
-                   fold=fold, seed=seed)
+                   fold=fold, seed=seed, row_sources=sources if any(sources) else [])
 
     @classmethod
     def read(cls, path: Path | str, labels: bool = True) -> Manifest:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -463,6 +464,7 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
     logits were computed already (stacked probes)."""
     data, cfg = m.data, m.cfg
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    by_source: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
     for split in order:
         if splits is not None and split not in splits:
@@ -478,6 +480,9 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
                 per_task[t] = mt
         if per_task:
             metrics[split] = per_task
+            per_source = source_metrics(data, idx, logits)
+            if per_source:
+                by_source[split] = per_source
     n_params = sum(p.numel() for p in m.head.parameters())
     select = {"task": m.sel_task, "metric": m.sel_metric, **m.select, "value": m.best_value}
     run_cfg = {**cfg.to_json(), "resolved": {
@@ -487,7 +492,33 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
         "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
         "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
-                     head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds)
+                     head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds,
+                     by_source=by_source)
+
+
+def source_metrics(data: CachedData, idx: torch.Tensor, logits: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """source dataset -> task -> metrics of rows `idx` (logits in that order) of each source alone; empty unless
+    the manifest names the rows' sources (a dataset combined from several)."""
+    man = data.manifest
+    if man is None or not man.row_sources:
+        return {}
+    src_of = dict(zip(man.ids, man.row_sources, strict=True))
+    rows = idx.cpu().numpy()
+    srcs = np.array([src_of.get(data.ids[int(i)]) for i in rows], dtype=object)
+    out: dict[str, dict[str, Any]] = {}
+    for n in dict.fromkeys(srcs.tolist()):
+        if n is None:
+            continue
+        keep = np.flatnonzero(srcs == n)
+        per_task = {}
+        for t in data.tasks:
+            mt = classification_metrics(data.targets[t][idx].cpu().numpy()[keep], logits[t].cpu().numpy()[keep],
+                                        data.labels.tasks[t])
+            if mt["n"]:
+                per_task[t] = mt
+        if per_task:
+            out[n] = per_task
+    return out
 
 
 def train_many(cfgs: list[TrainConfig], errors: bool = False,

@@ -121,3 +121,14 @@ def test_upsample_repeats_a_sources_training_rows(tmp_path: Path) -> None:
         parse_upsample(["mmhs150k=0.5"])
     with pytest.raises(MMCacheError, match="not a source dataset of this run; its sources are mmhs150k, fakeddit"):
         epoch_pool(train, {"mvsa": 2})
+
+
+def test_the_readme_label_map_combines_the_fixtures(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("### Several datasets in one run")
+    block = text[start:].split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == {"mmhs150k": MMHS_MAP, "fakeddit": FAKEDDIT_MAP}
+    (tmp_path / "map.json").write_text(block)
+    ds = load_dataset("mmhs150k,fakeddit", write_pair(tmp_path / "data"), label_map=tmp_path / "map.json",
+                      progress=False)
+    assert ds.labels.tasks["label"][:3] == ["not_hate", "hate", "true"]
