@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PREDICT_CACHE = "predict_cache"
 HEAD_BATCH = 4096
+CONSUMER_CHUNK = 16  # batches of stored rows read at once for an encoder that consumes them
 
 
 @dataclass
@@ -139,9 +140,6 @@ class Predictor:
         # The tasks the head predicts, with their class names (the run's label space may hold more tasks).
         self.label_space = LabelSpace({t: v for t, v in space.tasks.items() if t in head.tasks}, space.metric)
         self.labels: dict[str, list[str]] = dict(self.label_space.tasks)
-        from mmcache.heads.train import run_offsets
-
-        self.offsets = run_offsets(config)  # task -> tau * log(prior), subtracted from the logits
 
     @classmethod
     def load(cls, run: str | Path, device: str | None = None, run_cache_dir: str | None = None) -> Predictor:
@@ -159,14 +157,18 @@ class Predictor:
         names: dict[str, str] = {}
         dtypes: dict[str, str] = {}
         if isinstance(config.get("encoders"), dict):
-            import mmcache.finetune.preset  # noqa: F401  (registers the finetuned: preset)
+            from mmcache.finetune.preset import load_finetuned_encoder  # (also registers the finetuned: preset)
+            from mmcache.finetune.run import encoder_consumes
 
-            for m in config["encoders"]:
-                extractors[m] = build_extractor(f"finetuned:{run_dir.absolute()}", m)
-                names[m], dtypes[m] = "finetuned", "float32"  # the head saw the live encoders' float32 outputs
             for m, name in (config.get("stores") or {}).items():  # a hybrid run's stored modalities
                 extractors[m], dtypes[m] = _store_extractor(config, m, name, run_cache_dir)
                 names[m] = name
+            for m, value in config["encoders"].items():
+                if encoder_consumes(m, value):  # reads stored features while it encodes: fed by the stores' extractors
+                    extractors[m] = load_finetuned_encoder(run_dir.absolute(), m, consumer=True)[0]
+                else:
+                    extractors[m] = build_extractor(f"finetuned:{run_dir.absolute()}", m)
+                names[m], dtypes[m] = "finetuned", "float32"  # the head saw the live encoders' float32 outputs
         elif isinstance(config.get("modalities"), dict):
             for m, name in config["modalities"].items():
                 extractors[m], dtypes[m] = _store_extractor(config, m, name, run_cache_dir)
@@ -191,33 +193,72 @@ class Predictor:
         feats, failed = self._encode(samples, batch_size)
         return self._predict(samples, feats, failed)
 
-    def _encode(self, samples: list[Sample], batch_size: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    def _consumes(self, modality: str) -> dict[str, tuple[str, ...]]:
+        """What the encoder of `modality` reads from other modalities' features while it encodes (VisualBERT: the
+        image regions), as in training."""
+        return dict(getattr(self.extractors[modality], "consumes", {}) or {})
+
+    def _encode(self, samples: list[Sample], batch_size: int, mods: list[str] | None = None,
+                given: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None,
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Encode `samples` in memory with the extractors of `mods` (default: all): `({modality: {id: {array:
+        tensor}}}, {id: reason})`. An encoder that consumes another modality's features gets that modality's rows,
+        as the run's stores held them (rounded to their dtype): computed in the same batch, or taken from `given`."""
         import torch
         from torch.utils.data import DataLoader
 
         from mmcache.extract.runner import BatchCollate, DecodeDataset, _autocast, merge_decode_options, to_device
+        from mmcache.finetune.run import _index
 
-        mods = list(self.extractors)
+        mods = list(self.extractors) if mods is None else mods
         exts = [self.extractors[m] for m in mods]
+        consumed: dict[str, set[str]] = {}
+        for m in mods:
+            for cm, keys in self._consumes(m).items():
+                consumed.setdefault(cm, set()).update(keys)
+        keep = {m: set(self.head.inputs.get(m, {})) | consumed.get(m, set()) for m in mods}
         needs = [tuple(range(len(exts)))] * len(samples)
         loader = DataLoader(DecodeDataset(samples, needs, exts, merge_decode_options(exts)), batch_size=batch_size,
                             shuffle=False, num_workers=0, collate_fn=BatchCollate(exts))
         rows: dict[str, dict[str, dict[str, torch.Tensor]]] = {m: {} for m in mods}
+        for m, got in (given or {}).items():
+            rows.setdefault(m, {}).update(got)
         failed: dict[str, str] = {}
         dev = torch.device(self.device)
+        # Encoders whose features others consume run first in each batch.
+        order = sorted(range(len(mods)), key=lambda k: bool(self._consumes(mods[k])))
         with torch.inference_mode():
             for batch in loader:
-                for k, (ids, inputs, fails) in batch.items():
+                for k in order:
+                    if k not in batch:
+                        continue
+                    ids, inputs, fails = batch[k]
                     m = mods[k]
                     for sid, reason in fails:
                         failed.setdefault(sid, f"{m}: {reason}")
                     if not ids:
                         continue
+                    inputs = to_device(inputs, dev)
+                    if self._consumes(m):
+                        have = []
+                        for j, sid in enumerate(ids):
+                            lacking = [cm for cm in self._consumes(m) if sid not in rows.get(cm, {})]
+                            if lacking:
+                                failed.setdefault(sid, f"{lacking[0]}: not encoded")
+                            else:
+                                have.append(j)
+                        if not have:
+                            continue
+                        if len(have) < len(ids):
+                            inputs, ids = _index(inputs, torch.tensor(have)), [ids[j] for j in have]
+                        inputs = {**inputs, "consumed": {
+                            cm: {key: torch.stack([rows[cm][sid][key] for sid in ids]).to(dev) for key in want}
+                            for cm, want in self._consumes(m).items()}}
                     with _autocast(dev, True):  # as extraction runs it (bf16/fp16 on a GPU)
-                        out = exts[k](to_device(inputs, dev))
+                        out = exts[k](inputs)
                     for j, sid in enumerate(ids):
-                        rows[m][sid] = {key: self._as_trained(m, out[key][j]) for key in self.head.inputs.get(m, {})}
-        return rows, failed
+                        rows[m][sid] = {key: self._as_trained(m, out[key][j]) for key in keep[m]}
+        return {m: rows[m] for m in mods}, failed
 
     def _as_trained(self, modality: str, t: torch.Tensor) -> torch.Tensor:
         """A feature as the head saw it in training: rounded through the store's dtype, then float32."""
@@ -234,8 +275,6 @@ class Predictor:
         """Predictions in sample order; `feats[modality][id]` holds each encoded row's arrays."""
         import torch
 
-        from mmcache.engine import adjust_logits
-
         mods = list(self.head.inputs)
         ok = [s.id for s in samples if s.id not in failed and all(s.id in feats[m] for m in mods)]
         probs: dict[str, Any] = {}
@@ -245,7 +284,7 @@ class Predictor:
                 chunk = ok[start:start + HEAD_BATCH]
                 batch = {m: {k: torch.stack([feats[m][i][k] for i in chunk]).to(self.device)
                              for k in self.head.inputs[m]} for m in mods}
-                logits = adjust_logits(self.head(batch), self.offsets)  # the run's logit adjustment, if any
+                logits = self.head(batch)
                 for t in self.labels:
                     p = torch.softmax(logits[t].double(), dim=1).cpu().numpy()
                     probs.setdefault(t, []).extend(p)
@@ -269,8 +308,6 @@ class Predictor:
     def predict_dataset(self, ds: Dataset, samples: list[Sample], cache_dir: Path, batch_size: int = 64,
                         num_workers: int = 0, progress: bool = True) -> list[Prediction]:
         """Extract `samples` of `ds` into stores under `cache_dir` (resumable; failures recorded), then predict."""
-        import torch
-
         from mmcache.cache.store import StoreReader
         from mmcache.extract.runner import Request, extract
 
@@ -281,7 +318,9 @@ class Predictor:
                                    f"{' or '.join(fields)}; give the rows that field")
         key = _content_key(samples)
         cache_ds = Dataset(name=f"{_safe(ds.name)}-{key}", samples=samples, labels=self.label_space, root=ds.root)
-        mods = list(self.extractors)
+        # Encoders that consume other modalities' features run after those are in the cache, in memory.
+        consumers = [m for m in self.extractors if self._consumes(m)]
+        mods = [m for m in self.extractors if m not in consumers]
         requests = [Request(m, f"{self.names[m]}-{self.extractors[m].spec_hash()}", self.extractors[m].preset)
                     for m in mods]
         by_dtype: dict[str, list[int]] = {}
@@ -297,15 +336,37 @@ class Predictor:
         feats: dict[str, dict[str, Any]] = {}
         failed: dict[str, str] = {}
         ids = [s.id for s in samples]
-        for m in mods:
-            reader = StoreReader(summaries[m].path)
+        readers = {m: StoreReader(summaries[m].path) for m in mods}
+        for m, reader in readers.items():
             have = [i for i in ids if i in reader.index]
             for sid, reason in reader.failed.items():
                 failed.setdefault(sid, f"{m}: {reason}")
-            arrays = reader.load(have, keys=list(self.head.inputs.get(m, {}))) if have else {}
-            feats[m] = {sid: {k: torch.from_numpy(a[r]).float() if a.dtype.kind == "f" else torch.from_numpy(a[r])
-                              for k, a in arrays.items()} for r, sid in enumerate(have)}
+            feats[m] = _rows(reader, have, list(self.head.inputs.get(m, {})))
+        if consumers:
+            todo = [s for s in samples if s.id not in failed]
+            for start in range(0, len(todo), batch_size * CONSUMER_CHUNK):
+                chunk = todo[start:start + batch_size * CONSUMER_CHUNK]
+                given: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+                for m in consumers:
+                    for cm, keys in self._consumes(m).items():
+                        reader = readers[cm]
+                        given.setdefault(cm, {}).update(_rows(reader, [s.id for s in chunk if s.id in reader.index],
+                                                              list(keys)))
+                got, fails = self._encode(chunk, batch_size, mods=consumers, given=given)
+                for sid, reason in fails.items():
+                    failed.setdefault(sid, reason)
+                for m in consumers:
+                    feats.setdefault(m, {}).update(got[m])
         return self._predict(samples, feats, failed)
+
+
+def _rows(reader: Any, ids: list[str], keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Rows `ids` of a store as {id: {array: tensor}}, floats as float32 (as training read them)."""
+    import torch
+
+    arrays = reader.load(ids, keys=keys) if ids and keys else {}
+    return {sid: {k: torch.from_numpy(a[r]).float() if a.dtype.kind == "f" else torch.from_numpy(a[r])
+                  for k, a in arrays.items()} for r, sid in enumerate(ids)}
 
 
 def _safe(name: str) -> str:

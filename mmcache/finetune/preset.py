@@ -44,12 +44,15 @@ def _spec_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             != json.dumps(b.get(k), sort_keys=True, default=str)]
 
 
-def load_finetuned_encoder(run: Path, modality: str) -> tuple[Extractor, dict[str, Any]]:
+def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> tuple[Extractor, dict[str, Any]]:
     """The encoder `finetune run` trained for `modality` in `run`, with its trained weights, frozen in eval mode;
-    and the run's config. Refused when the base encoder's spec changed since training (e.g. its weights file)."""
+    and the run's config. Refused when the base encoder's spec changed since training (e.g. its weights file) or
+    `encoders.safetensors` is not the file the run wrote. An encoder that reads another modality's stored features
+    while it encodes (VisualBERT over regions) is rebuilt with the options the run took from its store, and only
+    when the caller feeds it those features (`consumer`)."""
     from safetensors.torch import load_file
 
-    from mmcache.finetune.run import FinetuneConfig, apply_lora, build_encoder
+    from mmcache.finetune.run import STORE_SET_OPTIONS, FinetuneConfig, apply_lora, build_encoder, encoder_consumes
 
     config = run_config(run)
     encoders = config["encoders"]
@@ -57,12 +60,14 @@ def load_finetuned_encoder(run: Path, modality: str) -> tuple[Extractor, dict[st
         raise MMCacheError(f"{run} fine-tuned {', '.join(encoders)} encoders, not {modality!r}")
     names = {f.name for f in fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in config.items() if k in names})
-    enc = build_encoder(modality, encoders[modality])
-    if enc.consumes:
-        raise MMCacheError(f"{run}: its {modality} encoder {encoders[modality]!r} reads "
-                           f"{', '.join(enc.consumes)} features from a store while it encodes; it cannot be used as an "
-                           "extractor on its own")
     trained = config.get("resolved", {}).get("specs", {}).get(modality)
+    if encoder_consumes(modality, encoders[modality]) and not consumer:
+        raise MMCacheError(f"{run}: its {modality} encoder {encoders[modality]!r} reads "
+                           f"{', '.join(encoder_consumes(modality, encoders[modality]))} features from a store while "
+                           "it encodes; it cannot be used as an extractor on its own (`mmcache predict --run` "
+                           "predicts with the whole run)")
+    fixed = {k: trained[k] for k in STORE_SET_OPTIONS if trained is not None and k in trained and consumer}
+    enc = build_encoder(modality, encoders[modality], **fixed)
     if trained is not None and "context_from" in trained:
         enc.config["context_from"] = trained["context_from"]  # which texts the run's context encoder read
     diff = _spec_diff(trained, enc.spec) if trained is not None else []
@@ -73,6 +78,10 @@ def load_finetuned_encoder(run: Path, modality: str) -> tuple[Extractor, dict[st
     if cfg.lora and not cfg.freeze_encoders:
         apply_lora(enc, cfg)
     path = run / ENCODERS_FILE
+    want = config.get("resolved", {}).get("encoders_sha256")
+    if want and path.is_file() and weights_sha256(path) != want:
+        raise MMCacheError(f"{path} is not the file this run wrote (its sha256 differs from the one in config.json); "
+                           "restore the run's own encoders.safetensors, or fine-tune again")
     if path.is_file():
         prefix = f"{modality}."
         state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
