@@ -140,6 +140,9 @@ class Predictor:
         # The tasks the head predicts, with their class names (the run's label space may hold more tasks).
         self.label_space = LabelSpace({t: v for t, v in space.tasks.items() if t in head.tasks}, space.metric)
         self.labels: dict[str, list[str]] = dict(self.label_space.tasks)
+        from mmcache.heads.train import run_offsets
+
+        self.offsets = run_offsets(config)  # task -> tau * log(prior), subtracted from the logits
 
     @classmethod
     def load(cls, run: str | Path, device: str | None = None, run_cache_dir: str | None = None) -> Predictor:
@@ -275,6 +278,8 @@ class Predictor:
         """Predictions in sample order; `feats[modality][id]` holds each encoded row's arrays."""
         import torch
 
+        from mmcache.engine import adjust_logits
+
         mods = list(self.head.inputs)
         ok = [s.id for s in samples if s.id not in failed and all(s.id in feats[m] for m in mods)]
         probs: dict[str, Any] = {}
@@ -284,7 +289,7 @@ class Predictor:
                 chunk = ok[start:start + HEAD_BATCH]
                 batch = {m: {k: torch.stack([feats[m][i][k] for i in chunk]).to(self.device)
                              for k in self.head.inputs[m]} for m in mods}
-                logits = self.head(batch)
+                logits = adjust_logits(self.head(batch), self.offsets)  # the run's logit adjustment, if any
                 for t in self.labels:
                     p = torch.softmax(logits[t].double(), dim=1).cpu().numpy()
                     probs.setdefault(t, []).extend(p)

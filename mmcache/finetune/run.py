@@ -880,15 +880,14 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             "train": train_stats}}
         result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
                            head=model.head, seconds=time.perf_counter() - t0, select=select,
-                           fit_seconds=prog.fit_seconds)
+                           fit_seconds=prog.fit_seconds, by_source=by_source)
         # Only encoder state that training changed (LoRA adapters or the full towers, and their BatchNorm
         # statistics): the rest is the public preset named in `config.json`.
         enc_state = {k.removeprefix("encoders."): v for k, v in model.state_dict().items()
                      if k.startswith("encoders.") and k in set(state_keys)}
         result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state)
         mpath = run_dir / "metrics.json"
-        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats,
-                           **({"by_source": by_source} if by_source else {})})
+        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats})
         if by_source and not cfg.quiet:
             for split, per in by_source.items():
                 for n, m in per.items():
