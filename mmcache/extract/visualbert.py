@@ -33,6 +33,7 @@ from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec, tokenize
 from mmcache.extract.weights import hf_loading
 
 PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 TINY_VISUALBERT: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                                    "intermediate_size": 128, "vocab_size": 1000}
 register_preset("visualbert", "visualbert", model=PUBLIC, tokenizer="bert-base-uncased", max_length=128)
@@ -70,22 +71,39 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     local = _is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
-    # A folder's own tokenizer wins; else the `tokenizer` option (the public checkpoints ship none).
-    has_tok = local and any(os.path.isfile(os.path.join(os.path.expanduser(name), f))
-                            for f in ("vocab.txt", "tokenizer.json"))
-    tok_name = name if has_tok else str(cfg.get("tokenizer") or name)
-    if local and not has_tok and not cfg.get("tokenizer"):
-        raise MMCacheError(f"{name} holds no tokenizer (vocab.txt / tokenizer.json); save one there or pass "
-                           "tokenizer=bert-base-uncased (or its folder) in the preset options")
     with hf_loading(name, local, example, f"{name!r}", "the model") as cache_only:
         conf = VisualBertConfig.from_pretrained(name, local_files_only=cache_only)
-        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=cache_only or _is_path(tok_name))
         model = VisualBertModel.from_pretrained(name, local_files_only=cache_only, visual_embedding_dim=visual_dim,
                                                 ignore_mismatched_sizes=True)
+        # The model's own tokenizer (a folder's, or a Hub repo's) wins; else the `tokenizer` option (the public
+        # VisualBERT checkpoints ship none: `bert-base-uncased`, the tokenizer they were trained with).
+        own = _ships_tokenizer(name, local, cache_only)
+    tok_name = name if own else str(cfg.get("tokenizer") or name)
+    if not own and not cfg.get("tokenizer"):
+        raise MMCacheError(f"{name} holds no tokenizer ({' / '.join(TOKENIZER_FILES)}); save one there or pass "
+                           "tokenizer=bert-base-uncased (or its folder) in the preset options")
+    if own and not local:
+        cfg["tokenizer"] = name  # the spec names the tokenizer the features were computed with
+    tok_local = _is_path(tok_name)
+    tok_example = example.replace("]", f",tokenizer=/models/{tok_name.rstrip('/').rsplit('/', 1)[-1]}]")
+    with hf_loading(tok_name, tok_local, tok_example, f"the tokenizer {tok_name!r}", "the tokenizer") as cache_only:
+        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=cache_only or tok_local)
     if int(conf.visual_embedding_dim) != visual_dim:
         print(f"note: {name} was trained on {conf.visual_embedding_dim}-d region features, the store holds "
               f"{visual_dim}-d ones: its visual projection starts from a new random init", file=sys.stderr)
     return model, tok
+
+
+def _ships_tokenizer(name: str, local: bool, cache_only: bool) -> bool:
+    """Whether model folder or Hub repo `name` holds a tokenizer (looked up in the Hugging Face cache when the Hub
+    cannot be used)."""
+    if local:
+        return any(os.path.isfile(os.path.join(os.path.expanduser(name), f)) for f in TOKENIZER_FILES)
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    if cache_only:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in TOKENIZER_FILES)
+    return any(file_exists(name, f) for f in TOKENIZER_FILES)
 
 
 @register_family("visualbert")
