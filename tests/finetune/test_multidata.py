@@ -100,3 +100,24 @@ def test_source_metrics_equal_metrics_of_each_sources_rows_alone() -> None:
         for key in ("accuracy", "macro_f1", "weighted_f1"):
             assert got[src]["label"][key] == pytest.approx(want[key], abs=1e-12)
         assert got[src]["label"]["confusion_matrix"] == want["confusion_matrix"]
+
+
+def test_two_datasets_with_upsampling_under_torchrun(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root, lm = pair
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+           "-m", "mmcache.finetune.cli", "run", "--dataset", "mmhs150k,fakeddit", "--data-dir", str(root),
+           "--label-map", str(lm), "--upsample", "mmhs150k=2", "--text", "clip-tiny", "--epochs", "1",
+           "--batch-size", "4", "--num-workers", "0", "--runs-dir", str(tmp_path / "runs"), "--run-name", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = tmp_path / "runs" / "mmhs150k-fakeddit" / "ddp"
+    met = json.loads((d / "metrics.json").read_text())
+    # The 15 rows of the epoch (mmhs150k's 5 twice, fakeddit's 5) split over two processes (8 and 7).
+    assert met["train"]["world_size"] == 2 and met["train"]["samples"] == 15
+    assert set(met["by_source"]["test"]) == {"mmhs150k", "fakeddit"}
+    assert json.loads((d / "config.json").read_text())["resolved"]["epoch_rows"] == 15
