@@ -62,6 +62,17 @@ class Extractor(nn.Module):
         self.preset = preset
         self.config = dict(config)
         self.modality = modality
+        # Train-time image augmentation (`preset[augment=true]`, families that list the option): applied by
+        # `preprocess` only while the extractor is in training mode. Never part of the spec: evaluation and
+        # extraction always use the reference preprocessing, so the store hash is the same either way.
+        self.augment = bool(self.config.pop("augment", False))
+        if self.augment and modality != "image":
+            raise MMCacheError(f"preset {preset!r}: augment=true augments images; drop it from --{modality}")
+
+    @property
+    def augmenting(self) -> bool:
+        """True while `preprocess` draws random augmentations: `augment` is on and the module is in training mode."""
+        return self.augment and self.training
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ init, fixed seed, offline) and any `ARCH:TAG` open_clip knows (`ViT-B-32:laion2b
 or `ARCH:/path/to/weights.bin` for a local checkpoint. A local copy of a tagged checkpoint is
 `PRESET[weights=PATH]` (e.g. `clip[weights=...]`): it runs with the tag's activation (QuickGELU
 for OpenAI weights) and preprocessing, and the spec pins the file by its sha256.
+`clip[augment=true]` (image tower, `finetune run`) trains on open_clip's train preprocessing.
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ class ClipExtractor(Extractor):
     """open_clip CLIP tower for one modality: `pooled` = projected embedding, `tokens` before projection."""
 
     modalities = ("image", "text", "context")
-    options = (*CLIP_OPTIONS, "tokens")
-    choices = {"tokens": (True, False), "quick_gelu": (True, False)}
+    options = (*CLIP_OPTIONS, "tokens", "augment")
+    choices = {"tokens": (True, False), "quick_gelu": (True, False), "augment": (True, False)}
     # An open_clip CLIP / CustomTextCLIP: its towers are reached by name and the unused one set to None.
     model: Any
 
@@ -250,6 +251,15 @@ class ClipExtractor(Extractor):
         if self._visual_tokens:
             visual.output_tokens = True
         self.pad_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        # augment=true: open_clip's own train preprocessing (RandomResizedCrop to the input size, scale 0.9-1.0,
+        # then the model's normalisation) while training; `transform` (the reference) otherwise.
+        self.train_transform: Any = None
+        if self.augment:
+            import open_clip
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            pp = PreprocessCfg(**open_clip.get_model_preprocess_cfg(self.model))
+            self.train_transform = image_transform_v2(pp, is_train=True)
         # Drop the tower this modality does not use, to free its memory.
         if modality == "image" and isinstance(self.model, _clip_class()):
             self.model.transformer = None
@@ -285,7 +295,7 @@ class ClipExtractor(Extractor):
         """Image -> normalised tensor [3,H,W]; text -> token ids [context_length]."""
         value = decoded[self.modality]
         if self.modality == "image":
-            return self.transform(value)
+            return (self.train_transform if self.augmenting else self.transform)(value)
         if not isinstance(value, str):
             raise DecodeError(f"expected a text, got {type(value).__name__}")
         return self.tokenizer([value])[0]

@@ -141,11 +141,13 @@ class ResNetExtractor(TorchvisionExtractor):
     """ResNet image features: `pooled` = avgpool of layer4; `tokens` = layer4 pooled to a grid x grid map.
 
     Config: arch (resnet18..152), weights (enum name / path / None), seed, resize, crop,
-    mean, std, grid (regions per side; 7 = the native 7x7 map at 224, 6 = 36 regions, 0 = no tokens).
+    mean, std, grid (regions per side; 7 = the native 7x7 map at 224, 6 = 36 regions, 0 = no tokens),
+    augment (random crops and flips while `finetune run` trains; never in the spec).
     """
 
     modalities = ("image",)
-    options = ("arch", "weights", "seed", "resize", "crop", "mean", "std", "grid")
+    options = ("arch", "weights", "seed", "resize", "crop", "mean", "std", "grid", "augment")
+    choices = {"augment": (True, False)}
     # The runner converts the weights to channels_last on CUDA, where cuDNN convs run faster so.
     channels_last = True
 
@@ -199,10 +201,21 @@ class ResNetExtractor(TorchvisionExtractor):
         img = decoded["image"]
         if getattr(img, "mode", "RGB") != "RGB":
             img = img.convert("RGB")
+        if self.augmenting:
+            return self._train_transform()(TF.pil_to_tensor(img))
         img = TF.resize(img, [int(self.config["resize"])], interpolation=TF.InterpolationMode.BILINEAR,
                         antialias=True)
         img = TF.center_crop(img, [int(self.config["crop"])])
         return TF.pil_to_tensor(img)
+
+    def _train_transform(self) -> Any:
+        """augment=true while training: torchvision's RandomResizedCrop to the crop size (scale 0.9-1.0, as
+        open_clip trains) and a random horizontal flip, on the uint8 image."""
+        from torchvision.transforms import v2
+
+        crop = int(self.config["crop"])
+        return v2.Compose([v2.RandomResizedCrop(crop, scale=(0.9, 1.0), antialias=True),
+                           v2.RandomHorizontalFlip()])
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """uint8 [B,3,H,W] -> pooled [B,d], tokens [B,grid^2,d], mask [B,grid^2]."""

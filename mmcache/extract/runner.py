@@ -367,6 +367,10 @@ def extract(
     if dev.type == "cuda" and dev.index is None and distributed:
         dev = torch.device("cuda", local_rank)
     selected = select_samples(ds, split, limit)
+    for r in requests:
+        if r.overrides.get("augment") not in (None, False):
+            raise MMCacheError(f"--{r.modality} {r.name}: augment is a training option of `finetune run`; extraction "
+                               "always uses the reference preprocessing: drop augment")
     for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
         if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
             hint = " or generate captions as context with --caption blip" if r.modality == "context" else ""

@@ -48,6 +48,12 @@ def run(
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,
     loss: Annotated[str, typer.Option(help="Criterion: ce, focal, scabg.")] = "ce",
+    contrastive_weight: Annotated[float, typer.Option(
+        help="Add W x CLIP's symmetric InfoNCE between the image and text pooled embeddings of each row (learned "
+             "temperature) to the loss; 0 = off.")] = 0.0,
+    contrastive_classes: Annotated[str | None, typer.Option(
+        help="Comma list of primary-task classes whose rows' pairs the contrastive loss counts (default: all).")]
+    = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 32,
     lr: Annotated[float, typer.Option(help="Encoder (or LoRA adapter) learning rate.")] = 1e-5,
@@ -76,8 +82,10 @@ def run(
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder; start over even "
                                                            "when it holds a checkpoint.")] = False,
-    save_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps (epoch ends always are).")]
-    = 0,
+    save_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps.")] = 0,
+    epoch_checkpoint: Annotated[bool, typer.Option(help="Checkpoint at every epoch end; --no-epoch-checkpoint: at the "
+                                                        "last epoch's end only (and every --save-every steps).")]
+    = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last checkpoint of --run-name (or of the newest "
                                                       "run of these options); a named run continues by itself.")]
     = False,
@@ -118,7 +126,9 @@ def run(
         early_stopping=patience, overwrite=overwrite, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,
         freeze_encoders=freeze_encoders, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-        grad_checkpointing=grad_checkpointing, save_every=save_every, resume=resume,
+        grad_checkpointing=grad_checkpointing, save_every=save_every, epoch_checkpoint=epoch_checkpoint, resume=resume,
+        contrastive_weight=contrastive_weight,
+        contrastive_classes=contrastive_classes.split(",") if contrastive_classes is not None else None,
         init_head=str(init_head) if init_head else None, amp=amp, num_workers=num_workers, limit=limit,
         select_metric=select, seed=seed, device=device, run_name=run_name,
         dataset_options={k: v for k, v in (("fold", fold), ("label_map", str(label_map) if label_map else None))

@@ -8,10 +8,10 @@ DistributedDataParallel and each rank trains on its share of the training split;
 evaluates and writes the run folder, which has the same files as a `heads train` run plus the
 encoder weights that changed (`encoders.safetensors`).
 
-A run checkpoints at each epoch end and every `save_every` optimizer steps (`checkpoint.py`):
-rerun with the same run name (or `resume`) and it continues from the last checkpoint, on the same
-or another number of processes. Each epoch's sample order depends on (seed, epoch) only, so the
-samples an interrupted epoch already trained on are skipped, not drawn again.
+A run checkpoints at each epoch end (with `epoch_checkpoint=False` at the last one only) and every
+`save_every` optimizer steps (`checkpoint.py`): rerun with the same run name (or `resume`) and it continues
+from the last checkpoint, on the same or another number of processes. Each epoch's sample order depends on
+(seed, epoch) only, so the samples an interrupted epoch already trained on are skipped, not drawn again.
 
 Hybrid runs: modalities named in `stores` are not encoded live but read by id from their feature stores
 (`cache/<dataset>/<modality>/<name>.h5`; their raw inputs are never decoded). A stored modality feeds the
@@ -55,7 +55,7 @@ from mmcache.engine import (
     write_run,
 )
 from mmcache.errors import MMCacheError
-from mmcache.extract.base import FAMILIES, Extractor, build_extractor, resolve_preset
+from mmcache.extract.base import FAMILIES, MODALITIES, Extractor, build_extractor, resolve_preset
 from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
 from mmcache.finetune.checkpoint import (
     latest_checkpoint,
@@ -66,7 +66,7 @@ from mmcache.finetune.checkpoint import (
     set_rng_state,
 )
 from mmcache.heads.base import HEADS, Head, build_head
-from mmcache.heads.losses import build_criterion
+from mmcache.heads.losses import ContrastiveLoss, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.utils import init_distributed, pick_device, seed_everything, write_json
 
@@ -80,7 +80,10 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 # Options that may change when a run resumes (where and how it runs, not what it computes).
 RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_every", "run_name", "runs_dir",
-               "track")
+               "track", "epoch_checkpoint")
+# Options left out of a checkpoint's config while at these values, so checkpoints written before they existed
+# still continue.
+RESUME_UNSET: dict[str, Any] = {"stores": {}, "upsample": {}, "contrastive_weight": 0.0, "contrastive_classes": None}
 CHECKPOINT_VERSION = 1
 
 
@@ -119,6 +122,11 @@ class FinetuneConfig:
     tasks: list[str] | None = None
     loss: str = "ce"
     loss_options: dict[str, Any] = field(default_factory=dict)
+    # CLIP's symmetric InfoNCE between two modalities' pooled embeddings of each row (learned temperature), added
+    # to the loss with this weight (0 = off); only rows whose primary-task class is in `contrastive_classes` count
+    # (None = every row).
+    contrastive_weight: float = 0.0
+    contrastive_classes: list[str] | None = None
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-5  # encoder (or LoRA) learning rate
@@ -144,6 +152,7 @@ class FinetuneConfig:
     run_name: str | None = None
     overwrite: bool = False
     save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    epoch_checkpoint: bool = True  # checkpoint at every epoch end (False: at the last one only)
     resume: bool = False  # continue the run's last checkpoint (an error when there is none)
     init_head: str | None = None  # a run folder whose head (same name, hparams, input shapes) starts training
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -190,18 +199,29 @@ def encode(encoders: nn.ModuleDict | dict[str, Extractor], batches: dict[str, An
 
 
 class LiveModel(nn.Module):
-    """Encoders + head: raw batches per modality (+ stored features by id) -> {task: logits}."""
+    """Encoders + head: raw batches per modality (+ stored features by id) -> {task: logits}; with `contrastive`
+    (a loss over the pooled embeddings of the modality pair `pair`), also that loss when asked."""
 
-    def __init__(self, encoders: dict[str, Extractor], head: Head, cached: CachedInputs | None = None) -> None:
+    def __init__(self, encoders: dict[str, Extractor], head: Head, cached: CachedInputs | None = None,
+                 contrastive: ContrastiveLoss | None = None, pair: tuple[str, str] | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.head = head
         self.cached = cached
+        self.contrastive = contrastive  # inside the model, so DDP averages its gradients with the others'
+        self.pair = pair
 
-    def forward(self, batches: dict[str, Any], ids: list[str] | None = None) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """Encode each modality's batch, add the stored features of rows `ids`, then classify with the head."""
+    def forward(self, batches: dict[str, Any], ids: list[str] | None = None,  # type: ignore[override]
+                keep: torch.Tensor | None = None) -> Any:
+        """Encode each modality's batch, add the stored features of rows `ids`, then classify with the head.
+        With `keep` (bool [B]: rows whose pairs count) and a contrastive loss: (logits, contrastive loss)."""
         device = next(self.parameters()).device
-        return self.head(encode(self.encoders, batches, self.cached, ids, device))
+        feats = encode(self.encoders, batches, self.cached, ids, device)
+        logits = self.head(feats)
+        if keep is None or self.contrastive is None or self.pair is None:
+            return logits
+        a, b = self.pair
+        return logits, self.contrastive(feats[a]["pooled"], feats[b]["pooled"], keep)
 
 
 def _with_context(ds: Dataset, cfg: FinetuneConfig) -> tuple[Dataset, dict[str, Any] | None]:
@@ -227,10 +247,6 @@ def check_stores(cfg: FinetuneConfig) -> None:
     if cfg.stores and not cfg.encoders:
         raise MMCacheError("every modality comes from a feature store: there is no encoder to fine-tune; train a "
                            "head on the stores with `heads train`, or name a live encoder, e.g. --text clip")
-
-
-# Encoder options a hybrid run sets from the store an encoder consumes (a region store's feature width).
-STORE_SET_OPTIONS = ("visual_dim",)
 
 
 def open_stores(cfg: FinetuneConfig, head_name: str) -> tuple[CachedInputs | None, dict[str, dict[str, Any]]]:
@@ -337,6 +353,57 @@ def _index(data: Any, rows: torch.Tensor) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(_index(v, rows) for v in data)
     return data
+
+
+def contrastive_class_ids(cfg: FinetuneConfig, names: list[str], task: str) -> set[int] | None:
+    """Class indices of the primary task whose rows' pairs the contrastive loss counts (None: every row)."""
+    if cfg.contrastive_classes is None:
+        return None
+    asked = [str(c).strip() for c in cfg.contrastive_classes]
+    if not asked or not all(asked):
+        raise MMCacheError(f"--contrastive-classes {','.join(asked)!r}: name classes of task {task!r} separated by "
+                           f"commas ({', '.join(names)}), or leave it unset for every row")
+    unknown = [c for c in asked if c not in names]
+    if unknown:
+        raise MMCacheError(f"--contrastive-classes: unknown class {unknown[0]!r} of task {task!r}; known: "
+                           f"{', '.join(names)}")
+    return {names.index(c) for c in asked}
+
+
+def build_contrastive(cfg: FinetuneConfig, feats: dict[str, dict[str, torch.Tensor]]
+                      ) -> tuple[ContrastiveLoss | None, tuple[str, str] | None]:
+    """The contrastive loss of a run (None when its weight is 0) and the modality pair it reads: image and text
+    when both give pooled embeddings, else the first two in the order of MODALITIES. `feats`: one probe batch
+    of the head's inputs."""
+    if not cfg.contrastive_weight:
+        return None, None
+    pooled = sorted((m for m, f in feats.items() if "pooled" in f), key=MODALITIES.index)
+    if len(pooled) < 2:
+        raise MMCacheError(f"--contrastive-weight pairs the pooled embeddings of two modalities; this run has "
+                           f"{', '.join(pooled) or 'none'}; add a second encoder (e.g. --image clip --text clip) "
+                           "or set --contrastive-weight 0")
+    pair = ("image", "text") if {"image", "text"} <= set(pooled) else (pooled[0], pooled[1])
+    with torch.random.fork_rng(devices=[]):  # the rest of the run draws the same random numbers
+        torch.manual_seed(cfg.seed)
+        loss = ContrastiveLoss(int(feats[pair[0]]["pooled"].shape[-1]), int(feats[pair[1]]["pooled"].shape[-1]))
+    return loss, pair
+
+
+def contrastive_groups(loss: ContrastiveLoss | None) -> list[dict[str, Any]]:
+    """Optimizer groups of the contrastive loss (at the head's learning rate): the temperature without weight
+    decay, the projections (when there are any) with it."""
+    if loss is None:
+        return []
+    proj = [p for n, p in loss.named_parameters() if n != "logit_scale"]
+    return [{"params": [loss.logit_scale], "weight_decay": 0.0}] + ([{"params": proj}] if proj else [])
+
+
+def _pair_rows(ids: list[str], by_id: dict[str, Sample], task: str, classes: set[int] | None,
+               device: torch.device) -> torch.Tensor:
+    """Rows whose image-text pair the contrastive loss counts: those of `classes` of `task` (all when None)."""
+    if classes is None:
+        return torch.ones(len(ids), dtype=torch.bool, device=device)
+    return torch.tensor([by_id[i].labels.get(task, IGNORE) in classes for i in ids], dtype=torch.bool, device=device)
 
 
 def _targets(ids: list[str], by_id: dict[str, Sample], tasks: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -488,7 +555,7 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
 def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
     # `stores` only when set, so checkpoints written before hybrid runs existed still continue.
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE
-                                  and not (k in ("stores", "upsample") and not v)}, default=str))
+                                  and not (k in RESUME_UNSET and v == RESUME_UNSET[k])}, default=str))
 
 
 def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
@@ -568,6 +635,7 @@ class Progress:
     global_step: int = 0
     loss_sum: float = 0.0  # rank 0's running train loss of `epoch`
     loss_batches: int = 0
+    contrastive_sum: float = 0.0  # rank 0's running contrastive loss of `epoch` (over the same batches)
     fit_seconds: float = 0.0
     train_seconds: float = 0.0  # forward/backward/step time, evaluation excluded
     samples: int = 0  # training samples trained on so far, all processes together
@@ -625,6 +693,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             raise MMCacheError(f"{flag} must be a whole number >= {low}, got {number!r}")
     if not cfg.max_grad_norm >= 0:
         raise MMCacheError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
+    if not (isinstance(cfg.contrastive_weight, (int, float)) and 0 <= cfg.contrastive_weight < float("inf")):
+        raise MMCacheError(f"--contrastive-weight must be a number >= 0 (0 = off), got {cfg.contrastive_weight!r}")
     init = read_head_run(cfg.init_head) if cfg.init_head else None
     head_name: str = cfg.head or (init["name"] if init else "linear")
     if init is not None:
@@ -648,6 +718,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     unknown = [t for t in tasks if t not in ds.labels.tasks]
     if unknown:
         raise MMCacheError(f"unknown task(s) {unknown}; {cfg.dataset!r} has {list(ds.labels.tasks)}")
+    pair_classes = contrastive_class_ids(cfg, ds.labels.tasks[ds.labels.primary], ds.labels.primary)
     cached, fixed = open_stores(cfg, head_name)
     quiet = cfg.quiet or rank != 0
     train_s = drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
@@ -675,7 +746,13 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             trainable += sum(p.numel() for p in enc.parameters())
         if cfg.grad_checkpointing and not cfg.freeze_encoders:
             enable_grad_checkpointing(enc)
+    augmented = [m for m, enc in encoders.items() if enc.augment]
+    if augmented and cfg.freeze_encoders:
+        raise MMCacheError(f"--{augmented[0]} {cfg.encoders[augmented[0]]}: augment=true augments what a training "
+                           "encoder sees, and frozen encoders (--freeze-encoders) run in evaluation mode; drop one")
     mods = list(encoders)
+    for enc in encoders.values():
+        enc.eval()  # the probe below trains nothing: no augmented views
     # The head's input shapes come from one real batch through the encoders.
     probe = next(iter(_loader(val_s[: min(len(val_s), 4)], list(encoders.values()), cfg)))
     got = _aligned(probe, mods, torch.device("cpu"))
@@ -696,13 +773,15 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             if store and store != enc.spec_hash() and rank == 0:
                 print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
                       f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
-    model = LiveModel(encoders, head, cached).to(device)
+    contrastive, pair = build_contrastive(cfg, feats)
+    model = LiveModel(encoders, head, cached, contrastive, pair).to(device)
     counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
     # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
-    opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr), cfg.head_lr,
-                         cfg.weight_decay)
+    # The contrastive temperature and projections train at head_lr, the temperature undecayed (as open_clip).
+    opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr)
+                         + contrastive_groups(contrastive), cfg.head_lr, cfg.weight_decay)
     clip_params = [p for g in opt.param_groups for p in g["params"]]
     steps = cfg.epochs * _steps_per_epoch(len(pool), cfg, world)
     sel_source, sel_spec = split_select(cfg.select_metric, srcs)
@@ -756,6 +835,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(clip_params, cfg.max_grad_norm)
         opt.step()
+        if contrastive is not None:
+            contrastive.clamp_()
         sched.step()
         opt.zero_grad(set_to_none=True)
         prog.global_step += 1
@@ -783,12 +864,19 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 if got is not None:
                     ids, inputs_b = got
                     with _autocast(device, cfg.amp):
-                        logits = net(inputs_b, ids)
+                        if contrastive is not None:
+                            logits, pair_loss = net(inputs_b, ids, keep=_pair_rows(ids, by_id, ds.labels.primary,
+                                                                                   pair_classes, device))
+                        else:
+                            logits, pair_loss = net(inputs_b, ids), None
                     loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
-                    (loss / cfg.grad_accum).backward()
+                    total = loss if pair_loss is None else loss + cfg.contrastive_weight * pair_loss.float()
+                    (total / cfg.grad_accum).backward()
                     pending += 1
                     prog.loss_sum += float(loss.detach())
                     prog.loss_batches += 1
+                    if pair_loss is not None:
+                        prog.contrastive_sum += float(pair_loss.detach())
                     bar.set_postfix(loss=f"{prog.loss_sum / prog.loss_batches:.4f}")
                 if i % cfg.grad_accum:
                     continue
@@ -824,6 +912,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             value = vm.get(metric, float("nan"))
             train_loss = prog.loss_sum / max(1, prog.loss_batches)
             curves.append(curve_row(epoch, train_loss, vm, opt.param_groups[0]["lr"], time.perf_counter() - t_epoch))
+            if contrastive is not None:  # the unweighted term, beside the criterion's train loss
+                curves[-1]["train_contrastive"] = prog.contrastive_sum / max(1, prog.loss_batches)
+                curves[-1]["contrastive_scale"] = float(contrastive.scale.detach())
             if not cfg.quiet:
                 print(f"epoch {epoch}: train loss {train_loss:.4f}, val {metric} {value:.4f}", file=sys.stderr)
             selector.update(epoch, value, lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
@@ -839,7 +930,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             selector.stopped = stop
         prog.fit_seconds += time.perf_counter() - t_epoch
         prog.epoch, prog.done, prog.epoch_steps, prog.loss_sum, prog.loss_batches = epoch + 1, 0, 0, 0.0, 0
-        checkpoint(f"epoch{epoch}-end-step{prog.global_step}")
+        prog.contrastive_sum = 0.0
+        if cfg.epoch_checkpoint or stop or prog.epoch > cfg.epochs:  # the last epoch's end always: resumable
+            checkpoint(f"epoch{epoch}-end-step{prog.global_step}")
         if stop and rank == 0 and not cfg.quiet:
             print(f"early stop after epoch {epoch}: no better val {metric} for {selector.stale} epochs",
                   file=sys.stderr)
@@ -862,15 +955,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                        "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
                        "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": world,
                        "device": str(device), **_peak_memory(device)}
+        if contrastive is not None and pair is not None:
+            train_stats["contrastive"] = {
+                "weight": cfg.contrastive_weight, "classes": cfg.contrastive_classes, "modalities": list(pair),
+                "scale": float(contrastive.scale.detach()),  # exp(logit_scale) of the chosen epoch
+                "loss": [c.get("train_contrastive") for c in curves]}
         config = {**asdict(cfg), "resolved": {
             "device": str(device), "world_size": world, "head_hparams": model.head.hparams,
             "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
             "stores": {f"{m}/{n}": str(cached.readers[m].attrs.get("spec_hash", "")) for m, n in cfg.stores.items()}
             if cached is not None else {},
-            # Each store's full spec and dtype: prediction rebuilds its extractor without the training stores.
-            "store_specs": {f"{m}/{n}": {"spec": cached.readers[m].spec,
-                                         "dtype": str(cached.readers[m].attrs.get("dtype", "float32"))}
-                            for m, n in cfg.stores.items()} if cached is not None else {},
             "context_from": context_from,
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
             **({"epoch_rows": len(pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
@@ -894,12 +988,6 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                     got = m.get(sel_task, {})
                     print(f"{split} {n}: {sel_task} {metric} {got.get(metric, float('nan')):.4f} (n={got.get('n', 0)})",
                           file=sys.stderr)
-        enc_path = run_dir / "encoders.safetensors"
-        if enc_path.is_file():  # the trained weights by content: a file replaced since is refused when loading the run
-            from mmcache.extract.weights import weights_sha256
-
-            config["resolved"]["encoders_sha256"] = weights_sha256(enc_path)
-            write_json(run_dir / "config.json", config)
         remove_checkpoints(run_dir)  # the run folder now holds the result
         if cfg.track:
             from mmcache.tracking import track

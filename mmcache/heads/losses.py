@@ -28,12 +28,16 @@ Options every criterion takes:
   terms are summed, each into the head's auxiliary KD head n when it returns `_kd` [B, n, k]
   (else into the task logits).
 
+`ContrastiveLoss` (not a `--loss`): CLIP's symmetric InfoNCE between two modalities' pooled embeddings with
+a learned temperature, which `finetune run --contrastive-weight` adds to the criterion's loss.
+
 Learned log-variances are parameters of the criterion: the trainer must optimise
 `criterion.parameters()` together with the head's (without weight decay).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -282,6 +286,54 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, T: float) -> torch.Tensor:
     logits = F.normalize(_upcast(a), dim=-1) @ F.normalize(_upcast(b), dim=-1).t() / T
     labels = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+# CLIP's initial temperature 0.07 and open_clip's ceiling on the logit scale (100).
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+CLIP_MAX_LOGIT_SCALE = math.log(100)
+
+
+class ContrastiveLoss(nn.Module):
+    """CLIP's symmetric InfoNCE between two modalities' pooled embeddings of the same rows, with a learned
+    temperature (`logit_scale`, initialised to log(1/0.07) as CLIP; the scale exp(logit_scale) is kept at most
+    100 as open_clip clamps it after each step, see `clamp_`). Embeddings of different widths are first
+    projected to the smaller width by learned linear maps (no bias); of the same width, used as they are.
+
+    `forward(a, b, keep)`: a [B,da], b [B,db]; `keep` [B] bool selects the rows whose pairs count (all when
+    None). Returns the mean of the image->text and text->image cross-entropies over the kept rows' similarity
+    matrix (row i's positive is column i); 0 (connected to the parameters) with fewer than two kept rows.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(CLIP_INIT_LOGIT_SCALE))
+        self.dims = (int(dim_a), int(dim_b))
+        width = min(self.dims)
+        self.proj_a = nn.Linear(dim_a, width, bias=False) if dim_a != dim_b else nn.Identity()
+        self.proj_b = nn.Linear(dim_b, width, bias=False) if dim_a != dim_b else nn.Identity()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), at most 100."""
+        return self.logit_scale.clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """The symmetric InfoNCE of rows `keep` of (a, b)."""
+        if keep is not None:
+            a, b = a[keep], b[keep]
+        with torch.autocast(a.device.type, enabled=False):  # similarities up to 100x: float32, never bf16
+            za = F.normalize(self.proj_a(_upcast(a)), dim=-1)
+            zb = F.normalize(self.proj_b(_upcast(b)), dim=-1)
+            if len(za) < 2:  # no negatives: nothing to contrast
+                return (za.sum() + zb.sum()) * 0.0 + self.logit_scale * 0.0
+            logits = self.scale * za @ zb.t()
+            labels = torch.arange(len(za), device=za.device)
+            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep logit_scale in [0, log 100] (open_clip does so after every optimizer step)."""
+        self.logit_scale.clamp_(0, CLIP_MAX_LOGIT_SCALE)
 
 
 # The public reference code's training recipe (`variant="reference"`); each entry is an option of its own.
