@@ -249,6 +249,10 @@ def check_stores(cfg: FinetuneConfig) -> None:
                            "head on the stores with `heads train`, or name a live encoder, e.g. --text clip")
 
 
+# Encoder options a hybrid run sets from the store an encoder consumes (a region store's feature width).
+STORE_SET_OPTIONS = ("visual_dim",)
+
+
 def open_stores(cfg: FinetuneConfig, head_name: str) -> tuple[CachedInputs | None, dict[str, dict[str, Any]]]:
     """The run's feature stores (None without any) and the options each live encoder takes from them (a
     region-reading encoder's `visual_dim` is its store's feature width)."""
@@ -965,6 +969,10 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
             "stores": {f"{m}/{n}": str(cached.readers[m].attrs.get("spec_hash", "")) for m, n in cfg.stores.items()}
             if cached is not None else {},
+            # Each store's full spec and dtype: prediction rebuilds its extractor without the training stores.
+            "store_specs": {f"{m}/{n}": {"spec": cached.readers[m].spec,
+                                         "dtype": str(cached.readers[m].attrs.get("dtype", "float32"))}
+                            for m, n in cfg.stores.items()} if cached is not None else {},
             "context_from": context_from,
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
             **({"epoch_rows": len(pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
@@ -988,6 +996,12 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                     got = m.get(sel_task, {})
                     print(f"{split} {n}: {sel_task} {metric} {got.get(metric, float('nan')):.4f} (n={got.get('n', 0)})",
                           file=sys.stderr)
+        enc_path = run_dir / "encoders.safetensors"
+        if enc_path.is_file():  # the trained weights by content: a file replaced since is refused when loading the run
+            from mmcache.extract.weights import weights_sha256
+
+            config["resolved"]["encoders_sha256"] = weights_sha256(enc_path)
+            write_json(run_dir / "config.json", config)
         remove_checkpoints(run_dir)  # the run folder now holds the result
         if cfg.track:
             from mmcache.tracking import track
