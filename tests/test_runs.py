@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mmcache.errors import MMCacheError
 from mmcache.heads.train import TrainConfig, train
 from tests.heads.conftest import build_cache
 
@@ -143,3 +144,18 @@ def test_sweep_save_runs_gives_each_run_its_own_folder(tmp_path: Path) -> None:
         assert (conf["lr"], conf["seed"]) == (r["lr"], r["seed"])
     assert sorted((x["lr"], x["seed"]) for x in collect(tmp_path / "runs")) == [
         (0.003, 0), (0.003, 1), (0.01, 0), (0.01, 1)]
+    # Each folder says which config and seed it holds, beside the sweep's table of the same name.
+    assert sorted(Path(r["run_dir"]).relative_to(tmp_path / "runs") for r in rows) == [
+        Path("toy/sweeps/sweep", f"lr-{lr}_seed{s}") for lr in ("0.003", "0.01") for s in (0, 1)]
+    with pytest.raises(MMCacheError, match="earlier sweep named 'sweep'; choose another --out"):
+        run_sweep(base, [("lr=0.01", {"lr": 0.01})], seeds=[0], save_runs=True)
+    assert len(collect(tmp_path / "runs")) == 4  # nothing of the first sweep was overwritten
+
+
+def test_run_folder_names_of_configs() -> None:
+    from mmcache.heads.sweep import run_folder_name
+
+    assert run_folder_name("head=linear,D=128") == "head-linear_D-128"
+    assert run_folder_name("base/bands=0") == "base__bands-0"
+    assert run_folder_name("vtype=clip[pooling=cls]") == "vtype-clippooling-cls"
+    assert run_folder_name("'';") == "config"

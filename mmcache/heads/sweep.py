@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -112,6 +113,13 @@ STORE_KEYS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "a
               "image": "image", "text": "text", "context": "context", "audio": "audio", "video": "video"}
 
 
+def run_folder_name(config: str) -> str:
+    """A config's name as a folder name: `head=linear,D=128` -> `head-linear_D-128`, `bands=0/kd=1` ->
+    `bands-0__kd-1`; characters a shell would quote are dropped."""
+    name = config.replace("=", "-").replace(",", "_").replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9._+-]", "", name) or "config"
+
+
 def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fold: int | None = None) -> dict[str, Any]:
     """One table row of a run: config name, overrides, seed (fold), what it is, val/test metrics, seconds."""
     task = result.select["task"]
@@ -166,12 +174,22 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     seeds = seeds or [base.seed]
     fold_ids: list[int | None] = list(range(folds)) if folds else [None]
     jobs = [(name, ov, s, f) for name, ov in configs for s in seeds for f in fold_ids]
-    cfgs = []
-    for _name, overrides, seed, fold in jobs:
+    stem = Path(out).name if out is not None else "sweep"
+    folder = Path("sweeps") / stem  # run folders (--save-runs): <runs-dir>/<dataset>/sweeps/<stem>/<config>_seed<S>
+    if save_runs and (where := Path(base.runs_dir) / base.dataset / folder).is_dir() and any(where.iterdir()):
+        raise MMCacheError(f"{where} holds the run folders of an earlier sweep named {stem!r}; choose another --out")
+    cfgs, names = [], set()
+    for name, overrides, seed, fold in jobs:
         cfg = apply_overrides(base, {**overrides, "seed": seed})
         if folds:
             cfg = dataclasses.replace(cfg, fold=fold, folds=folds)
-        cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=None))
+        run_name = str(folder / (run_folder_name(name) + f"_seed{seed}" + (f"_fold{fold}" if folds else "")))
+        k, unique = 1, run_name
+        while unique in names:  # two config names that differ only in dropped characters
+            k += 1
+            unique = f"{run_name}-{k}"
+        names.add(run_name := unique)
+        cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=run_name if save_runs else None))
     rank, world, _ = init_distributed()
     mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
     print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
@@ -193,7 +211,6 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
             tracked.append((f"{name} seed{seed}" + (f" fold{fold}" if folds else ""), res,
                             {"kind": "heads", "dataset": base.dataset, "config": name, "seed": str(seed),
                              **({"fold": str(fold)} if folds else {})}))
-    stem = Path(out).name if out is not None else "sweep"
 
     def log(files: list[Path]) -> None:
         if base.track and tracked:  # under torchrun each rank logs its own runs, under a parent of its own
