@@ -120,6 +120,9 @@ def verify(
 
     Exits 1 when any store has a problem.
     """
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise MMCacheError(f"{', '.join(missing)}: no such file or folder; `mmcache cache ls` lists the stores")
     stores = [s for p in paths for s in (find_stores(p) if p.is_dir() else [p])]
     if not stores:
         raise MMCacheError(f"no feature stores under {', '.join(map(str, paths))}")

@@ -100,6 +100,8 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     for argv, want in ((["info", str(tmp_path / "none.h5")], "error: feature store"),
+                       (["verify", str(tmp_path / "none.h5"), str(tmp_path)],
+                        f"error: {tmp_path / 'none.h5'}: no such file or folder"),
                        (["info", str(bad)], f"error: {bad} is not a readable feature store")):
         monkeypatch.setattr("sys.argv", ["mmcache", "cache", *argv])
         with pytest.raises(SystemExit) as e:
