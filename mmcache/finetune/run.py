@@ -25,6 +25,7 @@ import json
 import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -310,8 +311,18 @@ def drop_unstored(samples: list[Sample], cached: CachedInputs | None, split: str
 
 
 def _subset(ds: Dataset, split: str, limit: int | None) -> list[Sample]:
+    """The labelled rows of `split`; with `limit`, the first `limit` of them (of each source dataset's, when the
+    dataset combines several)."""
     samples = [s for s in ds.split(split) if s.labels]
-    return samples[:limit] if limit else samples
+    if not limit:
+        return samples
+    taken: Counter[str | None] = Counter()
+    out = []
+    for s in samples:
+        if taken[s.source] < limit:
+            taken[s.source] += 1
+            out.append(s)
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -121,3 +121,10 @@ def test_two_datasets_with_upsampling_under_torchrun(pair: tuple[Path, Path], tm
     assert met["train"]["world_size"] == 2 and met["train"]["samples"] == 15
     assert set(met["by_source"]["test"]) == {"mmhs150k", "fakeddit"}
     assert json.loads((d / "config.json").read_text())["resolved"]["epoch_rows"] == 15
+
+
+def test_limit_takes_the_first_rows_of_each_source(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    res = finetune(_cfg(pair, tmp_path, epochs=1, limit=2, encoders={"text": "clip-tiny"}))
+    assert res is not None
+    assert res.config["resolved"]["sources"] == {"mmhs150k": {"train": 2, "val": 2, "test": 2},
+                                                 "fakeddit": {"train": 2, "val": 2, "test": 2}}
