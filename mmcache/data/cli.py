@@ -66,6 +66,7 @@ def show(
     """Print counts per split and class, to check against the paper before extracting."""
     from mmcache.data import load_dataset
     from mmcache.data.io import split_sort_key
+    from mmcache.tables import render
 
     ds = load_dataset(dataset, data_dir, as_name=name, progress=progress,
                       **dataset_options(fold, seed, task, option))
@@ -76,15 +77,14 @@ def show(
     splits = sorted(ds.splits, key=split_sort_key)
     counts = ds.counts()
     for task_name, names in ds.labels.tasks.items():
-        width = max(8, *(len(n) for n in names))
-        typer.echo(f"\ntask {task_name!r} ({len(names)} classes)")
-        typer.echo("split".ljust(12) + "".join(n.rjust(width + 1) for n in names)
-                   + "no label".rjust(width + 1) + "total".rjust(width + 1))
+        rows = []
         for split in splits:
             per_class = counts[split][task_name]
             total = len(ds.split(split))
-            typer.echo(split.ljust(12) + "".join(str(per_class[n]).rjust(width + 1) for n in names)
-                       + str(total - sum(per_class.values())).rjust(width + 1) + str(total).rjust(width + 1))
+            rows.append([split, *(per_class[n] for n in names), total - sum(per_class.values()), total])
+        header = ["split", *names, "no label", "total"]
+        typer.echo(f"\ntask {task_name!r} ({len(names)} classes)")
+        typer.echo(render(header, rows, right=header[1:]))
     fields = [f for f in ("text", "image", "video", "audio", "entity", "context")
               if any(getattr(s, f) for s in ds.samples)]
     typer.echo(f"\nfields: {', '.join(fields)}")

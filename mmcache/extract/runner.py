@@ -547,10 +547,11 @@ def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[Feature
 def format_summary(summaries: Sequence[StoreSummary], max_kinds: int = 10, max_ids: int = 5) -> str:
     """A small table of rows written / skipped / failed per store; then, per store, this run's failures counted
     by kind with example ids, and the file that lists every failed id of the store with its reason."""
-    head = f"{'store':<28}{'written':>9}{'skipped':>9}{'failed':>8}  path"
-    lines = [head, "-" * len(head)]
-    for s in summaries:
-        lines.append(f"{s.modality + '/' + s.name:<28}{s.written:>9}{s.skipped:>9}{len(s.failed):>8}  {s.path}")
+    from mmcache.tables import render
+
+    lines = [render(["store", "written", "skipped", "failed", "path"],
+                    [[f"{s.modality}/{s.name}", s.written, s.skipped, len(s.failed), s.path] for s in summaries],
+                    right=("written", "skipped", "failed"))]
     for s in summaries:
         earlier = max(0, s.failed_total - len(s.failed))
         if not s.failed and not earlier:

@@ -23,6 +23,8 @@ def table_rows(out: str, first: str) -> dict[str, list[int]]:
     start = next(i for i, ln in enumerate(lines) if ln.startswith(first))
     rows = {}
     for ln in lines[start + 1:]:
+        if ln.strip() and not ln.strip("─ "):  # the rule under the header
+            continue
         parts = ln.split()
         if not parts or not parts[-1].isdigit():
             break
