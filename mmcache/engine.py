@@ -166,8 +166,8 @@ def progress_hook(*modules: nn.Module | None) -> Callable[[TrainProgress], None]
     """One callable that tells every submodule of `modules` defining `set_progress(progress)` where training
     stands (the criterion's warm-ups and late decays, a head's gradient-reversal schedule). Trainers call it
     once per training step, before the forward pass; it is the only way progress reaches heads and losses."""
-    targets = [sub.set_progress for m in modules if m is not None for sub in m.modules()
-               if callable(getattr(sub, "set_progress", None))]
+    found = (getattr(sub, "set_progress", None) for m in modules if m is not None for sub in m.modules())
+    targets: list[Callable[[TrainProgress], None]] = [f for f in found if callable(f)]
 
     def tell(progress: TrainProgress) -> None:
         for set_progress in targets:

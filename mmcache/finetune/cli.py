@@ -62,6 +62,11 @@ def run(
     warmup: Annotated[float, typer.Option(help="Share of the steps warming the learning rates up, then cosine.")]
     = 0.1,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
+    ema: Annotated[float, typer.Option(help="Decay of an exponential moving average of the trained weights (e.g. "
+                                            "0.999), evaluated, selected and saved instead of them (0 = off).")] = 0.0,
+    logit_adjust: Annotated[float | None, typer.Option(help="TAU: subtract TAU * log(train class prior) from the "
+                                                             "logits at evaluation and prediction (negative TAU adds "
+                                                             "it; default 0, -1 for scabg-ref).")] = None,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of the full encoders.")] = False,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
@@ -130,7 +135,7 @@ def run(
         contrastive_weight=contrastive_weight,
         contrastive_classes=contrastive_classes.split(",") if contrastive_classes is not None else None,
         init_head=str(init_head) if init_head else None, amp=amp, num_workers=num_workers, limit=limit,
-        select_metric=select, seed=seed, device=device, run_name=run_name,
+        select_metric=select, seed=seed, device=device, run_name=run_name, ema=ema, logit_adjust=logit_adjust,
         dataset_options={k: v for k, v in (("fold", fold), ("label_map", str(label_map) if label_map else None))
                          if v is not None},
         upsample=parse_upsample(upsample), track=track,

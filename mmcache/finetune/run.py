@@ -42,15 +42,21 @@ from mmcache.cache.store import StoreReader, store_path
 from mmcache.data.base import Dataset, Sample, load_dataset
 from mmcache.data.combined import combined_name, epoch_pool, sources
 from mmcache.engine import (
+    EMA,
     IGNORE,
     RunResult,
     Schedule,
     Selector,
+    TrainProgress,
+    adjust_logits,
+    check_ema,
     curve_row,
+    logit_offsets,
     make_optimizer,
     new_run_dir,
     param_groups,
     parse_select,
+    progress_hook,
     val_metrics,
     warn_failed_checks,
     write_run,
@@ -148,6 +154,8 @@ class FinetuneConfig:
     num_workers: int = 2
     limit: int | None = None  # first N samples per split (smoke runs)
     select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
+    ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
+    logit_adjust: float | None = None  # tau * log(train prior) subtracted at evaluation (None: 0, -1 for scabg-ref)
     seed: int = 0
     device: str | None = None
     run_name: str | None = None
@@ -708,6 +716,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             raise MMCacheError(f"{flag} must be a whole number >= {low}, got {number!r}")
     if not cfg.max_grad_norm >= 0:
         raise MMCacheError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
+    check_ema(cfg.ema)
+    if cfg.logit_adjust is not None and not (isinstance(cfg.logit_adjust, (int, float)) and abs(cfg.logit_adjust) < float("inf")):
+        raise MMCacheError(f"--logit-adjust must be a number, got {cfg.logit_adjust!r}")
     if not (isinstance(cfg.contrastive_weight, (int, float)) and 0 <= cfg.contrastive_weight < float("inf")):
         raise MMCacheError(f"--contrastive-weight must be a number >= 0 (0 = off), got {cfg.contrastive_weight!r}")
     init = read_head_run(cfg.init_head) if cfg.init_head else None
@@ -793,6 +804,10 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
+    from mmcache.heads.train import reference_tau
+
+    tau = reference_tau(head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
+    offsets = logit_offsets(counts, tau, ds.labels.tasks)  # subtracted from the logits at evaluation
     # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
     # The contrastive temperature and projections train at head_lr, the temperature undecayed (as open_clip).
     opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr)
@@ -803,6 +818,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     sel_task, metric = parse_select(sel_spec, tasks, ds.labels.metric)
     selector = Selector(metric, cfg.early_stopping)
     sched = Schedule("cosine", opt, max(1, steps), int(cfg.warmup * steps), selector.mode)
+    ema = EMA(model, cfg.ema) if cfg.ema else None  # the trained weights' average, evaluated and saved instead
+    applied = ema.applied if ema is not None else nullcontext
+    tell = progress_hook(model, crit)  # the step reaches the loss's warm-ups and the head's schedules
     state_keys = _state_keys(model, cfg.freeze_encoders)
     prog = Progress()
     curves: list[dict[str, Any]] = []
@@ -812,6 +830,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         if rank == 0 and not cfg.quiet:
             at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
             print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
     net: nn.Module = model
     if world > 1:
         # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
@@ -843,7 +863,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                               "stale": selector.stale, "stopped": selector.stopped},
                  "best_state": selector.best_state or {},
                  "weights": {k: v for k, v in model.state_dict().items() if k in set(state_keys)},
-                 "criterion": crit.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()}
+                 "criterion": crit.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None}
         save_checkpoint(run_dir, state, tag)
 
     def step() -> None:
@@ -853,6 +874,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         if contrastive is not None:
             contrastive.clamp_()
         sched.step()
+        if ema is not None:
+            ema.update()
         opt.zero_grad(set_to_none=True)
         prog.global_step += 1
 
@@ -878,13 +901,14 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 got = _aligned(batch, mods, device)
                 if got is not None:
                     ids, inputs_b = got
+                    tell(TrainProgress(epoch - 1, prog.global_step, steps))
                     with _autocast(device, cfg.amp):
                         if contrastive is not None:
                             logits, pair_loss = net(inputs_b, ids, keep=_pair_rows(ids, by_id, ds.labels.primary,
                                                                                    pair_classes, device))
                         else:
                             logits, pair_loss = net(inputs_b, ids), None
-                    loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None, epoch - 1)
+                    loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None)
                     total = loss if pair_loss is None else loss + cfg.contrastive_weight * pair_loss.float()
                     (total / cfg.grad_accum).backward()
                     pending += 1
@@ -913,13 +937,14 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         prog.samples += len(rest)
         stop = False
         if rank == 0:
-            ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
+            with applied():
+                ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
             if sel_source is not None:  # `--select SOURCE/...`: that source dataset's val rows choose the epoch
                 keep = [k for k, i in enumerate(ids) if by_id[i].source == sel_source]
                 ids, lg = [ids[k] for k in keep], {t: v[keep] for t, v in lg.items()}
             y = {t: torch.tensor([by_id[i].labels.get(t, IGNORE) for i in ids], dtype=torch.long) for t in tasks}
             logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
-            vm = val_metrics(y[sel_task], logits_t[sel_task], metric) if ids else {}
+            vm = val_metrics(y[sel_task], adjust_logits(logits_t, offsets)[sel_task], metric) if ids else {}
             if ids:
                 with torch.no_grad():
                     vm["loss"] = float(crit({t: v.to(device) for t, v in logits_t.items()},
@@ -932,8 +957,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 curves[-1]["contrastive_scale"] = float(contrastive.scale.detach())
             if not cfg.quiet:
                 print(f"epoch {epoch}: train loss {train_loss:.4f}, val {metric} {value:.4f}", file=sys.stderr)
-            selector.update(epoch, value, lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                                                   if k in set(state_keys)})
+            with applied():  # the epoch's weights as evaluated
+                selector.update(epoch, value, lambda: {k: v.detach().cpu().clone()
+                                                       for k, v in model.state_dict().items() if k in set(state_keys)})
             sched.epoch_end(value)
             stop = selector.stopped
         if world > 1:  # every rank stops together
@@ -960,6 +986,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         for split, ss in (("val", val_s), ("test", test_s)):
             if ss:
                 ids, lg = evaluate(model, ss, cfg, tasks, device, desc=split)
+                lg = adjust_logits(lg, offsets)
                 metrics[split] = _metrics(ids, lg, by_id, ds.labels.tasks)
                 if srcs:
                     by_source[split] = source_metrics(ids, lg, by_id, ds.labels.tasks)
@@ -984,7 +1011,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             "store_specs": {f"{m}/{n}": {"spec": cached.readers[m].spec,
                                          "dtype": str(cached.readers[m].attrs.get("dtype", "float32"))}
                             for m, n in cfg.stores.items()} if cached is not None else {},
-            "context_from": context_from,
+            "context_from": context_from, "logit_adjust": {"tau": tau, "offsets": offsets},
             "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
             **({"epoch_rows": len(pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
                                                          (("train", train_s), ("val", val_s), ("test", test_s))}
