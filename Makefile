@@ -20,7 +20,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcache-installed
-EXTRAS ?= dev,lora,video,track
+EXTRAS ?= dev,lora,video,track,stream
 
 ARCH   := $(shell uname -m)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)

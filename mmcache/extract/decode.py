@@ -12,9 +12,10 @@ transform resizes first and converts to RGB after; torchvision's pipelines conve
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -84,11 +85,16 @@ def prepare_image(im: Image.Image, where: str) -> Image.Image:
 
 @register_decoder("image")
 def decode_image(value: Any, options: dict[str, int]) -> Image.Image:
-    """Open an image file fully (so truncation shows here, not later); see the module docstring for its mode."""
+    """Open an image file (a path, or the file's bytes) fully, so truncation shows here, not later; see the
+    module docstring for its mode."""
     if value is None or value == "":
         raise DecodeError("no image for this sample")
     if isinstance(value, Image.Image):
         return prepare_image(value.copy(), "the image")
+    if isinstance(value, (bytes, bytearray, memoryview)):  # an image file's bytes (a streamed tar member)
+        if not len(value):
+            raise DecodeError("the image is empty (0 bytes)")
+        return _open_image(io.BytesIO(value), "the image")
     path = os.fspath(value)
     try:
         size = os.path.getsize(path)
@@ -96,9 +102,18 @@ def decode_image(value: Any, options: dict[str, int]) -> Image.Image:
         raise DecodeError(f"image file {path} not found") from None
     if size == 0:
         raise DecodeError(f"image file {path} is empty (0 bytes)")
-    where = f"image file {path}"
     try:
-        with warnings.catch_warnings(), open(path, "rb") as f:
+        f = open(path, "rb")  # noqa: SIM115  (closed below)
+    except OSError as e:
+        raise DecodeError(f"image file {path} cannot be read ({e.strerror or e})") from None
+    with f:
+        return _open_image(f, f"image file {path}")
+
+
+def _open_image(f: BinaryIO, where: str) -> Image.Image:
+    """Decode the image file read from `f` fully; any failure is a DecodeError naming `where`."""
+    try:
+        with warnings.catch_warnings():
             # PIL warns (not raises) on some broken EXIF / palette data; the pixels still decode.
             warnings.simplefilter("ignore")
             return prepare_image(Image.open(f), where)

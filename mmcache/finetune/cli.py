@@ -43,6 +43,16 @@ def run(
         help="captions/NAME: the context text --context reads (default: the dataset's own, else its captions).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the feature stores (--*-store) and captions "
                                                  "stores.")] = Path("cache"),
+    stream: Annotated[bool, typer.Option("--stream", help="Train on WebDataset shards read as a stream, never unpacked: "
+                                                          "--data-dir names the training shards ('train-{000000..000099}"
+                                                          ".tar', a glob or a folder), --val-data the validation "
+                                                          "shards.")] = False,
+    val_data: Annotated[Path | None, typer.Option(help="With --stream: the folder of validation (and test) shards, "
+                                                       "read unpacked by the webdataset adapter.")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="With --stream: optimizer steps per epoch (default: the "
+                                                             "samples sizes.json beside the shards counts).")] = None,
+    shuffle_buffer: Annotated[int, typer.Option(help="With --stream: samples each DataLoader worker mixes in its "
+                                                     "shuffle buffer.")] = 1000,
     head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
@@ -109,6 +119,8 @@ def run(
     Example: finetune run --dataset mvsa --image clip --text clip --lora --epochs 5
     Hybrid (cached image regions, live VisualBERT): finetune run --dataset hateful-memes --text visualbert --image-store frcnn
     A killed run continues from its last checkpoint: rerun the same command with the same --run-name.
+    Streamed shards: finetune run --dataset webdataset --data-dir 'shards/train-{000000..000099}.tar' --stream
+    --val-data shards/val --steps-per-epoch 1000 --image clip --text clip
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
     from mmcache.cliutil import parse_kv
@@ -126,6 +138,8 @@ def run(
     cfg = FinetuneConfig(
         dataset=dataset, encoders=encoders, stores=stores, data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
         context_from=context_from, cache_dir=str(cache_dir),
+        stream=stream, val_data=str(val_data) if val_data else None, steps_per_epoch=steps_per_epoch,
+        shuffle_buffer=shuffle_buffer,
         head=head, head_hparams=hparams, loss=loss, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
         early_stopping=patience, overwrite=overwrite, lora=lora, lora_r=lora_r,

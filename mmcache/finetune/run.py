@@ -72,6 +72,7 @@ from mmcache.finetune.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmcache.finetune.stream import open_stream
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import ContrastiveLoss, build_criterion
 from mmcache.heads.metrics import classification_metrics
@@ -90,7 +91,8 @@ RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_ev
                "track", "epoch_checkpoint")
 # Options left out of a checkpoint's config while at these values, so checkpoints written before they existed
 # still continue.
-RESUME_UNSET: dict[str, Any] = {"stores": {}, "upsample": {}, "contrastive_weight": 0.0, "contrastive_classes": None}
+RESUME_UNSET: dict[str, Any] = {"stores": {}, "upsample": {}, "contrastive_weight": 0.0, "contrastive_classes": None,
+                                "stream": False, "val_data": None, "steps_per_epoch": None, "shuffle_buffer": 1000}
 CHECKPOINT_VERSION = 1
 
 
@@ -170,6 +172,13 @@ class FinetuneConfig:
     context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
     cache_dir: str = "cache"  # where feature stores (`stores`) and captions stores are read
     track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
+    # Training samples streamed from WebDataset shards (`finetune/stream.py`): `data_dir` names the training shards,
+    # `val_data` the validation (and test) shards; an epoch is `steps_per_epoch` optimizer steps (None: the samples
+    # a sizes.json beside the shards counts).
+    stream: bool = False
+    val_data: str | None = None
+    steps_per_epoch: int | None = None
+    shuffle_buffer: int = 1000
 
 
 class CachedInputs:
@@ -738,8 +747,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed)
-    ds, context_from = _with_context(load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
-                                                  **cfg.dataset_options), cfg)
+    stream, data = open_stream(cfg, world) if cfg.stream else (None, None)  # data: the validation shards
+    ds, context_from = _with_context(data or load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
+                                                          **cfg.dataset_options), cfg)
     tasks = cfg.tasks or list(ds.labels.tasks)
     unknown = [t for t in tasks if t not in ds.labels.tasks]
     if unknown:
@@ -747,16 +757,17 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     pair_classes = contrastive_class_ids(cfg, ds.labels.tasks[ds.labels.primary], ds.labels.primary)
     cached, fixed = open_stores(cfg, head_name)
     quiet = cfg.quiet or rank != 0
-    train_s = drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
+    train_s = [] if stream else drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
     val_s = drop_unstored(_subset(ds, "val", cfg.limit) or _subset(ds, "test", cfg.limit), cached, "val", quiet)
     test_s = drop_unstored(_subset(ds, "test", cfg.limit), cached, "test", quiet)
-    if not train_s or not val_s:
+    if not (train_s or stream) or not val_s:
         where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
                            + ("; run `mmcache extract` for them" if where else ""))
     by_id = ds.by_id()
     srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
     pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample
+    n_train = stream.epoch_samples if stream else len(pool)  # training samples per epoch
 
     encoders = {m: build_encoder(m, p, **fixed.get(m, {})) for m, p in cfg.encoders.items()}
     if context_from is not None:
@@ -801,7 +812,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                       f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
     contrastive, pair = build_contrastive(cfg, feats)
     model = LiveModel(encoders, head, cached, contrastive, pair).to(device)
-    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool if t in s.labels], dtype=torch.long),
+    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool or val_s if t in s.labels], dtype=torch.long),
                                 minlength=n) for t, n in n_classes.items()}
     crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
     from mmcache.heads.train import reference_tau
@@ -813,7 +824,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr)
                          + contrastive_groups(contrastive), cfg.head_lr, cfg.weight_decay)
     clip_params = [p for g in opt.param_groups for p in g["params"]]
-    steps = cfg.epochs * _steps_per_epoch(len(pool), cfg, world)
+    steps = cfg.epochs * _steps_per_epoch(n_train, cfg, world)
     sel_source, sel_spec = split_select(cfg.select_metric, srcs)
     sel_task, metric = parse_select(sel_spec, tasks, ds.labels.metric)
     selector = Selector(metric, cfg.early_stopping)
@@ -826,7 +837,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     curves: list[dict[str, Any]] = []
     if ckpt is not None:
         prog, curves = _restore(ckpt, model, crit, opt, sched, selector, state_keys, cfg, world, rank, device,
-                                len(pool))
+                                n_train)
         if rank == 0 and not cfg.quiet:
             at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
             print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
@@ -841,7 +852,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     n_total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in crit.parameters())
     n_trainable = sum(p.numel() for p in clip_params)
     if rank == 0 and not cfg.quiet:
-        print(f"{cfg.dataset}: train {len(train_s)}, val {len(val_s)}, test {len(test_s)}; encoders "
+        shown = f"a stream of {len(stream.shards)} shards" if stream else len(train_s)
+        print(f"{cfg.dataset}: train {shown}, val {len(val_s)}, test {len(test_s)}; encoders "
               f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
               + (f"stores {cfg.stores}, " if cfg.stores else "") +
               f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}; "
@@ -886,10 +898,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         for encoder in model.encoders.values():
             if cfg.freeze_encoders:
                 encoder.eval()  # frozen encoders keep their normalisation statistics
-        rest = epoch_order(len(pool), cfg.seed, epoch)[prog.done:]
-        mine = [pool[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
-        full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
-        loader = _loader(mine, list(encoders.values()), cfg, epoch)
+        if stream is not None:  # every rank draws the same number of full batches from its own shards
+            loader: Any = stream.epoch(list(encoders.values()), cfg, epoch, prog.done, rank, world)
+            full_batches = n_rest = len(loader)
+            n_rest *= cfg.batch_size * world
+        else:
+            rest = epoch_order(len(pool), cfg.seed, epoch)[prog.done:]
+            mine = [pool[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
+            full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
+            loader = _loader(mine, list(encoders.values()), cfg, epoch)
+            n_rest = len(rest)
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)
         opt.zero_grad(set_to_none=True)
         pending = 0
@@ -898,6 +916,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         # lets a rank that runs out early keep answering the others' all-reduces.
         with net.join() if isinstance(net, DDP) else nullcontext():
             for i, batch in enumerate(bar, start=1):
+                if stream is not None:  # the batch's rows stand in by_id until the next batch
+                    stream.take(batch, rank, by_id)
                 got = _aligned(batch, mods, device)
                 if got is not None:
                     ids, inputs_b = got
@@ -934,7 +954,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         if pending:  # the epoch's last, partial accumulation still counts
             step()
         prog.train_seconds += time.perf_counter() - t_train
-        prog.samples += len(rest)
+        prog.samples += n_rest
+        if stream is not None:
+            stream.end_epoch(epoch, rank, world)
         stop = False
         if rank == 0:
             with applied():
@@ -997,6 +1019,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                        "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
                        "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": world,
                        "device": str(device), **_peak_memory(device)}
+        if stream is not None:
+            train_stats["stream_skipped"] = stream.skipped
         if contrastive is not None and pair is not None:
             train_stats["contrastive"] = {
                 "weight": cfg.contrastive_weight, "classes": cfg.contrastive_classes, "modalities": list(pair),
