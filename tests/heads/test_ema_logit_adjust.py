@@ -257,3 +257,22 @@ def test_kd_weight_ramps_per_step_through_the_progress_hook() -> None:
         tell(TrainProgress(0, s, 12))
         weights.append(crit(logits, {"t": torch.tensor([0, 1, 2, 0])}, teacher)[1]["kd_weight"] if s else 0.0)
     np.testing.assert_allclose(weights, [0.5 * min(1.0, s / 10) for s in range(12)])
+
+
+def test_flags_and_grid_keys(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mmcache.heads.cli import main
+    from mmcache.heads.sweep import apply_overrides, expand_grid, parse_grid
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["heads", "train", "--dataset", "toy", "--vtype", "feat", "--ttype", "feat",
+                                      "--cache-dir", str(toy_cache), "--runs-dir", str(runs), "--epochs", "2",
+                                      "--D", "0", "--ema", "0.9", "--logit-adjust", "-0.5", "--run-name", "f", "-q"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert not e.value.code
+    cfg = json.loads((runs / "toy" / "f" / "config.json").read_text())
+    assert cfg["ema"] == 0.9 and cfg["logit_adjust"] == -0.5 and cfg["resolved"]["logit_adjust"]["tau"] == -0.5
+    cfgs = [apply_overrides(cfg_of(toy_cache), ov) for ov in expand_grid(parse_grid("ema=0,0.999;logit_adjust=-1,1"))]
+    assert [(c.ema, c.logit_adjust) for c in cfgs] == [(0, -1), (0, 1), (0.999, -1), (0.999, 1)]
