@@ -58,6 +58,8 @@ def run(
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,
     loss: Annotated[str, typer.Option(help="Criterion: ce, focal, scabg.")] = "ce",
+    loss_opt: Annotated[list[str] | None, typer.Option(help="Criterion option KEY=VALUE (repeatable), as in "
+                                                            "`heads train`.")] = None,
     contrastive_weight: Annotated[float, typer.Option(
         help="Add W x CLIP's symmetric InfoNCE between the image and text pooled embeddings of each row (learned "
              "temperature) to the loss; 0 = off.")] = 0.0,
@@ -140,7 +142,7 @@ def run(
         context_from=context_from, cache_dir=str(cache_dir),
         stream=stream, val_data=str(val_data) if val_data else None, steps_per_epoch=steps_per_epoch,
         shuffle_buffer=shuffle_buffer,
-        head=head, head_hparams=hparams, loss=loss, epochs=epochs,
+        head=head, head_hparams=hparams, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
         early_stopping=patience, overwrite=overwrite, lora=lora, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_targets=lora_targets.split(",") if lora_targets else None,

@@ -114,7 +114,7 @@ class Criterion(nn.Module):
     """Sum of per-task cross-entropies (the default); subclasses change the per-task loss or add terms.
 
     `logits`: task -> [B,C]; `targets`: task -> [B] long, -100 where a row has no label for the task;
-    `teacher`: [B,C] cached teacher logits of the primary task or None; `epoch` drives warm-ups.
+    `teacher`: [B,C] cached teacher logits of the primary task or None; warm-ups follow `set_progress`.
     Returns the scalar loss and a dict of float parts for logging.
     """
 

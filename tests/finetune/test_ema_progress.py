@@ -102,3 +102,22 @@ def test_a_run_with_ema_resumes_to_the_same_result(demo_dir: Path, tmp_path: Pat
     res = finetune(_cfg(demo_dir, tmp_path, **kw))
     assert ref is not None and res is not None
     _assert_same_run(ref.run_dir, res.run_dir)  # type: ignore[arg-type]
+
+
+def test_cli_flags(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mmcache.finetune.cli import main
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", [
+        "finetune", "run", "--dataset", "demo", "--data-dir", str(demo_dir), "--image", "clip-tiny", "--epochs", "1",
+        "--batch-size", "16", "--num-workers", "0", "--freeze-encoders", "--runs-dir", str(runs), "--run-name", "c",
+        "--ema", "0.5", "--logit-adjust", "1", "--loss-opt", "kd_warmup_unit=step", "--loss-opt", "kd_warmup=3"])
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code
+    cfg = json.loads((runs / "demo" / "c" / "config.json").read_text())
+    assert cfg["ema"] == 0.5 and cfg["logit_adjust"] == 1.0
+    assert cfg["loss_options"] == {"kd_warmup_unit": "step", "kd_warmup": 3}
