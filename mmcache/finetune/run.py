@@ -895,6 +895,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         epoch = prog.epoch
         t_epoch = time.perf_counter()
         model.train()
+        crit.train()
         for encoder in model.encoders.values():
             if cfg.freeze_encoders:
                 encoder.eval()  # frozen encoders keep their normalisation statistics
@@ -968,6 +969,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
             vm = val_metrics(y[sel_task], adjust_logits(logits_t, offsets)[sel_task], metric) if ids else {}
             if ids:
+                crit.eval()  # the validation loss of the task logits alone (no auxiliary outputs, no warm-up step)
                 with torch.no_grad():
                     vm["loss"] = float(crit({t: v.to(device) for t, v in logits_t.items()},
                                             {t: v.to(device) for t, v in y.items()}, None, epoch - 1)[0])

@@ -121,3 +121,27 @@ def test_cli_flags(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     cfg = json.loads((runs / "demo" / "c" / "config.json").read_text())
     assert cfg["ema"] == 0.5 and cfg["logit_adjust"] == 1.0
     assert cfg["loss_options"] == {"kd_warmup_unit": "step", "kd_warmup": 3}
+
+
+def test_scabg_reference_recipe_fine_tunes_with_its_schedules(demo_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference recipe (per-step warm-ups, late decay, gradient-reversal ramp) runs in `finetune run`, its
+    validation loss taken on the task logits alone, and the reversal strength follows the step."""
+    import mmcache.heads.scabg as scabg
+
+    seen: list[float] = []
+    real = scabg.grad_reverse
+
+    def spy(x: torch.Tensor, strength: float) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            seen.append(strength)
+        return real(x, strength)
+
+    monkeypatch.setattr(scabg, "grad_reverse", spy)
+    hp = {"D": 16, "out_dim": 8, "heads": 2, "branch_heads": 2, "queries": 2, "grl": 0.3, "grl_warmup": 3}
+    res = finetune(_cfg(demo_dir, tmp_path, head="scabg-ref", head_hparams=hp, loss="scabg",
+                        loss_options={"variant": "reference"}))
+    assert all(np.isfinite(c["val_loss"]) for c in res.curves)
+    np.testing.assert_allclose(seen, [0.3 * min(1.0, s / 3) for s in range(len(seen))])
+    assert len(seen) >= 4
+    assert res.config["resolved"]["logit_adjust"]["tau"] == -1.0  # the reference adds log p(y) at evaluation
