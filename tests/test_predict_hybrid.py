@@ -48,7 +48,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             num_workers=0, progress=False)
     cfg = FinetuneConfig(dataset="demo", data_dir=str(demo), cache_dir=str(cache), encoders={"text": "visualbert-tiny"},
                          stores={"image": "frcnn"}, epochs=2, batch_size=8, num_workers=0, quiet=True,
-                         lr=1e-3, head_lr=3e-3, warmup=0.0, runs_dir=str(root / "runs"), run_name="vb")
+                         lr=1e-3, head_lr=3e-3, warmup=0.0, runs_dir=str(root / "runs"), run_name="vb", device="cpu")
     res = finetune(cfg)
     assert res is not None and res.run_dir is not None
     run = Path(res.run_dir)
@@ -84,7 +84,7 @@ def test_hybrid_run_predicts_new_rows_as_its_own_test_predictions(hybrid: dict[s
     pred = Predictor.load(run, device="cpu")
     assert pred.extractors["image"].spec_hash() == hybrid["spec_hash"] and pred.dtypes["image"] == "float16"
     out, preds = predict_to_csv(run, data=hybrid["table"], out=tmp_path / "p.csv", cache_dir=tmp_path / "pc",
-                                progress=False)
+                                device="cpu", progress=False)
     # The regions of the new rows were extracted into the prediction's own cache, with the run's frcnn spec.
     stores = list((tmp_path / "pc").rglob("*.h5"))
     assert len(stores) == 1 and StoreReader(stores[0]).attrs["spec_hash"] == hybrid["spec_hash"]
@@ -117,7 +117,7 @@ def test_a_changed_weights_file_is_refused(hybrid: dict[str, Any], tmp_path: Pat
     torch.save(state, weights)
     try:
         with pytest.raises(MMCacheError, match=r"image/frcnn: .*weights_sha256 changed") as err:
-            predict_to_csv(run, data=hybrid["table"], cache_dir=tmp_path / "pc", progress=False)
+            predict_to_csv(run, data=hybrid["table"], cache_dir=tmp_path / "pc", device="cpu", progress=False)
         assert "\n" not in str(err.value)
     finally:
         weights.write_bytes(saved)
