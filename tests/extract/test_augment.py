@@ -34,6 +34,12 @@ def test_augment_draws_random_views_in_training_and_the_reference_in_eval(preset
     assert not torch.equal(a, want)
     aug.eval()
     torch.testing.assert_close(aug.preprocess({"image": img}), want, rtol=0, atol=0)
+    # Encoded: the two training views give other embeddings; evaluation gives the reference's.
+    with torch.no_grad():
+        pooled = aug(aug.collate([a, b, aug.preprocess({"image": img})]))["pooled"]
+        ref_pooled = ref(ref.collate([want]))["pooled"]
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-4)
+    torch.testing.assert_close(pooled[2:], ref_pooled, rtol=1e-5, atol=1e-5)
     # Without augment, training mode keeps the reference preprocessing.
     torch.testing.assert_close(build_extractor(preset, "image").train().preprocess({"image": img}), want,
                                rtol=0, atol=0)
