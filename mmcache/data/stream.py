@@ -205,6 +205,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, list[Skip]]]:
         import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -227,14 +228,28 @@ class ShardStream(IterableDataset):
             skip(url, f"{type(exn).__name__}: {reason}")
             return True
 
+        opened: list[Any] = []  # the shard file being read, closed when the next opens or the stream stops
+
+        def shard_files() -> Iterator[dict[str, Any]]:
+            for source in url_opener(iter(urls), handler=handler):
+                while opened:
+                    opened.pop().close()
+                opened.append(source["stream"])
+                yield source
+
+        # webdataset's tarfile_samples, with the shard files in reach of the finally below.
         urls = wds.ResampledShards(mine, seed=seed, worker_seed=lambda: 0, deterministic=True)
-        raw = wds.tarfile_samples(iter(urls), handler=handler)
+        raw = group_by_keys(tar_file_expander(shard_files(), handler=handler), handler=handler)
         samples = wds.shuffle(self.buffer, initial=min(self.buffer, 100), rng=random.Random(seed + 1))(raw)
-        for r in samples:
-            try:
-                item = self.prepare(parse_sample(r, self.space, self.label_key))
-            except BadSample as e:
-                skip(f"{r.get('__url__')}, sample {r.get('__key__')!r}", str(e))
-                continue
-            yield item, skips
-            skips, in_a_row = [], 0
+        try:
+            for r in samples:
+                try:
+                    item = self.prepare(parse_sample(r, self.space, self.label_key))
+                except BadSample as e:
+                    skip(f"{r.get('__url__')}, sample {r.get('__key__')!r}", str(e))
+                    continue
+                yield item, skips
+                skips, in_a_row = [], 0
+        finally:
+            for f in opened:
+                f.close()

@@ -122,7 +122,8 @@ def _open_image(f: BinaryIO, where: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise DecodeError(f"{where} is over the limit of {MAX_PIXELS:,} pixels ({e}); downscale it") from None
     except Exception as e:  # noqa: BLE001  (Pillow's plugins raise many types for a corrupt file)
-        raise DecodeError(f"{where} is corrupt or not an image ({type(e).__name__}: {e})") from None
+        reason = str(e).replace(f" {f!r}", "")  # Pillow names the file object; `where` names the image
+        raise DecodeError(f"{where} is corrupt or not an image ({type(e).__name__}: {reason})") from None
 
 
 def _text(field: str, value: Any) -> str:
