@@ -118,3 +118,29 @@ def test_decode_image_reads_an_image_files_bytes() -> None:
         decode_image(b"\xff\xd8 nope", {})
     with pytest.raises(DecodeError, match="empty"):
         decode_image(b"", {})
+
+
+def test_a_stopped_streamed_run_resumes_from_its_last_checkpoint(shards: tuple[Path, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcache.finetune.stream import TrainStream
+
+    train, val = shards
+    take, seen = TrainStream.take, []
+
+    def stop_at_fifth_batch(self: TrainStream, *args: object) -> None:
+        seen.append(1)
+        if len(seen) == 5:  # epoch 2, second batch: its first step is checkpointed
+            raise KeyboardInterrupt
+        take(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrainStream, "take", stop_at_fifth_batch)
+    cfg = _cfg(train, val, tmp_path, save_every=1, quiet=False)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg)
+    monkeypatch.setattr(TrainStream, "take", take)
+    res = finetune(cfg)
+    assert "resuming" in capsys.readouterr().err
+    metrics = json.loads((Path(res.run_dir) / "metrics.json").read_text())
+    assert metrics["train"]["samples"] == 24  # 4 rows before the stop + the 2 batches left of epoch 2
+    assert [c["epoch"] for c in json.loads((Path(res.run_dir) / "curves.json").read_text())] == [1, 2]
