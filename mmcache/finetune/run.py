@@ -593,9 +593,14 @@ def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
 def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
     """Refuse to continue a checkpoint written with other options, naming them."""
     now = _resume_key(cfg)
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    full = json.loads(json.dumps(asdict(cfg), default=str))
+    default = json.loads(json.dumps(asdict(FinetuneConfig(dataset=cfg.dataset, encoders=cfg.encoders)), default=str))
+    # An option added after the checkpoint was written is absent there: at its default it is the same run;
+    # an option this version no longer has is not compared.
+    diff = [k for k in sorted(set(saved) | set(now)) if k in full and saved.get(k, default[k]) != full[k]]
     if diff:
-        shown = "; ".join(f"{k}={json.dumps(saved.get(k))} there, {json.dumps(now.get(k))} here" for k in diff[:4])
+        shown = "; ".join(f"{k}={json.dumps(saved.get(k, default[k]))} there, {json.dumps(full[k])} here"
+                          for k in diff[:4])
         raise MMCacheError(f"{where} was written by a run with other options ({shown}); rerun with the same options "
                            "to continue it, or pass --overwrite to start the run over")
 

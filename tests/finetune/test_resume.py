@@ -302,3 +302,19 @@ def test_an_unnamed_run_says_how_to_continue_and_resume_finds_it(demo_dir: Path,
     assert f"continue it with --run-name {run.name}" in capsys.readouterr().err
     res = finetune(_cfg(demo_dir, runs, freeze_encoders=True, run_name=None, resume=True))
     assert res is not None and res.run_dir == run and len(res.curves) == 2
+
+
+def test_resume_config_check_across_versions(tmp_path: Path) -> None:
+    """A checkpoint written before an option existed (absent there) continues when the option is at its
+    default; an option this version no longer has is ignored; a real difference is named either way."""
+    from dataclasses import replace
+
+    from mmcache.finetune.run import FinetuneConfig, _resume_key, check_resume_config
+
+    cfg = FinetuneConfig(dataset="demo", encoders={"image": "clip-tiny"}, epochs=2)
+    older = {k: v for k, v in _resume_key(cfg).items() if k not in ("ema", "max_grad_norm")}
+    check_resume_config({**older, "retired_option": 1}, cfg, tmp_path)
+    with pytest.raises(MMCacheError, match=r"max_grad_norm=1.0 there, 0.5 here"):
+        check_resume_config(older, replace(cfg, max_grad_norm=0.5), tmp_path)
+    with pytest.raises(MMCacheError, match=r"contrastive_weight=0.5 there, 0.0 here"):
+        check_resume_config({**_resume_key(cfg), "contrastive_weight": 0.5}, cfg, tmp_path)
