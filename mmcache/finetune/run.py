@@ -752,7 +752,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed)
-    stream, data = open_stream(cfg, world) if cfg.stream else (None, None)  # data: the validation shards
+    stream, data = open_stream(cfg, world, rank == 0 and not cfg.quiet) if cfg.stream else (None, None)  # data: val
     ds, context_from = _with_context(data or load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
                                                           **cfg.dataset_options), cfg)
     tasks = cfg.tasks or list(ds.labels.tasks)

@@ -31,6 +31,7 @@ from mmcache.data.stream import (
     expand_shards,
     index_size,
     shard_label_space,
+    shards_of,
     stream_seed,
 )
 from mmcache.errors import MMCacheError
@@ -121,11 +122,14 @@ class TrainStream:
         """The rest of `epoch` for process `rank` when `done` samples (all processes) are trained on already; the
         stream's randomness depends on (seed, epoch, done), so a resumed epoch draws fresh samples."""
         left = self.batches_per_rank(cfg, world) - done // (cfg.batch_size * world)
-        data = ShardStream(self.shards, self.space, DecodeStreamed(extractors), rank=rank, world=world,
-                           seed=stream_seed(cfg.seed, epoch, done), buffer=self.buffer, label_key=self.label_key)
+        seed = stream_seed(cfg.seed, epoch, done)
+        data = ShardStream(self.shards, self.space, DecodeStreamed(extractors), rank=rank, world=world, seed=seed,
+                           buffer=self.buffer, label_key=self.label_key)
+        # The workers' seeds come from the loader's own generator, never from the global one (as in the file-based
+        # path), so the model's random stream continues exactly when a run resumes.
         loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             collate_fn=StreamCollate(extractors), pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(seed))
         return EpochBatches(loader, left)
 
     def take(self, batch: dict[Any, Any], rank: int, by_id: dict[str, Sample]) -> None:
@@ -159,7 +163,7 @@ class TrainStream:
             print(f"warning: epoch {epoch}: {n} streamed training samples skipped ({top})", file=sys.stderr)
 
 
-def open_stream(cfg: FinetuneConfig, world: int) -> tuple[TrainStream, Dataset]:
+def open_stream(cfg: FinetuneConfig, world: int, progress: bool = True) -> tuple[TrainStream, Dataset]:
     """The training stream of `cfg.data_dir` and the dataset of `cfg.val_data` (its validation and test rows), in
     one label space: a `labels.json` beside the training shards, else the validation data's."""
     if importlib.util.find_spec("webdataset") is None:
@@ -184,6 +188,7 @@ def open_stream(cfg: FinetuneConfig, world: int) -> tuple[TrainStream, Dataset]:
     if cfg.shuffle_buffer < 1:
         raise MMCacheError(f"--shuffle-buffer must be a whole number >= 1, got {cfg.shuffle_buffer!r}")
     shards = expand_shards(cfg.data_dir)
+    shards_of(shards, 0, world, 0, max(1, cfg.num_workers))  # too few shards for the readers: an error up front
     if cfg.steps_per_epoch is not None:
         epoch_samples = cfg.steps_per_epoch * cfg.batch_size * world * cfg.grad_accum
     else:
@@ -193,7 +198,7 @@ def open_stream(cfg: FinetuneConfig, world: int) -> tuple[TrainStream, Dataset]:
                                f"(shard file name -> sample count) beside the shards ({shards[0]})")
         epoch_samples = size
     options = dict(cfg.dataset_options)
-    val = load_dataset(cfg.dataset, cfg.val_data, **options)
+    val = load_dataset(cfg.dataset, cfg.val_data, progress=progress, **options)
     if val.seed is not None:  # shards that name no split: every row validates
         val = replace(val, samples=[replace(s, split="val") for s in val.samples], seed=None, fold=None)
     space = shard_label_space(shards) or val.labels

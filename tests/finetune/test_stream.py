@@ -144,3 +144,17 @@ def test_a_stopped_streamed_run_resumes_from_its_last_checkpoint(shards: tuple[P
     metrics = json.loads((Path(res.run_dir) / "metrics.json").read_text())
     assert metrics["train"]["samples"] == 24  # 4 rows before the stop + the 2 batches left of epoch 2
     assert [c["epoch"] for c in json.loads((Path(res.run_dir) / "curves.json").read_text())] == [1, 2]
+
+
+def test_errors_in_loader_workers_arrive_as_one_line(shards: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmcache.data import stream as stream_mod
+
+    train, val = shards
+    monkeypatch.setattr(stream_mod, "MAX_SKIPPED_IN_A_ROW", 1)  # the workers are forked: they see it too
+    with pytest.raises(MMCacheError) as e:
+        finetune(_cfg(train, val, tmp_path, num_workers=1, epochs=1))
+    assert str(e.value).startswith("1 streamed samples or shard reads in a row could not be used (last: ")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    with pytest.raises(MMCacheError, match=r"4 shard\(s\) for 1 process\(es\) x 6 DataLoader worker\(s\)"):
+        finetune(_cfg(train, val, tmp_path, num_workers=6, run_name="w"))
