@@ -16,8 +16,10 @@ sample comes from its json `split`, else from a train/val/test folder or shard n
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
+import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +37,7 @@ from mmcache.data.io import (
 )
 from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space, sorted_names
 from mmcache.errors import MMCacheError
+from mmcache.utils import atomic_write_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
@@ -114,9 +117,12 @@ def _read_shard(shard: Path, rel: Path, unpack: Path) -> dict[str, dict[str, Any
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         src = tar.extractfile(m)
                         assert src is not None
-                        tmp = dest.with_name(dest.name + ".part")
-                        tmp.write_bytes(src.read())
-                        tmp.replace(dest)
+                        # A temporary file of its own: processes that unpack the same shard at once (every
+                        # rank of a torchrun job) each write whole files, and the last rename wins.
+                        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(src.read())
+                        os.replace(tmp, dest)
                     kind = "image" if last in IMAGE_EXTS else "video" if last in VIDEO_EXTS else "audio"
                     entry[kind] = str(dest)
                 elif last in TEXT_EXTS or last in ("json", "cls"):
@@ -201,7 +207,7 @@ def load_webdataset(root: Path, name: str | None = None, seed: int = 0, fold: in
     space = LabelSpace(tasks, metric=metric or (saved.metric if saved else "accuracy"))
     if tasks and (saved is None or saved.tasks != tasks):
         try:
-            labels_path.write_text(json.dumps(space.to_json(), indent=1))
+            atomic_write_text(labels_path, json.dumps(space.to_json(), indent=1))  # processes may load at once
         except OSError:
             pass  # read-only shards folder: indices follow the sorted names
     samples = []

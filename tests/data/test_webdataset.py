@@ -7,6 +7,7 @@ import json
 import tarfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,3 +187,32 @@ def test_a_link_already_in_the_unpack_folder_does_not_lead_out(tmp_path: Path, c
     assert list(outside.iterdir()) == []
     assert "member 'sub/evil.jpg' skipped: its folder is a link" in capsys.readouterr().err
     assert ds.by_id()["ok"].image == str(root / "_unpacked" / "train" / "a" / "ok.jpg")
+
+
+def _load_in_process(root: str, barrier: Any, results: Any) -> None:
+    barrier.wait()  # every process unpacks the same shard at the same moment
+    try:
+        ds = load_dataset("webdataset", root, progress=False)
+        results.put(sorted(Path(s.image).read_bytes()[-8:].hex() for s in ds.samples))
+    except Exception as e:  # noqa: BLE001
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_unpacking_the_same_shards_at_once_all_succeed(tmp_path: Path) -> None:
+    """Every rank of a torchrun job loads the dataset: their unpacking must not trip over each other's files."""
+    import multiprocessing as mp
+
+    root = tmp_path / "wds"
+    write_shard(root / "val-000000.tar", {f"k{i:04d}": {"jpg": jpeg_bytes((i % 250, 9, 9)), "cls": str(i % 2)}
+                                          for i in range(300)})
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_load_in_process, args=(str(root), barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert all(isinstance(g, list) for g in got), got
+    assert got[0] == got[1] == got[2] and len(got[0]) == 300
+    assert json.loads((root / "labels.json").read_text())["tasks"] == {"label": ["0", "1"]}
