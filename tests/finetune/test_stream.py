@@ -158,3 +158,30 @@ def test_errors_in_loader_workers_arrive_as_one_line(shards: tuple[Path, Path], 
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     with pytest.raises(MMCacheError, match=r"4 shard\(s\) for 1 process\(es\) x 6 DataLoader worker\(s\)"):
         finetune(_cfg(train, val, tmp_path, num_workers=6, run_name="w"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stream_their_own_shards(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    """2 processes (gloo) x 1 loader worker: every process draws its full batches; skips of both are summed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    train, val = shards
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "mmcache.finetune.cli", "run", "--dataset", "webdataset", "--stream",
+           "--data-dir", str(train / "train-{000000..000003}.tar"), "--val-data", str(val), "--steps-per-epoch", "2",
+           "--batch-size", "4", "--epochs", "1", "--num-workers", "1", "--image", "clip-tiny", "--text", "clip-tiny",
+           "--D", "16", "--runs-dir", str(tmp_path / "runs"), "--run-name", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    train_stats = json.loads((tmp_path / "runs" / "webdataset" / "ddp" / "metrics.json").read_text())["train"]
+    assert train_stats["world_size"] == 2 and train_stats["samples"] == 16  # 2 steps x 4 rows x 2 processes
+    assert train_stats["stream_skipped"] >= 2  # each process read shards with an undecodable image
+    assert "[rank 1]" in res.stderr  # rank 1 names its own skips
