@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from mmcache.data.base import DATASETS, Dataset, LabelSpace, Sample, load_dataset
 from mmcache.data.io import warn
 from mmcache.data.stream import (
+    SIZES_FILE,
     BadSample,
     ShardStream,
     Skip,
@@ -196,11 +198,18 @@ def open_stream(cfg: FinetuneConfig, world: int, progress: bool = True) -> tuple
         if size is None:
             raise MMCacheError(f"an endless stream needs an epoch length: pass --steps-per-epoch N, or put sizes.json "
                                f"(shard file name -> sample count) beside the shards ({shards[0]})")
+        if size < 1:
+            raise MMCacheError(f"{Path(shards[0]).parent / SIZES_FILE} counts no samples in these shards; fix it or "
+                               "pass --steps-per-epoch N")
         epoch_samples = size
     options = dict(cfg.dataset_options)
     val = load_dataset(cfg.dataset, cfg.val_data, progress=progress, **options)
     if val.seed is not None:  # shards that name no split: every row validates
         val = replace(val, samples=[replace(s, split="val") for s in val.samples], seed=None, fold=None)
+    unused = sum(s.split not in ("val", "test") for s in val.samples)
+    if unused and progress:
+        warn(f"{cfg.val_data}: {unused} rows of split(s) {sorted({s.split for s in val.samples} - {'val', 'test'})} "
+             "are not used (with --stream, training reads --data-dir only)")
     space = shard_label_space(shards) or val.labels
     return TrainStream(shards, space, epoch_samples, cfg.shuffle_buffer, str(options.get("label_key", "label"))), \
         relabel(val, space)

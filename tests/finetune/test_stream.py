@@ -101,14 +101,24 @@ def test_stream_errors(shards: tuple[Path, Path], tmp_path: Path, change: dict, 
         finetune(_cfg(train, val, tmp_path, **change))
 
 
-def test_a_label_file_beside_the_shards_sets_the_classes(shards: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_label_file_beside_the_shards_sets_the_classes(shards: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The validation rows are mapped into the training shards' label space (here with a class val lacks)."""
     train, val = shards
     (train / "labels.json").write_text(json.dumps({"tasks": {"label": ["zero", "neg", "pos"]}}))
-    res = finetune(_cfg(train, val, tmp_path, epochs=1, steps_per_epoch=1))
+    write_shard(val / "train-000000.tar", members("x", 3))  # training rows in the validation folder: unused
+    res = finetune(_cfg(train, val, tmp_path, epochs=1, steps_per_epoch=1, quiet=False))
     config = json.loads((Path(res.run_dir) / "config.json").read_text())
     assert config["resolved"]["labels"]["tasks"] == {"label": ["zero", "neg", "pos"]}
     assert res.head.tasks == {"label": 3}  # type: ignore[union-attr]
+    assert "3 rows of split(s) ['train'] are not used" in capsys.readouterr().err
+
+
+def test_an_empty_size_index_is_an_error(shards: tuple[Path, Path], tmp_path: Path) -> None:
+    train, val = shards
+    (train / "sizes.json").write_text(json.dumps({f"train-{k:06d}.tar": 0 for k in range(4)}))
+    with pytest.raises(MMCacheError, match="sizes.json counts no samples"):
+        finetune(_cfg(train, val, tmp_path, steps_per_epoch=None))
 
 
 def test_decode_image_reads_an_image_files_bytes() -> None:
