@@ -124,6 +124,10 @@ def test_a_stream_of_nothing_usable_stops_with_an_error(tmp_path: Path, monkeypa
     bad = write_shard(tmp_path / "a.tar", {f"k{i}": {"txt": "x"} for i in range(3)})  # no labels
     with pytest.raises(MMCacheError, match=r"20 streamed samples or shard reads in a row could not be used"):
         next(iter(ShardStream([str(bad)], SPACE, sample_id)))
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"junk")  # no sample at all: the shard reads themselves count
+    with pytest.raises(MMCacheError, match=r"in a row could not be used \(last: .*junk\.tar: ReadError"):
+        next(iter(ShardStream([str(junk)], SPACE, sample_id)))
 
 
 def test_parse_sample_labels_from_json_cls_and_tasks() -> None:
