@@ -105,7 +105,7 @@ def test_torchrun_two_processes_ddp(demo_dir: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "mmcache.finetune.cli", "run", "--dataset", "demo", "--data-dir", str(demo_dir),
            "--image", "clip-tiny", "--text", "clip-tiny", "--epochs", "1", "--batch-size", "16",
            "--num-workers", "0", "--lora", "--runs-dir", str(tmp_path / "runs"), "--run-name", "ddp"]

@@ -108,7 +108,7 @@ def test_two_datasets_with_upsampling_under_torchrun(pair: tuple[Path, Path], tm
     import sys
 
     root, lm = pair
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "mmcache.finetune.cli", "run", "--dataset", "mmhs150k,fakeddit", "--data-dir", str(root),
            "--label-map", str(lm), "--upsample", "mmhs150k=2", "--text", "clip-tiny", "--epochs", "1",
            "--batch-size", "4", "--num-workers", "0", "--runs-dir", str(tmp_path / "runs"), "--run-name", "ddp"]

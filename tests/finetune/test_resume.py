@@ -224,8 +224,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _torchrun(args: list[str], port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
             "-m", "mmcache.finetune.cli", "run", *args]
 
 
@@ -241,11 +241,11 @@ def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
             "--lora-r", "4", "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--D", "32", "--lr", "1e-3",
             "--save-every", "1", "--runs-dir", str(runs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    ref = subprocess.run(_torchrun([*args, "--run-name", "ref"], 29541), capture_output=True, text=True, env=env,
+    ref = subprocess.run(_torchrun([*args, "--run-name", "ref"]), capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
     kill_at = random.Random().randint(1, 4)  # checkpoints at steps 1, 2, 3 (epoch end), 4, 5, 6 (the last)
-    proc = subprocess.Popen(_torchrun([*args, "--run-name", "k"], 29542), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_torchrun([*args, "--run-name", "k"]), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     run = runs / "demo" / "k"
     deadline = time.monotonic() + 300
@@ -262,7 +262,7 @@ def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
     ck = load_checkpoint(latest_checkpoint(run))  # type: ignore[arg-type]
     assert ck["world"] == 2 and len(ck["rng"]) == 2  # every rank's random streams
     shutil.copytree(run, runs / "demo" / "one")
-    res = subprocess.run(_torchrun([*args, "--run-name", "k"], 29543), capture_output=True, text=True, env=env,
+    res = subprocess.run(_torchrun([*args, "--run-name", "k"]), capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming" in res.stderr

@@ -174,16 +174,12 @@ def test_errors_in_loader_workers_arrive_as_one_line(shards: tuple[Path, Path], 
 def test_torchrun_two_processes_stream_their_own_shards(shards: tuple[Path, Path], tmp_path: Path) -> None:
     """2 processes (gloo) x 1 loader worker: every process draws its full batches; skips of both are summed."""
     import os
-    import socket
     import subprocess
     import sys
 
     train, val = shards
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "mmcache.finetune.cli", "run", "--dataset", "webdataset", "--stream",
            "--data-dir", str(train / "train-{000000..000003}.tar"), "--val-data", str(val), "--steps-per-epoch", "2",
            "--batch-size", "4", "--epochs", "1", "--num-workers", "1", "--image", "clip-tiny", "--text", "clip-tiny",
