@@ -24,6 +24,7 @@ from mmcache.data.io import (
     text_lines,
 )
 from mmcache.errors import MMCacheError
+from mmcache.utils import atomic_write_text
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 LABELS_FILE = "labels.json"
@@ -189,7 +190,7 @@ def _table_label_space(rows: list[tuple[str, dict[str, Any], str | None]], cols:
     space = LabelSpace(tasks, metric=metric or (saved.metric if saved else "accuracy"))
     if saved is None or saved.tasks != tasks or (metric and saved.metric != metric):
         try:
-            labels_path.write_text(json.dumps(space.to_json(), indent=1))
+            atomic_write_text(labels_path, json.dumps(space.to_json(), indent=1))  # processes may load at once
         except OSError:
             pass  # a read-only dataset folder still loads; indices then follow the sorted names
     return space

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import re
 import statistics
@@ -23,7 +24,7 @@ from typing import Any
 
 from mmcache.cliutil import parse_value, split_kv, split_outside_brackets
 from mmcache.errors import MMCacheError
-from mmcache.utils import init_distributed, write_json
+from mmcache.utils import atomic_write_text, init_distributed, write_json
 
 # (name, overrides): each row turns one part of SCABG off; "full" is the reference point.
 SCABG_ABLATION: list[tuple[str, dict[str, Any]]] = [
@@ -341,12 +342,13 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out.with_suffix(".csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(csv_path, buf.getvalue())
     summary = summarize(rows)
-    out.with_suffix(".md").write_text(format_table(summary, "md") + "\n")
+    atomic_write_text(out.with_suffix(".md"), format_table(summary, "md") + "\n")
     write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
     shown = [c for c in default_columns(summary) if c.startswith(("val_", "test_"))]
     plot_sweep(summary, shown, out.with_suffix(".png"), f"{out.name}: mean ± std over runs")

@@ -197,3 +197,19 @@ def test_table_name_defaults_to_the_file_or_folder(tmp_path: Path) -> None:
     assert load_dataset("table", tmp_path, as_name="tw-1").name == "tw-1"
     with pytest.raises(MMCacheError, match=r"--name '\.\./x'"):
         load_dataset("table", tmp_path, as_name="../x")
+
+
+def test_label_space_file_is_replaced_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank of a torchrun job loads the table and may write labels.json: it is written to a file of its
+    own and renamed into place, so a process never reads half of another's file."""
+    import mmcache.data.table as table
+
+    written: list[str] = []
+    real = table.atomic_write_text
+    monkeypatch.setattr(table, "atomic_write_text", lambda p, text: (written.append(Path(p).name), real(p, text)))
+    write_table(tmp_path / "t.csv", [{"text": "x", "label": "b", "split": "train"},
+                                     {"text": "y", "label": "a", "split": "test"}])
+    load_dataset("table", tmp_path)
+    assert written == ["labels.json"]
+    assert json.loads((tmp_path / "labels.json").read_text())["tasks"] == {"label": ["a", "b"]}
+    assert not list(tmp_path.glob(".labels.json*"))  # no temporary file left behind
