@@ -67,7 +67,7 @@ VSTORES ?= clip,resnet
 TSTORES ?= clip,roberta
 HEADS_GRID ?= linear,gated,xattn,scabg,transformer
 
-.PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick lint clean-demo
+.PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick gpu-wheels lint clean-demo
 
 setup: $(STAMP)
 
@@ -111,6 +111,14 @@ compare-heads: $(STAMP)
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Wheels of the packages a GPU machine's own python (3.12, with torch) lacks, for bench/gpu.sh there.
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(BIN)/python -m pip freeze | grep -i -E '^(open.clip.torch|ftfy|wcwidth)==')
+	ls .whl
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick --check --out bench/results-quick

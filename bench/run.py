@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads  # noqa: E402
 import bench_store  # noqa: E402
 import bench_sweep  # noqa: E402
+from common import machine  # noqa: E402
 
 from mmcache.heads.data import load_cached  # noqa: E402
 from mmcache.heads.train import TrainConfig, train  # noqa: E402
@@ -50,21 +49,6 @@ FLOORS: dict[str, tuple[float, float, str, str]] = {
     # a read of milliseconds: the quick floor leaves room for a busy machine
     "store_read": (0.25, 0.4, "numpy fromfile of the same bytes", "StoreReader.load(split=)"),
 }
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch threads and GPU, for the record."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def trainer(cache: Path, hp: dict[str, Any], epochs: int, repeat: int) -> dict[str, Any]:
