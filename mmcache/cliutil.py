@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from mmcache.errors import MMCacheError
+from mmcache.errors import MMCacheError, out_of_memory
 
 
 def run_app(typer_app: Callable[..., object]) -> None:
@@ -20,6 +20,13 @@ def run_app(typer_app: Callable[..., object]) -> None:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        print(f"error: out of memory ({oom}); use a smaller --batch-size, a smaller head (--D) or a smaller "
+              "model", file=sys.stderr)
+        sys.exit(2)
 
 
 # -- KEY=VALUE options: the one parser of every command's `-o`, `--hp`, `--loss-opt`, `PRESET[...]` and `--grid` --

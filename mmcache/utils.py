@@ -63,12 +63,31 @@ def init_distributed(cpu: bool = False) -> tuple[int, int, int]:
 
 
 def pick_device(device: str | None = None) -> str:
-    """`device` if given, else cuda when available, else cpu."""
+    """`device` if given (checked: a device torch knows and this machine has), else cuda when available, else cpu.
+    An unknown or absent device is an MMCacheError naming it and the devices there are."""
     import torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from mmcache.errors import MMCacheError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MMCacheError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    have = ["cpu"]
+    if torch.cuda.is_available():
+        have += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("mps")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MMCacheError(f"--device {device!r}: no such GPU on this machine; devices here: {', '.join(have)}")
+    if dev.type == "mps" and "mps" not in have:
+        raise MMCacheError(f"--device {device!r}: Apple MPS is not available here; devices here: {', '.join(have)}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise MMCacheError(f"--device {device!r} is not supported; devices here: {', '.join(have)}")
+    return device
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcache.errors import MMCacheError
+from mmcache.errors import MMCacheError, out_of_memory
 from mmcache.registry import Registry
 
 Features = dict[str, dict[str, torch.Tensor]]
@@ -82,7 +82,15 @@ def build_head(name: str, inputs: InputSpec, tasks: dict[str, int], hparams: dic
     """Build registered head `name` for these inputs and tasks."""
     cls = HEADS.get(name)
     check_hparams(name, cls, hparams or {})
-    return cls(inputs, tasks, **(hparams or {}))
+    try:
+        return cls(inputs, tasks, **(hparams or {}))
+    except (MemoryError, RuntimeError) as e:
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in (hparams or {}).items()) or "its defaults"
+        raise MMCacheError(f"head {name!r} ({given}) does not fit in memory ({oom}); use a smaller D "
+                           "(or fewer layers / heads)") from None
 
 
 def head_defaults(cls: HeadClass) -> dict[str, Any]:

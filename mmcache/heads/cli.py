@@ -200,7 +200,8 @@ def sweep_cmd(
     logit_adjust: Annotated[float | None, typer.Option(help="TAU * log(train class prior) subtracted from the "
                                                              "logits at evaluation (default 0, -1 for scabg-ref; "
                                                              "grid key logit_adjust).")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma list of seeds; each config runs once per seed.")] = "0",
+    seeds: Annotated[str | None, typer.Option(help="Comma list of seeds; each config runs once per seed (default 0, "
+                                                   "or the grid file's seeds).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
                                                       "MMCACHE_THREADS overrides).")] = None,
@@ -228,9 +229,11 @@ def sweep_cmd(
 
     given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
     except ValueError:
         raise MMCacheError(f"--seeds expects a comma list of integers, got {seeds!r}") from None
+    if not seed_list or any(not 0 <= s < 2**32 for s in seed_list):
+        raise MMCacheError(f"--seeds expects a comma list of whole numbers from 0 to {2**32 - 1}, got {seeds!r}")
     base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
@@ -241,7 +244,7 @@ def sweep_cmd(
     if grid_file is not None:
         file_grid, file_seeds = load_grid_file(grid_file)
         grid = ";".join(g for g in (file_grid, grid) if g)
-        if file_seeds and seeds == "0":
+        if file_seeds and seeds is None:  # --seeds on the command line wins over the file's
             seed_list = file_seeds
     configs = configs_from(grid, ablation_scabg,
                            reference=head == "scabg-ref" or base.head_hparams.get("variant") == "reference")

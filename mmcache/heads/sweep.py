@@ -377,6 +377,9 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
         obj = tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise MMCacheError(f"grid file {p} not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise MMCacheError(f"grid file {p} cannot be read ({getattr(e, 'strerror', None) or e}); pass a TOML "
+                           "file") from None
     except tomllib.TOMLDecodeError as e:
         raise MMCacheError(f"grid file {p} is not valid TOML: {e}") from None
     seeds = obj.pop("seeds", None)
@@ -393,8 +396,11 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
         if not vals:
             raise MMCacheError(f"grid file {p}: {k} has no values")
         parts.append(f"{k}=" + ",".join(x if isinstance(x, str) else json.dumps(x) for x in vals))
-    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)):
-        raise MMCacheError(f"grid file {p}: seeds must be a list of integers")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32
+                                         for x in seeds)):
+        raise MMCacheError(f"grid file {p}: seeds must be a non-empty list of whole numbers from 0 to {2**32 - 1}, "
+                           f"got {seeds!r}")
     return ";".join(parts), seeds
 
 

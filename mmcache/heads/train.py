@@ -149,7 +149,10 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, int
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
         kind = "a whole number" if integer else "a number"
-        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
+        def fmt(v: float) -> str:
+            return str(int(v)) if integer and math.isfinite(v) else f"{v:g}"
+
+        bound = f"{'>' if low_open else '>='} {fmt(low)}" + (f" and <= {fmt(high)}" if high != math.inf else "")
         raise MMCacheError(f"{name} must be {kind} {bound}, got {value!r}")
 
 
@@ -171,6 +174,9 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
     _check_number("--patience", cfg.early_stopping, 0, integer=True)
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
+    _check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
+    if cfg.device:
+        pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
     check_ema(cfg.ema)
     if cfg.ema and cfg.solver == "lbfgs":
         raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")

@@ -1,0 +1,143 @@
+"""Hostile command-line inputs to `heads train` / `heads sweep`: each is one `error:` line, exit 2, no traceback;
+and flags given on the command line are never silently overridden."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcache.errors import MMCacheError, out_of_memory
+from mmcache.heads.cli import main
+from mmcache.utils import pick_device
+
+
+def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["heads", *argv])
+    try:
+        main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--seed", "-1"], "--seed must be a whole number >= 0 and <= 4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed must be a whole number"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+    (["--device", "cuda:63"], "--device 'cuda:63': no such GPU on this machine"),
+])
+def test_train_refuses_bad_seed_and_device(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
+    assert rc == 2
+    assert message in one_error(capsys)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def test_pick_device_checks_what_it_is_given() -> None:
+    assert pick_device("cpu") == "cpu"
+    assert pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MMCacheError, match="no such GPU"):
+        pick_device(f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(MMCacheError, match="is not a device"):
+        pick_device("gpu0")
+
+
+def test_a_head_too_large_for_memory_is_one_line(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def no_memory(*args: object, **kwargs: object) -> None:  # the allocation torch refuses for a huge --D
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", no_memory)
+    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--D", "100000000"], monkeypatch)
+    assert rc == 2
+    line = one_error(capsys)
+    assert "head 'linear' (D=100000000) does not fit in memory (tried to allocate 51.2 GB)" in line
+    assert "smaller D" in line
+
+
+def test_out_of_memory_is_told_from_other_errors() -> None:
+    assert out_of_memory(MemoryError()) == "out of memory"
+    assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 47.68 GiB (GPU 0; 79 GiB total)")) \
+        == "tried to allocate 47.68 GiB"
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory(ValueError("out of memory")) is None
+
+
+def test_an_out_of_memory_anywhere_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcache.cliutil import run_app
+
+    def app() -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(SystemExit) as e:
+        run_app(app)
+    assert e.value.code == 2
+    assert "out of memory (tried to allocate 2.00 GiB); use a smaller --batch-size" in one_error(capsys)
+
+    def bug() -> None:
+        raise RuntimeError("some other failure")
+
+    with pytest.raises(RuntimeError, match="some other failure"):  # not a memory error: not hidden
+        run_app(bug)
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    ("-1", "--seeds expects a comma list of whole numbers from 0 to 4294967295, got '-1'"),
+    (" , ", "--seeds expects a comma list of whole numbers"),
+    ("a", "--seeds expects a comma list of integers, got 'a'"),
+])
+def test_sweep_refuses_bad_seeds(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str], seeds: str, message: str) -> None:
+    rc = run(["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", f"--seeds={seeds}"], monkeypatch)
+    assert rc == 2
+    assert message in one_error(capsys)
+
+
+def test_sweep_seeds_flag_wins_over_the_grid_file(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    grid = tmp_path / "study.toml"
+    grid.write_text("seeds = [0, 1, 2]\n[grid]\nD = [8]\n")
+    base = ["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--runs-dir",
+            str(tmp_path / "runs"), "--epochs", "1", "--grid-file", str(grid)]
+    assert run([*base, "--seeds", "0", "--out", str(tmp_path / "flag")], monkeypatch) == 0
+    assert [r["seed"] for r in json.loads((tmp_path / "flag.json").read_text())["rows"]] == [0]
+    assert run([*base, "--out", str(tmp_path / "file")], monkeypatch) == 0  # no --seeds: the file's
+    assert sorted(r["seed"] for r in json.loads((tmp_path / "file.json").read_text())["rows"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot be read (Is a directory); pass a TOML file"),
+    ("seeds = [-1]\n[grid]\nD = [8]\n", "seeds must be a non-empty list of whole numbers from 0 to 4294967295"),
+    ("seeds = []\n[grid]\nD = [8]\n", "seeds must be a non-empty list"),
+])
+def test_sweep_refuses_unreadable_grid_files(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], content: str | None,
+                                             message: str) -> None:
+    grid = tmp_path / "grid.toml"
+    if content is None:
+        grid.mkdir()
+    else:
+        grid.write_text(content)
+    rc = run(["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--grid-file", str(grid)], monkeypatch)
+    assert rc == 2
+    assert message in one_error(capsys)
