@@ -7,7 +7,9 @@ It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torc
 - a 2-class task is fitted as binary logistic regression (one weight vector w, stored as the
   rows -w/2, w/2 of the 2-class softmax): the same optimum as penalising both softmax rows, and
   scikit-learn's own parameterisation. Hence the scikit-learn `C` of a penalty l2 on n labelled
-  rows is 1/(l2·n) with three or more classes and 2/(l2·n) with two (`sklearn_C`);
+  rows is 1/(l2·n) with three or more classes and 2/(l2·n) with two (`sklearn_C`), counting the classes
+  the train labels hold, as scikit-learn does (a class without train rows gets no weights there; here its
+  unpenalised bias runs to -inf, the same model); train labels of one class are refused, as there;
 - solver: `scipy.optimize.minimize(method="L-BFGS-B")`, the routine scikit-learn calls, with its
   options (`maxls` 50, `ftol` 64·eps, `maxiter`), started at zero. It runs in preconditioned
   coordinates: each feature centred over the train rows and its weight scaled by
@@ -124,6 +126,15 @@ class LogisticProbe:
         self.targets = {t: y[keep] for t, y in targets.items()}
         self.teacher = teacher[keep] if teacher is not None else None
         self.num_classes = dict(num_classes)
+        # Classes with labelled train rows, per task: scikit-learn fits those only (a class without rows gets no
+        # weights there; here its unpenalised bias runs to -inf and its weights to 0, the same model), so its
+        # binary / multinomial C follows how many there are.
+        self.present = {t: int(torch.unique(y[y != IGNORE]).numel()) for t, y in self.targets.items()}
+        for t, k in self.present.items():
+            if k == 1:
+                name = int(torch.unique(self.targets[t][self.targets[t] != IGNORE])[0])
+                raise MMCacheError(f"lbfgs: every labelled train row of task {t!r} is of class index {name}; a logistic "
+                                   "regression needs train rows of at least two classes (as scikit-learn's)")
         self.crit = crit
         self.tol, self.max_iter = float(tol), int(max_iter)
         self.d = z.shape[1]
@@ -154,8 +165,9 @@ class LogisticProbe:
         return int((self.targets[task] != IGNORE).sum())
 
     def sklearn_C(self, l2: float, task: str) -> float:
-        """scikit-learn's C of penalty `l2` for `task`."""
-        return sklearn_C(l2, self.n_labelled(task), self.num_classes[task])
+        """scikit-learn's C of penalty `l2` for `task`: binary when its train labels hold two classes (also of a
+        task with more classes, some without train rows, as scikit-learn fits only the classes it sees)."""
+        return sklearn_C(l2, self.n_labelled(task), self.present[task] or self.num_classes[task])
 
     def _blocks(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Flat parameters [..., size] -> task -> (W [..., r, d], b [..., r]) on the standardised features

@@ -257,3 +257,51 @@ def test_batched_grid_reaches_the_sequential_optima(tmp_path: Path) -> None:
     with torch.no_grad():
         ps, pb = (torch.softmax(h.classifiers["label"](xt), 1) for h in (hs, hb))
     assert float((ps - pb).abs().max()) < 1e-3
+
+
+def test_a_class_without_train_rows_is_scikit_learns_fit_of_the_classes_seen(tmp_path: Path) -> None:
+    """Wine's 3 classes, class 2 only in val/test: scikit-learn fits a binary model of the two classes it sees,
+    so the probe's C is the binary one, 2/(l2 n), and the models agree (class 2 gets probability ~0)."""
+    x, y, sp = split_data("wine", scaled=True)
+    sp = {**sp, "train": sp["train"][y[sp["train"]] != 2]}
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    head, r = probe_fit(data, grid=[1e-2], tol=1e-8)
+    n = len(sp["train"])
+    assert r.sklearn_C == pytest.approx(2 / (1e-2 * n))
+    ref = LogisticRegression(C=r.sklearn_C, tol=1e-8, max_iter=10000).fit(x[sp["train"]], y[sp["train"]])
+    with torch.no_grad():
+        ours = torch.softmax(head.classifiers["label"](torch.from_numpy(x[sp["test"]]).float()).double(), 1).numpy()
+    assert np.abs(ours[:, :2] - ref.predict_proba(x[sp["test"]])).max() < 1e-3
+    assert ours[:, 2].max() < 1e-4
+
+
+def test_train_labels_of_one_class_are_refused_as_scikit_learn_does() -> None:
+    x, y, sp = split_data("wine", scaled=True)
+    tr = sp["train"][y[sp["train"]] == 1]
+    with pytest.raises(ValueError):
+        LogisticRegression().fit(x[tr], y[tr])
+    with pytest.raises(MMCacheError, match="every labelled train row of task 'label' is of class index 1"):
+        LogisticProbe(torch.from_numpy(x[tr]), {"label": torch.from_numpy(y[tr])}, {"label": 3},
+                      build_criterion("ce", {"label": 3}))
+
+
+@pytest.mark.parametrize("case", ["constant columns", "duplicate rows", "one feature"])
+def test_degenerate_features_match_sklearn(case: str) -> None:
+    """Constant columns, duplicated rows and a single feature: the same model as scikit-learn at the reported C."""
+    x, y, sp = split_data("wine", scaled=True)
+    tr = sp["train"]
+    xt, yt = x[tr], y[tr]
+    if case == "constant columns":
+        xt = np.hstack([xt, np.full((len(xt), 2), 3.0)])
+    elif case == "duplicate rows":
+        xt, yt = np.vstack([xt, xt[:30]]), np.concatenate([yt, yt[:30]])
+    else:
+        xt = xt[:, :1].copy()
+    probe = LogisticProbe(torch.from_numpy(xt), {"label": torch.from_numpy(yt)}, {"label": 3},
+                          build_criterion("ce", {"label": 3}), tol=1e-8, max_iter=10000)
+    fit = probe.fit(1e-2)
+    assert fit.converged
+    w, b = probe.weights(fit.x)["label"]
+    ours = torch.softmax(torch.from_numpy(xt) @ w.T + b, 1).numpy()
+    ref = LogisticRegression(C=probe.sklearn_C(1e-2, "label"), tol=1e-8, max_iter=10000).fit(xt, yt)
+    assert np.abs(ours - ref.predict_proba(xt)).max() < 1e-4
