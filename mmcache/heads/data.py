@@ -144,6 +144,12 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         if "logits" not in readers[tag].keys:
             raise MMCacheError(f"{readers[tag].path} holds no `logits` array; a teacher store needs per-row logits")
 
+    for r in readers.values():  # a store copied in from another dataset: its rows are not these rows
+        of = r.attrs.get("dataset")
+        if man.name and of and of != man.name:
+            raise MMCacheError(f"{r.path} holds features of dataset {of!r}, but its manifest {man.path} is of {man.name!r}; "
+                               f"extract this store for {man.name!r} (`mmcache extract`) or use another store name")
+
     keep = np.ones(len(man.ids), dtype=bool)
     dropped: dict[str, int] = {}
     for tag, r in readers.items():
@@ -194,8 +200,12 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         features[mod] = feats
         inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
 
+    if not quiet:
+        _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
     teacher_t = _stack_teachers(teacher_list)
     targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
+    if not quiet:
+        _warn_classes_without_train_rows(labels, targets, splits)
     split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
     if "train" not in split_index:
         raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
@@ -212,6 +222,37 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                       fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
                       val_fraction=val_fraction, carved_seed=carved_seed, manifest=man)
+
+
+def _warn_non_finite(features: Features, paths: dict[str, Path], ids: list[str]) -> None:
+    """Warn about rows whose arrays hold NaN or inf: heads treat such a row's modality as missing (zeros), so it
+    trains on, but the store is damaged (`mmcache cache verify` lists them)."""
+    for mod, feats in features.items():
+        for key, t in feats.items():
+            if not t.is_floating_point():
+                continue
+            flat = t.reshape(len(t), -1)  # in chunks of rows: a token array's mask would be as large as it
+            bad = torch.cat([~torch.isfinite(flat[s:s + 4096]).all(1) for s in range(0, len(flat), 4096)]) \
+                if len(flat) else torch.zeros(0, dtype=torch.bool)
+            n = int(bad.sum())
+            if n:
+                first = [ids[i] for i in torch.nonzero(bad).flatten()[:3].tolist()]
+                _warn(f"{n} rows of {paths[mod]} hold NaN or inf in {key!r} (e.g. {', '.join(map(repr, first))}); "
+                      "heads treat them as missing that modality; check with `mmcache cache verify` and re-extract")
+
+
+def _warn_classes_without_train_rows(labels: LabelSpace, targets: dict[str, torch.Tensor], splits: np.ndarray) -> None:
+    """Warn about classes that have no train row: the head cannot learn them, and their val/test rows are errors."""
+    train = torch.from_numpy(splits == "train").to(next(iter(targets.values())).device) if targets else None
+    for t, names in labels.tasks.items():
+        y = targets[t]
+        if train is None or not bool(((y != IGNORE) & train).any()):
+            continue
+        seen = set(torch.unique(y[(y != IGNORE) & train]).tolist())
+        absent = [n for i, n in enumerate(names) if i not in seen and bool((y == i).any())]
+        if absent:
+            _warn(f"task {t!r}: class(es) {absent} have no train rows but occur in other splits; the head cannot "
+                  "learn them, so those rows count as errors")
 
 
 def _stack_teachers(teachers: list[tuple[Path, torch.Tensor]]) -> torch.Tensor | None:

@@ -141,3 +141,50 @@ def test_sweep_refuses_unreadable_grid_files(toy_cache: Path, tmp_path: Path, mo
               "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--grid-file", str(grid)], monkeypatch)
     assert rc == 2
     assert message in one_error(capsys)
+
+
+def test_a_store_of_another_dataset_is_refused(make_cache: object, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Same ids, other rows: a store copied from another dataset's cache is refused, not trained on."""
+    import shutil
+
+    from tests.heads.conftest import build_cache
+
+    cache = tmp_path / "cache"
+    build_cache(cache, dataset="toy")
+    build_cache(cache, dataset="other", seed=1)  # the same ids r0000... with other features and labels
+    shutil.copy(cache / "other" / "image" / "feat.h5", cache / "toy" / "image" / "copied.h5")
+    rc = run(["train", "--dataset", "toy", "--vtype", "copied", "--ttype", "feat", "--cache-dir", str(cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"], monkeypatch)
+    assert rc == 2
+    line = one_error(capsys)
+    assert f"{cache / 'toy' / 'image' / 'copied.h5'} holds features of dataset 'other'" in line
+    assert "is of 'toy'" in line
+
+
+def test_non_finite_rows_and_classes_without_train_rows_are_warned(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from mmcache.cache.store import FeatureStore, store_path
+    from mmcache.data.base import Dataset, LabelSpace, Sample
+    from mmcache.heads.data import load_cached
+
+    cache = tmp_path / "cache"
+    n = 40
+    split = ["train"] * 30 + ["val"] * 5 + ["test"] * 5
+    label = [i % 2 for i in range(30)] + [2, 0, 1, 2, 0] + [0, 1, 2, 0, 1]  # class 2 never in train
+    samples = [Sample(id=f"r{i:02d}", split=split[i], labels={"label": label[i]}) for i in range(n)]
+    Dataset(name="t", samples=samples, labels=LabelSpace(tasks={"label": ["a", "b", "c"]}), root=cache
+            ).write_manifest(cache / "t" / "manifest.json")
+    x = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    x[[3, 7]] = np.nan
+    with FeatureStore(store_path(cache, "t", "image", "f"), {"preset": "p"}, "t", capacity=n, dtype="float32") as st:
+        st.write([s.id for s in samples], {"pooled": x})
+    data = load_cached("t", {"image": "f"}, cache)
+    err = capsys.readouterr().err
+    assert "2 rows of" in err and "hold NaN or inf in 'pooled' (e.g. 'r03', 'r07')" in err
+    assert "task 'label': class(es) ['c'] have no train rows" in err
+    assert len(data.ids) == n  # the rows stay (their modality counts as missing)
+    load_cached("t", {"image": "f"}, cache, quiet=True)
+    assert capsys.readouterr().err == ""
