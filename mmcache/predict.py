@@ -51,6 +51,7 @@ class Prediction:
     probs: dict[str, float]
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None  # `error` with the input's paths and numbers taken out (counted in summaries)
 
 
 def _spec_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -279,6 +280,7 @@ class Predictor:
         import torch
 
         from mmcache.engine import adjust_logits
+        from mmcache.extract.runner import failure_kind
 
         mods = list(self.head.inputs)
         ok = [s.id for s in samples if s.id not in failed and all(s.id in feats[m] for m in mods)]
@@ -299,7 +301,8 @@ class Predictor:
         for s in samples:
             if s.id not in row:
                 reason = failed.get(s.id) or "not encoded"
-                out.append(Prediction(id=s.id, label=None, probs={}, error=reason))
+                out.append(Prediction(id=s.id, label=None, probs={}, error=reason,
+                                      error_kind=failure_kind(reason, s)))
                 continue
             tasks: dict[str, dict[str, Any]] = {}
             for t, names in self.labels.items():
@@ -511,7 +514,7 @@ def predict_to_csv(run: str | Path, data: str | Path | None = None, dataset: str
 
 def summary_line(out: Path, preds: list[Prediction]) -> str:
     """`wrote FILE: N predicted` plus the failed inputs counted by reason."""
-    failed = Counter(p.error for p in preds if p.error)
+    failed = Counter(p.error_kind or p.error for p in preds if p.error)
     line = f"wrote {out}: {len(preds) - sum(failed.values())} of {len(preds)} inputs predicted"
     if failed:
         kinds = "; ".join(f"{n} x {reason[:120]}" for reason, n in failed.most_common(5))

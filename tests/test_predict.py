@@ -265,3 +265,17 @@ def test_a_cached_run_predicts_after_its_training_stores_are_gone(setup: dict[st
                             progress=False)
     rows = _read(out)
     assert sum(1 for r in rows if r["predicted"]) == len(rows) - 2  # all but the two undecodable inputs
+
+
+def test_summary_counts_failed_inputs_by_kind(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Missing images at different paths are one kind of failure in the summary, as extraction counts them."""
+    from mmcache.predict import summary_line
+
+    table = tmp_path / "gone.csv"
+    table.write_text("id,image,text\n" + "".join(f"g{i},{tmp_path / f'missing{i}.jpg'},i saw this\n" for i in range(3)))
+    out, preds = predict_to_csv(setup["run"], data=table, out=tmp_path / "p.csv", cache_dir=tmp_path / "pc",
+                                progress=False)
+    line = summary_line(out, preds)
+    assert "0 of 3 inputs predicted; 3 could not be encoded (reason column): 3 x image: " in line
+    assert "<image>" in line and "missing0.jpg" not in line
+    assert all(p.error and "missing" in p.error for p in preds)  # the CSV keeps each input's own reason
