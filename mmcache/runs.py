@@ -80,16 +80,24 @@ def collect(runs_dir: Path, dataset: str | None = None, where: Sequence[str] = (
             raise MMCacheError(f"--where expects KEY=VALUE, got {w!r}")
         conds.append((key.strip(), value.strip()))
     rows = []
+    known: set[str] = set()  # --where keys some run has (a key no run has is a typo, not an empty match)
+    read = 0
     for d in find_runs(runs_dir):
         try:
             row = read_run(d, runs_dir)
         except MMCacheError as e:
             print(f"warning: skipped {e}", file=sys.stderr)
             continue
+        read += 1
+        known.update(k for k, _ in conds if _lookup(row, k) is not _MISSING)
         if dataset is not None and row["dataset"] != dataset:
             continue
         if all(_matches(_lookup(row, k), v) for k, v in conds):
             rows.append(row)
+    unknown = [k for k, _ in conds if k not in known]
+    if unknown and read:
+        raise MMCacheError(f"--where {unknown[0]!r}: no run has this column or config key; use a column "
+                           f"({', '.join(COLUMNS)}) or a config key such as loss or head_hparams.D")
     return rows
 
 

@@ -113,6 +113,7 @@ def test_text_and_markdown_tables(runs: Path, monkeypatch: pytest.MonkeyPatch, c
     (["--format", "html"], "--format 'html'"),
     (["--columns", "run,nope"], "--columns: unknown column(s) ['nope']"),
     (["--runs-dir", "/no/such/folder"], "does not exist"),
+    (["--where", "haed=linear"], "--where 'haed': no run has this column or config key"),  # a typo, not 0 rows
 ])
 def test_user_errors_are_one_line(runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                   argv: list[str], message: str) -> None:
