@@ -10,10 +10,33 @@ from typing import Any
 from mmcache.errors import MMCacheError, out_of_memory
 
 
+def _is(error: BaseException, name: str) -> bool:
+    """Whether `error` is of a class called `name` (click's classes, vendored or not, by name)."""
+    return any(c.__name__ == name for c in type(error).__mro__)
+
+
 def run_app(typer_app: Callable[..., object]) -> None:
-    """Run a typer app; a user error prints one line and exits 2, with no traceback."""
+    """Run a typer app; a user error prints one line and exits 2, with no traceback. Command-line mistakes that
+    click finds (an unknown option, a value of the wrong type, a missing option) are one line too."""
+    import typer
+
+    # click's exception base (typer may vendor its own click): the class typer's public BadParameter derives from.
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
-        typer_app()
+        rv = typer_app(standalone_mode=False)  # click's errors come here instead of being drawn in a box
+        if rv == 130:  # Ctrl-C inside a command (typer turns it into this exit code)
+            print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            sys.exit(rv)
+    except click_exception as e:
+        if _is(e, "NoArgsIsHelpError"):  # no arguments: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if _is(e, "UsageError") and ctx is not None else ""
+        message = " ".join(e.format_message().split())  # one line
+        print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except MMCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -21,6 +44,9 @@ def run_app(typer_app: Callable[..., object]) -> None:
         print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except (MemoryError, RuntimeError) as e:
+        if _is(e, "Abort"):
+            print("aborted", file=sys.stderr)
+            sys.exit(1)
         oom = out_of_memory(e)
         if oom is None:
             raise

@@ -84,7 +84,7 @@ def test_an_out_of_memory_anywhere_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     from mmcache.cliutil import run_app
 
-    def app() -> None:
+    def app(**kwargs: object) -> None:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     with pytest.raises(SystemExit) as e:
@@ -92,7 +92,7 @@ def test_an_out_of_memory_anywhere_is_one_line(monkeypatch: pytest.MonkeyPatch,
     assert e.value.code == 2
     assert "out of memory (tried to allocate 2.00 GiB); use a smaller --batch-size" in one_error(capsys)
 
-    def bug() -> None:
+    def bug(**kwargs: object) -> None:
         raise RuntimeError("some other failure")
 
     with pytest.raises(RuntimeError, match="some other failure"):  # not a memory error: not hidden
@@ -188,3 +188,32 @@ def test_non_finite_rows_and_classes_without_train_rows_are_warned(tmp_path: Pat
     assert len(data.ids) == n  # the rows stay (their modality counts as missing)
     load_cached("t", {"image": "f"}, cache, quiet=True)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--dataset", "toy", "--D", "abc"], "error: Invalid value for '--D'"),
+    (["train", "--dataset", "toy", "--bogus"], "error: No such option: --bogus"),
+    (["train"], "error: Missing option '--dataset'."),
+    (["nope"], "error: No such command 'nope'."),
+])
+def test_command_line_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], message: str) -> None:
+    """click's own errors (wrong type, unknown option or command, missing option): one line, exit 2, no box."""
+    assert run(argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
+    assert "╭" not in err and "Usage:" not in err
+
+
+def test_help_and_exit_codes_are_kept(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                      tmp_path: Path) -> None:
+    assert run(["train", "--help"], monkeypatch) == 0
+    assert "--dataset" in capsys.readouterr().out
+    assert run([], monkeypatch) == 2  # no arguments: the help
+    assert "Usage" in capsys.readouterr().out
+    from mmcache.cache.cli import main as cache_main
+
+    monkeypatch.setattr(sys, "argv", ["mmcache-cache", "verify", str(tmp_path / "nothing.h5")])
+    with pytest.raises(SystemExit) as e:
+        cache_main()
+    assert e.value.code == 2
