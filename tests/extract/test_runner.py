@@ -198,6 +198,8 @@ def test_field_the_dataset_lacks_is_refused_before_loading(demo_ds: Any, tmp_pat
     with pytest.raises(MMCacheError, match="no selected sample of 'demo' has a context field"):
         extract(demo_ds, parse_requests("context", "clip-tiny"), cache_dir=tmp_path, progress=False)
     assert not store_path(tmp_path, "demo", "context", "clip-tiny").exists()
+    with pytest.raises(MMCacheError, match="no selected sample of 'demo' has an audio field"):
+        extract(demo_ds, parse_requests("audio", "mel-tiny"), cache_dir=tmp_path, progress=False)
 
 
 def _read_failures(path: Path) -> dict[str, tuple[str, str]]:
