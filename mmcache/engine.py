@@ -366,6 +366,15 @@ class Selector:
 # ---------------------------------------------------------------- run folder
 
 
+def named_run_dir(base: Path, run_name: str) -> Path:
+    """`base / run_name`, refused when the name leads out of `base` (an absolute path, `..`, empty)."""
+    parts = Path(run_name).parts
+    if not parts or Path(run_name).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise MMCacheError(f"--run-name {run_name!r}: name a folder inside {base} (e.g. --run-name lora-r8), not a "
+                           "path; --runs-dir chooses where run folders go")
+    return base / run_name
+
+
 def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_parts: list[str],
                 overwrite: bool = False, taken: set[Path] | None = None) -> Path:
     """`<runs_dir>/<dataset>/<run_name>` (refused when it exists and holds files, unless `overwrite`),
@@ -373,7 +382,7 @@ def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_p
     `taken` (the folders handed out earlier in the same call, not yet written; the new one is added)."""
     base = Path(runs_dir) / dataset
     if run_name:
-        d = base / run_name
+        d = named_run_dir(base, run_name)
         if d.exists() and any(d.iterdir()) and not overwrite:
             raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
         return d

@@ -53,7 +53,8 @@ def run(
                                                              "samples sizes.json beside the shards counts).")] = None,
     shuffle_buffer: Annotated[int, typer.Option(help="With --stream: samples each DataLoader worker mixes in its "
                                                      "shuffle buffer.")] = 1000,
-    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
+    head: Annotated[str | None, typer.Option(help="Head: linear, gated, xattn, scabg, transformer (default: linear, "
+                                                  "or the --init-head run's).")] = None,
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (default: the head's).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Head dropout (default: the head's).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Extra head hyperparameter KEY=VALUE (repeatable).")] = None,

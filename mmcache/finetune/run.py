@@ -53,6 +53,7 @@ from mmcache.engine import (
     curve_row,
     logit_offsets,
     make_optimizer,
+    named_run_dir,
     new_run_dir,
     param_groups,
     parse_select,
@@ -565,10 +566,13 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
     `overwrite`, which starts over); `resume` without a name continues the newest run of the same stem."""
     base = Path(cfg.runs_dir) / combined_name(cfg.dataset)
     if cfg.run_name:
-        d = base / cfg.run_name
+        d = named_run_dir(base, cfg.run_name)
         ckpt = None if cfg.overwrite else latest_checkpoint(d)
         if ckpt is not None:
             return d, ckpt
+        if cfg.resume and (d / "metrics.json").is_file():
+            raise MMCacheError(f"--resume: {d} is a finished run (its checkpoints go once the run folder is written); "
+                               "choose another --run-name, or pass --overwrite instead of --resume to train it again")
         if cfg.resume:
             raise MMCacheError(f"--resume: {d} holds no checkpoint to continue; drop --resume to start the run")
         d = new_run_dir(cfg.runs_dir, combined_name(cfg.dataset), cfg.run_name, _stem(cfg), cfg.overwrite)
@@ -712,6 +716,61 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
         return {}
 
 
+def _default(name: str) -> Any:
+    return FinetuneConfig.__dataclass_fields__[name].default
+
+
+def validate_config(cfg: FinetuneConfig) -> None:
+    """Refuse options out of range, and options that contradict each other or that this run would not use, in one
+    line naming the flag (before any data or model is loaded)."""
+    from mmcache.heads.train import _check_number as number
+
+    if not cfg.encoders:
+        raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
+    for flag, value, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
+                             ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--patience", cfg.early_stopping, 0), ("--num-workers", cfg.num_workers, 0),
+                             ("--lora-r", cfg.lora_r, 1), ("--shuffle-buffer", cfg.shuffle_buffer, 1)):
+        number(flag, value, low, integer=True)
+    for flag, opt in (("--limit", cfg.limit), ("--steps-per-epoch", cfg.steps_per_epoch)):
+        if opt is not None:
+            number(flag, opt, 1, integer=True)
+    number("--lr", cfg.lr, 0)
+    number("--head-lr", cfg.head_lr, 0)
+    number("--weight-decay", cfg.weight_decay, 0)
+    number("--warmup", cfg.warmup, 0, 1)
+    number("--lora-alpha", cfg.lora_alpha, 0, low_open=True)
+    number("--max-grad-norm", cfg.max_grad_norm, 0)
+    if not (isinstance(cfg.contrastive_weight, (int, float)) and 0 <= cfg.contrastive_weight < float("inf")):
+        raise MMCacheError(f"--contrastive-weight must be a number >= 0 (0 = off), got {cfg.contrastive_weight!r}")
+    check_ema(cfg.ema)
+    if cfg.logit_adjust is not None:
+        number("--logit-adjust", cfg.logit_adjust, -float("inf"))
+    if cfg.resume and cfg.overwrite:
+        raise MMCacheError("--resume continues a run's last checkpoint and --overwrite starts the run over; drop one")
+    if cfg.contrastive_classes is not None and not cfg.contrastive_weight:
+        raise MMCacheError("--contrastive-classes chooses the rows of the contrastive loss, which is off: add "
+                           "--contrastive-weight W (e.g. 0.5), or drop --contrastive-classes")
+    if not cfg.stream:
+        unused = [flag for flag, on in (("--val-data", cfg.val_data is not None),
+                                        ("--steps-per-epoch", cfg.steps_per_epoch is not None),
+                                        ("--shuffle-buffer", cfg.shuffle_buffer != _default("shuffle_buffer"))) if on]
+        if unused:
+            raise MMCacheError(f"{unused[0]} applies to streamed shards: add --stream (with --dataset webdataset), or "
+                               f"drop {unused[0]}")
+    if cfg.freeze_encoders:
+        clash = [flag for flag, on in (("--lora", cfg.lora), ("--grad-checkpointing", cfg.grad_checkpointing)) if on]
+        if clash:
+            raise MMCacheError(f"{clash[0]} applies to encoders that train, and --freeze-encoders trains none (only "
+                               f"the head); drop one")
+    elif not cfg.lora:
+        unused = [flag for flag, on in (("--lora-targets", cfg.lora_targets is not None),
+                                        ("--lora-r", cfg.lora_r != _default("lora_r")),
+                                        ("--lora-alpha", cfg.lora_alpha != _default("lora_alpha"))) if on]
+        if unused:
+            raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
+
+
 def finetune(cfg: FinetuneConfig) -> RunResult | None:
     """Fine-tune `cfg.encoders` with `cfg.head` end to end on the shared engine (optimizer, schedule, selection,
     early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks).
@@ -722,19 +781,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     from mmcache.tracking import require
 
     require(cfg.track)  # a missing backend stops the run before any training
-    if not cfg.encoders:
-        raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
-    for flag, number, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
-                              ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
-        if not isinstance(number, int) or number < low:
-            raise MMCacheError(f"{flag} must be a whole number >= {low}, got {number!r}")
-    if not cfg.max_grad_norm >= 0:
-        raise MMCacheError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm!r}")
-    check_ema(cfg.ema)
-    if cfg.logit_adjust is not None and not (isinstance(cfg.logit_adjust, (int, float)) and abs(cfg.logit_adjust) < float("inf")):
-        raise MMCacheError(f"--logit-adjust must be a number, got {cfg.logit_adjust!r}")
-    if not (isinstance(cfg.contrastive_weight, (int, float)) and 0 <= cfg.contrastive_weight < float("inf")):
-        raise MMCacheError(f"--contrastive-weight must be a number >= 0 (0 = off), got {cfg.contrastive_weight!r}")
+    validate_config(cfg)
     init = read_head_run(cfg.init_head) if cfg.init_head else None
     head_name: str = cfg.head or (init["name"] if init else "linear")
     if init is not None:

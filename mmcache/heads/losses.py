@@ -516,4 +516,12 @@ def build_criterion(name: str, tasks: dict[str, int], class_counts: dict[str, to
                     **options: Any) -> Criterion:
     """Build criterion `name` ("ce", "focal", "scabg") for `tasks`; `class_counts` (task -> [C] train counts)
     feeds class weights / class-balanced alphas; `options` are the loss flags (label_smoothing, gamma, kd_T, ...)."""
-    return CRITERIA.get(name)(tasks, class_counts=class_counts, **options)
+    cls = CRITERIA.get(name)
+    try:
+        return cls(tasks, class_counts=class_counts, **options)
+    except (TypeError, ValueError) as e:  # an option value of the wrong kind (gamma=abc)
+        if not options:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise MMCacheError(f"loss {name}: an option has a value of the wrong kind ({given}: {e}); see `heads train "
+                           "--help` for the loss options") from None

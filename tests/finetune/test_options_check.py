@@ -1,0 +1,110 @@
+"""`finetune run` refuses options out of range, options that contradict each other and options the run would not
+use, in one line naming the flag, before any data or model is loaded."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmcache.engine import new_run_dir
+from mmcache.errors import MMCacheError
+from mmcache.finetune import run as ft
+from mmcache.finetune.run import FinetuneConfig, finetune
+from mmcache.heads.losses import build_criterion
+
+
+def _cfg(tmp_path: Path, **kw: Any) -> FinetuneConfig:
+    # The data folder does not exist: every error below comes before anything is read.
+    base: dict[str, Any] = dict(dataset="demo", data_dir=str(tmp_path / "no-data"), runs_dir=str(tmp_path / "runs"),
+                                encoders={"image": "clip-tiny", "text": "clip-tiny"}, num_workers=0, quiet=True,
+                                run_name="r")
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"limit": 0}, r"--limit must be a whole number >= 1, got 0"),
+    ({"limit": -5}, r"--limit must be a whole number >= 1, got -5"),
+    ({"lr": -1.0}, r"--lr must be a number >= 0, got -1.0"),
+    ({"head_lr": float("nan")}, r"--head-lr must be a number >= 0, got nan"),
+    ({"weight_decay": -0.1}, r"--weight-decay must be a number >= 0"),
+    ({"warmup": 2.0}, r"--warmup must be a number >= 0 and <= 1, got 2.0"),
+    ({"early_stopping": -1}, r"--patience must be a whole number >= 0, got -1"),
+    ({"num_workers": -1}, r"--num-workers must be a whole number >= 0, got -1"),
+    ({"lora": True, "lora_r": 0}, r"--lora-r must be a whole number >= 1, got 0"),
+    ({"lora": True, "lora_alpha": 0}, r"--lora-alpha must be a number > 0, got 0"),
+    ({"max_grad_norm": -1.0}, r"--max-grad-norm must be a number >= 0"),
+    ({"stream": True, "steps_per_epoch": 0}, r"--steps-per-epoch must be a whole number >= 1, got 0"),
+    ({"stream": True, "shuffle_buffer": 0}, r"--shuffle-buffer must be a whole number >= 1, got 0"),
+    # Contradictions.
+    ({"resume": True, "overwrite": True}, r"--resume continues .* --overwrite starts the run over; drop one"),
+    ({"lora": True, "freeze_encoders": True}, r"^--lora applies to encoders that train, and --freeze-encoders"),
+    ({"grad_checkpointing": True, "freeze_encoders": True}, r"^--grad-checkpointing applies to encoders that train"),
+    # Options this run would not use.
+    ({"contrastive_classes": ["positive"]}, r"--contrastive-classes .* which is off: add --contrastive-weight"),
+    ({"val_data": "shards/val"}, r"^--val-data applies to streamed shards: add --stream"),
+    ({"steps_per_epoch": 3}, r"^--steps-per-epoch applies to streamed shards: add --stream"),
+    ({"shuffle_buffer": 5}, r"^--shuffle-buffer applies to streamed shards: add --stream"),
+    ({"lora_r": 4}, r"^--lora-r sets the LoRA adapters: add --lora, or drop --lora-r"),
+    ({"lora_alpha": 32}, r"^--lora-alpha sets the LoRA adapters"),
+    ({"lora_targets": ["attn"]}, r"^--lora-targets sets the LoRA adapters"),
+])
+def test_bad_or_unused_options_are_one_line_errors(tmp_path: Path, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(MMCacheError, match=message) as e:
+        finetune(_cfg(tmp_path, **options))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def test_the_options_that_go_together_pass_the_check(tmp_path: Path) -> None:
+    for options in ({"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_targets": ["attn"]},
+                    {"freeze_encoders": True, "lr": 0.0, "head_lr": 0.0},
+                    {"contrastive_weight": 0.5, "contrastive_classes": ["positive"]},
+                    {"stream": True, "val_data": "v", "steps_per_epoch": 2, "shuffle_buffer": 4}, {"limit": 1}):
+        ft.validate_config(_cfg(tmp_path, **options))
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/tmp/elsewhere", "..", ".", "a/../../b"])
+def test_a_run_name_never_leads_out_of_the_runs_folder(tmp_path: Path, name: str) -> None:
+    with pytest.raises(MMCacheError, match=r"--run-name .*: name a folder inside .*runs.demo .*not a path"):
+        finetune(_cfg(tmp_path, run_name=name))
+    # heads train, cross-validation and sweeps name their folders through the same function.
+    with pytest.raises(MMCacheError, match="not a path"):
+        new_run_dir(tmp_path / "runs", "demo", name, ["heads"])
+    assert new_run_dir(tmp_path / "runs", "demo", "sweeps/s/cfg_seed0", ["heads"]) == \
+        tmp_path / "runs" / "demo" / "sweeps" / "s" / "cfg_seed0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(tmp_path: Path) -> None:
+    done = tmp_path / "runs" / "demo" / "r"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    with pytest.raises(MMCacheError, match=r"is a finished run .* --overwrite instead of --resume"):
+        finetune(_cfg(tmp_path, resume=True))
+
+
+def test_cli_leaves_the_head_to_init_head_when_head_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmcache.finetune.cli import main
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg))
+    base = ["finetune", "run", "--dataset", "demo", "--image", "clip-tiny", "--init-head", str(tmp_path)]
+    for extra, head in (([], None), (["--head", "gated"], "gated")):
+        monkeypatch.setattr(sys, "argv", base + extra)
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code
+        assert seen[-1].head == head and seen[-1].init_head == str(tmp_path)
+
+
+def test_a_loss_option_of_the_wrong_kind_is_a_one_line_error() -> None:
+    with pytest.raises(MMCacheError, match=r"loss focal: an option has a value of the wrong kind \(gamma='abc'"):
+        build_criterion("focal", {"label": 3}, gamma="abc")
+    with pytest.raises(MMCacheError, match=r"loss ce: an option has a value of the wrong kind \(kd_T=\[1\]"):
+        build_criterion("ce", {"label": 3}, kd_T=[1])
+    assert build_criterion("focal", {"label": 3}, gamma=1).gamma == 1.0  # type: ignore[attr-defined]
