@@ -484,12 +484,24 @@ def predict_to_csv(run: str | Path, data: str | Path | None = None, dataset: str
     else:
         config = predictor.config
         name = dataset or config["dataset"]
+        from mmcache.data.base import DATASETS
+
+        if dataset is None and config.get("data_dir") is None and "," not in name and name not in DATASETS:
+            # A table / webdataset is named after its file, which the run does not record: say what to pass.
+            raise MMCacheError(f"the run's dataset {name!r} is not a registered dataset (a table or shards named "
+                               "after their file?); pass --data FILE for new inputs, or --dataset table --data-dir "
+                               "FILE for that table's split")
         options = dataset_options or {}
         if dataset is None and not options:  # the run's own dataset: the same splits (fold) as in training
             options = dict(config.get("dataset_options") or {})
             if config.get("fold") is not None:
                 options["fold"] = config["fold"]
-        ds = load_dataset(name, data_dir if data_dir is not None else config.get("data_dir"), **options)
+        if dataset is None and data_dir is None and config.get("stream") and config.get("val_data"):
+            from mmcache.finetune.stream import eval_data  # a streamed run's test rows are its --val-data shards'
+
+            ds = eval_data(config["val_data"], name, predictor.label_space, options, progress)
+        else:
+            ds = load_dataset(name, data_dir if data_dir is not None else config.get("data_dir"), **options)
         split = split or "test"
     _check_labels(ds, predictor.labels, f"{ds.name!r}")
     if split == "all":

@@ -279,3 +279,16 @@ def test_summary_counts_failed_inputs_by_kind(setup: dict[str, Path], tmp_path: 
     assert "0 of 3 inputs predicted; 3 could not be encoded (reason column): 3 x image: " in line
     assert "<image>" in line and "missing0.jpg" not in line
     assert all(p.error and "missing" in p.error for p in preds)  # the CSV keeps each input's own reason
+
+
+def test_run_of_a_table_without_data_says_what_to_pass(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A run trained on a table (named after its file, not a registered adapter) and no --data: one line saying
+    to pass --data, not 'unknown dataset'."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "dataset": "tweets"}))
+    with pytest.raises(MMCacheError, match=r"the run's dataset 'tweets' is not a registered dataset .*pass --data FILE"):
+        predict_to_csv(run, cache_dir=tmp_path / "pc", progress=False)
