@@ -203,9 +203,7 @@ def open_stream(cfg: FinetuneConfig, world: int, progress: bool = True) -> tuple
                                "pass --steps-per-epoch N")
         epoch_samples = size
     options = dict(cfg.dataset_options)
-    val = load_dataset(cfg.dataset, cfg.val_data, progress=progress, **options)
-    if val.seed is not None:  # shards that name no split: every row validates
-        val = replace(val, samples=[replace(s, split="val") for s in val.samples], seed=None, fold=None)
+    val = eval_data(cfg.val_data, cfg.dataset, None, options, progress)
     unused = sum(s.split not in ("val", "test") for s in val.samples)
     if unused and progress:
         warn(f"{cfg.val_data}: {unused} rows of split(s) {sorted({s.split for s in val.samples} - {'val', 'test'})} "
@@ -213,6 +211,18 @@ def open_stream(cfg: FinetuneConfig, world: int, progress: bool = True) -> tuple
     space = shard_label_space(shards) or val.labels
     return TrainStream(shards, space, epoch_samples, cfg.shuffle_buffer, str(options.get("label_key", "label"))), \
         relabel(val, space)
+
+
+def eval_data(path: str | Path, dataset: str, space: LabelSpace | None, options: dict[str, Any],
+              progress: bool = True) -> Dataset:
+    """The validation and test rows of the shards of `path` (`--val-data`), unpacked by the webdataset adapter:
+    shards that name no split are all validation rows. With `space`, labels are indices of its classes (by name)."""
+    if not Path(path).exists():
+        raise MMCacheError(f"--val-data {path}: not found; pass the folder of the validation (and test) shards")
+    val = load_dataset(dataset, path, progress=progress, **options)
+    if val.seed is not None:  # shards that name no split: every row validates
+        val = replace(val, samples=[replace(s, split="val") for s in val.samples], seed=None, fold=None)
+    return val if space is None else relabel(val, space)
 
 
 def relabel(ds: Dataset, space: LabelSpace) -> Dataset:

@@ -94,6 +94,7 @@ def test_epoch_length_from_sizes_json_with_loader_workers(shards: tuple[Path, Pa
     ({"steps_per_epoch": None}, "an endless stream needs an epoch length"),
     ({"encoders": {"video": "r3d-tiny"}}, "--video needs the unpacked shards"),
     ({"data_dir": "nowhere/train-{0..1}.tar"}, r"nowhere/train-0\.tar: shard not found"),
+    ({"val_data": "nowhere"}, r"^--val-data nowhere: not found; pass the folder of the validation"),
 ])
 def test_stream_errors(shards: tuple[Path, Path], tmp_path: Path, change: dict, message: str) -> None:
     train, val = shards
@@ -112,6 +113,26 @@ def test_a_label_file_beside_the_shards_sets_the_classes(shards: tuple[Path, Pat
     assert config["resolved"]["labels"]["tasks"] == {"label": ["zero", "neg", "pos"]}
     assert res.head.tasks == {"label": 3}  # type: ignore[union-attr]
     assert "3 rows of split(s) ['train'] are not used" in capsys.readouterr().err
+
+
+def test_predict_without_data_reads_the_test_rows_of_the_runs_val_data(shards: tuple[Path, Path],
+                                                                         tmp_path: Path) -> None:
+    """`mmcache predict --run RUN` on a streamed run: the test split is the --val-data shards' (the training
+    pattern is no dataset folder), its labels read in the run's label space (here ordered otherwise)."""
+    import csv
+
+    from mmcache.predict import predict_to_csv
+
+    train, val = shards
+    (train / "labels.json").write_text(json.dumps({"tasks": {"label": ["pos", "neg"]}}))
+    res = finetune(_cfg(train, val, tmp_path, epochs=1, steps_per_epoch=1, device="cpu"))
+    out, preds = predict_to_csv(res.run_dir, out=tmp_path / "p.csv", device="cpu", progress=False)
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["id"] for r in rows) == [f"e{i:04d}" for i in range(6)]  # the test shard's rows
+    assert [r["label"] for r in sorted(rows, key=lambda r: r["id"])] == [NAMES[i % 2] for i in range(6)]
+    metrics = json.loads((Path(res.run_dir) / "metrics.json").read_text())
+    accuracy = sum(r["label"] == r["predicted"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics["splits"]["test"]["label"]["accuracy"])
 
 
 def test_an_empty_size_index_is_an_error(shards: tuple[Path, Path], tmp_path: Path) -> None:
