@@ -267,7 +267,16 @@ def _load_table(
         for task, col in cols.items():
             v = _get(row, col)
             if v is not None:
-                labels[task] = space.index(task, _label_str(v), f"{where}: ")
+                try:
+                    labels[task] = space.index(task, _label_str(v), f"{where}: ")
+                except MMCacheError as e:  # say where the class list comes from
+                    if label_space is not None:
+                        raise MMCacheError(f"{e} (the classes the run was trained on)") from None
+                    if (base / LABELS_FILE).is_file():
+                        raise MMCacheError(f"{e}; the classes come from {base / LABELS_FILE}, which fixes them for "
+                                           f"every table in {base}: add the class there, or delete the file to "
+                                           "rebuild it from this table") from None
+                    raise
         image, text = _get(row, "image", "image_path"), _get(row, "text")
         video, audio = _get(row, "video", "video_path"), _get(row, "audio", "audio_path")
         if image is None and text is None and video is None and audio is None:

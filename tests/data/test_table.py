@@ -66,6 +66,18 @@ def test_label_outside_saved_space_names_file_and_line(tmp_path: Path) -> None:
         load_dataset("table", tmp_path)
 
 
+def test_second_table_in_a_folder_is_told_where_its_classes_come_from(tmp_path: Path) -> None:
+    """Two tables in one folder share its labels.json: the second table's error names that file and what to do."""
+    write_table(tmp_path / "first.csv", [{"text": "x", "label": "cat", "split": "train"},
+                                         {"text": "y", "label": "dog", "split": "train"}])
+    load_dataset("table", tmp_path / "first.csv")  # saves labels.json: cat, dog
+    write_table(tmp_path / "second.csv", [{"text": "x", "label": "neg"}, {"text": "y", "label": "pos"}])
+    with pytest.raises(MMCacheError, match=r"second\.csv, line 2: label 'neg' is not in the label space .*the "
+                                           r"classes come from .*labels\.json, which fixes them for every table in "
+                                           r".*delete the file to rebuild it from this table"):
+        load_dataset("table", tmp_path / "second.csv")
+
+
 def test_duplicate_id_names_both_rows(tmp_path: Path) -> None:
     write_table(tmp_path / "t.csv", [{"id": "1", "text": "x", "label": "a"}, {"id": "2", "text": "y", "label": "a"},
                                      {"id": "1", "text": "z", "label": "a"}])
