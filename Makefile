@@ -61,10 +61,18 @@ FEATURES ?= $(or $(FEATURES_$(DATASET)),--image clip --text clip)
 
 # torch CPU threads for training (empty: heads' default, one per 4 cores, 1 to 8).
 THREAD_ARG := $(if $(THREADS),--threads $(THREADS),)
+# Training epochs of the heads targets (empty: heads' default, 50).
+EPOCHS ?=
+EPOCH_ARG := $(if $(EPOCHS),--epochs $(EPOCHS),)
 
-# Reference studies: the stores each compares (override VSTORES / TSTORES / HEADS_GRID).
-VSTORES ?= clip,resnet
-TSTORES ?= clip,roberta
+# Reference studies: the stores each compares (override VSTORES / TSTORES / HEADS_GRID); a dataset whose
+# default features are one store per modality compares only those.
+VSTORES_DEFAULT := clip,resnet
+TSTORES_DEFAULT := clip,roberta
+VSTORES_demo := clip
+TSTORES_demo := clip
+VSTORES ?= $(or $(VSTORES_$(DATASET)),$(VSTORES_DEFAULT))
+TSTORES ?= $(or $(TSTORES_$(DATASET)),$(TSTORES_DEFAULT))
 HEADS_GRID ?= linear,gated,xattn,scabg,transformer
 
 .PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick gpu-wheels lint clean-demo
@@ -91,22 +99,22 @@ features: $(STAMP)
 	$(BIN)/mmcache extract $(DATASET) --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) $(FEATURES) $(EXTRACT_ARGS)
 
 train: $(STAMP)
-	$(BIN)/heads train --dataset $(DATASET) --cache-dir $(CACHE_DIR) --head $(HEAD) --vtype $(VTYPE) --ttype $(TTYPE) --D $(D) $(THREAD_ARG) $(TRAIN_ARGS)
+	$(BIN)/heads train --dataset $(DATASET) --cache-dir $(CACHE_DIR) --head $(HEAD) --vtype $(VTYPE) --ttype $(TTYPE) --D $(D) $(THREAD_ARG) $(EPOCH_ARG) $(TRAIN_ARGS)
 
 sweep: $(STAMP)
-	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(THREAD_ARG) $(TRAIN_ARGS)
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --grid '$(GRID)' $(THREAD_ARG) $(EPOCH_ARG) $(TRAIN_ARGS)
 
 ablations: $(STAMP)
-	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) \
+	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --seeds $(SEEDS) $(THREAD_ARG) $(EPOCH_ARG) $(TRAIN_ARGS) \
 	  --grid 'vtype=$(VSTORES);ttype=$(TSTORES);D=128,256,512;lr=1e-4,1e-3'
 
 ablate-modality: $(STAMP)
 	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --hp D=$(D) \
-	  --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) --grid 'modalities=["image"],["text"],["image","text"]'
+	  --seeds $(SEEDS) $(THREAD_ARG) $(EPOCH_ARG) $(TRAIN_ARGS) --grid 'modalities=["image"],["text"],["image","text"]'
 
 compare-heads: $(STAMP)
 	$(BIN)/heads sweep --dataset $(DATASET) --cache-dir $(CACHE_DIR) --vtype $(VTYPE) --ttype $(TTYPE) --hp D=$(D) \
-	  --seeds $(SEEDS) $(THREAD_ARG) $(TRAIN_ARGS) --grid 'head=$(HEADS_GRID)'
+	  --seeds $(SEEDS) $(THREAD_ARG) $(EPOCH_ARG) $(TRAIN_ARGS) --grid 'head=$(HEADS_GRID)'
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
