@@ -727,6 +727,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
 
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
+    for m, value in cfg.encoders.items():
+        if encoder_request(m, value).preset.startswith("finetuned:"):
+            raise MMCacheError(f"--{m} {value}: fine-tuning starts from a base encoder preset (clip, roberta, ...); a "
+                               "fine-tuned run's encoder (finetuned:RUN) serves `mmcache extract` and `mmcache "
+                               "predict`; pass the preset that run started from (its config.json names it)")
     for flag, value, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
                              ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
                              ("--patience", cfg.early_stopping, 0), ("--num-workers", cfg.num_workers, 0),

@@ -51,6 +51,9 @@ def _cfg(tmp_path: Path, **kw: Any) -> FinetuneConfig:
     ({"lora_r": 4}, r"^--lora-r sets the LoRA adapters: add --lora, or drop --lora-r"),
     ({"lora_alpha": 32}, r"^--lora-alpha sets the LoRA adapters"),
     ({"lora_targets": ["attn"]}, r"^--lora-targets sets the LoRA adapters"),
+    # A fine-tuned run's encoder is an extraction preset, not a starting point.
+    ({"encoders": {"image": "ft=finetuned:runs/demo/r"}}, r"^--image ft=finetuned:runs/demo/r: fine-tuning starts "
+                                                          r"from a base encoder preset"),
 ])
 def test_bad_or_unused_options_are_one_line_errors(tmp_path: Path, options: dict[str, Any], message: str) -> None:
     with pytest.raises(MMCacheError, match=message) as e:
