@@ -26,8 +26,7 @@ def run_app(typer_app: Callable[..., object]) -> None:
         rv = typer_app(standalone_mode=False)  # click's errors come here instead of being drawn in a box
         if rv == 130:  # Ctrl-C inside a command (typer turns it into this exit code)
             print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
-            sys.exit(rv)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)  # as click's standalone mode
     except click_exception as e:
         if _is(e, "NoArgsIsHelpError"):  # no arguments: the help, as before
             e.show()

@@ -72,6 +72,9 @@ class CachedData:
                                f"{man.split_seed} gives over its {len(man.ids)} rows (it lists a part of the dataset, "
                                f"e.g. after `--limit`, or was edited); run `mmcache extract {self.dataset}` over the "
                                "whole dataset before cross-validating")
+        if k > len(y):
+            raise MMCacheError(f"--folds {k}: {self.dataset!r} has {len(y)} rows, fewer than the folds; use at most "
+                               f"--folds {len(y)} (10 is usual)")
         splits = np.asarray(assign_splits(y, seed=man.split_seed, fold=fold, k=k))
         pos = {sid: j for j, sid in enumerate(man.ids)}
         mine = splits[np.fromiter((pos[i] for i in self.ids), dtype=np.int64, count=len(self.ids))]

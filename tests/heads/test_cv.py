@@ -152,3 +152,11 @@ def test_sweep_over_folds(tmp_path: Path) -> None:
                                                               for f in range(3)}
     summary = json.loads((tmp_path / "sw.json").read_text())["summary"]
     assert all(s["runs"] == 6 for s in summary)
+
+
+def test_more_folds_than_rows_is_refused_with_what_to_use(tmp_path: Path) -> None:
+    cache = mvsa_cache(tmp_path, failed=())
+    data = load_cached("mvsa-single", {"image": "feat"}, cache, quiet=True)
+    with pytest.raises(MMCacheError, match=r"--folds 500: 'mvsa-single' has \d+ rows, fewer than the folds; use at "
+                                           r"most --folds \d+"):
+        data.for_fold(0, 500)
