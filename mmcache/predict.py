@@ -474,7 +474,9 @@ def predict_to_csv(run: str | Path, data: str | Path | None = None, dataset: str
     """Predict new data (`data`: a table, a folder, an image) or a registered dataset's raw files (`dataset`,
     default the run's) with run `run`; write the CSV (default `<run>/predictions_<name>_<split>.csv`)."""
     from mmcache.data.base import load_dataset
+    from mmcache.utils import check_output_file
 
+    check_output_file(out)
     predictor = Predictor.load(run, device=device, run_cache_dir=run_cache_dir)
     if data is not None:
         if dataset is not None:

@@ -90,6 +90,14 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
+def check_output_file(path: Path | str | None, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file path that is an existing folder."""
+    if path is not None and Path(path).is_dir():
+        from mmcache.errors import MMCacheError
+
+        raise MMCacheError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'predictions.csv'}")
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Write a text file atomically: a uniquely named temp file beside it, fsynced, then renamed into place, so a
     kill (or a second writer) never leaves half a file."""

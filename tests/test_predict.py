@@ -292,3 +292,11 @@ def test_run_of_a_table_without_data_says_what_to_pass(setup: dict[str, Path], t
     (run / "config.json").write_text(json.dumps({**cfg, "dataset": "tweets"}))
     with pytest.raises(MMCacheError, match=r"the run's dataset 'tweets' is not a registered dataset .*pass --data FILE"):
         predict_to_csv(run, cache_dir=tmp_path / "pc", progress=False)
+
+
+def test_out_that_is_a_folder_is_refused_before_any_work(setup: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(MMCacheError, match=r"--out .* is a folder; give a file name"):
+        predict_to_csv(setup["run"], data=setup["table"], out=tmp_path, cache_dir=tmp_path / "pc", progress=False)
+    assert not (tmp_path / "pc").exists()  # nothing was extracted
+    with pytest.raises(MMCacheError, match=r"--out .* is a folder; give a file name"):
+        predict(setup["run"], split="test", out=tmp_path, device="cpu")

@@ -60,7 +60,7 @@ def show(
     name: Annotated[str | None, typer.Option(
         help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).")] = None,
     check: Annotated[bool, typer.Option(help="Also count media files that are missing on disk.")] = False,
-    samples: Annotated[int, typer.Option(help="Print the first N samples as JSON lines.")] = 0,
+    samples: Annotated[int, typer.Option(min=0, help="Print the first N samples as JSON lines.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars while reading.")] = True,
 ) -> None:
     """Print counts per split and class, to check against the paper before extracting."""

@@ -59,7 +59,7 @@ from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
-from mmcache.utils import pick_device, seed_everything
+from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
     from mmcache.heads.linear import LinearHead
@@ -729,6 +729,7 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
 
     With several tasks the columns are prefixed by the task (`<task>_label`, `<task>_p_<class>`).
     """
+    check_output_file(out)
     device = pick_device(device)
     head, cfg = load_run(run_dir, device)
     if "modalities" not in cfg or "cache_dir" not in cfg:

@@ -70,6 +70,15 @@ def test_show_multitask_prints_each_task_and_samples(tmp_path: Path) -> None:
     assert '"id": "train/dia0_utt0"' in res.output and "fields: text, video, audio" in res.output
 
 
+def test_show_refuses_a_negative_sample_count(tmp_path: Path) -> None:
+    """--samples -1 printed every sample but the last (a Python slice); it is refused."""
+    root = write_meld(tmp_path / "meld", {
+        "train": [("Hi", "joy", "positive", 0, 0), ("No", "anger", "negative", 0, 1)],
+        "dev": [("Eh", "neutral", "neutral", 0, 0)], "test": [("Oh", "fear", "negative", 0, 0)]})
+    res = runner.invoke(app, ["show", "meld", "--data-dir", str(root), "--samples", "-1"])
+    assert res.exit_code == 2 and '"id"' not in res.output
+
+
 def test_show_passes_adapter_options_and_reports_user_errors(tmp_path: Path) -> None:
     root = write_mvsa(tmp_path / "mvsa", [(str(i), ["positive,positive"]) for i in range(1, 13)])
     (root / "data" / "3.txt").unlink()
