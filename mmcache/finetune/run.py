@@ -359,6 +359,25 @@ def _loader(samples: list[Sample], extractors: list[Extractor], cfg: FinetuneCon
                       persistent_workers=False, generator=gen)
 
 
+PROBE_ROWS = 64  # validation rows tried for one that every encoder decodes (the head's input shapes)
+
+
+def _probe(samples: list[Sample], extractors: list[Extractor], modalities: list[str], cfg: FinetuneConfig
+           ) -> tuple[list[str], dict[str, Any]]:
+    """A few validation rows that every encoder decodes, on the CPU; else one line naming a row and its reason."""
+    failed: list[tuple[str, str]] = []
+    for start in range(0, min(len(samples), PROBE_ROWS), 4):
+        batch = next(iter(_loader(samples[start:start + 4], extractors, replace(cfg, batch_size=4))))
+        got = _aligned(batch, modalities, torch.device("cpu"))
+        if got is not None:
+            return got
+        failed += [(sid, f"{modalities[k]}: {why}") for k, part in sorted(batch.items()) for sid, why in part[2]]
+    tried = min(len(samples), PROBE_ROWS)
+    first = f" (row {failed[0][0]!r}: {failed[0][1]})" if failed else ""
+    raise MMCacheError(f"the first {tried} validation row(s) of {cfg.dataset!r} could not be decoded by every "
+                       f"encoder{first}; check the data's media files and columns")
+
+
 def _aligned(batch: dict[int, tuple[list[str], Any, list[tuple[str, str]]]], modalities: list[str],
              device: torch.device) -> tuple[list[str], dict[str, Any]] | None:
     """Keep the rows every encoder could decode; returns (ids, per-modality device batches)."""
@@ -733,7 +752,7 @@ def validate_config(cfg: FinetuneConfig) -> None:
                                "fine-tuned run's encoder (finetuned:RUN) serves `mmcache extract` and `mmcache "
                                "predict`; pass the preset that run started from (its config.json names it)")
     for flag, value, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
-                             ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
                              ("--patience", cfg.early_stopping, 0), ("--num-workers", cfg.num_workers, 0),
                              ("--lora-r", cfg.lora_r, 1), ("--shuffle-buffer", cfg.shuffle_buffer, 1)):
         number(flag, value, low, integer=True)
@@ -848,10 +867,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     for enc in encoders.values():
         enc.eval()  # the probe below trains nothing: no augmented views
     # The head's input shapes come from one real batch through the encoders.
-    probe = next(iter(_loader(val_s[: min(len(val_s), 4)], list(encoders.values()), cfg)))
-    got = _aligned(probe, mods, torch.device("cpu"))
-    if got is None:
-        raise MMCacheError(f"the first validation rows of {cfg.dataset!r} could not be decoded; check the data")
+    got = _probe(val_s, list(encoders.values()), mods, cfg)
     with torch.no_grad():
         feats = encode(encoders, got[1], cached, got[0], torch.device("cpu"))
     keys = getattr(HEADS[head_name], "uses", None)
@@ -977,6 +993,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                 if stream is not None:  # the batch's rows stand in by_id until the next batch
                     stream.take(batch, rank, by_id)
                 got = _aligned(batch, mods, device)
+                if got is not None and len(got[0]) < 2:
+                    got = None  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
                 if got is not None:
                     ids, inputs_b = got
                     tell(TrainProgress(epoch - 1, prog.global_step, steps))

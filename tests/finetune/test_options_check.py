@@ -4,6 +4,7 @@ use, in one line naming the flag, before any data or model is loaded."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ def _cfg(tmp_path: Path, **kw: Any) -> FinetuneConfig:
 
 
 @pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 1}, r"--batch-size must be a whole number >= 2, got 1"),
     ({"limit": 0}, r"--limit must be a whole number >= 1, got 0"),
     ({"limit": -5}, r"--limit must be a whole number >= 1, got -5"),
     ({"lr": -1.0}, r"--lr must be a number >= 0, got -1.0"),
@@ -111,3 +113,45 @@ def test_a_loss_option_of_the_wrong_kind_is_a_one_line_error() -> None:
     with pytest.raises(MMCacheError, match=r"loss ce: an option has a value of the wrong kind \(kd_T=\[1\]"):
         build_criterion("ce", {"label": 3}, kd_T=[1])
     assert build_criterion("focal", {"label": 3}, gamma=1).gamma == 1.0  # type: ignore[attr-defined]
+
+
+def test_an_epoch_whose_last_batch_holds_one_row_trains_past_it(tmp_path: Path) -> None:
+    """The linear head's BatchNorm cannot train on one row: a batch left with one (17 rows in batches of 8) is
+    skipped, as `heads train` skips it, instead of stopping the run with a traceback."""
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=60, seed=2)
+    res = finetune(_cfg(tmp_path, data_dir=str(demo), limit=17, batch_size=8, epochs=1, freeze_encoders=True,
+                        head_hparams={"D": 8}))
+    assert res is not None and res.config["resolved"]["rows"]["train"] == 17
+    assert res.config["resolved"]["train"]["samples"] == 17
+    assert len(res.curves) == 1 and res.curves[0]["train_loss"] > 0
+
+
+def test_the_shape_probe_looks_past_undecodable_rows_and_names_one_when_none_decodes(tmp_path: Path) -> None:
+    import csv
+
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=60, seed=2)
+    table = demo / "data.csv"
+    rows = list(csv.DictReader(table.open()))
+    val = [r for r in rows if r["split"] == "val"]
+
+    def write(broken: int) -> None:
+        for r in val[:broken]:
+            r["image"] = "images/missing.jpg"
+        with table.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    write(4)  # the first four validation rows fail to decode; the shapes come from the next ones
+    cfg = _cfg(tmp_path, data_dir=str(demo), limit=8, batch_size=4, epochs=1, freeze_encoders=True,
+               head_hparams={"D": 8}, encoders={"image": "clip-tiny"})
+    res = finetune(cfg)
+    assert res is not None and res.metrics["val"]["label"]["n"] == min(8, len(val)) - 4
+    write(len(val))
+    with pytest.raises(MMCacheError, match=rf"the first {min(8, len(val))} validation row\(s\) of 'demo' could not "
+                                           rf"be decoded by every encoder \(row '{val[0]['id']}': image: .*missing.jpg"):
+        finetune(replace(cfg, run_name="again"))
