@@ -236,6 +236,12 @@ class FeatureStore:
                 f"  asked spec ({self.hash}): {json.dumps(self.spec, sort_keys=True)}\n"
                 f"remove the store (`mmcache cache rm {self.path}`) or give this spec another store name"
             )
+        of = reader.attrs.get("dataset")
+        if of and self.dataset and of != self.dataset:  # e.g. a store copied in from another dataset's cache
+            raise MMCacheError(
+                f"{self.path} holds rows of dataset {of!r}, not {self.dataset!r}; its ids would be taken as done "
+                f"without extracting them: remove it (`mmcache cache rm {self.path}`) or give this store another name"
+            )
         if reader.attrs.get("dtype") != self.dtype.name:
             raise MMCacheError(
                 f"{self.path} stores {reader.attrs.get('dtype')} rows but {self.dtype.name} was asked; "

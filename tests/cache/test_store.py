@@ -124,6 +124,18 @@ def test_spec_mismatch_names_both_specs(path: Path) -> None:
     assert StoreReader(path).ids == ids_(2)  # the refused writer changed nothing
 
 
+def test_a_store_of_another_dataset_is_not_resumed(path: Path) -> None:
+    """A store copied in from another dataset's cache: resuming would take its ids as done; it is refused."""
+    with FeatureStore(path, SPEC, "other") as st:
+        st.write(ids_(2), rows(2))
+    with pytest.raises(MMCacheError, match=r"holds rows of dataset 'other', not 'toy'.*cache rm"):
+        FeatureStore(path, SPEC, "toy")
+    assert StoreReader(path).ids == ids_(2)
+    with FeatureStore(path, SPEC, "other") as st:  # its own dataset resumes as before
+        st.write(ids_(1, 2), rows(1))
+    assert StoreReader(path).ids == ids_(3)
+
+
 def test_second_writer_refused_readers_never_block(path: Path) -> None:
     data = rows(8)
     with FeatureStore(path, SPEC, "toy") as st:
