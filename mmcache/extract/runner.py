@@ -116,6 +116,9 @@ def parse_requests(modality: str, values: Sequence[str] | str | None, flag: str 
     out: list[Request] = []
     for item in items:
         for spec in split_outside_brackets(item):
+            if spec.count("[") != spec.count("]"):
+                raise MMCacheError(f"{flag} {spec!r}: the preset's options bracket is not closed; write "
+                                   "PRESET[key=value,...], e.g. clip[tokens=false] (quoted in the shell)")
             overrides: dict[str, Any] = {}
             if spec.endswith("]") and "[" in spec:
                 spec, opts = spec[:-1].split("[", 1)

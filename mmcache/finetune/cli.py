@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mmcache.cliutil import run_app
+from mmcache.errors import MMCacheError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune the encoders end to end with the same heads as `heads train`.")
@@ -133,6 +134,8 @@ def run(
     hparams = parse_kv(hp, "--hp")
     for key, value in (("D", D), ("dropout", dropout)):
         if value is not None:
+            if key in hparams and hparams[key] != value:
+                raise MMCacheError(f"--{key} {value} and --hp {key}={hparams[key]} disagree; give {key} once")
             hparams[key] = value
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}

@@ -53,6 +53,8 @@ def _cfg(tmp_path: Path, **kw: Any) -> FinetuneConfig:
     ({"lora_r": 4}, r"^--lora-r sets the LoRA adapters: add --lora, or drop --lora-r"),
     ({"lora_alpha": 32}, r"^--lora-alpha sets the LoRA adapters"),
     ({"lora_targets": ["attn"]}, r"^--lora-targets sets the LoRA adapters"),
+    ({"encoders": {"image": "clip-tiny[augment=true"}}, r"^--image 'clip-tiny\[augment=true': the preset's options "
+                                                        r"bracket is not closed"),
     # A fine-tuned run's encoder is an extraction preset, not a starting point.
     ({"encoders": {"image": "ft=finetuned:runs/demo/r"}}, r"^--image ft=finetuned:runs/demo/r: fine-tuning starts "
                                                           r"from a base encoder preset"),
@@ -155,3 +157,24 @@ def test_the_shape_probe_looks_past_undecodable_rows_and_names_one_when_none_dec
     with pytest.raises(MMCacheError, match=rf"the first {min(8, len(val))} validation row\(s\) of 'demo' could not "
                                            rf"be decoded by every encoder \(row '{val[0]['id']}': image: .*missing.jpg"):
         finetune(replace(cfg, run_name="again"))
+
+
+def test_cli_refuses_a_head_hyperparameter_given_twice_with_two_values(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcache.finetune.cli import main
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg))
+    base = ["finetune", "run", "--dataset", "demo", "--image", "clip-tiny"]
+    monkeypatch.setattr(sys, "argv", base + ["--hp", "D=8", "--D", "16"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and not seen
+    assert capsys.readouterr().err.strip() == "error: --D 16 and --hp D=8 disagree; give D once"
+    monkeypatch.setattr(sys, "argv", base + ["--hp", "D=16", "--D", "16", "--dropout", "0.1"])
+    try:
+        main()
+    except SystemExit as e2:
+        assert not e2.code
+    assert seen[-1].head_hparams == {"D": 16, "dropout": 0.1}
