@@ -23,6 +23,11 @@ ASCENDING = {"run", "kind", "dataset", "stores", "head", "select", "seconds"}  #
 GROUP = ("dataset", "stores", "head")  # --best keeps the best run of each
 
 
+def head_width(hparams: dict[str, Any]) -> Any:
+    """A head's D as the tables show it: its `D`, or the width `D` set (`hidden`: scabg), or None."""
+    return hparams.get("D") if hparams.get("D") is not None else hparams.get("hidden")
+
+
 def find_runs(runs_dir: Path) -> list[Path]:
     """Every run folder under `runs_dir` (sorted by path)."""
     return sorted(p.parent for p in runs_dir.rglob("metrics.json") if (p.parent / "config.json").is_file())
@@ -53,7 +58,7 @@ def read_run(d: Path, runs_dir: Path) -> dict[str, Any]:
         "dataset": cfg.get("dataset"),
         "stores": _stores(cfg),
         "head": cfg.get("head"),
-        "D": (res.get("head_hparams") or {}).get("D", (cfg.get("head_hparams") or {}).get("D")),
+        "D": head_width(res.get("head_hparams") or cfg.get("head_hparams") or {}),
         "lr": cfg.get("lr"),
         "fold": res.get("fold", cfg.get("fold")),
         "seed": cfg.get("seed"),

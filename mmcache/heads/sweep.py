@@ -24,6 +24,7 @@ from typing import Any
 
 from mmcache.cliutil import parse_value, split_kv, split_outside_brackets
 from mmcache.errors import MMCacheError
+from mmcache.runs import head_width
 from mmcache.utils import atomic_write_text, init_distributed, write_json
 
 # (name, overrides): each row turns one part of SCABG off; "full" is the reference point.
@@ -128,7 +129,7 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
     row: dict[str, Any] = {"config": name, **{k: v for k, v in overrides.items()}, "seed": seed,
                            **({"fold": fold} if fold is not None else {}),
                            "stores": "+".join(f"{m}-{s}" for m, s in cfg["modalities"].items()),
-                           "head": cfg["head"], "D": cfg["resolved"]["head_hparams"].get("D"), "lr": cfg["lr"],
+                           "head": cfg["head"], "D": head_width(cfg["resolved"]["head_hparams"]), "lr": cfg["lr"],
                            f"val_{result.select['metric']}": result.select["value"]}
     for split in ("val", "test"):
         m = result.metrics.get(split, {}).get(task, {})

@@ -217,3 +217,18 @@ def test_help_and_exit_codes_are_kept(monkeypatch: pytest.MonkeyPatch, capsys: p
     with pytest.raises(SystemExit) as e:
         cache_main()
     assert e.value.code == 2
+
+
+def test_tables_show_the_width_d_set_on_scabg(make_cache: object, tmp_path: Path) -> None:
+    """scabg takes --D as its hidden width: sweep and run tables show it, not None."""
+    from mmcache.heads.sweep import configs_from, run_sweep
+    from mmcache.heads.train import TrainConfig
+    from mmcache.runs import collect, head_width
+
+    assert head_width({"D": None, "hidden": 32}) == 32 and head_width({"D": 8}) == 8 and head_width({}) is None
+    cache = make_cache(n=60, tokens=True)  # type: ignore[operator]
+    base = TrainConfig(dataset="toy", modalities={"image": "feat", "text": "feat"}, cache_dir=str(cache),
+                       runs_dir=str(tmp_path / "runs"), epochs=1, batch_size=32, head_hparams={"D": 16}, quiet=True)
+    rows = run_sweep(base, configs_from("head=scabg,linear", False), out=tmp_path / "s", save_runs=True)
+    assert {r["head"]: r["D"] for r in rows} == {"scabg": 16, "linear": 16}
+    assert {r["head"]: r["D"] for r in collect(tmp_path)} == {"scabg": 16, "linear": 16}
