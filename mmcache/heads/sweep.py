@@ -92,6 +92,7 @@ def apply_overrides(base: Any, overrides: dict[str, Any]) -> Any:
     hparams = dict(base.head_hparams)
     loss_options = dict(base.loss_options)
     for key, value in overrides.items():
+        key = FLAG_KEYS.get(key, key)  # `heads train` flag names as grid keys (select, patience, ...)
         if key.startswith("loss."):
             loss_options[key[5:]] = value
         elif key.startswith("hp."):
@@ -109,6 +110,10 @@ def apply_overrides(base: Any, overrides: dict[str, Any]) -> Any:
             hparams[key] = value
     return dataclasses.replace(base, **changes, head_hparams=hparams, loss_options=loss_options)
 
+
+# `heads train` flag names whose TrainConfig field is named otherwise -> that field (so either works as a grid key).
+FLAG_KEYS = {"select": "select_metric", "patience": "early_stopping", "l2_grid": "lbfgs_grid",
+             "l2_batched": "lbfgs_batched"}
 
 # Grid keys that choose a store (the same names as the `heads train` flags) -> modality.
 STORE_KEYS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video",

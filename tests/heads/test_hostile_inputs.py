@@ -232,3 +232,15 @@ def test_tables_show_the_width_d_set_on_scabg(make_cache: object, tmp_path: Path
     rows = run_sweep(base, configs_from("head=scabg,linear", False), out=tmp_path / "s", save_runs=True)
     assert {r["head"]: r["D"] for r in rows} == {"scabg": 16, "linear": 16}
     assert {r["head"]: r["D"] for r in collect(tmp_path)} == {"scabg": 16, "linear": 16}
+
+
+def test_grid_takes_the_train_flag_names() -> None:
+    """`--grid 'select=...;patience=...'` (the `heads train` flags) set those options; they were taken as head
+    hyperparameters and every run failed."""
+    from mmcache.heads.sweep import apply_overrides
+    from mmcache.heads.train import TrainConfig
+
+    base = TrainConfig(dataset="toy", modalities={"image": "feat"})
+    cfg = apply_overrides(base, {"select": "label:macro_f1", "patience": 3, "l2_grid": [0.1, 0.01], "D": 8})
+    assert cfg.select_metric == "label:macro_f1" and cfg.early_stopping == 3 and cfg.lbfgs_grid == [0.1, 0.01]
+    assert cfg.head_hparams == {"D": 8}
