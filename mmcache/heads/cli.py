@@ -250,6 +250,15 @@ def sweep_cmd(
                            reference=head == "scabg-ref" or base.head_hparams.get("variant") == "reference")
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if cols:  # a column no sweep row can have is refused before anything trains
+        from mmcache.heads.sweep import DESCRIBE, METRICS
+
+        possible = {"config", "runs", "seconds", "note", *DESCRIBE, *(k for _, ov in configs for k in ov),
+                    *(f"{s}_{m}" for s in ("val", "test") for m in (*METRICS, "top2_accuracy", "loss"))}
+        unknown = [c for c in cols if c not in possible]
+        if unknown:
+            raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from config, runs, stores, head, D, "
+                               "lr, the grid's keys, val_/test_ + accuracy, macro_f1, weighted_f1, auroc, seconds")
     rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
     if rows:  # rank 0 (or the only process)
         typer.echo(format_table(summarize(rows), columns=cols))

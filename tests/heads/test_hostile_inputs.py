@@ -244,3 +244,18 @@ def test_grid_takes_the_train_flag_names() -> None:
     cfg = apply_overrides(base, {"select": "label:macro_f1", "patience": 3, "l2_grid": [0.1, 0.01], "D": 8})
     assert cfg.select_metric == "label:macro_f1" and cfg.early_stopping == 3 and cfg.lbfgs_grid == [0.1, 0.01]
     assert cfg.head_hparams == {"D": 8}
+
+
+def test_sweep_refuses_an_unknown_column_before_training(toy_cache: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--runs-dir",
+              str(tmp_path / "runs"), "--epochs", "1", "--grid", "D=8", "--columns", "config,nope",
+              "--out", str(tmp_path / "s")], monkeypatch)
+    assert rc == 2
+    assert "--columns: unknown column(s) ['nope']" in one_error(capsys)
+    assert not (tmp_path / "s.csv").exists()  # nothing trained or written
+    assert run(["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--runs-dir",
+                str(tmp_path / "runs"), "--epochs", "1", "--grid", "D=8,16", "--columns", "config,D,test_auroc",
+                "--out", str(tmp_path / "s")], monkeypatch) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["config", "D", "test_auroc"]
