@@ -241,6 +241,14 @@ def sweep_cmd(
                        fold=fold, track=track, ema=ema, logit_adjust=logit_adjust)
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
+    if folds is not None:  # a dataset with its own splits has no folds: say so once, before any config runs
+        from mmcache.manifest import Manifest, manifest_path
+
+        mpath = manifest_path(cache_dir, dataset)
+        if mpath.is_file() and Manifest.read(mpath, labels=False).split_seed is None:
+            raise MMCacheError(f"--folds: {dataset!r} has its own splits (its manifest records no generated "
+                               "fold/seed); cross-validation folds exist for datasets whose splits are generated "
+                               "(mvsa-single, mvsa-multiple, a table or webdataset without splits)")
     if grid_file is not None:
         file_grid, file_seeds = load_grid_file(grid_file)
         grid = ";".join(g for g in (file_grid, grid) if g)

@@ -259,3 +259,15 @@ def test_sweep_refuses_an_unknown_column_before_training(toy_cache: Path, tmp_pa
                 str(tmp_path / "runs"), "--epochs", "1", "--grid", "D=8,16", "--columns", "config,D,test_auroc",
                 "--out", str(tmp_path / "s")], monkeypatch) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["config", "D", "test_auroc"]
+
+
+def test_sweep_folds_on_own_splits_is_one_error_before_any_run(toy_cache: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["sweep", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--runs-dir",
+              str(tmp_path / "runs"), "--epochs", "1", "--grid", "D=8,16", "--folds", "3"], monkeypatch)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        ln for ln in err.splitlines() if "--folds: 'toy' has its own splits" in ln]
+    assert "warning: sweep config" not in err and "sweep:" not in err  # refused once, before any config runs
