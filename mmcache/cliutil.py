@@ -21,13 +21,14 @@ def run_app(typer_app: Callable[..., object]) -> None:
     import typer
 
     # click's exception base (typer may vendor its own click): the class typer's public BadParameter derives from.
-    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    click_exception: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
         rv = typer_app(standalone_mode=False)  # click's errors come here instead of being drawn in a box
         if rv == 130:  # Ctrl-C inside a command (typer turns it into this exit code)
             print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)  # as click's standalone mode
-    except click_exception as e:
+    except click_exception as error:
+        e: Any = error  # click's exception: show(), format_message(), exit_code, ctx
         if _is(e, "NoArgsIsHelpError"):  # no arguments: the help, as before
             e.show()
             sys.exit(e.exit_code)
