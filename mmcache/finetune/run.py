@@ -26,7 +26,8 @@ import sys
 import time
 import warnings
 from collections import Counter
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -85,7 +86,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "clip": ["attn"],  # open_clip blocks' nn.MultiheadAttention (peft adapts its in/out projections)
     "roberta": ["query", "value"],
     "visualbert": ["query", "value"],
-    "resnet": ["fc"],
+    "resnet": ["conv1", "conv2", "conv3"],  # every convolution of the stem and the residual blocks (peft's Conv2d)
 }
 # Options that may change when a run resumes (where and how it runs, not what it computes).
 RESUME_FREE = ("num_workers", "device", "quiet", "overwrite", "resume", "save_every", "run_name", "runs_dir",
@@ -471,9 +472,10 @@ def apply_lora(enc: Extractor, cfg: FinetuneConfig) -> int:
     targets = cfg.lora_targets or LORA_TARGETS.get(enc.family)
     if not targets:
         raise MMCacheError(f"no default LoRA target modules for {enc.family!r}; pass --lora-targets NAME[,NAME]")
-    present = {n.rsplit(".", 1)[-1] for n, m in enc.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))}
+    present = {n.rsplit(".", 1)[-1] for n, m in enc.named_modules()
+               if isinstance(m, (nn.Linear, nn.MultiheadAttention, nn.Conv2d))}
     if not set(targets) & present:
-        raise MMCacheError(f"--lora-targets {targets} match no Linear / attention layer of {enc.preset!r}; "
+        raise MMCacheError(f"--lora-targets {targets} match no Linear / attention / convolution layer of {enc.preset!r}; "
                            f"its layer names include {sorted(present)[:12]}")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets)
@@ -483,6 +485,28 @@ def apply_lora(enc: Extractor, cfg: FinetuneConfig) -> int:
         p.requires_grad = "lora_" in name
         n += p.numel() if p.requires_grad else 0
     return n
+
+
+@contextmanager
+def _adapters_used(encoders: dict[str, Extractor], cfg: FinetuneConfig) -> Iterator[None]:
+    """Around one forward pass: an encoder whose LoRA adapters all sit on layers its features never pass through
+    (a classifier the extractor drops) would train nothing, and is refused naming the layers."""
+    hooks, called = [], set()
+    for m, enc in encoders.items():
+        for name, module in enc.named_modules():
+            if hasattr(module, "lora_A") and not any(True for _ in module.children() if hasattr(_, "lora_A")):
+                hooks.append(module.register_forward_hook(lambda *_, key=(m, name): called.add(key)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, enc in encoders.items():
+        adapted = sorted({name.rsplit(".", 1)[-1] for name, module in enc.named_modules() if hasattr(module, "lora_A")})
+        if adapted and not any(k[0] == m for k in called):
+            raise MMCacheError(f"--lora on {cfg.encoders[m]}: its adapted layers ({', '.join(adapted)}) are not on the "
+                               "path to its features, so nothing would train; pass --lora-targets with layers the "
+                               "encoder runs")
 
 
 def enable_grad_checkpointing(enc: Extractor) -> None:
@@ -868,7 +892,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         enc.eval()  # the probe below trains nothing: no augmented views
     # The head's input shapes come from one real batch through the encoders.
     got = _probe(val_s, list(encoders.values()), mods, cfg)
-    with torch.no_grad():
+    with torch.no_grad(), _adapters_used(encoders if cfg.lora and not cfg.freeze_encoders else {}, cfg):
         feats = encode(encoders, got[1], cached, got[0], torch.device("cpu"))
     keys = getattr(HEADS[head_name], "uses", None)
     inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}

@@ -178,3 +178,24 @@ def test_cli_refuses_a_head_hyperparameter_given_twice_with_two_values(tmp_path:
     except SystemExit as e2:
         assert not e2.code
     assert seen[-1].head_hparams == {"D": 16, "dropout": 0.1}
+
+
+def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_path: Path) -> None:
+    """ResNet's features are the pooled last block: LoRA goes on its convolutions (its classifier `fc` is never
+    run, so adapters there would train nothing and are refused)."""
+    from safetensors.torch import load_file
+
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=40, seed=3)
+    cfg = _cfg(tmp_path, data_dir=str(demo), encoders={"image": "resnet-tiny"}, lora=True, epochs=1, batch_size=8,
+               head_hparams={"D": 8}, lr=1e-2)
+    res = finetune(cfg)
+    assert res is not None
+    state = load_file(str(Path(res.run_dir) / "encoders.safetensors"))
+    lora = sorted(k for k in state if "lora_B" in k)
+    assert lora and all(".fc." not in k for k in lora) and any(".conv2." in k for k in lora)
+    assert any(float(state[k].abs().max()) > 0 for k in lora)  # B starts at zero: the adapters trained
+    with pytest.raises(MMCacheError, match=r"^--lora on resnet-tiny: its adapted layers \(fc\) are not on the path "
+                                           r"to its features"):
+        finetune(replace(cfg, lora_targets=["fc"], run_name="fc"))
