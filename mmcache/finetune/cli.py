@@ -137,6 +137,9 @@ def run(
             if key in hparams and hparams[key] != value:
                 raise MMCacheError(f"--{key} {value} and --hp {key}={hparams[key]} disagree; give {key} once")
             hparams[key] = value
+    if freeze_encoders and lr != 1e-5:  # the encoders' learning rate; the Python API leaves it be
+        raise MMCacheError("--lr is the encoders' learning rate, and --freeze-encoders trains none; drop --lr (the "
+                           "head's is --head-lr)")
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
     stores = {m: n for m, n in (("image", image_store), ("text", text_store), ("context", context_store),

@@ -172,6 +172,11 @@ def test_cli_refuses_a_head_hyperparameter_given_twice_with_two_values(tmp_path:
         main()
     assert e.value.code == 2 and not seen
     assert capsys.readouterr().err.strip() == "error: --D 16 and --hp D=8 disagree; give D once"
+    monkeypatch.setattr(sys, "argv", base + ["--freeze-encoders", "--lr", "1e-3"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and not seen
+    assert "--lr is the encoders' learning rate, and --freeze-encoders trains none" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", base + ["--hp", "D=16", "--D", "16", "--dropout", "0.1"])
     try:
         main()
