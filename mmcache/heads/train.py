@@ -178,6 +178,14 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.device:
         pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
     check_ema(cfg.ema)
+    if cfg.solver != "lbfgs" and (cfg.lbfgs_grid is not None or cfg.lbfgs_batched):
+        raise MMCacheError("--l2-grid and --l2-batched set the penalties of --solver lbfgs; add --solver lbfgs or "
+                           "drop them (--weight-decay regularises --solver adam)")
+    if cfg.lbfgs_grid is not None:
+        if not isinstance(cfg.lbfgs_grid, list) or not cfg.lbfgs_grid:
+            raise MMCacheError(f"--l2-grid must list at least one penalty, e.g. 1e-2,1e-3 (got {cfg.lbfgs_grid!r})")
+        for lam in cfg.lbfgs_grid:
+            _check_number("--l2-grid: every penalty", lam, 0, low_open=True)
     if cfg.ema and cfg.solver == "lbfgs":
         raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")
     if cfg.logit_adjust is not None:

@@ -271,3 +271,20 @@ def test_sweep_folds_on_own_splits_is_one_error_before_any_run(toy_cache: Path, 
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
         ln for ln in err.splitlines() if "--folds: 'toy' has its own splits" in ln]
     assert "warning: sweep config" not in err and "sweep:" not in err  # refused once, before any config runs
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--l2-grid", "1e-2"], "--l2-grid and --l2-batched set the penalties of --solver lbfgs"),  # was ignored
+    (["--l2-batched"], "--l2-grid and --l2-batched set the penalties of --solver lbfgs"),
+    (["--solver", "lbfgs", "--l2-grid", ","], "--l2-grid must list at least one penalty"),  # was the default grid
+    (["--solver", "lbfgs", "--l2-grid", "inf"], "--l2-grid: every penalty must be a number > 0, got inf"),
+    (["--solver", "lbfgs", "--l2-grid", "1e-2,-1"], "--l2-grid: every penalty must be a number > 0, got -1.0"),
+])
+def test_l2_grid_is_checked_and_never_ignored(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str], extra: list[str],
+                                              message: str) -> None:
+    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
+    assert rc == 2
+    assert message in one_error(capsys)
+    assert not (tmp_path / "runs").exists()
