@@ -186,6 +186,15 @@ def validate_config(cfg: TrainConfig) -> None:
             raise MMCacheError(f"--l2-grid must list at least one penalty, e.g. 1e-2,1e-3 (got {cfg.lbfgs_grid!r})")
         for lam in cfg.lbfgs_grid:
             _check_number("--l2-grid: every penalty", lam, 0, low_open=True)
+    if cfg.warmup and cfg.schedule != "cosine":
+        raise MMCacheError(f"--warmup warms up the cosine schedule; --schedule {cfg.schedule} has none: drop --warmup "
+                           "or use --schedule cosine")
+    if cfg.solver == "lbfgs":  # one full-batch fit per penalty: minibatch options would be ignored
+        ignored = [flag for flag, on in (("--oversample", cfg.oversample), ("--patience", cfg.early_stopping),
+                                         ("--weight-decay", cfg.weight_decay)) if on]
+        if ignored:
+            raise MMCacheError(f"{', '.join(ignored)}: --solver lbfgs fits full batch with the L2 penalties of "
+                               "--l2-grid; drop it or use --solver adam")
     if cfg.ema and cfg.solver == "lbfgs":
         raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")
     if cfg.logit_adjust is not None:

@@ -288,3 +288,19 @@ def test_l2_grid_is_checked_and_never_ignored(toy_cache: Path, tmp_path: Path, m
     assert rc == 2
     assert message in one_error(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--schedule", "none", "--warmup", "0.2"], "--warmup warms up the cosine schedule; --schedule none has none"),
+    (["--schedule", "plateau", "--warmup", "0.1"], "--schedule plateau has none"),
+    (["--solver", "lbfgs", "--oversample"], "--oversample: --solver lbfgs fits full batch"),
+    (["--solver", "lbfgs", "--patience", "3"], "--patience: --solver lbfgs fits full batch"),
+    (["--solver", "lbfgs", "--weight-decay", "0.1"], "--weight-decay: --solver lbfgs fits full batch"),
+])
+def test_flags_that_would_be_ignored_are_refused(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str], extra: list[str],
+                                                 message: str) -> None:
+    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
+    assert rc == 2
+    assert message in one_error(capsys)
