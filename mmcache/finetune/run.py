@@ -664,7 +664,8 @@ def read_head_run(path: str | Path) -> dict[str, Any]:
     cfg = json.loads((d / "config.json").read_text())
     return {"path": str(d), "name": hc["name"], "inputs": hc["inputs"], "tasks": hc["tasks"],
             "hparams": hc["hparams"], "labels": cfg.get("resolved", {}).get("labels", {}).get("tasks", {}),
-            "stores": cfg.get("resolved", {}).get("stores", {}), "state": load_file(str(d / "model.safetensors"))}
+            "stores": cfg.get("resolved", {}).get("stores", {}), "state": load_file(str(d / "model.safetensors")),
+            "finetuned": isinstance(cfg.get("encoders"), dict) and not cfg.get("freeze_encoders")}
 
 
 def _shapes(inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
@@ -834,6 +835,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     head_name: str = cfg.head or (init["name"] if init else "linear")
     if init is not None:
         check_init_head_name(init, head_name)
+        if init["finetuned"] and rank == 0 and not cfg.quiet:
+            print(f"warning: --init-head {init['path']} is a `finetune run`: its head was trained on its own "
+                  "fine-tuned encoders' features, and these encoders start from their presets", file=sys.stderr)
     cfg = replace(cfg, head=head_name, head_hparams={**(init["hparams"] if init else {}), **cfg.head_hparams})
     HEADS.get(head_name)  # an unknown head is refused before any data is read
     run_dir, ckpt_path = resolve_run_dir(cfg)

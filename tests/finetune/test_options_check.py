@@ -204,3 +204,24 @@ def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_
     with pytest.raises(MMCacheError, match=r"^--lora on resnet-tiny: its adapted layers \(fc\) are not on the path "
                                            r"to its features"):
         finetune(replace(cfg, lora_targets=["fc"], run_name="fc"))
+
+
+def test_init_head_from_a_finetune_run_warns_that_its_encoders_are_not_taken(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=40, seed=3)
+    cfg = _cfg(tmp_path, data_dir=str(demo), encoders={"image": "clip-tiny"}, epochs=1, batch_size=8,
+               head_hparams={"D": 8}, quiet=False)
+    first = finetune(cfg)
+    assert first is not None
+    capsys.readouterr()
+    res = finetune(replace(cfg, run_name="next", init_head=str(first.run_dir), head_hparams={}))
+    assert res is not None and res.head.hparams["D"] == 8
+    err = capsys.readouterr().err
+    assert f"warning: --init-head {first.run_dir} is a `finetune run`: its head was trained on its own fine-tuned" in err
+    # A head trained on frozen encoders' features is a head on the presets' features: no warning.
+    frozen = finetune(replace(cfg, run_name="frozen", freeze_encoders=True))
+    capsys.readouterr()
+    finetune(replace(cfg, run_name="after-frozen", init_head=str(frozen.run_dir), head_hparams={}))  # type: ignore[union-attr]
+    assert "is a `finetune run`" not in capsys.readouterr().err
