@@ -1,5 +1,7 @@
 """`finetune run` refuses options out of range, options that contradict each other and options the run would not
-use, in one line naming the flag, before any data or model is loaded."""
+use, in one line naming the flag, before any data or model is loaded; and the inputs it meets on the way (a last
+batch of one row, undecodable probe rows, LoRA targets off the encoder's path, a head from another fine-tuned run)
+are trained past, named or warned about."""
 
 from __future__ import annotations
 
