@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> 
                            f"from ({', '.join(diff)} changed, e.g. a weights file replaced); restore it, or fine-tune "
                            "again")
     if cfg.lora and not cfg.freeze_encoders:
-        apply_lora(enc, cfg)
+        targets = config.get("resolved", {}).get("lora_targets", {}).get(modality)  # recorded since they varied
+        apply_lora(enc, replace(cfg, lora_targets=targets) if targets else cfg)
     path = run / ENCODERS_FILE
     want = config.get("resolved", {}).get("encoders_sha256")
     if want and path.is_file() and weights_sha256(path) != want:

@@ -1146,6 +1146,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                                                          (("train", train_s), ("val", val_s), ("test", test_s))}
                                                      for n in srcs}} if srcs else {}),
             "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
+            # The layers each encoder's LoRA adapted, so `finetuned:RUN` rebuilds them whatever the defaults become.
+            **({"lora_targets": {m: list(cfg.lora_targets or LORA_TARGETS.get(e.family, []))
+                                 for m, e in model.encoders.items()}} if cfg.lora else {}),
             "train": train_stats}}
         result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
                            head=model.head, seconds=time.perf_counter() - t0, select=select,

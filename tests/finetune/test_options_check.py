@@ -187,7 +187,8 @@ def test_cli_refuses_a_head_hyperparameter_given_twice_with_two_values(tmp_path:
     assert seen[-1].head_hparams == {"D": 16, "dropout": 0.1}
 
 
-def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_path: Path) -> None:
+def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """ResNet's features are the pooled last block: LoRA goes on its convolutions (its classifier `fc` is never
     run, so adapters there would train nothing and are refused)."""
     from safetensors.torch import load_file
@@ -203,6 +204,15 @@ def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_
     lora = sorted(k for k in state if "lora_B" in k)
     assert lora and all(".fc." not in k for k in lora) and any(".conv2." in k for k in lora)
     assert any(float(state[k].abs().max()) > 0 for k in lora)  # B starts at zero: the adapters trained
+    # The run records the layers it adapted: its encoder rebuilds as trained even if the defaults change.
+    assert res.config["resolved"]["lora_targets"] == {"image": ["conv1", "conv2", "conv3"]}
+    import mmcache.finetune.preset  # noqa: F401  (registers finetuned:RUN)
+    from mmcache.extract import build_extractor
+
+    monkeypatch.setitem(ft.LORA_TARGETS, "resnet", ["fc"])
+    enc = build_extractor(f"finetuned:{res.run_dir}", "image")
+    assert any(".conv2.lora_A" in k for k in enc.state_dict())
+    monkeypatch.undo()
     with pytest.raises(MMCacheError, match=r"^--lora on resnet-tiny: its adapted layers \(fc\) are not on the path "
                                            r"to its features"):
         finetune(replace(cfg, lora_targets=["fc"], run_name="fc"))
