@@ -203,12 +203,11 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         features[mod] = feats
         inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
 
-    if not quiet:
-        _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
+    # Printed as the missing-rows warning is, quiet or not: they are problems of the data.
+    _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
     teacher_t = _stack_teachers(teacher_list)
     targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
-    if not quiet:
-        _warn_classes_without_train_rows(labels, targets, splits)
+    _warn_classes_without_train_rows(labels, targets, splits)
     split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
     if "train" not in split_index:
         raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
