@@ -64,7 +64,7 @@ from mmcache.engine import (
     write_run,
 )
 from mmcache.errors import MMCacheError
-from mmcache.extract.base import FAMILIES, MODALITIES, Extractor, build_extractor, resolve_preset
+from mmcache.extract.base import FAMILIES, FIELDS, MODALITIES, Extractor, build_extractor, resolve_preset
 from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
 from mmcache.finetune.checkpoint import (
     latest_checkpoint,
@@ -868,6 +868,10 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
                            + ("; run `mmcache extract` for them" if where else ""))
+    for m, value in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
+        if m in FIELDS and all(getattr(s, m) is None for s in train_s + val_s):
+            raise MMCacheError(f"--{m} {value}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "
+                               f"field; drop --{m} (this dataset's adapter provides none)")
     by_id = ds.by_id()
     srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
     pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample

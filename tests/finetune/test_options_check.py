@@ -237,3 +237,13 @@ def test_init_head_from_a_finetune_run_warns_that_its_encoders_are_not_taken(tmp
     capsys.readouterr()
     finetune(replace(cfg, run_name="after-frozen", init_head=str(frozen.run_dir), head_hparams={}))  # type: ignore[union-attr]
     assert "is a `finetune run`" not in capsys.readouterr().err
+
+
+def test_an_encoder_of_a_field_the_dataset_lacks_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=30, seed=3)
+    for m, preset, article in (("video", "r3d-tiny", "a"), ("audio", "mel-tiny", "an")):
+        with pytest.raises(MMCacheError, match=rf"^--{m} {preset}: no row of 'demo' has {article} {m} field; drop "
+                                               rf"--{m}"):
+            finetune(_cfg(tmp_path, data_dir=str(demo), encoders={"image": "clip-tiny", m: preset}))
