@@ -153,6 +153,8 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, int
             return str(int(v)) if integer and math.isfinite(v) else f"{v:g}"
 
         bound = f"{'>' if low_open else '>='} {fmt(low)}" + (f" and <= {fmt(high)}" if high != math.inf else "")
+        if low == -math.inf and high == math.inf:
+            bound = "(finite)"
         raise MMCacheError(f"{name} must be {kind} {bound}, got {value!r}")
 
 

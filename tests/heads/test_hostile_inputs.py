@@ -304,3 +304,12 @@ def test_flags_that_would_be_ignored_are_refused(toy_cache: Path, tmp_path: Path
               "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
     assert rc == 2
     assert message in one_error(capsys)
+
+
+def test_a_non_finite_logit_adjustment_reads_plainly(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
+              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--logit-adjust", "nan"], monkeypatch)
+    assert rc == 2
+    line = one_error(capsys)
+    assert "--logit-adjust must be a number (finite), got nan" in line and "-inf" not in line
