@@ -30,7 +30,9 @@ def head_width(hparams: dict[str, Any]) -> Any:
 
 def find_runs(runs_dir: Path) -> list[Path]:
     """Every run folder under `runs_dir` (sorted by path)."""
-    return sorted(p.parent for p in runs_dir.rglob("metrics.json") if (p.parent / "config.json").is_file())
+    # mlflow's artifact copies of run folders (<runs>/mlruns/, the default store of --track mlflow) are not runs.
+    return sorted(p.parent for p in runs_dir.rglob("metrics.json") if (p.parent / "config.json").is_file()
+                  and "mlruns" not in p.relative_to(runs_dir).parts)
 
 
 def _stores(cfg: dict[str, Any]) -> str:

@@ -6,8 +6,9 @@ per-epoch curves (step = epoch), the final metrics of every split and task with 
 prediction checks, and the run folder (whose `model.safetensors` is the best checkpoint). Groups of runs
 (a sweep, the folds of a cross-validation) are logged as children of one parent run (`track`).
 
-mlflow honours `MLFLOW_TRACKING_URI` (mlflow's default otherwise: `sqlite:///mlflow.db` in the working
-folder) and `MLFLOW_EXPERIMENT_NAME` / `MLFLOW_EXPERIMENT_ID` (default experiment: the dataset's name).
+mlflow honours `MLFLOW_TRACKING_URI` (otherwise `sqlite:///<runs_dir>/mlflow.db`, artifacts under
+`<runs_dir>/mlruns/`: nothing is written outside the runs folder) and `MLFLOW_EXPERIMENT_NAME` /
+`MLFLOW_EXPERIMENT_ID` (default experiment: the dataset's name).
 TensorBoard writes event files under `<runs_dir>/tensorboard/<dataset>/<run>/`.
 """
 
@@ -78,11 +79,12 @@ class MLflowTracker(Tracker):
     """Runs in an mlflow tracking store, through `MlflowClient` (no global active run)."""
 
     def __init__(self, experiment: str, parent: str | None = None, client: Any = None,
-                 experiment_id: str | None = None) -> None:
+                 experiment_id: str | None = None, runs_dir: str | Path | None = None) -> None:
         from mlflow import MlflowClient
 
-        self.client = client or MlflowClient()
-        self.experiment_id = experiment_id or _experiment_id(self.client, experiment)
+        uri, artifacts = _default_store(runs_dir)
+        self.client = client or MlflowClient(tracking_uri=uri)
+        self.experiment_id = experiment_id or _experiment_id(self.client, experiment, artifacts)
         self.parent = parent
         self.run_id: str | None = None
 
@@ -131,8 +133,20 @@ class MLflowTracker(Tracker):
         return self.run_id
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """`MLFLOW_EXPERIMENT_ID`, else the experiment `MLFLOW_EXPERIMENT_NAME` (default `name`), created if new."""
+def _default_store(runs_dir: str | Path | None) -> tuple[str | None, str | None]:
+    """Without `MLFLOW_TRACKING_URI`: the tracking database `<runs_dir>/mlflow.db` and artifacts under
+    `<runs_dir>/mlruns/` (mlflow's own default would write both into the working folder); (None, None) when
+    the variable is set or no runs folder is given."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or runs_dir is None:
+        return None, None
+    root = Path(runs_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlruns").as_uri()
+
+
+def _experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """`MLFLOW_EXPERIMENT_ID`, else the experiment `MLFLOW_EXPERIMENT_NAME` (default `name`), created if new
+    (its artifacts under `artifact_location` when given)."""
     from mlflow.exceptions import MlflowException
 
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -142,7 +156,7 @@ def _experiment_id(client: Any, name: str) -> str:
     if exp is not None:
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name))
+        return str(client.create_experiment(name, artifact_location=artifact_location))
     except MlflowException:  # created by another process meanwhile
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -226,7 +240,7 @@ def open_tracker(kind: str | None, dataset: str, runs_dir: str | Path) -> Tracke
     """The tracker of `--track KIND` (the no-op `Tracker` for None)."""
     require(kind)
     if kind == "mlflow":
-        return MLflowTracker(dataset)
+        return MLflowTracker(dataset, runs_dir=runs_dir)
     if kind == "tensorboard":
         return TensorBoardTracker(Path(runs_dir) / "tensorboard" / dataset)
     return Tracker()

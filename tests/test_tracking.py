@@ -169,3 +169,28 @@ def test_finetune_run_is_tracked(tmp_path: Path) -> None:
     # the encoders train too: far more trainable parameters than the head has
     assert info.hparams["params_trainable"].number_value == stats["trainable_params"] > 10 * sum(
         p.numel() for p in res.head.parameters())
+
+
+def test_mlflow_without_a_tracking_uri_writes_only_under_the_runs_folder(cache: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow's own default is a database and artifacts in the working folder; ours is the runs folder."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    train(_cfg(cache, tmp_path, track="mlflow", run_name="ml"))
+    assert list(work.iterdir()) == []  # nothing in the working folder
+    runs = tmp_path / "runs"
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy")
+    assert exp is not None and exp.artifact_location == (runs / "mlruns").resolve().as_uri()
+    (run,) = client.search_runs([exp.experiment_id])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "run")} >= {"run/model.safetensors"}
+    assert list((runs / "mlruns").rglob("model.safetensors"))
+    from mmcache.runs import find_runs
+
+    assert find_runs(runs) == [runs / "toy" / "ml"]  # mlflow's copy of the run folder is not listed as a run
