@@ -377,7 +377,8 @@ def extract(
     for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
         if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
             hint = " or generate captions as context with --caption blip" if r.modality == "context" else ""
-            raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has {'an' if r.modality[0] in 'aeiou' else 'a'} {r.modality} field; "
+            article = "an" if r.modality[0] in "aeiou" else "a"
+            raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has {article} {r.modality} field; "
                                f"drop --{r.modality} (this dataset's adapter provides none){hint}")
 
     if extractors is None:

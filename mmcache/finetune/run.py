@@ -771,16 +771,16 @@ def validate_config(cfg: FinetuneConfig) -> None:
 
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
-    for m, value in cfg.encoders.items():
-        if encoder_request(m, value).preset.startswith("finetuned:"):
-            raise MMCacheError(f"--{m} {value}: fine-tuning starts from a base encoder preset (clip, roberta, ...); a "
+    for m, spec in cfg.encoders.items():
+        if encoder_request(m, spec).preset.startswith("finetuned:"):
+            raise MMCacheError(f"--{m} {spec}: fine-tuning starts from a base encoder preset (clip, roberta, ...); a "
                                "fine-tuned run's encoder (finetuned:RUN) serves `mmcache extract` and `mmcache "
                                "predict`; pass the preset that run started from (its config.json names it)")
-    for flag, value, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
+    for flag, count, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
                              ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
                              ("--patience", cfg.early_stopping, 0), ("--num-workers", cfg.num_workers, 0),
                              ("--lora-r", cfg.lora_r, 1), ("--shuffle-buffer", cfg.shuffle_buffer, 1)):
-        number(flag, value, low, integer=True)
+        number(flag, count, low, integer=True)
     for flag, opt in (("--limit", cfg.limit), ("--steps-per-epoch", cfg.steps_per_epoch)):
         if opt is not None:
             number(flag, opt, 1, integer=True)
@@ -868,9 +868,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
                            + ("; run `mmcache extract` for them" if where else ""))
-    for m, value in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
+    for m, spec in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
         if m in FIELDS and all(getattr(s, m) is None for s in train_s + val_s):
-            raise MMCacheError(f"--{m} {value}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "
+            raise MMCacheError(f"--{m} {spec}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "
                                f"field; drop --{m} (this dataset's adapter provides none)")
     by_id = ds.by_id()
     srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
@@ -1024,11 +1024,11 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             for i, batch in enumerate(bar, start=1):
                 if stream is not None:  # the batch's rows stand in by_id until the next batch
                     stream.take(batch, rank, by_id)
-                got = _aligned(batch, mods, device)
-                if got is not None and len(got[0]) < 2:
-                    got = None  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
-                if got is not None:
-                    ids, inputs_b = got
+                step_rows = _aligned(batch, mods, device)
+                if step_rows is not None and len(step_rows[0]) < 2:
+                    step_rows = None  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
+                if step_rows is not None:
+                    ids, inputs_b = step_rows
                     tell(TrainProgress(epoch - 1, prog.global_step, steps))
                     with _autocast(device, cfg.amp):
                         if contrastive is not None:
@@ -1151,7 +1151,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                                                      for n in srcs}} if srcs else {}),
             "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
             # The layers each encoder's LoRA adapted, so `finetuned:RUN` rebuilds them whatever the defaults become.
-            **({"lora_targets": {m: list(cfg.lora_targets or LORA_TARGETS.get(e.family, []))
+            **({"lora_targets": {m: list(cfg.lora_targets or LORA_TARGETS.get(str(e.family), []))
                                  for m, e in model.encoders.items()}} if cfg.lora else {}),
             "train": train_stats}}
         result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
