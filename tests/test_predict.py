@@ -221,6 +221,12 @@ def test_finetuned_encoder_as_an_extractor_preset(setup: dict[str, Path], ft_run
         build_extractor(f"finetuned:{setup['run']}", "image")
     with pytest.raises(MMCacheError, match="fine-tuned image, text encoders, not 'audio'"):
         build_extractor(f"finetuned:{ft_run}", "audio")
+    import shutil
+
+    partial = tmp_path / "copied"  # a run folder copied without its encoders' weights
+    shutil.copytree(ft_run, partial, ignore=shutil.ignore_patterns("encoders.safetensors"))
+    with pytest.raises(MMCacheError, match="weights are missing; copy the run folder whole"):
+        build_extractor(f"finetuned:{partial}", "image")
 
 
 def test_hybrid_finetuned_run_predicts_with_its_stored_modality(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -91,7 +91,8 @@ def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> 
             raise MMCacheError(f"{path} holds {modality} weights this encoder lacks (e.g. {result.unexpected_keys[0]}); "
                                "was the run trained with other encoder options?")
     elif not cfg.freeze_encoders:
-        raise MMCacheError(f"{path} not found: the run trained its encoders but their weights are missing")
+        raise MMCacheError(f"{path} not found: the run trained its encoders but their weights are missing; copy the "
+                           "run folder whole (its encoders.safetensors with it), or fine-tune again")
     enc.requires_grad_(False)
     return enc.eval(), config
 
