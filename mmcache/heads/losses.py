@@ -131,7 +131,14 @@ class Criterion(nn.Module):
                                "for the loss options")
         self.tasks = dict(tasks)
         self.label_smoothing = float(label_smoothing)
-        self.kd_lambda, self.kd_T, self.kd_warmup = float(kd_lambda), float(kd_T), int(kd_warmup)
+        if not 0 <= self.label_smoothing < 1:
+            raise MMCacheError(f"loss {self.part}: label_smoothing={label_smoothing} must be in [0, 1)")
+        if isinstance(kd_warmup, bool) or float(kd_warmup) != int(float(kd_warmup)) or float(kd_warmup) < 0:
+            raise MMCacheError(f"loss {self.part}: kd_warmup={kd_warmup!r} must be a whole number of epochs or "
+                               "steps >= 0")
+        if not float(kd_lambda) >= 0 or not float(kd_T) > 0:
+            raise MMCacheError(f"loss {self.part}: kd_lambda={kd_lambda} must be >= 0 and kd_T={kd_T} > 0")
+        self.kd_lambda, self.kd_T, self.kd_warmup = float(kd_lambda), float(kd_T), int(float(kd_warmup))
         if kd_warmup_unit not in ("epoch", "step"):
             raise MMCacheError(f"loss {self.part}: kd_warmup_unit={kd_warmup_unit!r} must be 'epoch' or 'step'")
         if not 0 <= float(beta) < 1:

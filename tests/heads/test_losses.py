@@ -33,6 +33,18 @@ def test_registry_has_all_losses() -> None:
         build_criterion("focal", {"y": 3}, gama=2)
 
 
+@pytest.mark.parametrize("loss", ["ce", "focal", "scabg"])
+def test_out_of_range_loss_options_are_refused(loss: str) -> None:
+    """A value the loss would silently cut or misuse is one line naming it (kd_warmup=1.5 was truncated to 1)."""
+    for opts, message in (({"kd_warmup": 1.5}, "kd_warmup=1.5 must be a whole number"),
+                          ({"kd_warmup": -1}, "kd_warmup=-1 must be a whole number"),
+                          ({"kd_T": 0}, "kd_T=0 > 0"), ({"kd_lambda": -0.1}, "kd_lambda=-0.1 must be >= 0"),
+                          ({"label_smoothing": 1.0}, r"label_smoothing=1.0 must be in \[0, 1\)")):
+        with pytest.raises(MMCacheError, match=message):
+            build_criterion(loss, {"y": 3}, **opts)
+    assert build_criterion(loss, {"y": 3}, kd_warmup=4.0).kd_warmup == 4  # a whole number written as a float
+
+
 def test_focal_gamma0_uniform_alpha_equals_ce() -> None:
     logits, y = _batch()
     y[:5] = -100
