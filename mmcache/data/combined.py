@@ -24,7 +24,6 @@ Options `SOURCE.KEY=VALUE` go to that source's adapter, options without a prefix
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import DATASETS, Dataset, LabelSpace, Sample, check_name, default_root, load_dataset
-from mmcache.data.io import decode_bytes
+from mmcache.data.io import decode_bytes, parse_json
 from mmcache.errors import MMCacheError
 
 SEP = "/"  # between the source name and the source's own id
@@ -110,10 +109,7 @@ def read_label_map(label_map: str | Path | Mapping[str, Any]) -> tuple[dict[str,
         if not path.is_file():
             raise MMCacheError(f"label map {path} not found; write a JSON file {{source: {{class: target}}}} "
                                "(see README, 'Several datasets in one run')")
-        try:
-            obj = json.loads(decode_bytes(path.read_bytes()))
-        except json.JSONDecodeError as e:
-            raise MMCacheError(f"{path}: unreadable JSON at line {e.lineno} ({e.msg}); fix the file") from None
+        obj = parse_json(decode_bytes(path.read_bytes()), path)
     if not isinstance(obj, Mapping):
         raise MMCacheError(f"{where}: expected a JSON object {{source: {{class: target}}}}")
     out: dict[str, dict[str, str | None]] = {}

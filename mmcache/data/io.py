@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,14 @@ def decode_bytes(raw: bytes) -> str:
         except UnicodeDecodeError:
             continue
     return raw.decode("latin-1")
+
+
+def parse_json(text: str, where: Path | str, fix: str = "fix the file") -> Any:
+    """`text` parsed as JSON; a syntax error is one line naming `where`, the line and what to do (`fix`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MMCacheError(f"{where}: unreadable JSON at line {e.lineno} ({e.msg}); {fix}") from None
 
 
 def fix_mojibake(s: str) -> str:

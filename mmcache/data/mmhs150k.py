@@ -24,6 +24,7 @@ from mmcache.data.io import (
     locate,
     open_text,
     order_tasks,
+    parse_json,
     progress_bar,
     read_text,
 )
@@ -59,10 +60,7 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
     gt_path = locate(root, "MMHS150K_GT.json")
     assert gt_path is not None
     base = gt_path.parent
-    try:
-        gt = json.loads(decode_bytes(gt_path.read_bytes()))
-    except json.JSONDecodeError as e:
-        raise MMCacheError(f"{gt_path}: unreadable JSON at line {e.lineno} ({e.msg}); download it again") from None
+    gt = parse_json(decode_bytes(gt_path.read_bytes()), gt_path, "download it again")
     if not isinstance(gt, dict):
         raise MMCacheError(f"{gt_path}: expected a JSON object keyed by tweet id")
     split_dir = base / "splits"

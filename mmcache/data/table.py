@@ -20,6 +20,7 @@ from mmcache.data.io import (
     decode_bytes,
     fill_missing_splits,
     normalise_split,
+    parse_json,
     read_delimited,
     text_lines,
 )
@@ -81,10 +82,7 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 raise MMCacheError(f"{path}, line {n}: expected a JSON object per line, got {type(obj).__name__}")
             rows.append((f"{path}, line {n}", obj))
         return rows
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise MMCacheError(f"{path}: unreadable JSON at line {e.lineno} ({e.msg}); fix the file") from None
+    obj = parse_json(raw, path)
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if isinstance(obj, dict):  # {"id": {...}, ...}

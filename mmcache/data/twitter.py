@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, register_dataset
-from mmcache.data.io import IdCheck, decode_bytes, locate, open_text, text_lines
+from mmcache.data.io import IdCheck, decode_bytes, locate, open_text, parse_json, text_lines
 from mmcache.errors import MMCacheError
 
 LABELS = ["negative", "neutral", "positive"]
@@ -52,10 +52,7 @@ def load_captions(path: Path | None) -> dict[str, str]:
         raise MMCacheError(f"captions file {path} not found; pass an existing file with -o captions=PATH")
     raw = decode_bytes(path.read_bytes())
     if path.suffix.lower() == ".json":
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise MMCacheError(f"{path}: unreadable JSON at line {e.lineno} ({e.msg}); fix the file") from None
+        obj = parse_json(raw, path)
         if not isinstance(obj, dict):
             raise MMCacheError(f"{path}: expected a JSON object {{image id: caption}}")
         return {str(k): str(v) for k, v in obj.items()}
