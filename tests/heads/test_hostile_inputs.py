@@ -279,18 +279,6 @@ def test_sweep_folds_on_own_splits_is_one_error_before_any_run(toy_cache: Path, 
     (["--solver", "lbfgs", "--l2-grid", ","], "--l2-grid must list at least one penalty"),  # was the default grid
     (["--solver", "lbfgs", "--l2-grid", "inf"], "--l2-grid: every penalty must be a number > 0, got inf"),
     (["--solver", "lbfgs", "--l2-grid", "1e-2,-1"], "--l2-grid: every penalty must be a number > 0, got -1.0"),
-])
-def test_l2_grid_is_checked_and_never_ignored(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str], extra: list[str],
-                                              message: str) -> None:
-    rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
-              "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
-    assert rc == 2
-    assert message in one_error(capsys)
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize(("extra", "message"), [
     (["--schedule", "none", "--warmup", "0.2"], "--warmup warms up the cosine schedule; --schedule none has none"),
     (["--schedule", "plateau", "--warmup", "0.1"], "--schedule plateau has none"),
     (["--solver", "lbfgs", "--oversample"], "--oversample: --solver lbfgs fits full batch"),
@@ -300,10 +288,12 @@ def test_l2_grid_is_checked_and_never_ignored(toy_cache: Path, tmp_path: Path, m
 def test_flags_that_would_be_ignored_are_refused(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str], extra: list[str],
                                                  message: str) -> None:
+    """--l2-grid is checked and never ignored; flags the run would not use are refused before any work."""
     rc = run(["train", "--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache),
               "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *extra], monkeypatch)
     assert rc == 2
     assert message in one_error(capsys)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_non_finite_logit_adjustment_reads_plainly(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
