@@ -293,26 +293,35 @@ def parse_select(spec: str | None, tasks: list[str], default_metric: str) -> tup
 def val_metrics(y: torch.Tensor, logits: torch.Tensor, metric: str) -> dict[str, float]:
     """Per-epoch validation metrics: accuracy and macro / weighted F1 from a confusion matrix (no sklearn
     per epoch), plus `metric` itself when it needs more (AUROC, top-2). Unlabelled rows are ignored."""
+    return val_metrics_many(y, logits[:, None], metric)[0]
+
+
+def val_metrics_many(y: torch.Tensor, logits: torch.Tensor, metric: str) -> list[dict[str, float]]:
+    """`val_metrics` of K configs at once: `logits` [N, K, C] -> one dict per config. The confusion matrices
+    of all configs come from one `bincount`, so a stacked sweep's per-epoch validation costs a few ops."""
     keep = y != IGNORE
     y, logits = y[keep], logits[keep].float()
-    n, c = logits.shape
-    out: dict[str, float] = {}
+    n, k, c = logits.shape
     if n == 0:
-        return out
-    pred = logits.argmax(1)
-    cm = torch.bincount(y * c + pred, minlength=c * c).reshape(c, c).double()
-    tp = cm.diag()
-    denom = cm.sum(0) + cm.sum(1)
+        return [{} for _ in range(k)]
+    pred = logits.argmax(-1)  # [N, K]
+    code = torch.arange(k, device=y.device) * (c * c) + (y * c)[:, None] + pred
+    cm = torch.bincount(code.reshape(-1), minlength=k * c * c).reshape(k, c, c).double()
+    tp = cm.diagonal(dim1=1, dim2=2)  # [K, C]
+    denom = cm.sum(1) + cm.sum(2)
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
-    support = cm.sum(1)
-    out["accuracy"] = float(tp.sum() / n)
-    out["macro_f1"] = float(f1.mean())
-    out["weighted_f1"] = float((f1 * support).sum() / n)
+    support = cm.sum(2)
+    cols = {"accuracy": tp.sum(1) / n, "macro_f1": f1.mean(1), "weighted_f1": (f1 * support).sum(1) / n}
     if metric == "top2_accuracy" and c > 2:
-        out[metric] = float((logits.topk(2, dim=1).indices == y[:, None]).any(1).double().mean())
-    elif metric == "auroc":
-        v = auroc(y.cpu().numpy(), softmax(logits.cpu().numpy()))
-        out[metric] = float("nan") if v is None else v
+        # scikit-learn's top_k_accuracy_score ranking (as the final metrics): a stable sort, ties to the later class
+        top = logits.sort(dim=-1, stable=True).indices[..., -2:]
+        cols[metric] = (top == y[:, None, None]).any(-1).double().mean(0)
+    out = [dict(zip(cols, vals, strict=True)) for vals in zip(*(v.tolist() for v in cols.values()), strict=True)]
+    if metric == "auroc":
+        yn, ln = y.cpu().numpy(), logits.cpu().numpy()
+        for j in range(k):
+            v = auroc(yn, softmax(ln[:, j]))
+            out[j][metric] = float("nan") if v is None else v
     return out
 
 

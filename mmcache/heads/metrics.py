@@ -19,11 +19,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _average_ranks(score: np.ndarray) -> np.ndarray:
+    """1-based ranks of `score` with ties given their average rank (scipy's `rankdata(method="average")`)."""
+    order = np.argsort(score, kind="mergesort")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first sorted position of each run of ties
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
 def _binary_auroc(pos: np.ndarray, score: np.ndarray) -> float:
     """AUROC as the Mann-Whitney statistic with average ranks for ties (equal to scikit-learn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score)
+    ranks = _average_ranks(score)
     n_pos = int(pos.sum())
     n_neg = len(pos) - n_pos
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from tqdm import tqdm
 
-from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics
+from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics_many
 from mmcache.heads.losses import Criterion
 
 if TYPE_CHECKING:
@@ -229,10 +229,15 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     batched = len(sizes) == 1 and len(slots) > 1
     n_slots, per_slot = len(slots), k_all // len(slots)
     live = [True] * k_all
+    best_W = {t: w.detach().clone() for t, w in W.items()}
+    best_B = {t: b.detach().clone() for t, b in B.items()}
     bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
     for epoch in bar:
         t0 = time.perf_counter()
         perm = {key: p.to(device) for key, p in orders.epoch().items()}
+        if batched:  # this epoch's rows and targets in each order's sequence: a step takes a slice
+            order_pos = torch.stack([perm[key] for key in slots])  # [orders, n]
+            order_y = {t: y_train[t][order_pos] for t in tasks}
         loss_sum = torch.zeros(k_all, device=device)
         steps = 0
         for s in range(0, n, cfg0.batch_size):
@@ -240,15 +245,15 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                 continue
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if batched:
-                    pos = torch.cat([perm[key][s:s + cfg0.batch_size] for key in slots])
-                    rows = len(pos) // n_slots
-                    x = z_train.index_select(0, pos).view(n_slots, rows, -1)
+                    pos = order_pos[:, s:s + cfg0.batch_size]
+                    rows = pos.shape[1]
+                    x = z_train.index_select(0, pos.reshape(-1)).view(n_slots, rows, -1)
                     for t in tasks:
                         c, f = W[t].shape[1:]
                         logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
                                                W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
                         per, d = _ce_slots(logits.view(n_slots, rows, per_slot, c),
-                                           y_train[t].index_select(0, pos).view(n_slots, rows), weights[t],
+                                           order_y[t][:, s:s + cfg0.batch_size], weights[t],
                                            smoothing, grad=True)
                         assert d is not None
                         d = d.view(n_slots, rows, per_slot * c)
@@ -280,20 +285,33 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
         with torch.no_grad():
             vlog = {t: (z_val @ W[t].reshape(-1, W[t].shape[-1]).T).view(len(val_idx), k_all, -1) + B[t] for t in tasks}
             vloss = sum(_ce(vlog[t], y_val[t], weights[t], smoothing) for t in tasks)
+        # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
+        vms: dict[int, dict[str, float]] = {}
+        by_sel: dict[tuple[str, str], list[int]] = {}
         for j, m in enumerate(members):
-            if not live[j]:
-                continue
-            vm = val_metrics(y_val[m.sel_task], vlog[m.sel_task][:, j], m.sel_metric)
-            vm["loss"] = float(cast(torch.Tensor, vloss)[j])
-            m.curves.append(curve_row(epoch, float(loss_sum[j]) / max(1, steps), vm, float(lr[j]) * factor,
-                                      seconds / k_all))
+            if live[j]:
+                by_sel.setdefault((m.sel_task, m.sel_metric), []).append(j)
+        for (task, metric), js in by_sel.items():
+            vms.update(zip(js, val_metrics_many(y_val[task], vlog[task][:, js], metric), strict=True))
+        train_loss = (loss_sum.double() / max(1, steps)).tolist()
+        val_loss = cast(torch.Tensor, vloss).tolist()
+        improved = []
+        for j, vm in vms.items():
+            m = members[j]
+            vm["loss"] = val_loss[j]
+            m.curves.append(curve_row(epoch, train_loss[j], vm, float(lr[j]) * factor, seconds / k_all))
             sel = cast(Selector, m.selector)
-            sel.update(epoch, vm.get(m.sel_metric, float("nan")),
-                       lambda j=j: {**{f"classifiers.{t}.weight": W[t][j].detach().clone() for t in tasks},
-                                    **{f"classifiers.{t}.bias": B[t][j].detach().clone() for t in tasks}})
+            if sel.update(epoch, vm.get(m.sel_metric, float("nan")), dict):
+                improved.append(j)
             live[j] = not sel.stopped
+        if improved:  # the best weights so far, kept for every config at once
+            rows = torch.tensor(improved, device=device)
+            for t in tasks:
+                best_W[t].index_copy_(0, rows, W[t].detach().index_select(0, rows))
+                best_B[t].index_copy_(0, rows, B[t].detach().index_select(0, rows))
         if not any(live):
             break
-    for m in members:
-        m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
-        m.head.load_state_dict(state)
+    for j, m in enumerate(members):
+        m.best_epoch, m.best_value, _ = cast(Selector, m.selector).result()
+        m.head.load_state_dict({**{f"classifiers.{t}.weight": best_W[t][j].clone() for t in tasks},
+                                **{f"classifiers.{t}.bias": best_B[t][j].clone() for t in tasks}})

@@ -119,3 +119,43 @@ def test_counts_and_rank_metrics_equal_scikit_learn() -> None:
         else:
             assert m["auroc"] is None
     assert checked_auroc > 50
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "top2_accuracy", "auroc"])
+def test_stacked_validation_metrics_equal_each_config_alone(metric: str) -> None:
+    """A stacked sweep counts the per-epoch confusion matrices of all its configs at once
+    (`val_metrics_many`): each config's values are scikit-learn's for that config alone, unlabelled rows
+    ignored, the rank metric included."""
+    import torch
+    from sklearn import metrics as skm
+
+    from mmcache.engine import IGNORE, val_metrics_many
+
+    rng = np.random.default_rng(1)
+    for c in (2, 3, 5):
+        n, k = 80, 6
+        y = rng.integers(0, c, n)
+        y[:7] = IGNORE
+        logits = rng.normal(size=(n, k, c)).astype(np.float32)
+        logits[:, 0] = 0.0  # a collapsed config: every row predicts class 0
+        got = val_metrics_many(torch.from_numpy(y), torch.from_numpy(logits), metric)
+        assert len(got) == k
+        keep, labels = y != IGNORE, list(range(c))
+        yk = y[keep]
+        for j in range(k):
+            pred = logits[keep, j].argmax(1)
+            assert got[j]["accuracy"] == pytest.approx(skm.accuracy_score(yk, pred), abs=1e-12)
+            assert got[j]["macro_f1"] == pytest.approx(
+                skm.f1_score(yk, pred, labels=labels, average="macro", zero_division=0), abs=1e-12)
+            assert got[j]["weighted_f1"] == pytest.approx(
+                skm.f1_score(yk, pred, labels=labels, average="weighted", zero_division=0), abs=1e-12)
+            prob = softmax(logits[keep, j])
+            if metric == "top2_accuracy" and c > 2:
+                assert got[j][metric] == pytest.approx(skm.top_k_accuracy_score(yk, prob, k=2, labels=labels),
+                                                       abs=1e-12)
+            if metric == "auroc":
+                ref = skm.roc_auc_score(yk, prob[:, 1]) if c == 2 else skm.roc_auc_score(yk, prob, multi_class="ovr")
+                assert got[j][metric] == pytest.approx(ref, abs=1e-9)
+        extra = {metric} if metric == "auroc" or (metric == "top2_accuracy" and c > 2) else set()
+        assert all(set(g) == {"accuracy", "macro_f1", "weighted_f1"} | extra for g in got)
+    assert val_metrics_many(torch.full((4,), IGNORE), torch.zeros(4, 3, 2), "accuracy") == [{}, {}, {}]
