@@ -305,10 +305,10 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                 improved.append(j)
             live[j] = not sel.stopped
         if improved:  # the best weights so far, kept for every config at once
-            rows = torch.tensor(improved, device=device)
+            better_rows = torch.tensor(improved, device=device)
             for t in tasks:
-                best_W[t].index_copy_(0, rows, W[t].detach().index_select(0, rows))
-                best_B[t].index_copy_(0, rows, B[t].detach().index_select(0, rows))
+                best_W[t].index_copy_(0, better_rows, W[t].detach().index_select(0, better_rows))
+                best_B[t].index_copy_(0, better_rows, B[t].detach().index_select(0, better_rows))
         if not any(live):
             break
     for j, m in enumerate(members):
