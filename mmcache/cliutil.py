@@ -66,17 +66,24 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def split_outside_brackets(text: str) -> list[str]:
-    """Split on commas outside [...] / {...}, so `clip[a=1,b=2],resnet` and JSON lists stay whole; items stripped."""
-    out, depth, cur = [], 0, ""
+def split_outside_brackets(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside [...] / {...} and "double quotes", so `clip[a=1,b=2],resnet`, JSON lists and a
+    quoted `"image,text"` stay whole; items stripped."""
+    out, depth, cur, quoted, escaped = [], 0, "", False, False
     for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
+        if quoted:
+            quoted = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            quoted = True
         else:
-            cur += ch
+            depth += ch in "[{"
+            depth -= ch in "]}"
+            if ch == sep and depth == 0:
+                out.append(cur)
+                cur = ""
+                continue
+        cur += ch
     out.append(cur)
     return [v.strip() for v in out if v.strip()]
 
@@ -102,3 +109,11 @@ def parse_kv(items: Iterable[str] | str | None, flag: str, example: str | None =
             raise MMCacheError(f"{flag}: {key!r} is given twice ({out[key]!r} and {parse_value(value)!r}); give it once")
         out[key] = parse_value(value)
     return out
+
+
+def given_options(ctx: Any) -> set[str]:
+    """Parameter names of the running command (`ctx`: its typer.Context) that the user gave, on the command line or
+    through an environment variable, as opposed to left at their defaults: a flag set to its default value
+    counts as given."""
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}

@@ -513,6 +513,11 @@ def predict_to_csv(run: str | Path, data: str | Path | None = None, dataset: str
         if not samples:
             raise MMCacheError(f"{ds.name!r} has no rows in split {split!r} (splits: "
                                f"{', '.join(s or '(none)' for s in ds.splits)}); pass --split all")
+    if ds.labels.tasks and not set(ds.labels.tasks) & set(predictor.labels):
+        from mmcache.data.io import warn
+
+        warn(f"{ds.name!r} labels task(s) {sorted(ds.labels.tasks)}, the run predicts {sorted(predictor.labels)}: "
+             "the predictions carry no true label to score against")
     # Labels of a registered dataset are indices in its own label space: keep only the run's tasks.
     samples = [s if set(s.labels) <= set(predictor.labels) else
                Sample(**{**s.to_json(), "labels": {t: v for t, v in s.labels.items() if t in predictor.labels}})

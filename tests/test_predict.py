@@ -306,3 +306,22 @@ def test_out_that_is_a_folder_is_refused_before_any_work(setup: dict[str, Path],
     assert not (tmp_path / "pc").exists()  # nothing was extracted
     with pytest.raises(MMCacheError, match=r"--out .* is a folder; give a file name"):
         predict(setup["run"], split="test", out=tmp_path, device="cpu")
+
+
+def test_a_dataset_labelling_other_tasks_is_warned_about(setup: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A dataset whose tasks are none of the run's is predicted (its labels cannot score the run), with a
+    warning saying so instead of dropping its labels without a word."""
+    rows = _read(setup["demo"] / "data.csv")[:4]
+    table = tmp_path / "mood.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "image", "text", "mood", "split"])
+        w.writeheader()
+        w.writerows({"id": r["id"], "image": str(setup["demo"] / r["image"]), "text": r["text"],
+                     "mood": "calm" if i % 2 else "tense", "split": "test"} for i, r in enumerate(rows))
+    out, preds = predict_to_csv(setup["run"], dataset="table", data_dir=table, dataset_options={"label_column": "mood"},
+                                split="all", out=tmp_path / "p.csv", cache_dir=tmp_path / "pc", progress=False)
+    assert "warning: 'mood' labels task(s) ['mood'], the run predicts ['label']: the predictions carry no true " \
+           "label" in capsys.readouterr().err
+    got = _read(out)
+    assert len(got) == len(preds) == 4 and "label" not in got[0] and all(r["predicted"] for r in got)

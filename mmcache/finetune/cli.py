@@ -26,6 +26,7 @@ def _group() -> None:
 
 @app.command("run")
 def run(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes), or several "
                                               "(mmhs150k,fakeddit) with --label-map.")],
     image: Annotated[str | None, typer.Option("--image", "--vtype", help=f"Image encoder (clip, resnet, ...). {_ENC}")] = None,
@@ -127,7 +128,7 @@ def run(
     --val-data shards/val --steps-per-epoch 1000 --image clip --text clip
     Multi-GPU: torchrun --nproc-per-node 4 -m mmcache.finetune.cli run --dataset mvsa --image clip --text clip
     """
-    from mmcache.cliutil import parse_kv
+    from mmcache.cliutil import given_options, parse_kv
     from mmcache.data.combined import parse_upsample
     from mmcache.finetune.run import FinetuneConfig, finetune
 
@@ -137,9 +138,17 @@ def run(
             if key in hparams and hparams[key] != value:
                 raise MMCacheError(f"--{key} {value} and --hp {key}={hparams[key]} disagree; give {key} once")
             hparams[key] = value
-    if freeze_encoders and lr != 1e-5:  # the encoders' learning rate; the Python API leaves it be
+    given = given_options(ctx)  # flags the run would not use are refused even when given their default value
+    if freeze_encoders and (lr != 1e-5 or "lr" in given):  # the encoders' learning rate; the Python API leaves it be
         raise MMCacheError("--lr is the encoders' learning rate, and --freeze-encoders trains none; drop --lr (the "
                            "head's is --head-lr)")
+    if not lora:
+        unused = [f"--{n.replace('_', '-')}" for n in ("lora_r", "lora_alpha", "lora_targets") if n in given]
+        if unused:
+            raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
+    if not stream and "shuffle_buffer" in given:
+        raise MMCacheError("--shuffle-buffer applies to streamed shards: add --stream (with --dataset webdataset), or "
+                           "drop --shuffle-buffer")
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
     stores = {m: n for m, n in (("image", image_store), ("text", text_store), ("context", context_store),

@@ -868,6 +868,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
         raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
                            + ("; run `mmcache extract` for them" if where else ""))
+    if not stream and len(train_s) < 2:  # a batch of one is skipped (BatchNorm cannot train on one row)
+        raise MMCacheError(f"{cfg.dataset!r} has {len(train_s)} train row(s) to fine-tune on; a head needs at least 2"
+                           + (" (raise --limit)" if cfg.limit else ""))
     for m, spec in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
         if m in FIELDS and all(getattr(s, m) is None for s in train_s + val_s):
             raise MMCacheError(f"--{m} {spec}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "

@@ -62,9 +62,10 @@ METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
 
 
 def parse_grid(spec: str) -> dict[str, list[Any]]:
-    """`head=linear,gated;D=128,256` -> {"head": ["linear", "gated"], "D": [128, 256]}."""
+    """`head=linear,gated;D=128,256` -> {"head": ["linear", "gated"], "D": [128, 256]}. A value holding `,` or
+    `;` is written as a JSON string: `use="image,text",image`."""
     grid: dict[str, list[Any]] = {}
-    for part in spec.split(";"):
+    for part in split_outside_brackets(spec, ";"):
         if not part.strip():
             continue
         key, values = split_kv(part, "--grid", "--grid 'head=linear,gated;D=128,256'")
@@ -401,7 +402,9 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
         vals = v if isinstance(v, list) else [v]
         if not vals:
             raise MMCacheError(f"grid file {p}: {k} has no values")
-        parts.append(f"{k}=" + ",".join(x if isinstance(x, str) else json.dumps(x) for x in vals))
+        # Text goes as it is unless it holds a separator or a quote: then as a JSON string, read back whole.
+        parts.append(f"{k}=" + ",".join(x if isinstance(x, str) and not set(x) & set(',;[]{}"') else json.dumps(x)
+                                        for x in vals))
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32
                                          for x in seeds)):

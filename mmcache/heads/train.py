@@ -326,7 +326,10 @@ def _labelled_train(data: CachedData) -> torch.Tensor:
     labeled = torch.zeros(len(train_idx), dtype=torch.bool, device=train_idx.device)
     for t in data.tasks:
         labeled |= data.targets[t][train_idx] != IGNORE
-    return train_idx[labeled]  # rows without any label teach nothing
+    out = train_idx[labeled]  # rows without any label teach nothing
+    if len(out) < 2:  # every batch needs 2 rows (BatchNorm cannot train on one): nothing would train
+        raise MMCacheError(f"{data.dataset!r} has {len(out)} labelled train row(s); a head needs at least 2")
+    return out
 
 
 class BatchOrders:
@@ -367,8 +370,6 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
     device = data.targets[members[0].sel_task].device
     train_idx = _labelled_train(data)
     n = len(train_idx)
-    if n < 2:
-        raise MMCacheError(f"{data.dataset!r} has {n} labelled train row(s); a head needs at least 2")
     spe = steps_per_epoch(n, cfg0.batch_size)
     total_steps = cfg0.epochs * spe
     for m in members:
@@ -765,8 +766,9 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
                                f"trained on {names}; predict with a run of the same label space")
     for tag, h in cfg["resolved"].get("stores", {}).items():
         if data.specs.get(tag) and h and data.specs[tag] != h:
-            print(f"warning: store {tag} was rebuilt with another spec since training (hash {data.specs[tag]} vs "
-                  f"{h}); predictions use the new features", file=sys.stderr)
+            raise MMCacheError(f"store {tag} of {dataset!r} was rebuilt with another spec (hash {data.specs[tag]}) "
+                               f"since the run was trained on it ({h}): the head would score features it never saw; "
+                               "train the head again on this store, or restore the store the run was trained on")
     if split == "all":
         idx = torch.arange(len(data.ids), device=device)
     elif split in data.split_index:

@@ -247,3 +247,48 @@ def test_an_encoder_of_a_field_the_dataset_lacks_is_refused_before_any_model_loa
         with pytest.raises(MMCacheError, match=rf"^--{m} {preset}: no row of 'demo' has {article} {m} field; drop "
                                                rf"--{m}"):
             finetune(_cfg(tmp_path, data_dir=str(demo), encoders={"image": "clip-tiny", m: preset}))
+
+
+def test_one_train_row_is_refused_before_the_encoders_load(tmp_path: Path) -> None:
+    """With one train row the only batch would be skipped and the run would save an untrained head: refused,
+    naming the way out, and no run folder is left."""
+    from mmcache.data.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "demo", n=60, seed=2)
+    with pytest.raises(MMCacheError, match=r"'demo' has 1 train row\(s\) to fine-tune on; a head needs at least 2 "
+                                           r"\(raise --limit\)"):
+        finetune(_cfg(tmp_path, data_dir=str(demo), limit=1, epochs=1, freeze_encoders=True))
+    assert not (tmp_path / "runs" / "demo" / "r").exists() or not any((tmp_path / "runs" / "demo" / "r").iterdir())
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lora-r", "8"], r"^--lora-r sets the LoRA adapters: add --lora, or drop --lora-r$"),
+    (["--freeze-encoders", "--lora-alpha", "16"], r"^--lora-alpha sets the LoRA adapters"),
+    (["--shuffle-buffer", "1000"], r"^--shuffle-buffer applies to streamed shards: add --stream"),
+    (["--freeze-encoders", "--lr", "1e-5"], r"^--lr is the encoders' learning rate, and --freeze-encoders trains none"),
+])
+def test_a_flag_the_run_would_not_use_is_refused_even_at_its_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        extra: list[str], message: str) -> None:
+    """The command line knows which flags were typed: one the run would not use is refused even when its value
+    is the default (`--lora-r 8` without `--lora` used to pass silently)."""
+    import re
+
+    from mmcache.finetune.cli import main
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(sys, "argv", ["finetune", "run", "--dataset", "demo", "--image", "clip-tiny", *extra])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code not in (0, None) and not seen
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0].removeprefix("error: ")), err
+    # The same flags with what uses them pass.
+    monkeypatch.setattr(sys, "argv", ["finetune", "run", "--dataset", "demo", "--image", "clip-tiny", "--lora",
+                                      "--lora-r", "8"])
+    try:
+        main()
+    except SystemExit as e2:
+        assert not e2.code
+    assert seen and seen[-1].lora and seen[-1].lora_r == 8

@@ -303,3 +303,31 @@ def test_a_non_finite_logit_adjustment_reads_plainly(toy_cache: Path, tmp_path: 
     assert rc == 2
     line = one_error(capsys)
     assert "--logit-adjust must be a number (finite), got nan" in line and "-inf" not in line
+
+
+@pytest.mark.parametrize("hp", [{"D": 0}, {"D": 8}], ids=["stacked-probe", "per-config-loop"])
+def test_one_labelled_train_row_is_refused_on_every_path(tmp_path: Path, hp: dict[str, int]) -> None:
+    """A batch needs 2 rows: with one labelled train row nothing would train, on the stacked probe path as
+    on the per-config loop; both say so instead of returning an untrained head."""
+    import numpy as np
+
+    from mmcache.cache.store import FeatureStore, store_path
+    from mmcache.data.base import Dataset, LabelSpace, Sample
+    from mmcache.errors import MMCacheError
+    from mmcache.heads.train import TrainConfig, train
+
+    cache = tmp_path / "cache"
+    split = ["train"] * 3 + ["val"] * 4 + ["test"] * 4
+    label = [1, None, None, 0, 1, 0, 1, 0, 1, 0, 1]  # two of the three train rows are unlabelled
+    samples = [Sample(id=f"r{i:02d}", split=s, labels={} if y is None else {"label": y})
+               for i, (s, y) in enumerate(zip(split, label, strict=True))]
+    Dataset(name="t", samples=samples, labels=LabelSpace(tasks={"label": ["a", "b"]}), root=cache
+            ).write_manifest(cache / "t" / "manifest.json")
+    x = np.random.default_rng(0).normal(size=(len(samples), 4)).astype(np.float32)
+    with FeatureStore(store_path(cache, "t", "image", "f"), {"preset": "p"}, "t", capacity=len(samples),
+                      dtype="float32") as st:
+        st.write([s.id for s in samples], {"pooled": x})
+    cfg = TrainConfig(dataset="t", modalities={"image": "f"}, cache_dir=str(cache), head_hparams=hp, epochs=2,
+                      save=False, quiet=True)
+    with pytest.raises(MMCacheError, match=r"'t' has 1 labelled train row\(s\); a head needs at least 2"):
+        train(cfg)

@@ -117,6 +117,25 @@ def test_predict_csv(toy_cache: Path) -> None:
     assert acc == pytest.approx(r.metrics["test"]["label"]["accuracy"])
 
 
+def test_predict_refuses_a_store_rebuilt_with_another_spec(toy_cache: Path) -> None:
+    """A store rebuilt under the same name by another extractor holds features the head never saw: `heads
+    predict` refuses it (as `mmcache predict` does) instead of writing predictions from them."""
+    from mmcache.cache.store import FeatureStore, StoreReader, store_path
+
+    r = train(cfg(toy_cache, run_name="spec", epochs=2))
+    path = store_path(toy_cache, "toy", "image", "feat")
+    old = StoreReader(path)
+    ids, arrays = list(old.ids), {"pooled": old.load()["pooled"]}
+    path.unlink()
+    with FeatureStore(path, {"preset": "toy-image-v2", "d": 24}, "toy", capacity=len(ids)) as st:
+        st.write(ids, arrays)
+    out = toy_cache.parent / "pred.csv"
+    with pytest.raises(MMCacheError, match=r"store image/feat of 'toy' was rebuilt with another spec .* train the "
+                                           r"head again on this store"):
+        predict(r.run_dir, split="test", out=out)
+    assert not out.exists()
+
+
 def test_missing_rows_dropped_from_all_modalities_with_warning(make_cache: Callable[..., Path],
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     cache = make_cache(fail_ids=("r0001", "r0002"), skip_text=("r0003",))
