@@ -135,6 +135,7 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
     row: dict[str, Any] = {"config": name, **{k: v for k, v in overrides.items()}, "seed": seed,
                            **({"fold": fold} if fold is not None else {}),
                            "stores": "+".join(f"{m}-{s}" for m, s in cfg["modalities"].items()),
+                           "finetuned": finetuned_of(cfg["resolved"].get("store_specs") or {}),
                            "head": cfg["head"], "D": head_width(cfg["resolved"]["head_hparams"]), "lr": cfg["lr"],
                            f"val_{result.select['metric']}": result.select["value"]}
     for split in ("val", "test"):
@@ -147,6 +148,17 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
     if result.run_dir is not None:
         row["run_dir"] = str(result.run_dir)
     return row
+
+
+def finetuned_of(store_specs: dict[str, dict[str, Any]]) -> str:
+    """Whether a run's stores hold features of fine-tuned encoders (the reference tables' "fine-tuned?"): `no`,
+    or the fine-tuning mode (`full`, `lora`, `frozen`) of the stores extracted with `finetuned:RUN`; per
+    modality when they differ (`image:lora,text:no`)."""
+    modes = {tag.split("/")[0]: (s.get("spec") or {}).get("mode", "?")
+             if (s.get("spec") or {}).get("family") == "finetuned" else "no" for tag, s in store_specs.items()}
+    if len(set(modes.values())) <= 1:
+        return next(iter(modes.values()), "no")
+    return ",".join(f"{m}:{v}" for m, v in modes.items())
 
 
 def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
@@ -248,11 +260,11 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     return rows
 
 
-DESCRIBE = ("stores", "head", "D", "lr")  # columns that say what a config is (as the reference tables)
+DESCRIBE = ("stores", "finetuned", "head", "D", "lr")  # columns that say what a config is (as the reference tables)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per config: what it is (stores, head, D, lr), mean and standard deviation over seeds of every metric
+    """Per config: what it is (stores, finetuned, head, D, lr), mean and standard deviation over seeds of every metric
     column, and mean seconds; sorted best first by the validation metric that chose the epochs (test metrics
     are reported, never used to rank)."""
     groups: dict[str, list[dict[str, Any]]] = {}

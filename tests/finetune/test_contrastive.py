@@ -66,7 +66,7 @@ def test_the_loss_equals_a_reference_computation_on_a_fixed_batch(demo_dir: Path
     # CLIP's initial temperature 0.07: the scale is 1/0.07.
     assert float(model.contrastive.scale.detach()) == pytest.approx(1 / 0.07, rel=1e-6)
     want = _reference(pooled["image"], pooled["text"], 1 / 0.07)
-    assert float(loss) == pytest.approx(float(want), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
     assert float(loss) > 0
     # Without `keep` the model is the plain classifier.
     assert isinstance(model(batches, [s.id for s in rows]), dict)
@@ -94,7 +94,7 @@ def test_masking_by_class_leaves_out_the_other_rows(demo_dir: Path) -> None:
     assert 2 <= int(keep.sum()) < len(rows), "the fixed batch mixes kept and left-out rows"
     _, loss = model(batches, [s.id for s in rows], keep=keep)
     want = _reference(pooled["image"][keep], pooled["text"][keep], 1 / 0.07)
-    assert float(loss) == pytest.approx(float(want), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
     assert float(loss) != pytest.approx(float(_reference(pooled["image"], pooled["text"], 1 / 0.07)), rel=1e-3)
     # Left-out rows do not matter at all: scramble their embeddings, same loss and no gradient reaches them.
     a = pooled["image"].clone().requires_grad_(True)

@@ -149,3 +149,16 @@ def test_table_shows_chosen_columns() -> None:
     assert "test_weighted_f1" in md and "stores" in md  # the markdown file keeps every column
     with pytest.raises(MMCacheError, match=r"--columns: unknown column\(s\) \['nope'\]"):
         format_table(summary, columns=["nope"])
+
+
+def test_the_finetuned_column_names_the_mode_of_fine_tuned_stores() -> None:
+    """The reference tables' "fine-tuned?" column: `no` for pretrained encoders' stores, the fine-tuning mode of
+    stores extracted with `finetuned:RUN`, per modality when they differ."""
+    from mmcache.heads.sweep import finetuned_of
+
+    plain = {"spec": {"family": "clip", "preset": "clip"}}
+    lora = {"spec": {"family": "finetuned", "mode": "lora", "preset": "finetuned:/runs/demo/r"}}
+    assert finetuned_of({"image/clip": plain, "text/clip": plain}) == "no"
+    assert finetuned_of({"image/ft": lora, "text/ft": lora}) == "lora"
+    assert finetuned_of({"image/ft": lora, "text/clip": plain}) == "image:lora,text:no"
+    assert finetuned_of({}) == "no"
