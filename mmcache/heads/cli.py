@@ -57,6 +57,9 @@ def train_cmd(
     class_weights: Annotated[bool, typer.Option("--class-weights", help="Inverse-frequency class weights.")] = False,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
     oversample: Annotated[bool, typer.Option("--oversample", help="Draw train rows class-balanced.")] = False,
+    upsample: Annotated[list[str] | None, typer.Option(help="A cache over several datasets: NAME=K puts that source "
+                                                            "dataset's train rows K times into each epoch "
+                                                            "(repeatable).")] = None,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
     ema: Annotated[float, typer.Option(help="Decay of an exponential moving average of the weights (e.g. 0.999), "
                                             "evaluated, selected and saved instead of them (0 = off).")] = 0.0,
@@ -91,6 +94,7 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ) -> None:
     """Train a fusion head on cached features; writes runs/<dataset>/<run>/ and prints val/test metrics."""
+    from mmcache.data.combined import parse_upsample
     from mmcache.heads.train import TrainConfig, train
 
     given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
@@ -108,7 +112,8 @@ def train_cmd(
                       loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, warmup=warmup,
                       class_weights=class_weights, fold=fold,
-                      label_smoothing=label_smoothing, oversample=oversample, early_stopping=patience,
+                      label_smoothing=label_smoothing, oversample=oversample, upsample=parse_upsample(upsample),
+                      early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
                       overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust)
@@ -194,6 +199,9 @@ def sweep_cmd(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    upsample: Annotated[list[str] | None, typer.Option(help="A cache over several datasets: NAME=K puts that source "
+                                                            "dataset's train rows K times into each epoch "
+                                                            "(repeatable; grid key upsample={\"NAME\":K}).")] = None,
     select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
     ema: Annotated[float, typer.Option(help="Decay of the weights' moving average, evaluated and selected instead "
                                             "of them (0 = off; also a grid key: ema=0,0.999).")] = 0.0,
@@ -224,6 +232,7 @@ def sweep_cmd(
     the validation metric (mean +- std over seeds). Under torchrun, config groups are split across ranks."""
     import time
 
+    from mmcache.data.combined import parse_upsample
     from mmcache.heads.sweep import configs_from, format_table, load_grid_file, run_sweep, summarize
     from mmcache.heads.train import TrainConfig
 
@@ -238,7 +247,7 @@ def sweep_cmd(
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
                        epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
-                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust)
+                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust, upsample=parse_upsample(upsample))
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
     if folds is not None:  # a dataset with its own splits has no folds: say so once, before any config runs

@@ -190,7 +190,8 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     k_all = len(members)
     train_idx = _labelled_train(data)
     val_idx = data.split_index["val"]
-    n = len(train_idx)
+    orders = BatchOrders(members, data, train_idx)
+    n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
     device = train_idx.device
     with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
         head0.eval()
@@ -218,7 +219,6 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     done = 0
     for m in members:
         m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
-    orders = BatchOrders(members, data, train_idx)
     slots: dict[tuple[Any, ...], slice] = {}
     for j, m in enumerate(members):
         a = slots.get(m.order_key(), slice(j, j))

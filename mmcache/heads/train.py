@@ -63,6 +63,7 @@ from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
     from mmcache.heads.linear import LinearHead
+    from mmcache.manifest import Manifest
 
 __all__ = ["TrainConfig", "RunResult", "train", "train_many", "predict", "load_run", "predict_logits",
            "quick_metrics", "parse_select", "results_table", "default_threads"]
@@ -96,6 +97,7 @@ class TrainConfig:
     class_weights: bool = False
     label_smoothing: float = 0.0
     oversample: bool = False
+    upsample: dict[str, int] = field(default_factory=dict)  # source dataset -> K: its train rows K times per epoch
     early_stopping: int = 0  # patience in epochs without a better validation metric; 0 = off
     select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
     seed: int = 0
@@ -191,9 +193,12 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.warmup and cfg.schedule != "cosine":
         raise MMCacheError(f"--warmup warms up the cosine schedule; --schedule {cfg.schedule} has none: drop --warmup "
                            "or use --schedule cosine")
+    if not isinstance(cfg.upsample, dict) or any(
+            not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in cfg.upsample.values()):
+        raise MMCacheError(f"--upsample takes NAME=K with K a whole number >= 1 (e.g. mmhs150k=2), got {cfg.upsample!r}")
     if cfg.solver == "lbfgs":  # one full-batch fit per penalty: minibatch options would be ignored
         ignored = [flag for flag, on in (("--oversample", cfg.oversample), ("--patience", cfg.early_stopping),
-                                         ("--weight-decay", cfg.weight_decay)) if on]
+                                         ("--weight-decay", cfg.weight_decay), ("--upsample", cfg.upsample)) if on]
         if ignored:
             raise MMCacheError(f"{', '.join(ignored)}: --solver lbfgs fits full batch with the L2 penalties of "
                                "--l2-grid; drop it or use --solver adam")
@@ -280,7 +285,8 @@ class Member:
 
     def order_key(self) -> tuple[Any, ...]:
         """Members with the same key see the same batches (same seed, same sampling)."""
-        return (self.cfg.seed, self.cfg.oversample, self.sel_task if self.cfg.oversample else None)
+        return (self.cfg.seed, self.cfg.oversample, self.sel_task if self.cfg.oversample else None,
+                tuple(sorted(self.cfg.upsample.items())))
 
     def rng_in(self) -> None:
         torch.set_rng_state(self.rng)
@@ -311,6 +317,7 @@ def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     tau = reference_tau(head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
     offsets = logit_offsets(data.class_counts("train"), tau, data.labels.tasks)
+    check_upsample(data, cfg.upsample)
     return Member(cfg=cfg, data=data, head=head, crit=crit, sel_task=sel_task, sel_metric=sel_metric,
                   rng=torch.get_rng_state(), cuda_rng=cuda_rng, tau=tau, offsets=offsets)
 
@@ -332,11 +339,39 @@ def _labelled_train(data: CachedData) -> torch.Tensor:
     return out
 
 
+def check_upsample(data: CachedData, upsample: dict[str, int]) -> None:
+    """Refuse an `--upsample` name that is not a source dataset of `data`, listing its sources."""
+    man = data.manifest
+    known = list(dict.fromkeys(s for s in (man.row_sources if man is not None else []) if s is not None))
+    unknown = [n for n in upsample if n not in known]
+    if unknown:
+        raise MMCacheError(f"--upsample {unknown[0]}: not a source dataset of {data.dataset!r}"
+                           + (f"; its sources are {', '.join(known)}" if known else
+                              "; upsampling weights the datasets of a cache extracted from several (mmcache extract "
+                              "--dataset a,b --label-map FILE)"))
+
+
+def upsample_pool(data: CachedData, train_idx: torch.Tensor, upsample: dict[str, int]) -> torch.Tensor | None:
+    """The positions (into `train_idx`) one epoch draws from with `--upsample NAME=K`: each train row of source
+    dataset NAME K times, the others once, in row order (as `finetune run`'s pool); None without upsampling.
+    A name that is not a source of the dataset is an error listing its sources."""
+    if not upsample:
+        return None
+    check_upsample(data, upsample)
+    man = cast("Manifest", data.manifest)
+    src_of = dict(zip(man.ids, man.row_sources, strict=True))
+    times = torch.tensor([upsample.get(src_of.get(data.ids[int(i)]) or "", 1) for i in train_idx.tolist()])
+    return torch.repeat_interleave(torch.arange(len(train_idx)), times).to(train_idx.device)
+
+
 class BatchOrders:
-    """One permutation per epoch per (seed, sampling) key, from a generator seeded like a single run."""
+    """One permutation per epoch per (seed, sampling) key, from a generator seeded like a single run. With
+    `--upsample` (the same for every member: it is part of the lockstep group's key) an epoch permutes the
+    upsampled pool of rows; `n` is the rows one epoch trains on."""
 
     def __init__(self, members: list[Member], data: CachedData, train_idx: torch.Tensor) -> None:
-        self.n = len(train_idx)
+        self.pool = upsample_pool(data, train_idx, members[0].cfg.upsample)
+        self.n = len(train_idx) if self.pool is None else len(self.pool)
         self.train_idx = train_idx
         self.gens: dict[tuple[Any, ...], torch.Generator] = {}
         self.weights: dict[tuple[Any, ...], torch.Tensor | None] = {}
@@ -350,7 +385,9 @@ class BatchOrders:
                 # Each row drawn with probability 1/count(its class in the selection task): classes come up equally.
                 y = data.targets[m.sel_task][train_idx].cpu()
                 counts = torch.bincount(y[y != IGNORE], minlength=data.tasks[m.sel_task]).double()
-                w = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(self.n).double())
+                w = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(len(y)).double())
+                if self.pool is not None:
+                    w = w[self.pool.cpu()]
             self.weights[key] = w
 
     def epoch(self) -> dict[tuple[Any, ...], torch.Tensor]:
@@ -358,8 +395,9 @@ class BatchOrders:
         out = {}
         for key, gen in self.gens.items():
             w = self.weights[key]
-            out[key] = torch.multinomial(w, self.n, replacement=True, generator=gen) if w is not None \
+            order = torch.multinomial(w, self.n, replacement=True, generator=gen) if w is not None \
                 else torch.randperm(self.n, generator=gen)
+            out[key] = order if self.pool is None else self.pool.cpu()[order]
         return out
 
 
@@ -369,7 +407,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
     cfg0 = members[0].cfg
     device = data.targets[members[0].sel_task].device
     train_idx = _labelled_train(data)
-    n = len(train_idx)
+    orders = BatchOrders(members, data, train_idx)
+    n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
     spe = steps_per_epoch(n, cfg0.batch_size)
     total_steps = cfg0.epochs * spe
     for m in members:
@@ -378,7 +417,6 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         m.sched = Schedule(m.cfg.schedule, m.opt, total_steps, int(m.cfg.warmup * total_steps), m.selector.mode)
         m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
     tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
-    orders = BatchOrders(members, data, train_idx)
     val_idx = data.split_index["val"]
     val_chunks = [data.batch(val_idx[s:s + EVAL_BATCH]) for s in range(0, len(val_idx), EVAL_BATCH)]
     teacher = data.teacher
@@ -620,7 +658,7 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
             if m.cfg.solver == "lbfgs":
                 groups[("lbfgs", i)] = [i]
                 continue
-            gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size)
+            gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size, tuple(sorted(m.cfg.upsample.items())))
             groups.setdefault(gkey, []).append(i)
         if any(m.cfg.solver != "lbfgs" for m in members.values()):
             importlib.import_module("torch._dynamo")  # the first torch optimizer imports it: seconds, not fitting

@@ -26,8 +26,9 @@ torch.set_num_threads(1)
 def build_cache(cache: Path, dataset: str = "toy", n: int = 600, d_img: int = 24, d_txt: int = 16, seed: int = 0,
                 noise: float = 0.25, fail_ids: tuple[str, ...] = (), skip_text: tuple[str, ...] = (),
                 second_task: bool = False, teacher: bool = False, splits: tuple[str, ...] = ("train", "val", "test"),
-                tokens: bool = False, majority: float = 0.0) -> dict[str, np.ndarray]:
-    """Write cache/<dataset>/{image,text}/feat.h5 and the manifest; return the latent scores and labels."""
+                tokens: bool = False, majority: float = 0.0, sources: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Write cache/<dataset>/{image,text}/feat.h5 and the manifest; return the latent scores and labels.
+    `sources`: row i comes from source dataset sources[i % len(sources)] (a cache over several datasets)."""
     rng = np.random.default_rng(seed)
     s_img = rng.integers(-1, 2, n)
     s_txt = rng.integers(-1, 2, n)
@@ -51,7 +52,8 @@ def build_cache(cache: Path, dataset: str = "toy", n: int = 600, d_img: int = 24
         labels = {"label": int(label[i])}
         if second_task:
             labels["image_score"] = int(s_img[i] + 1)
-        samples.append(Sample(id=ids[i], split=str(split[i]), labels=labels))
+        samples.append(Sample(id=ids[i], split=str(split[i]), labels=labels,
+                              source=sources[i % len(sources)] if sources else None))
     ds = Dataset(name=dataset, samples=samples, labels=LabelSpace(tasks=tasks), root=cache)
     ds.write_manifest(cache / dataset / "manifest.json")
     for mod, arr, skip in (("image", img, fail_ids), ("text", txt, skip_text)):
