@@ -36,7 +36,7 @@ from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, check_options
 from mmcache.extract.roberta import _is_path, hf_weights_spec
 from mmcache.extract.runner import Request, parse_requests
-from mmcache.extract.weights import hf_loading
+from mmcache.extract.weights import hf_loading, hub_revision
 
 CAPTIONS = "captions"  # the store folder: cache/<dataset>/captions/<name>.h5
 KEY = "caption"  # the store's one array: UTF-8 bytes, zero padded
@@ -126,11 +126,13 @@ def load_blip(cfg: dict[str, Any], example: str) -> tuple[Any, Any]:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     name = str(cfg["model"])
+    rev = hub_revision(cfg, name, _is_path(name))
     if name == "tiny":
         return tiny_blip(cfg["tiny"], int(cfg.get("seed", 0)))
-    with hf_loading(name, _is_path(name), example, f"BLIP {name!r}", "the model and its processor") as cache_only:
-        processor = BlipProcessor.from_pretrained(name, local_files_only=cache_only)
-        model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=cache_only)
+    with hf_loading(name, _is_path(name), example, f"BLIP {name!r}" + (f" at revision {rev}" if rev else ""),
+                    "the model and its processor") as cache_only:
+        processor = BlipProcessor.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
+        model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
     return model.eval(), processor
 
 
@@ -150,7 +152,7 @@ class BlipCaptioner(Extractor):
 
     family = "blip"
     modalities = (CAPTIONS,)
-    options = ("model", "tiny", "seed", "beams", "max_new_tokens", "min_new_tokens")
+    options = ("model", "revision", "tiny", "seed", "beams", "max_new_tokens", "min_new_tokens")
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str = CAPTIONS) -> None:
         super().__init__(preset, config, modality)

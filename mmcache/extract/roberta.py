@@ -17,7 +17,7 @@ import torch
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.weights import hf_loading, weights_sha256
+from mmcache.extract.weights import hf_loading, hub_revision, weights_sha256
 
 POOLINGS = ("cls", "pooler", "mean", "sum4")
 
@@ -118,6 +118,7 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
 
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
     name = str(cfg["model"])
+    rev = hub_revision(cfg, name, _is_path(name))
     if name == "tiny":
         from transformers import RobertaForSequenceClassification, RobertaModel
 
@@ -131,9 +132,10 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
     local = _is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained (model and tokenizer)")
-    with hf_loading(name, local, example, f"{name!r}", "the model and tokenizer") as cache_only:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
-        model = auto.from_pretrained(name, local_files_only=cache_only)
+    with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),
+                    "the model and tokenizer") as cache_only:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
+        model = auto.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
     return model.eval(), tok
 
 
@@ -150,7 +152,7 @@ class RobertaExtractor(Extractor):
     """A transformers encoder: `pooled` by cls / pooler / mean / sum4, `tokens` of the last layer + mask."""
 
     modalities = ("text", "context")
-    options = ("model", "tiny", "seed", "pooling", "max_length", "tokens")
+    options = ("model", "revision", "tiny", "seed", "pooling", "max_length", "tokens")
     choices = {"pooling": POOLINGS, "tokens": (True, False)}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:

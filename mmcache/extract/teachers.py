@@ -57,7 +57,7 @@ class NliTeacher(Extractor):
     """Entailment logits of one hypothesis per class, with the sample text as premise (and its entity)."""
 
     modalities = ("teacher",)
-    options = ("model", "tiny", "seed", "max_length", "templates", "entail_index", *TEACHER_OPTIONS)
+    options = ("model", "revision", "tiny", "seed", "max_length", "templates", "entail_index", *TEACHER_OPTIONS)
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)

@@ -30,7 +30,7 @@ from torch import nn
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, register_family, register_preset
 from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec, tokenize
-from mmcache.extract.weights import hf_loading
+from mmcache.extract.weights import hf_loading, hub_revision
 
 PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -60,6 +60,7 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     from transformers import AutoTokenizer, VisualBertConfig, VisualBertModel
 
     name = str(cfg["model"])
+    rev = hub_revision(cfg, name, _is_path(name))
     if name == "tiny":
         tok = tiny_bert_tokenizer(int(cfg["tiny"].get("vocab_size", 1000)))
         conf = VisualBertConfig(**{**cfg["tiny"], "vocab_size": len(tok)}, visual_embedding_dim=visual_dim,
@@ -71,13 +72,14 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     local = _is_path(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
-    with hf_loading(name, local, example, f"{name!r}", "the model") as cache_only:
-        conf = VisualBertConfig.from_pretrained(name, local_files_only=cache_only)
+    with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),
+                    "the model") as cache_only:
+        conf = VisualBertConfig.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
         model = VisualBertModel.from_pretrained(name, local_files_only=cache_only, visual_embedding_dim=visual_dim,
-                                                ignore_mismatched_sizes=True)
+                                                ignore_mismatched_sizes=True, revision=rev or "main")
         # The model's own tokenizer (a folder's, or a Hub repo's) wins; else the `tokenizer` option (the public
         # VisualBERT checkpoints ship none: `bert-base-uncased`, the tokenizer they were trained with).
-        own = _ships_tokenizer(name, local, cache_only)
+        own = _ships_tokenizer(name, local, cache_only, rev)
     tok_name = name if own else str(cfg.get("tokenizer") or name)
     if not own and not cfg.get("tokenizer"):
         raise MMCacheError(f"{name} holds no tokenizer ({' / '.join(TOKENIZER_FILES)}); save one there or pass "
@@ -86,15 +88,17 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
         cfg["tokenizer"] = name  # the spec names the tokenizer the features were computed with
     tok_local = _is_path(tok_name)
     tok_example = example.replace("]", f",tokenizer=/models/{tok_name.rstrip('/').rsplit('/', 1)[-1]}]")
+    tok_rev = rev if own else None  # the revision pins the model repo (and the tokenizer it ships)
     with hf_loading(tok_name, tok_local, tok_example, f"the tokenizer {tok_name!r}", "the tokenizer") as cache_only:
-        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=cache_only or tok_local)
+        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=cache_only or tok_local,
+                                            revision=tok_rev or "main")
     if int(conf.visual_embedding_dim) != visual_dim:
         print(f"note: {name} was trained on {conf.visual_embedding_dim}-d region features, the store holds "
               f"{visual_dim}-d ones: its visual projection starts from a new random init", file=sys.stderr)
     return model, tok
 
 
-def _ships_tokenizer(name: str, local: bool, cache_only: bool) -> bool:
+def _ships_tokenizer(name: str, local: bool, cache_only: bool, revision: str | None = None) -> bool:
     """Whether model folder or Hub repo `name` holds a tokenizer (looked up in the Hugging Face cache when the Hub
     cannot be used)."""
     if local:
@@ -102,8 +106,8 @@ def _ships_tokenizer(name: str, local: bool, cache_only: bool) -> bool:
     from huggingface_hub import file_exists, try_to_load_from_cache
 
     if cache_only:
-        return any(isinstance(try_to_load_from_cache(name, f), str) for f in TOKENIZER_FILES)
-    return any(file_exists(name, f) for f in TOKENIZER_FILES)
+        return any(isinstance(try_to_load_from_cache(name, f, revision=revision), str) for f in TOKENIZER_FILES)
+    return any(file_exists(name, f, revision=revision) for f in TOKENIZER_FILES)
 
 
 @register_family("visualbert")
@@ -114,7 +118,7 @@ class VisualBertExtractor(Extractor):
     modalities = ("text", "context")
     # Arrays this family reads from another modality's feature store at forward time.
     consumes: ClassVar[dict[str, tuple[str, ...]]] = {"image": ("tokens", "boxes", "mask")}
-    options = ("model", "tiny", "seed", "tokenizer", "max_length", "visual_dim", "boxes", "tokens")
+    options = ("model", "revision", "tiny", "seed", "tokenizer", "max_length", "visual_dim", "boxes", "tokens")
     choices = {"boxes": (True, False), "tokens": (True, False)}
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:

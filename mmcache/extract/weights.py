@@ -183,6 +183,23 @@ def offline_hint(what: str, reason: str, local: str) -> str:
             f"and pass the local copy, e.g. {local}{tail}")
 
 
+def hub_revision(cfg: dict[str, Any], name: str, local: bool) -> str | None:
+    """The preset's `revision` option pinning Hub model `name` (a commit sha, tag or branch, e.g.
+    `roberta[revision=8b9a8a1]`), None when not set (the Hub's `main`). The option is part of the store's spec,
+    so features of another revision never mix into the store. A local folder is pinned by its
+    `weights_sha256` instead: `revision` on one is refused."""
+    rev = cfg.get("revision")
+    if rev is None:
+        return None
+    if not isinstance(rev, str) or not rev.strip():
+        raise MMCacheError(f"revision={rev!r}: give a Hub commit sha, tag or branch, e.g. revision=main")
+    if local or name == "tiny":
+        raise MMCacheError(f"revision={rev} pins a Hugging Face Hub model; {name!r} is "
+                           + ("a random init" if name == "tiny" else "a local folder, pinned by its weights' sha256")
+                           + ": drop revision")
+    return rev.strip()
+
+
 @contextmanager
 def hf_loading(name: str, local: bool, example: str, label: str, saves: str) -> Iterator[bool]:
     """Around Hugging Face `from_pretrained` calls of model `name`: yields their `local_files_only` (True when
@@ -198,4 +215,4 @@ def hf_loading(name: str, local: bool, example: str, label: str, saves: str) -> 
                            f"(save_pretrained) and pass the folder, e.g. {example}") from None
 
 
-__all__ = ["hf_loading", "hub_offline", "hub_reachable", "offline_hint", "user_cache_dir", "weights_sha256"]
+__all__ = ["hf_loading", "hub_offline", "hub_revision", "hub_reachable", "offline_hint", "user_cache_dir", "weights_sha256"]

@@ -163,3 +163,46 @@ def test_blip_missing_offline_is_the_one_line_hint(hub_cache: Callable) -> None:
     assert msg.startswith("'Salesforce/blip-image-captioning-large' is not in the Hugging Face cache and "
                           "HF_HUB_OFFLINE is set")
     assert "--caption blip-large[model=/models/blip-image-captioning-large]" in msg
+
+
+def test_a_hub_model_pinned_to_a_revision_loads_that_snapshot_and_keys_the_store(hub_cache: Callable) -> None:
+    """`revision=` pins a Hub model: it loads that snapshot, it is part of the spec (so features of another
+    revision never mix into a store), and a revision the cache lacks is the one-line offline hint."""
+    src = build_extractor("roberta-tiny", "text")
+
+    def save(d: Path) -> None:
+        src.model.save_pretrained(d)
+        src.tokenizer.save_pretrained(d)
+
+    hub_cache("org/tiny-roberta", save)
+    plain = build_extractor("hf:org/tiny-roberta", "text")
+    pinned = build_extractor("hf:org/tiny-roberta", "text", revision=REV)
+    assert "revision" not in plain.spec and pinned.spec["revision"] == REV
+    assert pinned.spec_hash() != plain.spec_hash()
+    got = pinned.model.state_dict()
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(got[k], v), k
+    with pytest.raises(MMCacheError) as err:
+        build_extractor("hf:org/tiny-roberta", "text", revision="f" * 40)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("'org/tiny-roberta' is not in the Hugging Face cache and HF_HUB_OFFLINE")
+    # A captioner and VisualBERT take the same option.
+    blip = build_captioner("blip-tiny", max_new_tokens=8)
+    hub_cache("org/blip", lambda d: (blip.model.save_pretrained(d), blip.processor.save_pretrained(d)))
+    assert build_captioner("blip", model="org/blip", revision=REV, max_new_tokens=8).spec["revision"] == REV
+
+
+@pytest.mark.parametrize(("preset", "message"), [
+    ("roberta-tiny", r"^revision=abc pins a Hugging Face Hub model; 'tiny' is a random init: drop revision$"),
+    ("visualbert-tiny", r"^revision=abc pins a Hugging Face Hub model; 'tiny' is a random init"),
+])
+def test_a_revision_on_what_is_not_a_hub_model_is_refused(preset: str, message: str, tmp_path: Path) -> None:
+    kw = {"visual_dim": 12} if preset.startswith("visualbert") else {}
+    with pytest.raises(MMCacheError, match=message):
+        build_extractor(preset, "text", revision="abc", **kw)
+    folder = tmp_path / "rob"
+    src = build_extractor("roberta-tiny", "text")
+    src.model.save_pretrained(folder)
+    src.tokenizer.save_pretrained(folder)
+    with pytest.raises(MMCacheError, match=r"is a local folder, pinned by its weights' sha256: drop revision"):
+        build_extractor(str(folder), "text", revision="abc")
