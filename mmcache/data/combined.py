@@ -214,8 +214,12 @@ def sources(samples: Sequence[Sample]) -> list[str]:
     return list(dict.fromkeys(s.source for s in samples if s.source is not None))
 
 
+# An epoch holds K copies of a source's rows: past this, a typo (mmhs150k=20000) would exhaust memory, not train.
+MAX_UPSAMPLE = 1000
+
+
 def parse_upsample(items: Sequence[str] | str | None) -> dict[str, int]:
-    """`NAME=K` (repeatable or comma-separated) -> {source: K}; K a whole number >= 1."""
+    """`NAME=K` (repeatable or comma-separated) -> {source: K}; K a whole number from 1 to `MAX_UPSAMPLE`."""
     out: dict[str, int] = {}
     for item in [items] if isinstance(items, str) else items or []:
         for part in item.split(","):
@@ -225,8 +229,9 @@ def parse_upsample(items: Sequence[str] | str | None) -> dict[str, int]:
                 k = int(value.strip())
             except ValueError:
                 k = 0
-            if not sep or not key or k < 1:
-                raise MMCacheError(f"--upsample {part!r}: write NAME=K with K a whole number >= 1, e.g. mmhs150k=2")
+            if not sep or not key or not 1 <= k <= MAX_UPSAMPLE:
+                raise MMCacheError(f"--upsample {part!r}: write NAME=K with K a whole number from 1 to {MAX_UPSAMPLE}, "
+                                   "e.g. mmhs150k=2")
             if key in out:
                 raise MMCacheError(f"--upsample names {key!r} twice; give it once")
             out[key] = k
@@ -245,6 +250,6 @@ def epoch_pool(samples: Sequence[Sample], upsample: Mapping[str, int]) -> list[S
                            + (f"; its sources are {', '.join(known)}" if known else
                               "; upsampling weights the datasets of a run over several (--dataset a,b)"))
     for n, k in upsample.items():
-        if not isinstance(k, int) or k < 1:
-            raise MMCacheError(f"--upsample {n}={k!r}: K must be a whole number >= 1")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_UPSAMPLE:
+            raise MMCacheError(f"--upsample {n}={k!r}: K must be a whole number from 1 to {MAX_UPSAMPLE}")
     return [s for s in samples for _ in range(upsample.get(s.source or "", 1))]

@@ -39,8 +39,11 @@ def run(
     context_store: Annotated[str | None, typer.Option(help=f"Read the context features from {_STORE}")] = None,
     video_store: Annotated[str | None, typer.Option(help=f"Read the video features from {_STORE}")] = None,
     audio_store: Annotated[str | None, typer.Option(help=f"Read the audio features from {_STORE}")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<dataset>); several datasets: a "
-                                                       "folder holding each one's, or NAME=PATH,NAME=PATH.")] = None,
+    # Text, not a Path: streamed shards may be URLs (https://host/train-{000000..000099}.tar, pipe:...), which a
+    # path would mangle ("https:/host").
+    data_dir: Annotated[str | None, typer.Option(help="Dataset folder (default data/<dataset>); several datasets: a "
+                                                      "folder holding each one's, or NAME=PATH,NAME=PATH; with "
+                                                      "--stream, shards: a brace pattern, glob, folder or URL.")] = None,
     context_from: Annotated[str | None, typer.Option(
         help="captions/NAME: the context text --context reads (default: the dataset's own, else its captions).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder holding the feature stores (--*-store) and captions "
@@ -49,7 +52,7 @@ def run(
                                                           "--data-dir names the training shards ('train-{000000..000099}"
                                                           ".tar', a glob or a folder), --val-data the validation "
                                                           "shards.")] = False,
-    val_data: Annotated[Path | None, typer.Option(help="With --stream: the folder of validation (and test) shards, "
+    val_data: Annotated[str | None, typer.Option(help="With --stream: the folder of validation (and test) shards, "
                                                        "read unpacked by the webdataset adapter.")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="With --stream: optimizer steps per epoch (default: the "
                                                              "samples sizes.json beside the shards counts).")] = None,

@@ -193,9 +193,12 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.warmup and cfg.schedule != "cosine":
         raise MMCacheError(f"--warmup warms up the cosine schedule; --schedule {cfg.schedule} has none: drop --warmup "
                            "or use --schedule cosine")
+    from mmcache.data.combined import MAX_UPSAMPLE
+
     if not isinstance(cfg.upsample, dict) or any(
-            not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in cfg.upsample.values()):
-        raise MMCacheError(f"--upsample takes NAME=K with K a whole number >= 1 (e.g. mmhs150k=2), got {cfg.upsample!r}")
+            not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_UPSAMPLE for k in cfg.upsample.values()):
+        raise MMCacheError(f"--upsample takes NAME=K with K a whole number from 1 to {MAX_UPSAMPLE} (e.g. mmhs150k=2), "
+                           f"got {cfg.upsample!r}")
     if cfg.solver == "lbfgs":  # one full-batch fit per penalty: minibatch options would be ignored
         ignored = [flag for flag, on in (("--oversample", cfg.oversample), ("--patience", cfg.early_stopping),
                                          ("--weight-decay", cfg.weight_decay), ("--upsample", cfg.upsample)) if on]

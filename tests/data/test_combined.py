@@ -117,8 +117,11 @@ def test_upsample_repeats_a_sources_training_rows(tmp_path: Path) -> None:
     assert Counter(s.source for s in pool) == {"mmhs150k": 10, "fakeddit": 5}
     assert Counter(s.id for s in pool)["mmhs150k/tr1"] == 2 and Counter(s.id for s in pool)["fakeddit/ftr1"] == 1
     assert parse_upsample("mmhs150k=3,fakeddit=1") == {"mmhs150k": 3, "fakeddit": 1}
-    with pytest.raises(MMCacheError, match="K a whole number >= 1"):
-        parse_upsample(["mmhs150k=0.5"])
+    for bad in ("mmhs150k=0.5", "mmhs150k=0", "mmhs150k=1001"):  # a K past 1000 would exhaust memory, not train
+        with pytest.raises(MMCacheError, match="K a whole number from 1 to 1000"):
+            parse_upsample([bad])
+    with pytest.raises(MMCacheError, match="K must be a whole number from 1 to 1000"):
+        epoch_pool(train, {"mmhs150k": 10**9})
     with pytest.raises(MMCacheError, match="not a source dataset of this run; its sources are mmhs150k, fakeddit"):
         epoch_pool(train, {"mvsa": 2})
 

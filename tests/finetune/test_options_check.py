@@ -292,3 +292,19 @@ def test_a_flag_the_run_would_not_use_is_refused_even_at_its_default(
     except SystemExit as e2:
         assert not e2.code
     assert seen and seen[-1].lora and seen[-1].lora_r == 8
+
+
+def test_shard_urls_reach_the_run_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--data-dir` is text, not a path: a URL of streamed shards keeps its `//` (a path would make it `https:/`)."""
+    from mmcache.finetune.cli import main
+
+    seen: list[FinetuneConfig] = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg: seen.append(cfg))
+    url = "https://example.org/shards/train-{000000..000009}.tar"
+    monkeypatch.setattr(sys, "argv", ["finetune", "run", "--dataset", "webdataset", "--image", "clip-tiny", "--stream",
+                                      "--data-dir", url, "--val-data", "shards//val"])
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code
+    assert seen[-1].data_dir == url and seen[-1].val_data == "shards//val"

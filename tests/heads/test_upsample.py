@@ -71,7 +71,8 @@ def test_upsampled_configs_in_a_sweep_equal_their_single_runs(two_source_cache: 
 @pytest.mark.parametrize(("options", "message"), [
     ({"upsample": {"twitter": 2}}, r"^--upsample twitter: not a source dataset of 'toy'; its sources are mmhs, "
                                    r"fakeddit$"),
-    ({"upsample": {"mmhs": 0}}, r"^--upsample takes NAME=K with K a whole number >= 1"),
+    ({"upsample": {"mmhs": 0}}, r"^--upsample takes NAME=K with K a whole number from 1 to 1000"),
+    ({"upsample": {"mmhs": 10**9}}, r"^--upsample takes NAME=K with K a whole number from 1 to 1000"),
     ({"upsample": {"mmhs": 2}, "solver": "lbfgs"}, r"^--upsample: --solver lbfgs fits full batch"),
 ])
 def test_bad_upsampling_is_one_line(two_source_cache: Path, options: dict[str, object], message: str) -> None:
@@ -106,4 +107,4 @@ def test_command_line_upsample(two_source_cache: Path, tmp_path: Path, monkeypat
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2
-    assert "--upsample 'mmhs': write NAME=K with K a whole number >= 1" in capsys.readouterr().err
+    assert "--upsample 'mmhs': write NAME=K with K a whole number from 1 to 1000" in capsys.readouterr().err
