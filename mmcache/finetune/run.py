@@ -879,6 +879,12 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
     srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
     pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample
     n_train = stream.epoch_samples if stream else len(pool)  # training samples per epoch
+    # The criterion needs only the classes and their train counts: built before any encoder loads, so a loss
+    # option out of range fails in seconds, not after the models are read.
+    n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
+    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool or val_s if t in s.labels], dtype=torch.long),
+                                minlength=n) for t, n in n_classes.items()}
+    crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options)
 
     encoders = {m: build_encoder(m, p, **fixed.get(m, {})) for m, p in cfg.encoders.items()}
     if context_from is not None:
@@ -907,7 +913,6 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         feats = encode(encoders, got[1], cached, got[0], torch.device("cpu"))
     keys = getattr(HEADS[head_name], "uses", None)
     inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}
-    n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
     seed_everything(cfg.seed)
     head = build_head(head_name, inputs, n_classes, cfg.head_hparams)
     if init is not None:
@@ -920,9 +925,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
                       f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
     contrastive, pair = build_contrastive(cfg, feats)
     model = LiveModel(encoders, head, cached, contrastive, pair).to(device)
-    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool or val_s if t in s.labels], dtype=torch.long),
-                                minlength=n) for t, n in n_classes.items()}
-    crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options).to(device)
+    crit = crit.to(device)
     from mmcache.heads.train import reference_tau
 
     tau = reference_tau(head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)

@@ -308,3 +308,18 @@ def test_shard_urls_reach_the_run_unchanged(monkeypatch: pytest.MonkeyPatch) -> 
     except SystemExit as e:
         assert not e.code
     assert seen[-1].data_dir == url and seen[-1].val_data == "shards//val"
+
+
+def test_a_loss_option_out_of_range_fails_before_any_encoder_loads(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The criterion is built from the classes and train counts alone, before the encoders: a bad loss option
+    costs seconds, not a model load."""
+    from mmcache.data.demo import generate_demo
+
+    def no_encoder(*args: object, **kw: object) -> None:
+        raise AssertionError("an encoder was loaded before the loss options were checked")
+
+    monkeypatch.setattr(ft, "build_encoder", no_encoder)
+    demo = generate_demo(tmp_path / "demo", n=40, seed=3)
+    with pytest.raises(MMCacheError, match=r"label_smoothing"):
+        finetune(_cfg(tmp_path, data_dir=str(demo), epochs=1, loss_options={"label_smoothing": 1.5}))
