@@ -20,7 +20,8 @@ COLUMNS = ("run", "kind", "dataset", "stores", "head", "D", "lr", "fold", "seed"
            "test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc", "seconds", "date")
 METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc")
 ASCENDING = {"run", "kind", "dataset", "stores", "head", "select", "seconds"}  # sorted low to high; others high first
-GROUP = ("dataset", "stores", "head")  # --best keeps the best run of each
+# --best keeps the best run of each; runs selected by different metrics (accuracy, loss, ...) are not compared.
+GROUP = ("dataset", "stores", "head", "select")
 
 
 def head_width(hparams: dict[str, Any]) -> Any:
@@ -139,22 +140,24 @@ def _matches(value: Any, want: str) -> bool:
 
 def sort_rows(rows: list[dict[str, Any]], column: str | None) -> list[dict[str, Any]]:
     """Rows by `column` (metrics high first, `seconds` and names low first, dates newest first); rows without a
-    value last. Default: newest first."""
+    value last. Default: newest first. `val` holds each run's own selection metric: rows are grouped by it, each
+    group best first (a loss low first)."""
     column = column or "date"
     if rows and column not in rows[0]:
         raise MMCacheError(f"--sort {column!r}: unknown column; choose one of {', '.join(COLUMNS)}")
     present = [r for r in rows if r.get(column) is not None]
     missing = [r for r in rows if r.get(column) is None]
     reverse = column not in ASCENDING
-    if column == "val":  # each run's own selection metric: a loss is better low
-        present.sort(key=lambda r: -r["val"] if r["_metric"] == "loss" else r["val"], reverse=True)
+    if column == "val":  # grouped by selection metric (values of different metrics do not compare), best first
+        present.sort(key=lambda r: r["val"] if r["_metric"] == "loss" else -r["val"])
+        present.sort(key=lambda r: str(r["select"]))
     else:
         present.sort(key=lambda r: r[column], reverse=reverse)
     return present + missing
 
 
 def best_per_group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The run with the best validation selection value of each (dataset, stores, head) group."""
+    """The run with the best validation selection value of each (dataset, stores, head, selection metric) group."""
     best: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in rows:
         if r.get("val") is None or (isinstance(r["val"], float) and math.isnan(r["val"])):
