@@ -25,6 +25,8 @@ class Head(nn.Module):
     """Base class of fusion heads; subclasses implement `forward(features) -> {task: logits}`."""
 
     name: str = ""
+    # Size hyperparameters that must be whole numbers >= 1 (a width, a count of heads, layers or bands).
+    positive: tuple[str, ...] = ()
 
     def __init__(self, inputs: InputSpec, tasks: dict[str, int], **hparams: Any) -> None:
         super().__init__()
@@ -84,6 +86,10 @@ def build_head(name: str, inputs: InputSpec, tasks: dict[str, int], hparams: dic
     check_hparams(name, cls, hparams or {})
     try:
         return cls(inputs, tasks, **(hparams or {}))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a value the checks above cannot see is wrong
+        given = ", ".join(f"{k}={v!r}" for k, v in (hparams or {}).items()) or "its defaults"
+        raise MMCacheError(f"head {name!r} cannot be built with {given}: {type(e).__name__}: "
+                           f"{' '.join(str(e).split())}") from None
     except (MemoryError, RuntimeError) as e:
         oom = out_of_memory(e)
         if oom is None:
@@ -111,6 +117,9 @@ def check_hparams(name: str, cls: HeadClass, hparams: dict[str, Any]) -> None:
     if unknown:
         raise MMCacheError(f"head {name!r}: unknown hyperparameters {unknown}; it takes: {listing}")
     for key, value in hparams.items():
+        if key in cls.positive and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MMCacheError(f"head {name!r}: {key} must be a whole number >= 1, got {value!r} "
+                               f"(default {known[key]!r})")
         default = known[key]
         ok = True
         if isinstance(default, bool):

@@ -72,6 +72,7 @@ class GatedHead(Head):
     """Gated fusion of pooled features: sum_m w_m(all inputs) * proj_m(pooled_m), then a classifier per task."""
 
     uses = ("pooled",)  # arrays the trainer loads per store
+    positive = ("D",)
 
     def __init__(self, inputs: InputSpec, tasks: dict[str, int], D: int = 256, dropout: float = 0.3,
                  gate: str = "sigmoid", l2norm: bool = False, ablation: int = 0, modalities: list[str] | None = None,

@@ -23,6 +23,11 @@ ABLATIONS: dict[int, list[str] | None] = {0: None, 1: ["text"], 2: ["image"]}
 
 def select_modalities(available: list[str], modalities: list[str] | None = None, ablation: int = 0) -> list[str]:
     """Modalities a head uses: `modalities` if given, else the `ablation` code's subset of `available`."""
+    if modalities is not None:
+        if not isinstance(modalities, (list, tuple)) or not all(isinstance(m, str) and m for m in modalities):
+            raise MMCacheError(f"--use (modalities) must name loaded modalities, e.g. image,text; got {modalities!r}")
+        if len(set(modalities)) < len(modalities):
+            raise MMCacheError(f"--use (modalities) names a modality twice: {list(modalities)}")
     if modalities:
         chosen = list(modalities)
     else:

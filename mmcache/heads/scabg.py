@@ -363,6 +363,7 @@ class SCABGHead(Head):
     """Self-Calibrated Adaptive Band Gating over token sequences, with coarse/fine 3-way composition."""
 
     uses = ("pooled", "tokens", "mask")  # arrays the trainer loads per store
+    positive = ("D", "hidden", "out_dim", "bands", "queries", "heads", "branch_heads")
 
     def __init__(self, inputs: InputSpec, tasks: dict[str, int], hidden: int = 512, out_dim: int = 128,
                  bands: int = 3, queries: int = 8, heads: int = 8, branch_heads: int = 4, dropout: float = 0.1,

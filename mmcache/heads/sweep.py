@@ -164,9 +164,11 @@ def finetuned_of(store_specs: dict[str, dict[str, Any]]) -> str:
 def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
     """Config indices per rank: whole groups (same stores, head, D, epochs, batch size) stay on one rank, so
     each rank loads its stores once and keeps the batched groups whole; groups are balanced by size."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for i, c in enumerate(cfgs):
-        key = (c.dataset, tuple(sorted(c.modalities.items())), c.head, c.head_hparams.get("D"), c.epochs, c.batch_size)
+        # As text: a config of a wrong type (a list as head) must reach training, which refuses it in its row.
+        key = repr((c.dataset, sorted(c.modalities.items(), key=repr), c.head, c.head_hparams.get("D"), c.epochs,
+                    c.batch_size))
         groups.setdefault(key, []).append(i)
     ranks: list[list[int]] = [[] for _ in range(world)]
     for idxs in sorted(groups.values(), key=len, reverse=True):

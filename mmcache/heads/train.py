@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -160,8 +161,73 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, int
         raise MMCacheError(f"{name} must be {kind} {bound}, got {value!r}")
 
 
+# TrainConfig fields whose `heads train` option has another name (the others: --field-name).
+FIELD_FLAGS = {"select_metric": "--select", "early_stopping": "--patience", "lbfgs_grid": "--l2-grid",
+               "lbfgs_batched": "--l2-batched", "head_hparams": "--hp", "loss_options": "--loss-opt", "tasks": "--task",
+               "modalities": "the stores (--vtype/--ttype/...)"}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether `value` has type `tp` (a TrainConfig annotation); numbers pass (`_check_number` checks them)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _describe_type(tp: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in args if a is not type(None))
+    names = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
+    if tp in names:
+        return names[tp]
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).removeprefix('a ')}s"
+    if origin is dict:
+        return f"a table of names to {_describe_type(args[1]).removeprefix('a ')}s"
+    return str(tp)
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Refuse, in one line, a TrainConfig field of the wrong type (a grid value, a Python caller): a list as the
+    head's name, a string where true/false is expected, ..."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, hints[f.name]):
+            flag = FIELD_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+            raise MMCacheError(f"{flag} must be {_describe_type(hints[f.name])}, got {value!r}")
+    use, ablation = cfg.head_hparams.get("modalities"), cfg.head_hparams.get("ablation", 0)
+    if use is not None and not isinstance(use, dict):
+        if not isinstance(use, list) or not use or not all(isinstance(m, str) and m for m in use):
+            raise MMCacheError(f"--use must name one or more loaded modalities, e.g. image,text; got {use!r}")
+        if ablation:
+            raise MMCacheError(f"--ablation {ablation} and --use {','.join(use)} both choose the modalities the head "
+                               "uses; give one of them")
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse a config that cannot train, with one line naming the option (before anything is loaded)."""
+    check_types(cfg)
     if cfg.optimizer not in OPTIMIZERS:
         raise MMCacheError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

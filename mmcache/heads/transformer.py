@@ -62,6 +62,7 @@ class TransformerHead(Head):
     """[CLS] + type-embedded modality tokens through N pre-norm transformer layers; classify from [CLS]."""
 
     uses = ("pooled", "tokens", "mask")  # arrays the trainer loads per store
+    positive = ("D", "layers", "heads")
 
     def __init__(self, inputs: InputSpec, tasks: dict[str, int], D: int = 256, layers: int = 2, heads: int = 4,
                  dropout: float = 0.1, use_tokens: bool = True, ablation: int = 0,

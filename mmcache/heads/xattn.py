@@ -74,6 +74,7 @@ class CrossAttentionHead(Head):
     """Each modality attends to the others (masked multi-head attention), masked mean pooling, concat, classify."""
 
     uses = ("pooled", "tokens", "mask")  # arrays the trainer loads per store
+    positive = ("D", "heads")
 
     def __init__(self, inputs: InputSpec, tasks: dict[str, int], D: int = 256, heads: int = 4, dropout: float = 0.1,
                  ffn: bool = True, use_tokens: bool = True, ablation: int = 0, modalities: list[str] | None = None,

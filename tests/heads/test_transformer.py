@@ -142,8 +142,8 @@ def test_ablation_and_modalities_choose_what_is_encoded() -> None:
 
 @pytest.mark.parametrize(("hp", "message"), [
     ({"D": 10, "heads": 4}, "D=10 must be a positive multiple of heads=4"),
-    ({"heads": 0}, "positive multiple"),
-    ({"layers": 0}, "layers must be at least 1"),
+    ({"heads": 0}, "heads must be a whole number >= 1, got 0"),
+    ({"layers": 0}, "layers must be a whole number >= 1, got 0"),
     ({"layers": "2"}, "layers must be a whole number"),
     ({"dropout": 1.5}, "dropout must be a number in \\[0, 1\\)"),
     ({"ffn": True}, "unknown hyperparameters \\['ffn'\\]"),
