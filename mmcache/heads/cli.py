@@ -243,6 +243,8 @@ def sweep_cmd(
         raise MMCacheError(f"--seeds expects a comma list of integers, got {seeds!r}") from None
     if not seed_list or any(not 0 <= s < 2**32 for s in seed_list):
         raise MMCacheError(f"--seeds expects a comma list of whole numbers from 0 to {2**32 - 1}, got {seeds!r}")
+    if len(set(seed_list)) < len(seed_list):
+        raise MMCacheError(f"--seeds lists a seed twice ({seeds!r}): the same seed gives the same run")
     base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
@@ -259,7 +261,14 @@ def sweep_cmd(
                                "fold/seed); cross-validation folds exist for datasets whose splits are generated "
                                "(mvsa-single, mvsa-multiple, a table or webdataset without splits)")
     if grid_file is not None:
+        from mmcache.heads.sweep import grid_setting, parse_grid
+
         file_grid, file_seeds = load_grid_file(grid_file)
+        both = {grid_setting(k) for k in parse_grid(file_grid, f"grid file {grid_file}")} & {
+            grid_setting(k) for k in parse_grid(grid or "")}
+        if both:
+            raise MMCacheError(f"--grid and --grid-file {grid_file} both set {sorted(both)}; give each key in one "
+                               "of them")
         grid = ";".join(g for g in (file_grid, grid) if g)
         if file_seeds and seeds is None:  # --seeds on the command line wins over the file's
             seed_list = file_seeds
@@ -268,14 +277,14 @@ def sweep_cmd(
     out = out or runs_dir / dataset / "sweeps" / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     if cols:  # a column no sweep row can have is refused before anything trains
-        from mmcache.heads.sweep import DESCRIBE, METRICS
+        from mmcache.heads.sweep import METRIC_COLUMNS, STANDARD_COLUMNS
 
-        possible = {"config", "runs", "seconds", "note", *DESCRIBE, *(k for _, ov in configs for k in ov),
-                    *(f"{s}_{m}" for s in ("val", "test") for m in (*METRICS, "top2_accuracy", "loss"))}
+        possible = {*STANDARD_COLUMNS, *(k for _, ov in configs for k in ov), *METRIC_COLUMNS}
         unknown = [c for c in cols if c not in possible]
         if unknown:
-            raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from config, runs, stores, head, D, "
-                               "lr, the grid's keys, val_/test_ + accuracy, macro_f1, weighted_f1, auroc, seconds")
+            raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from config, runs, stores, finetuned, "
+                               "head, D, lr, the grid's keys, val_/test_ + accuracy, macro_f1, weighted_f1, auroc, "
+                               "top2_accuracy, loss, seconds")
     rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
     if rows:  # rank 0 (or the only process)
         typer.echo(format_table(summarize(rows), columns=cols))

@@ -59,22 +59,58 @@ SCABG_REFERENCE_ABLATION: list[tuple[str, dict[str, Any]]] = [
     *[(n, ov) for n, ov in SCABG_ABLATION if n != "full"],
 ]
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
+# The metric columns of sweep rows: a grid key such as val_fraction is a setting, never a metric to rank by.
+METRIC_COLUMNS = frozenset(f"{s}_{m}" for s in ("val", "test") for m in (*METRICS, "top2_accuracy", "loss"))
+# Grid keys the sweep sets itself, with what to use instead.
+RESERVED_KEYS = {"seed": "give the seeds with --seeds", "folds": "give the folds with --folds",
+                 "track": "use --track", "save": "use --save-runs",
+                 "run_name": "--save-runs names each run folder after its config",
+                 "overwrite": "a sweep never overwrites run folders; choose another --out",
+                 "quiet": "sweep runs are always quiet"}
 
 
-def parse_grid(spec: str) -> dict[str, list[Any]]:
+def grid_setting(key: str) -> str:
+    """What a grid key sets, so two spellings of one setting are told apart from two settings: `vtype` and `image`
+    -> `store:image`, `D` and `hp.D` -> `hp.D`, `patience` and `early_stopping` -> `early_stopping`."""
+    from mmcache.heads.train import TrainConfig
+
+    key = FLAG_KEYS.get(key, key)
+    if key in STORE_KEYS:
+        return "store:" + STORE_KEYS[key]
+    if key.startswith(("loss.", "hp.")) or key in ("modalities", "head_hparams", "loss_options"):
+        return key
+    if key == "use":
+        return "hp.modalities"
+    return key if key in {f.name for f in dataclasses.fields(TrainConfig)} else "hp." + key
+
+
+def parse_grid(spec: str, where: str = "--grid") -> dict[str, list[Any]]:
     """`head=linear,gated;D=128,256` -> {"head": ["linear", "gated"], "D": [128, 256]}. A value holding `,` or
-    `;` is written as a JSON string: `use="image,text",image`."""
+    `;` is written as a JSON string: `use="image,text",image`. A setting named twice (also as `vtype` and `image`,
+    `D` and `hp.D`), a value listed twice, and keys the sweep sets itself (`seed`: --seeds) are refused."""
     grid: dict[str, list[Any]] = {}
+    settings: dict[str, str] = {}
     for part in split_outside_brackets(spec, ";"):
         if not part.strip():
             continue
-        key, values = split_kv(part, "--grid", "--grid 'head=linear,gated;D=128,256'")
+        key, values = split_kv(part, where, "--grid 'head=linear,gated;D=128,256'")
         vals = split_outside_brackets(values)
         if not vals:
-            raise MMCacheError(f"--grid part {part!r} must be KEY=V1,V2,... (parts separated by ';')")
-        if key in grid:
-            raise MMCacheError(f"--grid names {key!r} twice; list all its values in one part")
-        grid[key] = [parse_value(v) for v in vals]
+            raise MMCacheError(f"{where} part {part!r} must be KEY=V1,V2,... (parts separated by ';')")
+        if key in RESERVED_KEYS:
+            raise MMCacheError(f"{where}: {key!r} is not a grid key: {RESERVED_KEYS[key]}")
+        setting = grid_setting(key)
+        if setting in settings:
+            same = "twice" if settings[setting] == key else f"twice (as {settings[setting]!r} and {key!r})"
+            raise MMCacheError(f"{where} names {key!r} {same}; list all its values in one part")
+        settings[setting] = key
+        parsed = [parse_value(v) for v in vals]
+        shown = [str(v) for v in parsed]  # as the config names show them
+        if len(set(shown)) < len(shown):
+            twice = next(v for v in shown if shown.count(v) > 1)
+            raise MMCacheError(f"{where}: {key} lists {twice} twice; each config runs once per seed (--seeds "
+                               "repeats runs)")
+        grid[key] = parsed
     return grid
 
 
@@ -140,7 +176,7 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
                            f"val_{result.select['metric']}": result.select["value"]}
     for split in ("val", "test"):
         m = result.metrics.get(split, {}).get(task, {})
-        for k in METRICS:
+        for k in (*METRICS, "top2_accuracy"):
             if isinstance(m.get(k), float):
                 row[f"{split}_{k}"] = m[k]
     row["best_epoch"] = result.best_epoch
@@ -263,6 +299,7 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
 
 
 DESCRIBE = ("stores", "finetuned", "head", "D", "lr")  # columns that say what a config is (as the reference tables)
+PER_RUN = ("config", "seed", "fold", "best_epoch", "seconds", "run_dir", "error")  # row keys of one run, not a config
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -279,9 +316,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in DESCRIBE:
             if ok and k in ok[0]:
                 s[k] = ok[0][k]
+        for k, v in rs[0].items():  # the grid's keys (the same in every run of a config), for --columns
+            if k not in METRIC_COLUMNS and k not in PER_RUN and k not in s:
+                s[k] = v
         if len(ok) < len(rs):
             s["error"] = next(r["error"] for r in rs if "error" in r)
-        cols = list(dict.fromkeys(k for r in ok for k in r if k.startswith(("val_", "test_")) or k == "seconds"))
+        cols = list(dict.fromkeys(k for r in ok for k in r if k in METRIC_COLUMNS or k == "seconds"))
         for k in cols:
             vals = [r[k] for r in ok if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
             if vals:
@@ -300,8 +340,11 @@ def _rank_column(rows: list[dict[str, Any]]) -> str | None:
     """The selection metric's column (`val_<metric>`): the first val column of a successful row."""
     for r in rows:
         if "error" not in r:
-            return next((k for k in r if k.startswith("val_")), None)
+            return next((k for k in r if k in METRIC_COLUMNS and k.startswith("val_")), None)
     return None
+
+
+STANDARD_COLUMNS = ("config", "runs", *DESCRIBE, "seconds")  # columns every sweep table can show
 
 
 def default_columns(summary: list[dict[str, Any]]) -> list[str]:
@@ -327,12 +370,12 @@ def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list
     known = list(dict.fromkeys(k for s in summary for k in s if not k.endswith("_std") and k != "error"))
     if columns is None:
         if fmt == "md":
-            metric_cols = [k for k in known if k.startswith(("val_", "test_"))]
+            metric_cols = [k for k in known if k in METRIC_COLUMNS]
             cols = ["config", *[k for k in DESCRIBE if k in known], "runs", *metric_cols, "seconds"]
         else:
             cols = default_columns(summary)
     else:
-        unknown = [c for c in columns if c not in known]
+        unknown = [c for c in columns if c not in known and c not in (*STANDARD_COLUMNS, *METRIC_COLUMNS)]
         if unknown:
             raise MMCacheError(f"--columns: unknown column(s) {unknown}; the sweep has {', '.join(known)}")
         cols = list(columns)
@@ -341,7 +384,7 @@ def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list
         if c not in s:
             return "-"
         v = s[c]
-        if c.startswith(("val_", "test_")) and isinstance(v, float):
+        if c in METRIC_COLUMNS and isinstance(v, float):
             return f"{v:.4f} ± {s[c + '_std']:.4f}" if f"{c}_std" in s else f"{v:.4f}"
         if c == "seconds" and isinstance(v, float):
             return f"{v:.2f}"
@@ -351,7 +394,7 @@ def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list
     rows = [[cell(s, c) for c in cols] + ([f"error: {s['error']}" if "error" in s else ""] if note else [])
             for s in summary]
     header = [*cols, *(["note"] if note else [])]
-    right = [c for c in cols if c.startswith(("val_", "test_")) or c in ("runs", "seconds", "D", "lr")]
+    right = [c for c in cols if c in METRIC_COLUMNS or c in ("runs", "seconds", "D", "lr")]
     return render(header, rows, fmt, right=right)
 
 
@@ -371,7 +414,7 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     summary = summarize(rows)
     atomic_write_text(out.with_suffix(".md"), format_table(summary, "md") + "\n")
     write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
-    shown = [c for c in default_columns(summary) if c.startswith(("val_", "test_"))]
+    shown = [c for c in default_columns(summary) if c in METRIC_COLUMNS]
     plot_sweep(summary, shown, out.with_suffix(".png"), f"{out.name}: mean ± std over runs")
     return [p for p in (out.with_suffix(x) for x in (".csv", ".md", ".json", ".png")) if p.exists()]
 
@@ -411,8 +454,17 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
         raise MMCacheError(f"grid file {p}: put every key under [grid] (found {sorted(obj)} outside it)")
     if not isinstance(table, dict) or not table:
         raise MMCacheError(f"grid file {p} names no grid key; see `heads sweep --help`")
-    parts = []
+    # `hp.D = [...]` (TOML's dotted keys) and `[grid.loss]` tables are nested tables: the keys hp.D, loss.gamma.
+    flat: dict[str, Any] = {}
     for k, v in table.items():
+        if k in ("hp", "loss") and isinstance(v, dict):
+            if not v:
+                raise MMCacheError(f"grid file {p}: [{k}] names no key")
+            flat.update({f"{k}.{sub}": x for sub, x in v.items()})
+        else:
+            flat[k] = v
+    parts = []
+    for k, v in flat.items():
         vals = v if isinstance(v, list) else [v]
         if not vals:
             raise MMCacheError(f"grid file {p}: {k} has no values")
@@ -424,6 +476,8 @@ def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
                                          for x in seeds)):
         raise MMCacheError(f"grid file {p}: seeds must be a non-empty list of whole numbers from 0 to {2**32 - 1}, "
                            f"got {seeds!r}")
+    if seeds is not None and len(set(seeds)) < len(seeds):
+        raise MMCacheError(f"grid file {p}: seeds lists a seed twice ({seeds}): the same seed gives the same run")
     return ";".join(parts), seeds
 
 

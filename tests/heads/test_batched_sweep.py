@@ -151,9 +151,9 @@ def test_grid_file(tmp_path: Path) -> None:
     assert seeds == [0, 1, 2]
     assert parse_grid(spec) == {"vtype": ["clip", "resnet"], "D": [128, 256], "lr": [0.001], "l2norm": [True]}
     # Text holding a separator or a quote stays one value (written as a JSON string in the spec).
-    p.write_text("""[grid]\nuse = ["image,text", "image"]\nrun_name = ["a;b", 'say "hi"', "[x]"]\n""")
+    p.write_text("""[grid]\nuse = ["image,text", "image"]\nhp.tag = ["a;b", 'say "hi"', "[x]"]\n""")
     spec, _ = load_grid_file(p)
-    assert parse_grid(spec) == {"use": ["image,text", "image"], "run_name": ["a;b", 'say "hi"', "[x]"]}
+    assert parse_grid(spec) == {"use": ["image,text", "image"], "hp.tag": ["a;b", 'say "hi"', "[x]"]}
     # The same on the command line: a quoted value is read whole.
     assert parse_grid('use="image,text",image;lr=1e-3') == {"use": ["image,text", "image"], "lr": [0.001]}
     p.write_text("[grid\n")
