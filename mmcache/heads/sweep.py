@@ -225,10 +225,17 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     error is raised. With `base.track` every run is logged (one child run per config, seed and fold under a
     parent run named after `out`).
     """
-    from mmcache.heads.train import train_many
+    from mmcache.heads.train import check_writable_folder, train_many
     from mmcache.tracking import require
 
     require(base.track)
+    if out is not None:  # the tables are written after training: refuse a place they cannot go before it
+        check_writable_folder(Path(out).parent, "--out", out)
+        for suffix in (".csv", ".md", ".json", ".png"):
+            if (path := Path(out).with_suffix(suffix)).is_dir():
+                raise MMCacheError(f"--out {out}: {path} is a folder; choose another --out")
+    if save_runs or base.track:
+        check_writable_folder(Path(base.runs_dir) / base.dataset, "--runs-dir")
     seeds = seeds or [base.seed]
     fold_ids: list[int | None] = list(range(folds)) if folds else [None]
     jobs = [(name, ov, s, f) for name, ov in configs for s in seeds for f in fold_ids]

@@ -225,6 +225,18 @@ def check_types(cfg: TrainConfig) -> None:
                                "uses; give one of them")
 
 
+def check_writable_folder(path: Path | str, flag: str, given: Path | str | None = None) -> None:
+    """Refuse, before anything trains, an output folder that cannot be made: a file in its way, or a folder
+    without write permission. `given`: what the user typed (default `path`), for the message."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise MMCacheError(f"{flag} {given or path}: {folder} is a file, not a folder; choose another {flag}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise MMCacheError(f"{flag} {given or path}: {folder} is not writable; choose another {flag}")
+            return
+
+
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse a config that cannot train, with one line naming the option (before anything is loaded)."""
     check_types(cfg)
@@ -681,6 +693,7 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
         try:
             validate_config(cfg)
             if cfg.save:  # refuse an existing run folder before training, not after
+                check_writable_folder(Path(cfg.runs_dir) / cfg.dataset, "--runs-dir")
                 run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _run_stem(cfg), cfg.overwrite,
                                           taken=handed_out)
             devices[i] = pick_device(cfg.device)

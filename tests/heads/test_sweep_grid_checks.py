@@ -4,6 +4,7 @@ dotted keys, grid keys that look like metrics, and --columns checked before anyt
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -117,3 +118,30 @@ def test_columns_of_grid_keys_and_any_metric_print_after_training(
     assert all(b[1] == "2" and 0.0 <= float(b[2]) <= 1.0 and b[3] == "-" for b in body)
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert all(s["loss.gamma"] == 2 and "val_top2_accuracy" in s for s in summary)
+
+
+def test_output_places_that_cannot_be_written_are_refused_before_training(
+        toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    (tmp_path / "res" / "s.csv").mkdir(parents=True)
+    common = ["--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--epochs", "1"]
+    cases = [
+        (["sweep", *common, "--out", str(blocker / "s")], f"--out {blocker / 's'}: {blocker} is a file, not a folder"),
+        (["sweep", *common, "--out", str(tmp_path / "res" / "s")], f"{tmp_path / 'res' / 's.csv'} is a folder"),
+        (["sweep", *common, "--save-runs", "--runs-dir", str(blocker / "runs"), "--out", str(tmp_path / "t")],
+         f"--runs-dir {blocker / 'runs' / 'toy'}: {blocker} is a file, not a folder"),
+        (["train", *common, "--runs-dir", str(blocker / "runs")], f"{blocker} is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        rc = run(argv, monkeypatch)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], err
+        assert "Traceback" not in err and "sweep:" not in err  # refused before training
+    real_access = os.access  # tmp_path read-only (root may write anywhere, so pretend)
+    monkeypatch.setattr("os.access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    rc = run(["sweep", *common, "--out", str(tmp_path / "ro" / "s")], monkeypatch)
+    assert rc == 2
+    assert f"error: --out {tmp_path / 'ro' / 's'}: {tmp_path} is not writable" in capsys.readouterr().err
+
