@@ -382,6 +382,11 @@ class Member:
 
 def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
     sel_task, sel_metric = parse_select(cfg.select_metric, list(data.tasks), data.labels.metric)
+    val = data.split_index.get("val")
+    if val is not None and not bool((data.targets[sel_task][val] != IGNORE).any()):
+        raise MMCacheError(f"the val split of {data.dataset!r} has no labelled row of task {sel_task!r}, so no epoch "
+                           "can be chosen; label some val rows, or give no row the split val (then 10% of train "
+                           "validates)")
     hparams = dict(cfg.head_hparams)
     if cfg.solver == "lbfgs":
         # The probe is a logistic regression on the (optionally L2-normalised) concatenated features.

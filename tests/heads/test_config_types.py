@@ -102,3 +102,21 @@ def test_train_cli_refuses_degenerate_heads(toy_cache: Path, tmp_path: Path, mon
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_val_split_without_labels_is_named_as_the_cause(toy_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from mmcache.heads.train import train
+
+    path = toy_cache / "toy" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for s in manifest["samples"]:
+        if s["split"] == "val":
+            s["labels"] = {}
+    path.write_text(json.dumps(manifest))
+    for solver, hparams in (("adam", {"D": 4}), ("lbfgs", {})):
+        cfg = TrainConfig(dataset="toy", modalities={"image": "feat"}, cache_dir=str(toy_cache), epochs=1,
+                          solver=solver, head_hparams=hparams, save=False, quiet=True)
+        with pytest.raises(MMCacheError, match="the val split of 'toy' has no labelled row of task 'label'"):
+            train(cfg)
