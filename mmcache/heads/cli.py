@@ -16,6 +16,14 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 STORE_FLAGS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video"}
 
 
+def interrupted(kept: str) -> None:
+    """Ctrl-C in `heads train` / `heads sweep`: say what is kept (nothing resumes) and exit 130."""
+    import sys
+
+    print(f"interrupted: {kept}; nothing resumes, run the command again to train again", file=sys.stderr)
+    sys.exit(130)
+
+
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
     """A comma list of numbers, or None when not given."""
     if not text:
@@ -120,14 +128,21 @@ def train_cmd(
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds
 
-        cv = train_folds(cfg, folds)
+        try:
+            cv = train_folds(cfg, folds)
+        except KeyboardInterrupt:
+            interrupted(f"fold run folders finished before it are kept under {runs_dir / dataset} (a named run "
+                        "then needs --overwrite or another --run-name)")
         if quiet:
             typer.echo(str(cv.folder))
         else:
             typer.echo(cv_table(cv))
             typer.echo(f"run folders: {cv.folder}/fold0 ... fold{folds - 1}; summary: {cv.folder}/cv.csv, .md, .json, .png")
         return
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        interrupted("no run folder was written")
     if quiet and result.run_dir is not None:
         typer.echo(str(result.run_dir))
 
@@ -285,7 +300,13 @@ def sweep_cmd(
             raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from config, runs, stores, finetuned, "
                                "head, D, lr, the grid's keys, val_/test_ + accuracy, macro_f1, weighted_f1, auroc, "
                                "top2_accuracy, loss, seconds")
-    rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
+    try:
+        rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
+    except KeyboardInterrupt:
+        stem_dir = runs_dir / dataset / "sweeps" / out.name
+        interrupted(f"no table was written (it is written once every run has finished)"
+                    + (f"; the run folders finished before it stay in {stem_dir} (choose another --out to run "
+                       "again, or delete them)" if save_runs and stem_dir.is_dir() else ""))
     if rows:  # rank 0 (or the only process)
         typer.echo(format_table(summarize(rows), columns=cols))
         typer.echo(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.md')}, {out.with_suffix('.json')} and "

@@ -145,3 +145,30 @@ def test_output_places_that_cannot_be_written_are_refused_before_training(
     assert rc == 2
     assert f"error: --out {tmp_path / 'ro' / 's'}: {tmp_path} is not writable" in capsys.readouterr().err
 
+
+def test_ctrl_c_says_what_is_kept(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import mmcache.heads.sweep
+    import mmcache.heads.train
+
+    runs = tmp_path / "runs"
+
+    def sweep_interrupted(*args: object, **kw: object) -> None:  # one group written, then Ctrl-C
+        (runs / "toy" / "sweeps" / "s" / "base_seed0").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def train_interrupted(*args: object, **kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmcache.heads.sweep, "run_sweep", sweep_interrupted)
+    monkeypatch.setattr(mmcache.heads.train, "train", train_interrupted)
+    common = ["--dataset", "toy", "--vtype", "feat", "--cache-dir", str(toy_cache), "--runs-dir", str(runs)]
+    assert run(["sweep", *common, "--save-runs", "--out", str(tmp_path / "s")], monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: no table was written" in err
+    assert f"the run folders finished before it stay in {runs / 'toy' / 'sweeps' / 's'}" in err
+    assert "rerun the same command to resume" not in err  # a sweep does not resume
+    assert run(["train", *common], monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: no run folder was written; nothing resumes" in err
+    assert "resume" not in err.replace("nothing resumes", "")
