@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 STORE_FLAGS = {"vtype": "image", "ttype": "text", "ctype": "context", "atype": "audio", "videotype": "video"}
 
 
-def interrupted(kept: str) -> None:
+def interrupted(kept: str) -> NoReturn:
     """Ctrl-C in `heads train` / `heads sweep`: say what is kept (nothing resumes) and exit 130."""
     import sys
 
@@ -304,7 +304,7 @@ def sweep_cmd(
         rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
     except KeyboardInterrupt:
         stem_dir = runs_dir / dataset / "sweeps" / out.name
-        interrupted(f"no table was written (it is written once every run has finished)"
+        interrupted("no table was written (it is written once every run has finished)"
                     + (f"; the run folders finished before it stay in {stem_dir} (choose another --out to run "
                        "again, or delete them)" if save_runs and stem_dir.is_dir() else ""))
     if rows:  # rank 0 (or the only process)

@@ -13,6 +13,7 @@ The optimizer, schedule, selection and the run folder come from `mmcache.engine`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -20,7 +21,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
