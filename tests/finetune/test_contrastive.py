@@ -28,6 +28,11 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo(tmp_path_factory.mktemp("contrastive") / "demo", n=90, seed=1)
 
 
+
+def num(t: object) -> float:
+    """A scalar tensor (detached: no autograd warning) or number as a float."""
+    return float(t.detach() if isinstance(t, torch.Tensor) else t)  # type: ignore[arg-type]
+
 def _cfg(demo_dir: Path, runs: Path, **kw: object) -> FinetuneConfig:
     base = dict(dataset="demo", data_dir=str(demo_dir), encoders={"image": "clip-tiny", "text": "clip-tiny"},
                 runs_dir=str(runs), epochs=2, batch_size=16, num_workers=0, quiet=True, head_hparams={"D": 32},
@@ -64,10 +69,10 @@ def test_the_loss_equals_a_reference_computation_on_a_fixed_batch(demo_dir: Path
     logits, loss = model(batches, [s.id for s in rows], keep=keep)
     assert logits["label"].shape == (len(rows), 3)
     # CLIP's initial temperature 0.07: the scale is 1/0.07.
-    assert float(model.contrastive.scale.detach()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert num(model.contrastive.scale) == pytest.approx(1 / 0.07, rel=1e-6)
     want = _reference(pooled["image"], pooled["text"], 1 / 0.07)
-    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
-    assert float(loss.detach()) > 0
+    assert num(loss) == pytest.approx(num(want), rel=1e-4)
+    assert num(loss) > 0
     # Without `keep` the model is the plain classifier.
     assert isinstance(model(batches, [s.id for s in rows]), dict)
 
@@ -78,7 +83,7 @@ def test_embeddings_of_other_widths_are_projected_to_the_smaller_one() -> None:
     assert loss.proj_a.weight.shape == (16, 16) and loss.proj_b.weight.shape == (16, 24)
     a, b = torch.randn(5, 16), torch.randn(5, 24)
     want = _reference(a @ loss.proj_a.weight.t(), b @ loss.proj_b.weight.t(), 1 / 0.07)
-    assert float(loss(a, b)) == pytest.approx(float(want), rel=1e-5)
+    assert num(loss(a, b)) == pytest.approx(num(want), rel=1e-5)
     assert not list(ContrastiveLoss(8, 8).parameters())[1:], "equal widths: only the temperature is learned"
 
 
@@ -94,20 +99,20 @@ def test_masking_by_class_leaves_out_the_other_rows(demo_dir: Path) -> None:
     assert 2 <= int(keep.sum()) < len(rows), "the fixed batch mixes kept and left-out rows"
     _, loss = model(batches, [s.id for s in rows], keep=keep)
     want = _reference(pooled["image"][keep], pooled["text"][keep], 1 / 0.07)
-    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
-    assert float(loss) != pytest.approx(float(_reference(pooled["image"], pooled["text"], 1 / 0.07)), rel=1e-3)
+    assert num(loss) == pytest.approx(num(want), rel=1e-4)
+    assert num(loss) != pytest.approx(num(_reference(pooled["image"], pooled["text"], 1 / 0.07)), rel=1e-3)
     # Left-out rows do not matter at all: scramble their embeddings, same loss and no gradient reaches them.
     a = pooled["image"].clone().requires_grad_(True)
     b = pooled["text"].clone()
     b[~keep] = torch.randn(int((~keep).sum()), b.shape[1])
     out = model.contrastive(a, b, keep)
-    assert float(out) == pytest.approx(float(want), rel=1e-4)
+    assert num(out) == pytest.approx(num(want), rel=1e-4)
     out.backward()
     assert a.grad is not None and bool((a.grad[~keep] == 0).all()) and bool(a.grad[keep].abs().sum() > 0)
     # Fewer than two kept rows: nothing to contrast, a zero that still reaches the parameters.
     one = torch.zeros(len(rows), dtype=torch.bool)
     one[0] = True
-    assert float(model.contrastive(pooled["image"], pooled["text"], one)) == 0.0
+    assert num(model.contrastive(pooled["image"], pooled["text"], one)) == 0.0
     assert ft_run._pair_rows(["x"], {}, "label", None, torch.device("cpu")).tolist() == [True]
 
 
@@ -116,19 +121,19 @@ def test_the_temperature_gets_a_gradient_changes_and_is_clamped(demo_dir: Path) 
     _, loss = model(batches, [s.id for s in rows], keep=torch.ones(len(rows), dtype=torch.bool))
     loss.backward()
     scale = model.contrastive.logit_scale
-    assert scale.grad is not None and float(scale.grad.abs()) > 0
-    before = float(scale)
+    assert scale.grad is not None and num(scale.grad.abs()) > 0
+    before = num(scale)
     torch.optim.AdamW(model.contrastive.parameters(), lr=0.1, weight_decay=0.0).step()
-    assert float(scale) != pytest.approx(before, abs=1e-4)
+    assert num(scale) != pytest.approx(before, abs=1e-4)
     with torch.no_grad():
         scale.fill_(10.0)
-    assert float(model.contrastive.scale) == pytest.approx(100.0)  # exp(10) capped at 100 in the loss
+    assert num(model.contrastive.scale) == pytest.approx(100.0)  # exp(10) capped at 100 in the loss
     model.contrastive.clamp_()
-    assert float(scale) == pytest.approx(math.log(100))  # and the parameter kept there, as open_clip does
+    assert num(scale) == pytest.approx(math.log(100))  # and the parameter kept there, as open_clip does
     with torch.no_grad():
         scale.fill_(-1.0)
     model.contrastive.clamp_()
-    assert float(scale) == 0.0
+    assert num(scale) == 0.0
 
 
 def test_a_run_with_the_term_logs_it_and_resumes_to_the_same_result(demo_dir: Path, tmp_path: Path,
@@ -154,7 +159,7 @@ def test_a_run_with_the_term_logs_it_and_resumes_to_the_same_result(demo_dir: Pa
     assert tags == ["epoch1-step2", "epoch1-step4"]
     ck = load_checkpoint(latest_checkpoint(runs / "demo" / "r"))  # type: ignore[arg-type]
     assert "contrastive.logit_scale" in ck["weights"]
-    assert float(ck["weights"]["contrastive.logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-6)
+    assert num(ck["weights"]["contrastive.logit_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-6)
     assert any(len(g["params"]) == 1 and g["weight_decay"] == 0.0 and g["lr"] > 0
                for g in ck["optimizer"]["param_groups"])
     monkeypatch.undo()
