@@ -28,10 +28,10 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo(tmp_path_factory.mktemp("contrastive") / "demo", n=90, seed=1)
 
 
-
 def num(t: object) -> float:
     """A scalar tensor (detached: no autograd warning) or number as a float."""
     return float(t.detach() if isinstance(t, torch.Tensor) else t)  # type: ignore[arg-type]
+
 
 def _cfg(demo_dir: Path, runs: Path, **kw: object) -> FinetuneConfig:
     base = dict(dataset="demo", data_dir=str(demo_dir), encoders={"image": "clip-tiny", "text": "clip-tiny"},
