@@ -15,6 +15,14 @@ def _is(error: BaseException, name: str) -> bool:
     return any(c.__name__ == name for c in type(error).__mro__)
 
 
+def end_distributed() -> None:
+    """Shut down a torch.distributed process group this process still holds (a command run under torchrun), so every
+    rank leaves cleanly once the command is done; never imports torch for it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_app(typer_app: Callable[..., object]) -> None:
     """Run a typer app; a user error prints one line and exits 2, with no traceback. Command-line mistakes that
     click finds (an unknown option, a value of the wrong type, a missing option) are one line too."""
@@ -24,6 +32,7 @@ def run_app(typer_app: Callable[..., object]) -> None:
     click_exception: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
         rv = typer_app(standalone_mode=False)  # click's errors come here instead of being drawn in a box
+        end_distributed()
         if rv == 130:  # Ctrl-C inside a command (typer turns it into this exit code)
             print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)  # as click's standalone mode

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mmcache.cliutil import parse_kv, parse_value, split_kv, split_outside_brackets
@@ -41,3 +43,17 @@ def test_every_command_parses_options_the_same_way() -> None:
         parse_grid("head")
     with pytest.raises(MMCacheError, match=r"^-o: 'x' is not KEY=VALUE"):
         dataset_options(None, None, None, ["x"])
+
+
+def test_a_command_ends_the_process_group_it_leaves_behind(tmp_path: Path) -> None:
+    """Under torchrun a command's exit shuts its process group down on every rank (a clean leave, not a peer
+    whose connection just closes); nothing happens without one."""
+    import torch.distributed as dist
+
+    from mmcache.cliutil import end_distributed
+
+    end_distributed()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_distributed()
+    assert not dist.is_initialized()

@@ -255,9 +255,6 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
             unique = f"{run_name}-{k}"
         names.add(run_name := unique)
         cfgs.append(dataclasses.replace(cfg, quiet=True, save=save_runs, run_name=run_name if save_runs else None))
-    import torch.distributed as dist
-
-    owned = not (dist.is_available() and dist.is_initialized())  # a group this call starts, it also ends
     rank, world, _ = init_distributed()
     mine = _shard(cfgs, world)[rank] if world > 1 else list(range(len(cfgs)))
     print(f"sweep: {len(mine)} run(s) ({len(configs)} config(s) x {len(seeds)} seed(s)"
@@ -290,14 +287,14 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
                   files=files)
 
     if world > 1:
+        import torch.distributed as dist
+
         log([])
         gathered: list[Any] = [None] * world if rank == 0 else []
         dist.gather_object(rows_by_index, gathered if rank == 0 else None, dst=0)
-        # Every rank waits until rank 0 holds all rows, then the group is shut down on each: a rank that
-        # left while its rows were still in flight made the other abort (gloo: connection closed by peer).
+        # Every rank waits until rank 0 holds all rows: a rank that left while its rows were still in flight
+        # could make the other abort (gloo: connection closed by peer). The command's exit ends the group.
         dist.barrier()
-        if owned:
-            dist.destroy_process_group()
         if rank != 0:
             return []
         for part in gathered:
