@@ -29,6 +29,11 @@ def head_width(hparams: dict[str, Any]) -> Any:
     return hparams.get("D") if hparams.get("D") is not None else hparams.get("hidden")
 
 
+def folder_name(dataset: Any) -> Any:
+    """A dataset as its folders name it: several datasets `a,b` are `a-b` (`runs/a-b/`, `cache/a-b/`)."""
+    return "-".join(p.strip() for p in dataset.split(",")) if isinstance(dataset, str) and "," in dataset else dataset
+
+
 def find_runs(runs_dir: Path) -> list[Path]:
     """Every run folder under `runs_dir` (sorted by path)."""
     # mlflow's artifact copies of run folders (<runs>/mlruns/, the default store of --track mlflow) are not runs.
@@ -58,7 +63,7 @@ def read_run(d: Path, runs_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": str(d.relative_to(runs_dir)) if d.is_relative_to(runs_dir) else str(d),
         "kind": "finetune" if "encoders" in cfg else "heads",
-        "dataset": cfg.get("dataset"),
+        "dataset": folder_name(cfg.get("dataset")),
         "stores": _stores(cfg),
         "head": cfg.get("head"),
         "D": head_width(res.get("head_hparams") or cfg.get("head_hparams") or {}),
@@ -98,7 +103,7 @@ def collect(runs_dir: Path, dataset: str | None = None, where: Sequence[str] = (
             continue
         read += 1
         known.update(k for k, _ in conds if _lookup(row, k) is not _MISSING)
-        if dataset is not None and row["dataset"] != dataset:
+        if dataset is not None and row["dataset"] != folder_name(dataset):
             continue
         if all(_matches(_lookup(row, k), v) for k, v in conds):
             rows.append(row)

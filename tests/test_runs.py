@@ -160,3 +160,20 @@ def test_run_folder_names_of_configs() -> None:
     assert run_folder_name("base/bands=0") == "base__bands-0"
     assert run_folder_name("vtype=clip[pooling=cls]") == "vtype-clippooling-cls"
     assert run_folder_name("'';") == "config"
+
+
+def test_a_run_over_several_datasets_is_named_as_its_folder(tmp_path: Path) -> None:
+    """`--dataset mmhs150k,fakeddit` runs live in `runs/mmhs150k-fakeddit/`: the table names them so, and the filter
+    takes either spelling."""
+    from mmcache.runs import collect
+
+    d = tmp_path / "runs" / "mmhs150k-fakeddit" / "r"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"dataset": "mmhs150k,fakeddit", "modalities": {"image": "clip"},
+                                               "head": "linear", "lr": 0.001, "seed": 0}))
+    (d / "metrics.json").write_text(json.dumps({"select": {"task": "label", "metric": "macro_f1", "value": 0.5},
+                                                "splits": {"test": {"label": {"accuracy": 0.6}}}, "seconds": 1.0}))
+    for name in (None, "mmhs150k,fakeddit", "mmhs150k-fakeddit", "mmhs150k, fakeddit"):
+        rows = collect(tmp_path / "runs", dataset=name)
+        assert [r["dataset"] for r in rows] == ["mmhs150k-fakeddit"], name
+    assert collect(tmp_path / "runs", dataset="mmhs150k") == []
