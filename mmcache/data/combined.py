@@ -238,17 +238,23 @@ def parse_upsample(items: Sequence[str] | str | None) -> dict[str, int]:
     return out
 
 
+def check_upsample_sources(upsample: Mapping[str, int], known: Sequence[str], of: str = "this run",
+                           several: str = "a run over several (--dataset a,b)") -> None:
+    """Refuse an `--upsample` name that is not one of the `known` source datasets (of `of`), listing them; with
+    no source at all, say upsampling needs `several` datasets."""
+    unknown = [n for n in upsample if n not in known]
+    if unknown:
+        raise MMCacheError(f"--upsample {unknown[0]}: not a source dataset of {of}"
+                           + (f"; its sources are {', '.join(known)}" if known else
+                              f"; upsampling weights the datasets of {several}"))
+
+
 def epoch_pool(samples: Sequence[Sample], upsample: Mapping[str, int]) -> list[Sample]:
     """The training rows one epoch draws from: each row of source NAME `upsample[NAME]` times (others once), in
     dataset order; an epoch's order is a permutation of this pool."""
     if not upsample:
         return list(samples)
-    known = sources(samples)
-    unknown = [n for n in upsample if n not in known]
-    if unknown:
-        raise MMCacheError(f"--upsample {unknown[0]}: not a source dataset of this run"
-                           + (f"; its sources are {', '.join(known)}" if known else
-                              "; upsampling weights the datasets of a run over several (--dataset a,b)"))
+    check_upsample_sources(upsample, sources(samples))
     for n, k in upsample.items():
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_UPSAMPLE:
             raise MMCacheError(f"--upsample {n}={k!r}: K must be a whole number from 1 to {MAX_UPSAMPLE}")

@@ -133,7 +133,7 @@ def run(
     """
     from mmcache.cliutil import given_options, parse_kv
     from mmcache.data.combined import parse_upsample
-    from mmcache.finetune.run import FinetuneConfig, finetune
+    from mmcache.finetune.run import FinetuneConfig, finetune, validate_config
 
     hparams = parse_kv(hp, "--hp")
     for key, value in (("D", D), ("dropout", dropout)):
@@ -145,13 +145,6 @@ def run(
     if freeze_encoders and (lr != 1e-5 or "lr" in given):  # the encoders' learning rate; the Python API leaves it be
         raise MMCacheError("--lr is the encoders' learning rate, and --freeze-encoders trains none; drop --lr (the "
                            "head's is --head-lr)")
-    if not lora:
-        unused = [f"--{n.replace('_', '-')}" for n in ("lora_r", "lora_alpha", "lora_targets") if n in given]
-        if unused:
-            raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
-    if not stream and "shuffle_buffer" in given:
-        raise MMCacheError("--shuffle-buffer applies to streamed shards: add --stream (with --dataset webdataset), or "
-                           "drop --shuffle-buffer")
     encoders = {m: p for m, p in (("image", image), ("text", text), ("context", context), ("video", video),
                                   ("audio", audio)) if p}
     stores = {m: n for m, n in (("image", image_store), ("text", text_store), ("context", context_store),
@@ -175,6 +168,7 @@ def run(
                          if v is not None},
         upsample=parse_upsample(upsample), track=track,
     )
+    validate_config(cfg, given)  # also refuses the unused flags typed at their default value
     res = finetune(cfg)
     if res is not None:  # rank 0
         from mmcache.engine import results_table

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -764,10 +764,19 @@ def _default(name: str) -> Any:
     return FinetuneConfig.__dataclass_fields__[name].default
 
 
-def validate_config(cfg: FinetuneConfig) -> None:
+def _flag(field_name: str) -> str:
+    """A FinetuneConfig field's command-line flag (`lora_r` -> `--lora-r`)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def validate_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
     """Refuse options out of range, and options that contradict each other or that this run would not use, in one
-    line naming the flag (before any data or model is loaded)."""
+    line naming the flag (before any data or model is loaded). An option counts as set when it differs from its
+    default or when its field is in `given` (the flags typed on the command line, even at their default value)."""
     from mmcache.heads.train import _check_number as number
+
+    def is_set(name: str) -> bool:
+        return name in given or getattr(cfg, name) != _default(name)
 
     if not cfg.encoders:
         raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
@@ -801,9 +810,7 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise MMCacheError("--contrastive-classes chooses the rows of the contrastive loss, which is off: add "
                            "--contrastive-weight W (e.g. 0.5), or drop --contrastive-classes")
     if not cfg.stream:
-        unused = [flag for flag, on in (("--val-data", cfg.val_data is not None),
-                                        ("--steps-per-epoch", cfg.steps_per_epoch is not None),
-                                        ("--shuffle-buffer", cfg.shuffle_buffer != _default("shuffle_buffer"))) if on]
+        unused = [_flag(n) for n in ("val_data", "steps_per_epoch", "shuffle_buffer") if is_set(n)]
         if unused:
             raise MMCacheError(f"{unused[0]} applies to streamed shards: add --stream (with --dataset webdataset), or "
                                f"drop {unused[0]}")
@@ -812,10 +819,9 @@ def validate_config(cfg: FinetuneConfig) -> None:
         if clash:
             raise MMCacheError(f"{clash[0]} applies to encoders that train, and --freeze-encoders trains none (only "
                                f"the head); drop one")
-    elif not cfg.lora:
-        unused = [flag for flag, on in (("--lora-targets", cfg.lora_targets is not None),
-                                        ("--lora-r", cfg.lora_r != _default("lora_r")),
-                                        ("--lora-alpha", cfg.lora_alpha != _default("lora_alpha"))) if on]
+    if not cfg.lora:  # frozen encoders take no adapters either; there only a typed flag is told about
+        unused = [_flag(n) for n in ("lora_targets", "lora_r", "lora_alpha")
+                  if (n in given if cfg.freeze_encoders else is_set(n))]
         if unused:
             raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
 

@@ -427,14 +427,12 @@ def _labelled_train(data: CachedData) -> torch.Tensor:
 
 def check_upsample(data: CachedData, upsample: dict[str, int]) -> None:
     """Refuse an `--upsample` name that is not a source dataset of `data`, listing its sources."""
+    from mmcache.data.combined import check_upsample_sources
+
     man = data.manifest
     known = list(dict.fromkeys(s for s in (man.row_sources if man is not None else []) if s is not None))
-    unknown = [n for n in upsample if n not in known]
-    if unknown:
-        raise MMCacheError(f"--upsample {unknown[0]}: not a source dataset of {data.dataset!r}"
-                           + (f"; its sources are {', '.join(known)}" if known else
-                              "; upsampling weights the datasets of a cache extracted from several (mmcache extract "
-                              "--dataset a,b --label-map FILE)"))
+    check_upsample_sources(upsample, known, repr(data.dataset),
+                           "a cache extracted from several (mmcache extract --dataset a,b --label-map FILE)")
 
 
 def upsample_pool(data: CachedData, train_idx: torch.Tensor, upsample: dict[str, int]) -> torch.Tensor | None:
