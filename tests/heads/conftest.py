@@ -93,3 +93,29 @@ def make_cache(tmp_path: Path) -> Callable[..., Path]:
 def toy_cache(make_cache: Callable[..., Path]) -> Path:
     """The default synthetic cache (dataset `toy`, stores image/feat and text/feat)."""
     return make_cache()
+
+
+def run_heads(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the `heads` console script in-process on `argv`; returns its exit code."""
+    import sys
+
+    from mmcache.heads.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["heads", *argv])
+    try:
+        main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def unlabel_split(cache: Path, split: str, dataset: str = "toy") -> None:
+    """Drop every label of `split`'s rows from the manifest of `dataset` under `cache` (a hidden split)."""
+    import json
+
+    path = cache / dataset / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for s in manifest["samples"]:
+        if s["split"] == split:
+            s["labels"] = {}
+    path.write_text(json.dumps(manifest))

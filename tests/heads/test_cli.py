@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from mmcache.heads.cli import main, parse_kv
-
-
-def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run the `heads` console script in-process; returns its exit code."""
-    monkeypatch.setattr(sys, "argv", ["heads", *argv])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from mmcache.heads.cli import parse_kv
+from tests.heads.conftest import run_heads as run
 
 
 def test_train_then_predict(toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,28 +3,20 @@ nor a silently degenerate head, from `heads train`, a sweep's grid or Python."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import build_head
-from mmcache.heads.cli import main
 from mmcache.heads.sweep import apply_overrides, run_sweep
 from mmcache.heads.train import TrainConfig, validate_config
+from tests.heads.conftest import run_heads as run
 
 INPUTS = {"image": {"pooled": (6,), "tokens": (3, 6), "mask": (3,)},
           "text": {"pooled": (4,), "tokens": (3, 4), "mask": (3,)}}
 
 
-def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["heads", *argv])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(("head", "hparams", "message"), [
@@ -105,16 +97,10 @@ def test_train_cli_refuses_degenerate_heads(toy_cache: Path, tmp_path: Path, mon
 
 
 def test_a_val_split_without_labels_is_named_as_the_cause(toy_cache: Path, tmp_path: Path) -> None:
-    import json
-
     from mmcache.heads.train import train
+    from tests.heads.conftest import unlabel_split
 
-    path = toy_cache / "toy" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for s in manifest["samples"]:
-        if s["split"] == "val":
-            s["labels"] = {}
-    path.write_text(json.dumps(manifest))
+    unlabel_split(toy_cache, "val")
     for solver, hparams in (("adam", {"D": 4}), ("lbfgs", {})):
         cfg = TrainConfig(dataset="toy", modalities={"image": "feat"}, cache_dir=str(toy_cache), epochs=1,
                           solver=solver, head_hparams=hparams, save=False, quiet=True)

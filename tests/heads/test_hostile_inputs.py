@@ -11,17 +11,8 @@ import pytest
 import torch
 
 from mmcache.errors import MMCacheError, out_of_memory
-from mmcache.heads.cli import main
 from mmcache.utils import pick_device
-
-
-def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["heads", *argv])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from tests.heads.conftest import run_heads as run
 
 
 def one_error(capsys: pytest.CaptureFixture[str]) -> str:

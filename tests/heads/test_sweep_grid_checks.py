@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mmcache.errors import MMCacheError
-from mmcache.heads.cli import main
 from mmcache.heads.sweep import format_table, load_grid_file, parse_grid, summarize
-
-
-def run(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["heads", *argv])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from tests.heads.conftest import run_heads as run
 
 
 @pytest.mark.parametrize(("spec", "message"), [

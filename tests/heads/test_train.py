@@ -17,6 +17,7 @@ from mmcache.errors import MMCacheError
 from mmcache.heads.data import IGNORE, load_cached
 from mmcache.heads.metrics import softmax
 from mmcache.heads.train import TrainConfig, load_run, predict, predict_logits, quick_metrics, train
+from tests.heads.conftest import unlabel_split
 
 MODS = {"image": "feat", "text": "feat"}
 
@@ -260,12 +261,7 @@ def test_predict_multitask_columns(make_cache: Callable[..., Path]) -> None:
 def test_unlabeled_test_split(toy_cache: Path) -> None:
     # A hidden test split (no labels): metrics skip it, the confusion matrix falls back to val, predict leaves
     # the label column empty.
-    man = toy_cache / "toy" / "manifest.json"
-    obj = json.loads(man.read_text())
-    for s in obj["samples"]:
-        if s["split"] == "test":
-            s["labels"] = {}
-    man.write_text(json.dumps(obj))
+    unlabel_split(toy_cache, "test")
     r = train(cfg(toy_cache, epochs=2, run_name="hidden"))
     assert "test" not in r.metrics and set(r.metrics) == {"train", "val"}
     assert (r.run_dir / "confusion_label.png").exists()
