@@ -301,6 +301,8 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
             vm["loss"] = val_loss[j]
             m.curves.append(curve_row(epoch, train_loss[j], vm, float(lr[j]) * factor, seconds / k_all))
             sel = cast(Selector, m.selector)
+            # The selector records the epoch and value only (an empty state): the weights of every improved
+            # config are copied below in one go.
             if sel.update(epoch, vm.get(m.sel_metric, float("nan")), dict):
                 improved.append(j)
             live[j] = not sel.stopped
