@@ -133,7 +133,7 @@ def run(
     """
     from mmcache.cliutil import given_options, parse_kv
     from mmcache.data.combined import parse_upsample
-    from mmcache.finetune.run import FinetuneConfig, finetune, validate_config
+    from mmcache.finetune.run import FinetuneConfig, check_config, finetune
 
     hparams = parse_kv(hp, "--hp")
     for key, value in (("D", D), ("dropout", dropout)):
@@ -168,7 +168,7 @@ def run(
                          if v is not None},
         upsample=parse_upsample(upsample), track=track,
     )
-    validate_config(cfg, given)  # also refuses the unused flags typed at their default value
+    check_config(cfg, given)  # as finetune does first, and also the unused flags typed at their default value
     res = finetune(cfg)
     if res is not None:  # rank 0
         from mmcache.engine import results_table

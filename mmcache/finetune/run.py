@@ -826,17 +826,23 @@ def validate_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
             raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
 
 
+def check_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
+    """Every check `finetune` makes before it reads anything, in its order: the store flags, the tracking backend
+    (a missing one stops the run before any training), then `validate_config` (`given`: the typed flags)."""
+    check_stores(cfg)
+    from mmcache.tracking import require
+
+    require(cfg.track)
+    validate_config(cfg, given)
+
+
 def finetune(cfg: FinetuneConfig) -> RunResult | None:
     """Fine-tune `cfg.encoders` with `cfg.head` end to end on the shared engine (optimizer, schedule, selection,
     early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks).
     Continues the run's last checkpoint when there is one (see `resolve_run_dir`)."""
     t0 = time.perf_counter()
     rank, world, local_rank = init_distributed()
-    check_stores(cfg)
-    from mmcache.tracking import require
-
-    require(cfg.track)  # a missing backend stops the run before any training
-    validate_config(cfg)
+    check_config(cfg)
     init = read_head_run(cfg.init_head) if cfg.init_head else None
     head_name: str = cfg.head or (init["name"] if init else "linear")
     if init is not None:
