@@ -7,7 +7,7 @@
 #   make sweep DATASET=mvsa GRID='head=linear,gated;D=128,256'
 #   make ablations DATASET=mvsa    encoder pairs x D x lr (the MVSA reference table)
 #   make ablate-modality DATASET=mvsa   image only / text only / both
-#   make compare-heads DATASET=mvsa     linear / gated / xattn / scabg / transformer
+#   make compare-heads DATASET=mvsa     linear / gated / hateclipper / xattn / scabg / transformer
 #   make bench                     every benchmark; writes bench/results.json and bench/results.md
 #   make bench-quick               the headline ratios at small sizes; fails below a floor (CI runs it)
 #
@@ -73,7 +73,7 @@ VSTORES_demo := clip
 TSTORES_demo := clip
 VSTORES ?= $(or $(VSTORES_$(DATASET)),$(VSTORES_DEFAULT))
 TSTORES ?= $(or $(TSTORES_$(DATASET)),$(TSTORES_DEFAULT))
-HEADS_GRID ?= linear,gated,xattn,scabg,transformer
+HEADS_GRID ?= linear,gated,hateclipper,xattn,scabg,transformer
 
 .PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick gpu-wheels lint clean-demo
 

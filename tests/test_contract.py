@@ -599,6 +599,7 @@ def test_tiny_extractor_forward_backward_as_finetune_runs_it(preset: str, modali
 HEAD_HPARAMS: dict[str, dict[str, Any]] = {
     "linear": {"D": 8},
     "gated": {"D": 8},
+    "hateclipper": {"D": 4, "hidden": 8},
     "xattn": {"D": 8, "heads": 2},
     "scabg": {"hidden": 8, "heads": 2, "out_dim": 8, "branch_heads": 2, "queries": 2},
     "scabg-ref": {"hidden": 8, "heads": 2, "out_dim": 8, "branch_heads": 2, "queries": 2},

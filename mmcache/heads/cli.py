@@ -42,7 +42,7 @@ def train_cmd(
     ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name (e.g. captions).")] = None,
     atype: Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")] = None,
     videotype: Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")] = None,
-    head: Annotated[str, typer.Option(help="Head: linear, gated, xattn, scabg, transformer.")] = "linear",
+    head: Annotated[str, typer.Option(help="Head: linear, gated, hateclipper, xattn, scabg, transformer.")] = "linear",
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (linear: 0 = no branch).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout of the head's branches.")] = None,
     ablation: Annotated[int | None, typer.Option(help="0 all modalities, 1 text only, 2 image only.")] = None,

@@ -75,6 +75,9 @@ def inert_parameters(name: str, layout: str, hp: dict[str, Any]) -> list[str]:
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("linear", {"D": 0}), ("linear", {"D": 8, "dropout": 0.0}), ("linear", {"D": 8, "dropout": 0.0, "l2norm": True}),
     ("gated", {"D": 8, "dropout": 0.0, "gate": "sigmoid"}), ("gated", {"D": 8, "dropout": 0.0, "gate": "softmax"}),
+    ("hateclipper", {"D": 4, "hidden": 8, "dropout": 0.0, "fusion_dropout": 0.0, "hidden_dropout": 0.0}),
+    ("hateclipper", {"D": 4, "hidden": 8, "layers": 1, "fusion": "align", "dropout": 0.0, "fusion_dropout": 0.0,
+                     "hidden_dropout": 0.0, "unimodal": True}),
     ("xattn", {"D": 8, "heads": 2, "dropout": 0.0}), ("xattn", {"D": 8, "heads": 2, "dropout": 0.0, "ffn": False}),
     ("scabg", {"hidden": 8, "out_dim": 8, "heads": 2, "branch_heads": 2, "queries": 2, "dropout": 0.0}),
     ("scabg-ref", {"hidden": 8, "out_dim": 8, "heads": 2, "branch_heads": 2, "queries": 2, "dropout": 0.0}),
