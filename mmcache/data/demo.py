@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from mmcache.data.base import Dataset, adapter_options, register_dataset
 from mmcache.data.table import load_table
 from mmcache.errors import MMCacheError
+from mmcache.progress import bar as progress_bar
 
 LABELS = ["negative", "neutral", "positive"]
 WORDS = {
@@ -86,7 +86,7 @@ def generate_demo(root: Path | str, n: int = 3000, seed: int = 0, noise: float =
     label[flip] = rng.integers(0, 3, int(flip.sum()))
     split = rng.choice(["train", "val", "test"], size=n, p=[0.8, 0.1, 0.1])
     rows = []
-    for i in tqdm(range(n), desc="demo images", unit="img", leave=False):
+    for i in progress_bar(range(n), desc="demo images", unit="img"):
         sid = f"demo{i:05d}"
         # One generator per row: a row's content does not depend on n.
         r = np.random.default_rng([seed, i])

@@ -8,17 +8,14 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from tqdm import tqdm
-
+from mmcache import progress
 from mmcache.data.base import id_problem
 from mmcache.errors import MMCacheError
 
 T = TypeVar("T")
-_PROGRESS: ContextVar[bool] = ContextVar("mmcache_data_progress", default=True)
 
 # Split names as datasets spell them -> the canonical train / val / test.
 SPLIT_ALIASES = {
@@ -201,21 +198,18 @@ def where(path: Path | str, line: int | None = None) -> str:
 @contextmanager
 def show_progress(on: bool) -> Iterator[None]:
     """Within the block, adapters show their progress bars only if `on` (`--no-progress` turns them off)."""
-    token = _PROGRESS.set(on)
-    try:
+    with progress.progress_enabled(on):
         yield
-    finally:
-        _PROGRESS.reset(token)
 
 
 def progress_bar(items: Iterable[T], desc: str, unit: str) -> Iterable[T]:
-    """A transient tqdm bar over `items`, unless progress is off (see `show_progress`)."""
-    return tqdm(items, desc=desc, unit=unit, leave=False, disable=not _PROGRESS.get())
+    """A transient bar over `items` by the one policy (`mmcache.progress`), unless progress is off."""
+    return progress.bar(items, desc=desc, unit=unit)
 
 
 def warn(msg: str) -> None:
     """A one-line warning on stderr (what was skipped and why); a progress bar on screen is redrawn below it."""
-    tqdm.write(f"warning: {msg}", file=sys.stderr)
+    progress.write(f"warning: {msg}", file=sys.stderr)
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
-from tqdm import tqdm
 
 from mmcache.cache.store import (
     FeatureStore,
@@ -43,6 +42,7 @@ from mmcache.data.base import Dataset, Sample
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DECODERS, FIELDS, MODALITIES, DecodeError, Extractor, build_extractor
 from mmcache.manifest import check_replace, update
+from mmcache.progress import bar as progress_bar
 from mmcache.utils import init_distributed, pick_device, versions
 
 MERGE_CHUNK = 4096  # rows per write when merging rank part files
@@ -509,7 +509,7 @@ def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=BatchCollate(extractors), pin_memory=pin,
                         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
-    bar = tqdm(total=len(todo) * world, desc="extract", unit="item", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo) * world, desc="extract", unit="item", leave=True, disable=not progress)
     threads = torch.get_num_threads()
     if dev.type == "cpu" and num_workers > 0:
         # Decoding workers need cores too; oversubscribed intra-op threads spin and slow the forward down.

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mmcache.cache.store import StoreReader, store_path
 from mmcache.data.base import Dataset, Sample, load_dataset
@@ -78,6 +77,7 @@ from mmcache.finetune.stream import open_stream
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import ContrastiveLoss, build_criterion
 from mmcache.heads.metrics import classification_metrics
+from mmcache.progress import bar as progress_bar
 from mmcache.utils import init_distributed, pick_device, seed_everything, write_json
 
 # Linear layers LoRA adapts by default, per extractor family (attention output projections for
@@ -541,7 +541,7 @@ def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks
     ids_all: list[str] = []
     outs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     loader = _loader(samples, cast("list[Extractor]", list(model.encoders.values())), cfg)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=cfg.quiet):
+    for batch in progress_bar(loader, desc=desc, disable=cfg.quiet):
         got = _aligned(batch, mods, device)
         if got is None:
             continue
@@ -1032,7 +1032,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
             full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
             loader = _loader(mine, list(encoders.values()), cfg, epoch)
             n_rest = len(rest)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=cfg.quiet or rank != 0)
+        bar = progress_bar(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.quiet or rank != 0)
         opt.zero_grad(set_to_none=True)
         pending = 0
         t_train = time.perf_counter()

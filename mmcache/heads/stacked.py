@@ -19,10 +19,10 @@ import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from tqdm import tqdm
 
 from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics_many
 from mmcache.heads.losses import Criterion
+from mmcache.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from mmcache.heads.data import CachedData
@@ -231,7 +231,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     live = [True] * k_all
     best_W = {t: w.detach().clone() for t, w in W.items()}
     best_B = {t: b.detach().clone() for t, b in B.items()}
-    bar = tqdm(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", leave=False, disable=quiet)
+    bar = progress_bar(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", disable=quiet)
     for epoch in bar:
         t0 = time.perf_counter()
         perm = {key: p.to(device) for key, p in orders.epoch().items()}

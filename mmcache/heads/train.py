@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmcache.engine import (
     EMA,
@@ -60,6 +59,7 @@ from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
+from mmcache.progress import bar as progress_bar
 from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -506,7 +506,7 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
     teacher = data.teacher
     active = list(members)
     label = f"train x{len(members)}" if len(members) > 1 else "train"
-    bar = tqdm(range(1, cfg0.epochs + 1), desc=label, unit="ep", leave=False, disable=quiet)
+    bar = progress_bar(range(1, cfg0.epochs + 1), desc=label, unit="ep", disable=quiet)
     for epoch in bar:
         t0 = time.perf_counter()
         perm = orders.epoch()
