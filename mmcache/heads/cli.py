@@ -99,11 +99,15 @@ def train_cmd(
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (notes and the table stay).")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes: only the result table and "
+                                                              "the run folder.")] = False,
 ) -> None:
     """Train a fusion head on cached features; writes runs/<dataset>/<run>/ and prints val/test metrics."""
     from mmcache.data.combined import parse_upsample
     from mmcache.heads.train import TrainConfig, train
+    from mmcache.progress import progress_enabled
 
     given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
     modalities = {STORE_FLAGS[f]: v for f, v in given.items() if v}
@@ -129,22 +133,25 @@ def train_cmd(
         from mmcache.heads.cv import cv_table, train_folds
 
         try:
-            cv = train_folds(cfg, folds)
+            with progress_enabled(not no_progress):
+                cv = train_folds(cfg, folds)
         except KeyboardInterrupt:
             interrupted(f"fold run folders finished before it are kept under {runs_dir / dataset} (a named run "
                         "then needs --overwrite or another --run-name)")
-        if quiet:
-            typer.echo(str(cv.folder))
-        else:
-            typer.echo(cv_table(cv))
-            typer.echo(f"run folders: {cv.folder}/fold0 ... fold{folds - 1}; summary: {cv.folder}/cv.csv, .md, .json, .png")
+        typer.echo(cv_table(cv))
+        typer.echo(f"run folders: {cv.folder}/fold0 ... fold{folds - 1}; summary: {cv.folder}/cv.csv, .md, .json, .png")
         return
     try:
-        result = train(cfg)
+        with progress_enabled(not no_progress):
+            result = train(cfg)
     except KeyboardInterrupt:
         interrupted("no run folder was written")
-    if quiet and result.run_dir is not None:
-        typer.echo(str(result.run_dir))
+    if quiet:  # train() printed nothing: the table and the run folder, as without --quiet
+        from mmcache.engine import results_table
+
+        typer.echo(results_table(result))
+        if result.run_dir is not None:
+            typer.echo(f"run folder: {result.run_dir}")
 
 
 @app.command("predict")
@@ -242,6 +249,7 @@ def sweep_cmd(
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
                                                   "(default: <runs-dir>/<dataset>/sweeps/sweep_<time>).")] = None,
     save_runs: Annotated[bool, typer.Option("--save-runs", help="Also write a run folder per run.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Train a grid of configs, all at once where they share stores and shape; print and save a table sorted by
     the validation metric (mean +- std over seeds). Under torchrun, config groups are split across ranks."""
@@ -250,6 +258,7 @@ def sweep_cmd(
     from mmcache.data.combined import parse_upsample
     from mmcache.heads.sweep import configs_from, format_table, load_grid_file, run_sweep, summarize
     from mmcache.heads.train import TrainConfig
+    from mmcache.progress import progress_enabled
 
     given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
     try:
@@ -301,7 +310,8 @@ def sweep_cmd(
                                "head, D, lr, the grid's keys, val_/test_ + accuracy, macro_f1, weighted_f1, auroc, "
                                "top2_accuracy, loss, seconds")
     try:
-        rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
+        with progress_enabled(not no_progress):
+            rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
     except KeyboardInterrupt:
         stem_dir = runs_dir / dataset / "sweeps" / out.name
         interrupted("no table was written (it is written once every run has finished)"

@@ -54,7 +54,9 @@ def test_two_tables_get_their_own_cache_and_heads_find_them(tmp_path: Path) -> N
     assert not (cache / "table").exists()
     out = cli("heads", "train", "--dataset", "memes", "--ttype", "clip-tiny", "--epochs", "1", "--cache-dir",
               str(cache), "--runs-dir", str(runs), "--quiet", "--device", "cpu")
-    assert Path(out.strip()).parent == runs / "memes"
+    folder = [ln for ln in out.splitlines() if ln.startswith("run folder: ")]  # -q keeps the table and the folder
+    assert len(folder) == 1 and Path(folder[0].removeprefix("run folder: ")).parent == runs / "memes"
+    assert "accuracy" in out
 
 
 def test_a_manifest_of_other_ids_is_not_overwritten_without_force(tmp_path: Path) -> None:
