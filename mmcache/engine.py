@@ -63,6 +63,8 @@ class RunResult:
     fit_seconds: float = 0.0  # fitting alone (epochs with their validation, or the lbfgs grid)
     # split -> source dataset -> task -> metrics, for a dataset combined from several (else empty)
     by_source: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    predictions: Any = None  # the selection task's per-row test predictions (mmcache.stats.Predictions), if any
+    cost: dict[str, Any] = field(default_factory=dict)  # params, fit_seconds, peak_mem_mb, infer_ms_per_row
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -413,7 +415,8 @@ def metrics_json(result: RunResult) -> dict[str, Any]:
     """The one `metrics.json` layout."""
     return {"best_epoch": result.best_epoch, "select": result.select, "fit_seconds": result.fit_seconds,
             "seconds": result.seconds, "splits": result.metrics,
-            **({"by_source": result.by_source} if result.by_source else {})}
+            **({"by_source": result.by_source} if result.by_source else {}),
+            **({"cost": result.cost} if result.cost else {})}
 
 
 def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,

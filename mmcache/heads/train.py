@@ -55,11 +55,14 @@ from mmcache.engine import (
 )
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import HEADS, Head, build_head
+from mmcache.heads.cost import reset_peak, run_cost, test_predictions
 from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
+from mmcache.heads.shots import with_shots
 from mmcache.progress import bar as progress_bar
+from mmcache.stats import write_predictions
 from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -119,6 +122,7 @@ class TrainConfig:
     track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
     ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
     logit_adjust: float | None = None  # tau: tau * log(train prior) subtracted at evaluation (None: reference_tau)
+    shots: int = 0  # K labelled train rows per class of the selection task, drawn by the seed (0 = all)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (inverse of `TrainConfig(**obj)`)."""
@@ -257,6 +261,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--patience", cfg.early_stopping, 0, integer=True)
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
     _check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
+    _check_number("--shots", cfg.shots, 0, integer=True)
     if cfg.device:
         pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
     check_ema(cfg.ema)
@@ -614,12 +619,15 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
     metrics: dict[str, dict[str, dict[str, Any]]] = {}
     by_source: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     order = sorted(data.split_index, key=lambda sp: (SPLIT_ORDER.get(sp, len(SPLIT_ORDER)), sp))
+    preds = None
     for split in order:
         if splits is not None and split not in splits:
             continue
         idx = data.split_index[split]
         logits = adjust_logits(logits_of[split] if logits_of is not None else predict_logits(m.head, data, idx),
                                m.offsets)
+        if split == "test":  # per-row predictions for the tables' paired bootstrap (mmcache.stats)
+            preds = test_predictions(data, idx, logits, m.sel_task)
         per_task = {}
         for t in data.tasks:
             mt = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
@@ -641,7 +649,7 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
         "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
                      head=m.head, seconds=time.perf_counter() - t_start, select=select, fit_seconds=m.fit_seconds,
-                     by_source=by_source)
+                     by_source=by_source, predictions=preds, cost=run_cost(m.head, data, device, m.fit_seconds))
 
 
 def source_metrics(data: CachedData, idx: torch.Tensor, logits: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -725,10 +733,12 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
         for i in idxs:
             try:
                 c = cfgs[i]
-                key = (c.seed, c.fold if c.folds else None)
+                key = (c.seed, c.fold if c.folds else None, c.shots, c.select_metric if c.shots else None)
                 if key not in by_seed:  # a CV fold: the same tensors with that fold's splits
                     by_seed[key] = (base.for_fold(c.fold, c.folds) if c.folds and c.fold is not None
                                     else base).for_seed(c.seed)
+                    if c.shots:  # K rows per class of the train split (mmcache.heads.shots)
+                        by_seed[key] = with_shots(by_seed[key], c.shots, c.seed, c.select_metric)
                 data = by_seed[key]
                 members[i] = _build_member(cfgs[i], data)
                 m = members[i]
@@ -749,6 +759,7 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
             importlib.import_module("torch._dynamo")  # the first torch optimizer imports it: seconds, not fitting
         for gkey, gidx in groups.items():
             t_fit = time.perf_counter()
+            reset_peak(devices[gidx[0]])
             group = [members[i] for i in gidx]
             try:
                 if gkey[0] == "lbfgs":
@@ -792,6 +803,8 @@ def train_many(cfgs: list[TrainConfig], errors: bool = False,
                     if cfgs[i].save:
                         res.run_dir = write_run(run_dirs[i], res, members[i].data.labels.tasks,
                                                 cfgs[i].dataset, criterion=members[i].crit)
+                        if res.predictions is not None:
+                            write_predictions(res.run_dir, res.predictions)
                     results[i] = res
                 except MMCacheError as e:
                     fail(i, e)
