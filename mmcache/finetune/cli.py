@@ -121,6 +121,10 @@ def run(
                                                             "rows K times per epoch (repeatable).")] = None,
     track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
                                                     "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars (notes and the table stay).")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes: only the result table and "
+                                                              "the run folder.")] = False,
 ) -> None:
     """Fine-tune encoders + head end to end on raw data; writes a run folder like `heads train`.
 
@@ -134,6 +138,7 @@ def run(
     from mmcache.cliutil import given_options, parse_kv
     from mmcache.data.combined import parse_upsample
     from mmcache.finetune.run import FinetuneConfig, check_config, finetune
+    from mmcache.progress import progress_enabled
 
     hparams = parse_kv(hp, "--hp")
     for key, value in (("D", D), ("dropout", dropout)):
@@ -166,10 +171,11 @@ def run(
         select_metric=select, seed=seed, device=device, run_name=run_name, ema=ema, logit_adjust=logit_adjust,
         dataset_options={k: v for k, v in (("fold", fold), ("label_map", str(label_map) if label_map else None))
                          if v is not None},
-        upsample=parse_upsample(upsample), track=track,
+        upsample=parse_upsample(upsample), track=track, quiet=quiet,
     )
     check_config(cfg, given)  # as finetune does first, and also the unused flags typed at their default value
-    res = finetune(cfg)
+    with progress_enabled(not no_progress):
+        res = finetune(cfg)
     if res is not None:  # rank 0
         from mmcache.engine import results_table
 
