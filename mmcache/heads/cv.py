@@ -4,7 +4,7 @@ The features do not depend on the fold, only the split does: the stores are load
 splits are computed from the dataset's definition (`CachedData.for_fold`, the splits `mmcache extract
 --fold K` would write), so nothing is extracted again. The folds train in one `train_many` call; each fold
 writes its run folder `<cv folder>/fold<k>/` (fold and seed in its config.json), and the CV folder gets
-`cv.csv` (one row per fold), `cv.md`, `cv.json` (rows + mean and std) and `cv.png`.
+`cv.csv` (one row per fold), `cv.md`, `cv.json` (rows + mean, std and 95% t-interval) and `cv.png`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def train_folds(cfg: TrainConfig, k: int) -> CVResult:
 
 
 def cv_table(cv: CVResult, fmt: str = "text") -> str:
-    """Per-fold rows, then the mean ± std over folds."""
+    """Per-fold rows, then the mean ± std over folds and the 95% t-interval of the mean."""
     from mmcache.tables import render
 
     cols = [c for c in default_columns([cv.summary]) if c.startswith(("val_", "test_"))]
@@ -87,4 +87,7 @@ def cv_table(cv: CVResult, fmt: str = "text") -> str:
     mean_row += [f"{s[c]:.4f} ± {s.get(c + '_std', 0.0):.4f}" if isinstance(s.get(c), float) else "-" for c in cols]
     mean_row += ["", f"{s['seconds']:.2f}"]
     rows.append(mean_row)
+    if any(isinstance(s.get(c + "_low"), float) for c in cols):  # the t-interval of the mean over folds
+        rows.append(["95% interval", "", *(f"{s[c + '_low']:.4f} to {s[c + '_high']:.4f}"
+                                           if isinstance(s.get(c + "_low"), float) else "-" for c in cols), "", ""])
     return render(header, rows, fmt, right=[*cols, "best_epoch", "seconds"])

@@ -7,7 +7,10 @@ name) a head hyperparameter (`D`, `dropout`, `gate`, `bands`, ...). Values are J
 (numbers, true/false, [lists]), else strings. A key with one value is a fixed override.
 
 `SCABG_ABLATION` switches each part of the SCABG head and loss off in turn, against the full model.
-Every config can run for several seeds; the table shows mean and standard deviation over seeds.
+Every config can run for several seeds (and folds); the table shows per config the mean, the standard deviation and
+the 95% t-interval over its runs, and compares each config with the best one (by the validation metric) on the same
+test rows: a paired bootstrap over the test rows of the test metric (`mmcache.stats`) and, with at least 3 seeds,
+a paired t-test across seeds; with the p-values and whether the difference is significant at 0.05.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from mmcache.cliutil import parse_value, split_kv, split_outside_brackets
 from mmcache.errors import MMCacheError
+from mmcache.runfolder import check_name
 from mmcache.runs import head_width
 from mmcache.utils import atomic_write_text, init_distributed, write_json
 
@@ -59,6 +63,7 @@ SCABG_REFERENCE_ABLATION: list[tuple[str, dict[str, Any]]] = [
     *[(n, ov) for n, ov in SCABG_ABLATION if n != "full"],
 ]
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "auroc")
+MAX_RUNS = 10_000  # runs a sweep takes without --max-runs
 # The metric columns of sweep rows: a grid key such as val_fraction is a setting, never a metric to rank by.
 METRIC_COLUMNS = frozenset(f"{s}_{m}" for s in ("val", "test") for m in (*METRICS, "top2_accuracy", "loss"))
 # Grid keys the sweep sets itself, with what to use instead.
@@ -181,6 +186,13 @@ def result_row(name: str, overrides: dict[str, Any], seed: int, result: Any, fol
                 row[f"{split}_{k}"] = m[k]
     row["best_epoch"] = result.best_epoch
     row["seconds"] = result.fit_seconds
+    for k in COST_COLUMNS:
+        if isinstance(result.cost.get(k), (int, float)):
+            row[k] = result.cost[k]
+    if "shots" in cfg and cfg["shots"]:
+        row.setdefault("shots", cfg["shots"])
+    if result.predictions is not None:
+        row[PREDS] = result.predictions  # kept in memory for the paired bootstrap, never written
     if result.run_dir is not None:
         row["run_dir"] = str(result.run_dir)
     return row
@@ -212,8 +224,17 @@ def _shard(cfgs: list[Any], world: int) -> list[list[int]]:
     return ranks
 
 
+def check_run_count(n: int, max_runs: int | None) -> None:
+    """A sweep of more than MAX_RUNS runs (or more than `max_runs`, when given) is refused in one line."""
+    if n > (max_runs or MAX_RUNS):
+        raise MMCacheError(f"the sweep has {n:,} runs (configs x seeds x folds), more than "
+                           + (f"--max-runs {max_runs:,}" if max_runs else f"{MAX_RUNS:,}")
+                           + f"; narrow the grid, or pass --max-runs {n} to run them all")
+
+
 def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[int] | None = None,
-              out: Path | str | None = None, save_runs: bool = False, folds: int | None = None) -> list[dict[str, Any]]:
+              out: Path | str | None = None, save_runs: bool = False, folds: int | None = None,
+              max_runs: int | None = None) -> list[dict[str, Any]]:
     """Train every (name, overrides) config for each seed (and each of `folds` cross-validation folds); return
     one row per run (rank 0 under torchrun).
 
@@ -229,6 +250,7 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     from mmcache.tracking import require
 
     require(base.track)
+    check_run_count(len(configs) * len(seeds or [base.seed]) * (folds or 1), max_runs)
     if out is not None:  # the tables are written after training: refuse a place they cannot go before it
         check_writable_folder(Path(out).parent, "--out", out)
         for suffix in (".csv", ".md", ".json", ".png"):
@@ -241,7 +263,10 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
     jobs = [(name, ov, s, f) for name, ov in configs for s in seeds for f in fold_ids]
     stem = Path(out).name if out is not None else "sweep"
     folder = Path("sweeps") / stem  # run folders (--save-runs): <runs-dir>/<dataset>/sweeps/<stem>/<config>_seed<S>
-    if save_runs and (where := Path(base.runs_dir) / base.dataset / folder).is_dir() and any(where.iterdir()):
+    if save_runs:
+        check_name(stem, "--out", "results/sweep1")
+    if save_runs and (where := Path(base.runs_dir) / base.dataset / folder).is_dir() and any(
+            not p.name.startswith(".") for p in where.iterdir()):  # (hidden: a run folder a killed sweep left)
         raise MMCacheError(f"{where} holds the run folders of an earlier sweep named {stem!r}; choose another --out")
     cfgs, names = [], set()
     for name, overrides, seed, fold in jobs:
@@ -310,12 +335,22 @@ def run_sweep(base: Any, configs: list[tuple[str, dict[str, Any]]], seeds: list[
 
 DESCRIBE = ("stores", "finetuned", "head", "D", "lr")  # columns that say what a config is (as the reference tables)
 PER_RUN = ("config", "seed", "fold", "best_epoch", "seconds", "run_dir", "error")  # row keys of one run, not a config
+COST_COLUMNS = ("params", "peak_mem_mb", "infer_ms_per_row")  # every run's cost (mmcache.heads.cost), besides seconds
+PREDS = "_predictions"  # a row's per-row test predictions (in memory only)
+# Columns of the comparison with the best config: the test metric's difference, the paired bootstrap's interval of
+# it and p-value, the paired t-test's p-value (>= 3 seeds), significance at 0.05.
+COMPARE_COLUMNS = ("vs_best", "vs_best_low", "vs_best_high", "p_boot", "p_ttest", "significant")
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per config: what it is (stores, finetuned, head, D, lr), mean and standard deviation over seeds of every metric
-    column, and mean seconds; sorted best first by the validation metric that chose the epochs (test metrics
-    are reported, never used to rank)."""
+def summarize(rows: list[dict[str, Any]], n_boot: int | None = None) -> list[dict[str, Any]]:
+    """Per config: what it is (stores, finetuned, head, D, lr), the mean, standard deviation (`_std`) and 95%
+    t-interval (`_low`, `_high`) over its runs of every metric column, mean seconds and cost; sorted best first by
+    the validation metric that chose the epochs (test metrics are reported, never used to rank). Every config but
+    the best is compared with the best (`compare_column`; COMPARE_COLUMNS): paired by seed and fold, by a paired
+    bootstrap over the test rows when the rows hold predictions (`n_boot` resamples) and a paired t-test of the
+    test metric across at least 3 runs."""
+    from mmcache.stats import interval
+
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["config"], []).append(r)
@@ -327,23 +362,61 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if ok and k in ok[0]:
                 s[k] = ok[0][k]
         for k, v in rs[0].items():  # the grid's keys (the same in every run of a config), for --columns
-            if k not in METRIC_COLUMNS and k not in PER_RUN and k not in s:
+            if k not in METRIC_COLUMNS and k not in PER_RUN and k not in COST_COLUMNS and k != PREDS and k not in s:
                 s[k] = v
         if len(ok) < len(rs):
             s["error"] = next(r["error"] for r in rs if "error" in r)
-        cols = list(dict.fromkeys(k for r in ok for k in r if k in METRIC_COLUMNS or k == "seconds"))
+        cols = list(dict.fromkeys(k for r in ok for k in r if k in METRIC_COLUMNS or k in ("seconds", *COST_COLUMNS)))
         for k in cols:
             vals = [r[k] for r in ok if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
             if vals:
                 s[k] = statistics.fmean(vals)
-                if len(vals) > 1 and k != "seconds":
-                    s[f"{k}_std"] = statistics.stdev(vals)
+                if len(vals) > 1 and k in METRIC_COLUMNS:
+                    iv = interval(vals)
+                    s[f"{k}_std"], s[f"{k}_low"], s[f"{k}_high"] = iv["std"], iv["ci_low"], iv["ci_high"]
         out.append(s)
     key = _rank_column(rows)
     if key:
         lower = key == "val_loss"
         out.sort(key=lambda s: (key not in s, (s.get(key, 0.0) if lower else -s.get(key, 0.0))))
+    compare_with_best(out, groups, key, n_boot)
     return out
+
+
+def compare_column(rank: str | None) -> str | None:
+    """The test metric configs are compared on: the selection metric's (test accuracy when selecting by loss)."""
+    from mmcache.stats import boot_metric
+
+    return None if rank is None else "test_" + boot_metric(rank[4:])
+
+
+def compare_with_best(summary: list[dict[str, Any]], groups: dict[str, list[dict[str, Any]]], rank: str | None,
+                      n_boot: int | None = None) -> None:
+    """Add COMPARE_COLUMNS to each config of `summary` (sorted best first) but the best."""
+    from mmcache.stats import BOOTSTRAP, compare_to_best
+
+    column = compare_column(rank)
+    ranked = [s for s in summary if rank is not None and isinstance(s.get(rank), (int, float)) and s.get("runs")]
+    if column is None or len(ranked) < 2 or not isinstance(ranked[0].get(column), (int, float)):
+        return
+    ok = {name: [r for r in rs if "error" not in r] for name, rs in groups.items()}
+    preds = {name: [r.get(PREDS) for r in rs] for name, rs in ok.items()}
+    best = ranked[0]["config"]
+    best_row = ranked[0]
+    best_row["compared_on"] = column
+    res = compare_to_best({s["config"]: ok[s["config"]] for s in ranked}, best, column, preds, column[5:],
+                          n_boot=n_boot or BOOTSTRAP)
+    for s in ranked[1:]:
+        r = res.get(s["config"], {})
+        s["compared_on"] = column
+        if "boot_diff" in r:
+            s.update(vs_best=r["boot_diff"], vs_best_low=r["boot_low"], vs_best_high=r["boot_high"], p_boot=r["boot_p"])
+        elif "diff" in r:
+            s["vs_best"] = r["diff"]
+        if "t_p" in r:
+            s["p_ttest"] = r["t_p"]
+        if "significant" in r:
+            s["significant"] = r["significant"]
 
 
 def _rank_column(rows: list[dict[str, Any]]) -> str | None:
@@ -354,7 +427,7 @@ def _rank_column(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
-STANDARD_COLUMNS = ("config", "runs", *DESCRIBE, "seconds")  # columns every sweep table can show
+STANDARD_COLUMNS = ("config", "runs", *DESCRIBE, "seconds", *COST_COLUMNS, *COMPARE_COLUMNS)  # any sweep table's
 
 
 def default_columns(summary: list[dict[str, Any]]) -> list[str]:
@@ -366,7 +439,8 @@ def default_columns(summary: list[dict[str, Any]]) -> list[str]:
     tests = [f"test_{rank[4:]}"] if rank and rank != "val_loss" else []
     tests += ["test_accuracy", "test_macro_f1"]
     metrics = [k for k in dict.fromkeys([rank or "", *tests]) if k in keys]
-    return ["config", *desc, "runs", *metrics, "seconds"]
+    compare = [c for c in ("vs_best", "p_boot", "p_ttest", "significant") if c in keys]
+    return ["config", *desc, "runs", *metrics, *compare, "seconds"]
 
 
 def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list[str] | None = None) -> str:
@@ -377,11 +451,14 @@ def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list
         return "(no runs)"
     from mmcache.tables import render
 
-    known = list(dict.fromkeys(k for s in summary for k in s if not k.endswith("_std") and k != "error"))
+    known = list(dict.fromkeys(k for s in summary for k in s
+                               if not k.endswith(("_std", "_low", "_high")) and k not in ("error", "compared_on")))
     if columns is None:
         if fmt == "md":
             metric_cols = [k for k in known if k in METRIC_COLUMNS]
-            cols = ["config", *[k for k in DESCRIBE if k in known], "runs", *metric_cols, "seconds"]
+            extra = [k for k in (*COMPARE_COLUMNS, "seconds", *COST_COLUMNS) if k in known and k != "vs_best_low"
+                     and k != "vs_best_high"]
+            cols = ["config", *[k for k in DESCRIBE if k in known], "runs", *metric_cols, *extra]
         else:
             cols = default_columns(summary)
     else:
@@ -395,17 +472,44 @@ def format_table(summary: list[dict[str, Any]], fmt: str = "text", columns: list
             return "-"
         v = s[c]
         if c in METRIC_COLUMNS and isinstance(v, float):
-            return f"{v:.4f} ± {s[c + '_std']:.4f}" if f"{c}_std" in s else f"{v:.4f}"
-        if c == "seconds" and isinstance(v, float):
-            return f"{v:.2f}"
+            text = f"{v:.4f} ± {s[c + '_std']:.4f}" if f"{c}_std" in s else f"{v:.4f}"
+            if fmt == "md" and isinstance(s.get(c + "_low"), float):
+                text += f" [{s[c + '_low']:.4f}, {s[c + '_high']:.4f}]"
+            return text
+        if c == "vs_best" and isinstance(v, float):
+            text = f"{v:+.4f}"
+            if isinstance(s.get("vs_best_low"), float):
+                text += f" [{s['vs_best_low']:+.4f}, {s['vs_best_high']:+.4f}]"
+            return text
+        if c in ("p_boot", "p_ttest") and isinstance(v, float):
+            return f"{v:.3f}"
+        if c == "significant":
+            return "yes" if v else "no"
+        if c in ("seconds", "peak_mem_mb") and isinstance(v, float):
+            return f"{v:.2f}" if c == "seconds" else f"{v:.0f}"
+        if c == "infer_ms_per_row" and isinstance(v, float):
+            return f"{v:.4f}"
+        if c == "params" and isinstance(v, (int, float)):
+            return f"{int(v):,}"
         return str(v)
+
+    if summary[0].get("compared_on") and "vs_best" not in summary[0]:
+        summary = [{**summary[0], "vs_best": "best"}, *summary[1:]]  # the config the others are compared with
 
     note = any("error" in s for s in summary)
     rows = [[cell(s, c) for c in cols] + ([f"error: {s['error']}" if "error" in s else ""] if note else [])
             for s in summary]
     header = [*cols, *(["note"] if note else [])]
-    right = [c for c in cols if c in METRIC_COLUMNS or c in ("runs", "seconds", "D", "lr")]
-    return render(header, rows, fmt, right=right)
+    right = [c for c in cols if c in METRIC_COLUMNS or c in ("runs", "seconds", "D", "lr", *COST_COLUMNS,
+                                                             *COMPARE_COLUMNS)]
+    on = next((s["compared_on"] for s in summary if s.get("compared_on")), None)
+    legend = None
+    if on and any(k in cols for k in ("vs_best", "p_boot", "p_ttest")):
+        legend = (f"vs_best: {on} minus the best config's (ranked by {_rank_column(summary) or 'validation'}) with "
+                  "its 95% interval, and p_boot, from a paired bootstrap over the test rows; p_ttest: paired t-test "
+                  "across seeds (3 or more); significant: p < 0.05")
+    table = render(header, rows, fmt, right=right, title=legend)
+    return table + f"\n\n{legend}" if legend and fmt == "md" else table
 
 
 def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -414,6 +518,8 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     from mmcache.plots import plot_sweep
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    rows = [{k: v for k, v in r.items() if k != PREDS} for r in rows]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out.with_suffix(".csv")
     buf = io.StringIO()
@@ -421,7 +527,6 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(csv_path, buf.getvalue())
-    summary = summarize(rows)
     atomic_write_text(out.with_suffix(".md"), format_table(summary, "md") + "\n")
     write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
     shown = [c for c in default_columns(summary) if c in METRIC_COLUMNS]
