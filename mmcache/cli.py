@@ -22,7 +22,8 @@ def _register() -> None:
     from mmcache.heads.cli import app as heads_app
     from mmcache.predict import predict_cmd
 
-    app.add_typer(data_app, name="data", help="Generate the demo dataset; inspect datasets before extracting.")
+    app.add_typer(data_app, name="data", help="Generate the demo dataset; inspect datasets and fetch their image URLs before "
+                  "extracting.")
     app.command("extract", help=extract.__doc__, no_args_is_help=True)(extract)
     app.add_typer(cache_app, name="cache", help="List, inspect, verify and remove feature stores.")
     app.add_typer(heads_app, name="heads", help="Train fusion heads on cached features; predict with them.")

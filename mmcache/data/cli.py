@@ -1,4 +1,4 @@
-"""`mmcache data`: generate the demo dataset, list adapters, show a dataset's splits and classes."""
+"""`mmcache data`: generate the demo dataset, list adapters, show a dataset's splits and classes, fetch image URLs."""
 
 from __future__ import annotations
 
@@ -95,6 +95,42 @@ def show(
             typer.echo(f"  {split}: " + (", ".join(f"{k} {v}" for k, v in miss.items()) or "no media fields"))
     for s in ds.samples[:samples]:
         typer.echo(json.dumps(s.to_json(), ensure_ascii=False))
+
+
+@app.command("fetch")
+def fetch_cmd(
+    dataset: Annotated[str, typer.Argument(help="fakeddit, mmhs150k, or table (a table with http(s):// images).")],
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default data/<name>).")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="Adapter option KEY=VALUE, as for `data show` (e.g. -o image_column=url).")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=512, help="Downloads in parallel (threads).")] = 16,
+    timeout: Annotated[float, typer.Option(help="Seconds one download may take.")] = 20.0,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a download that timed out, could not connect or "
+                                                     "got a 5xx / 429 answer.")] = 1,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try the URLs that failed in an earlier run "
+                                                                      "again (skipped by default).")] = False,
+    max_mb: Annotated[float, typer.Option(help="Largest image accepted, in MB.")] = 50.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Download a dataset's image URLs once into its folder, so its adapter reads local files.
+
+    Resumable (images on disk are never fetched again; rerun after a stop), parallel, and every failure is
+    recorded with its reason in fetch.jsonl beside the images."""
+    from mmcache.data.fetch import describe, fetch, plan_for
+
+    if timeout <= 0 or max_mb <= 0:
+        from mmcache.errors import MMCacheError
+
+        raise MMCacheError(f"--timeout and --max-mb must be positive, got {timeout:g} and {max_mb:g}")
+    plan = plan_for(dataset, data_dir, parse_kv(option, "-o", "-o image_column=url"))
+    for note in plan.notes:
+        typer.echo(f"note: {note}", err=True)
+    if not plan.jobs:
+        typer.echo(f"{dataset}: no image URLs; nothing to fetch")
+        return
+    res = fetch(plan, workers=workers, timeout=timeout, retries=retries, retry_failed=retry_failed,
+                max_bytes=int(max_mb * 1e6), progress=progress)
+    typer.echo(describe(res, dataset))
 
 
 @app.command("list")

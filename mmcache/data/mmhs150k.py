@@ -5,6 +5,9 @@
     <root>/img_txt/<id>.json        {"img_text": OCR text} for images with text (-> Sample.context)
     <root>/splits/train_ids.txt  val_ids.txt  test_ids.txt
 
+Without the image archive, `mmcache data fetch mmhs150k` downloads the `img_url` of every tweet into
+img_resized/ once (`mmcache.data.fetch`; the originals, not resized).
+
 Tasks: `hate` (binary, primary): hate when at least two of the three annotators chose a hate
 class; `category` (6-way): the class at least two annotators chose; items without such a
 majority (e.g. votes 1, 2, 3) have no 6-way label (they are left out of that task only).
@@ -17,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, register_dataset
+from mmcache.data.fetch import FetchPlan, Job, fetch_command, is_url, register_fetch, summary_note
 from mmcache.data.io import (
     IdCheck,
     as_bool,
@@ -66,7 +70,8 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
     split_dir = base / "splits"
     img_dir = base / "img_resized"
     if not img_dir.is_dir():
-        raise MMCacheError(f"{img_dir} not found; unpack the images there (img_resized/<id>.jpg)")
+        raise MMCacheError(f"{img_dir} not found; unpack the images there (img_resized/<id>.jpg), or download them "
+                           f"from the img_url entries once with `{fetch_command('mmhs150k', root)}`")
     ocr_dir = base / "img_txt"
     ocr_files = {p.stem: p for p in ocr_dir.iterdir()} if ocr and ocr_dir.is_dir() else {}
     ids = IdCheck()
@@ -108,4 +113,26 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
         notes.append(f"{unused} tweets of {gt_path.name} are in no split file and were left out")
     notes.append(f"OCR context for {sum(s.context is not None for s in samples)} tweets" if ocr_files
                  else "no OCR context (img_txt/ missing or -o ocr=false)")
+    fetched = summary_note(img_dir, "img_url", fetch_command("mmhs150k", root))
+    if fetched:
+        notes.append(fetched)
     return Dataset(name="mmhs150k", samples=samples, labels=space, root=base, notes=notes)
+
+
+@register_fetch("mmhs150k")
+def plan_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool = True) -> FetchPlan:
+    """The `img_url` of every tweet of MMHS150K_GT.json, each to img_resized/<id>.jpg."""
+    gt_path = locate(root, "MMHS150K_GT.json")
+    assert gt_path is not None
+    gt = parse_json(decode_bytes(gt_path.read_bytes()), gt_path, "download it again")
+    if not isinstance(gt, dict):
+        raise MMCacheError(f"{gt_path}: expected a JSON object keyed by tweet id")
+    img_dir = gt_path.parent / "img_resized"
+    jobs, no_url = [], 0
+    for sid, item in gt.items():
+        url = item.get("img_url") if isinstance(item, dict) else None
+        if is_url(url):
+            jobs.append(Job(str(url).strip(), img_dir / f"{sid}.jpg", f"{gt_path}, tweet {sid}"))
+        else:
+            no_url += 1
+    return FetchPlan(jobs, img_dir, [f"{no_url} tweets without an http(s) img_url"] if no_url else [])

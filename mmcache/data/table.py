@@ -2,18 +2,24 @@
 
 Columns: `image` or `image_path`, `text`, `label`, and optionally `id`, `split`, `entity`,
 `ctx_text` (or `context`), `video`, `audio`, and `label_<task>` for extra tasks (multi-task).
+Options name other columns: `text_column`, `image_column`, `id_column`, `split_column`,
+`label_column`; a column the adapter does not read is named in the dataset's notes.
 A folder may hold one table (splits from its `split` column, else a seeded 8:1:1 split) or one
 table per split (`train.csv`, `dev.csv`/`val.csv`, `test.csv`, ...).
+An image given as an http(s):// URL is read from its local copy under `fetched/` beside the
+table, which `mmcache data fetch table` downloads once (`mmcache.data.fetch`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mmcache.data.base import Dataset, LabelSpace, Sample, adapter_options, default_name, register_dataset
+from mmcache.data.fetch import FETCHED_DIR, FetchPlan, Job, failed_paths, fetch_command, is_url, register_fetch, table_copy
 from mmcache.data.io import (
     IdCheck,
     as_int,
@@ -31,6 +37,10 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 LABELS_FILE = "labels.json"
 LABEL_PREFIX = "label_"
 PRIMARY_TASK = "label"
+# Fields the `<field>_column` options rename, and the columns each reads by default (the first filled one wins).
+DEFAULT_COLUMNS = {"text": ("text",), "image": ("image", "image_path"), "id": ("id",), "split": ("split",)}
+# Columns read under their own names only.
+FIXED_COLUMNS = ("video", "video_path", "audio", "audio_path", "entity", "target", "ctx_text", "context")
 
 
 def find_tables(root: Path) -> list[tuple[Path, str | None]]:
@@ -203,6 +213,10 @@ def load_table(
     image_root: str | Path | None = None,
     metric: str | None = None,
     label_column: str = PRIMARY_TASK,
+    text_column: str | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    split_column: str | None = None,
 ) -> Dataset:
     """Load a table (or one table per split); label names -> indices, saved to `labels.json` beside it.
 
@@ -210,16 +224,52 @@ def load_table(
     from `label_names` (primary task), else sorted names; a label outside a saved space is an error.
     Rows without a split get a seeded, stratified 8:1:1 split, or fold `fold` of 10-fold CV. The
     dataset is named `name`, else after the table file (or the folder of per-split tables).
+    `text_column`, `image_column`, `id_column`, `split_column` name the column of that field when
+    it is not the default (`text`, `image`/`image_path`, `id`, `split`).
     """
-    return _load_table(root, name, seed, fold, label_names, image_root, metric, label_column)
+    return _load_table(root, name, seed, fold, label_names, image_root, metric, label_column,
+                       columns={"text": text_column, "image": image_column, "id": id_column, "split": split_column})
 
 
 def load_unlabelled_table(root: Path, label_space: LabelSpace, name: str | None = None,
-                          image_root: str | Path | None = None, label_column: str = PRIMARY_TASK) -> Dataset:
+                          image_root: str | Path | None = None, label_column: str = PRIMARY_TASK,
+                          text_column: str | None = None, image_column: str | None = None,
+                          id_column: str | None = None, split_column: str | None = None) -> Dataset:
     """A table of new rows to predict on, in a trained model's `label_space`: labels are optional (those
     present are read in that space, and one outside it is an error), nothing is saved beside the table,
     and rows keep the split they have, or none (no split is generated)."""
-    return _load_table(root, name, image_root=image_root, label_column=label_column, label_space=label_space)
+    return _load_table(root, name, image_root=image_root, label_column=label_column, label_space=label_space,
+                       columns={"text": text_column, "image": image_column, "id": id_column, "split": split_column})
+
+
+def resolve_columns(seen: list[str], given: dict[str, Any] | None, source: Path) -> dict[str, tuple[str, ...]]:
+    """Field -> the columns it reads: the `<field>_column` option given (which must be a column of the table),
+    else the defaults (`DEFAULT_COLUMNS`)."""
+    out: dict[str, tuple[str, ...]] = {}
+    named: dict[str, str] = {}
+    for fld, default in DEFAULT_COLUMNS.items():
+        col = (given or {}).get(fld)
+        if col is None:
+            out[fld] = default
+            continue
+        if not isinstance(col, str) or col not in seen:
+            raise MMCacheError(f"{source}: -o {fld}_column={col!r}: the table has no such column (columns: "
+                               f"{_names(seen)}); name one of them")
+        if col in named:
+            raise MMCacheError(f"{source}: -o {named[col]}_column and -o {fld}_column both name column {col!r}; "
+                               "give each field its own column")
+        named[col] = fld
+        out[fld] = (col,)
+    return out
+
+
+def _names(columns: Iterable[str]) -> str:
+    return ", ".join(c if c.strip() else repr(c) for c in columns)
+
+
+def _column_options(columns: dict[str, Any] | None) -> str:
+    """The `-o <field>_column=` options of a command line (for the fetch command named in errors)."""
+    return "".join(f" -o {f}_column={c}" for f, c in (columns or {}).items() if c is not None and f == "image")
 
 
 def _load_table(
@@ -232,6 +282,7 @@ def _load_table(
     metric: str | None = None,
     label_column: str = PRIMARY_TASK,
     label_space: LabelSpace | None = None,
+    columns: dict[str, Any] | None = None,
 ) -> Dataset:
     root = Path(root)
     name = name or default_name(root, "table")
@@ -248,6 +299,8 @@ def _load_table(
         raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
 
     source = tables[0][0] if len(tables) == 1 else root  # named in errors about the whole table
+    seen = list(dict.fromkeys(c for _, r, _ in rows for c in r))
+    use = resolve_columns(seen, columns, source)
     if label_space is not None:
         cols = present_label_columns([r for _, r, _ in rows], label_space, label_column)
         space = label_space
@@ -255,8 +308,27 @@ def _load_table(
         cols = label_columns([(w, r) for w, r, _ in rows], source, label_column)
         space = _table_label_space(rows, cols, source, base, label_names, metric)
 
-    def media(v: Any) -> str | None:
-        return None if v is None else str(media_root / str(v).strip())
+    def media(v: Any, kind: str, where: str) -> str | None:
+        if v is None:
+            return None
+        if is_url(v):
+            raise MMCacheError(f"{where}: {kind} {str(v).strip()!r} is a URL; only images are fetched "
+                               "(`mmcache data fetch`): download the file and give its path")
+        return str(media_root / str(v).strip())
+
+    fetched = base / FETCHED_DIR
+    urls = 0
+    no_copy: list[tuple[str, str, Path]] = []  # rows whose image URL has no local copy: (where, url, path)
+
+    def image_of(v: Any, where: str) -> str | None:
+        nonlocal urls
+        if not is_url(v):
+            return media(v, "image", where)
+        urls += 1
+        local = table_copy(fetched, str(v))
+        if not local.is_file():
+            no_copy.append((where, str(v).strip(), local))
+        return str(local)
 
     ids = IdCheck()
     samples: list[Sample] = []
@@ -275,33 +347,38 @@ def _load_table(
                                            f"every table in {base}: add the class there, or delete the file to "
                                            "rebuild it from this table") from None
                     raise
-        image, text = _get(row, "image", "image_path"), _get(row, "text")
+        image, text = _get(row, *use["image"]), _get(row, *use["text"])
         video, audio = _get(row, "video", "video_path"), _get(row, "audio", "audio_path")
         if image is None and text is None and video is None and audio is None:
             raise MMCacheError(f"{where}: no image, text, video or audio; fill it in or drop the row")
-        sid = _get(row, "id")
+        sid = _get(row, *use["id"])
         if sid is None:
             sid = f"{table_split}-{n}" if len(tables) > 1 else str(n)
         sid = _label_str(sid)
         ids.add(sid, where)
-        split = table_split or _get(row, "split")
+        split = table_split or _get(row, *use["split"])
         entity, context = _get(row, "entity", "target"), _get(row, "ctx_text", "context")
         samples.append(
             Sample(
                 id=sid,
                 split=normalise_split(split) if split is not None else "",
                 text=None if text is None else str(text),
-                image=media(image),
-                video=media(video),
-                audio=media(audio),
+                image=image_of(image, where),
+                video=media(video, "video", where),
+                audio=media(audio, "audio", where),
                 entity=None if entity is None else str(entity),
                 context=None if context is None else str(context),
                 labels=labels,
             )
         )
+    notes = _url_notes(urls, no_copy, fetched, fetch_command("table", root) + _column_options(columns))
+    read = {*cols.values(), *(c for names in use.values() for c in names), *FIXED_COLUMNS}
+    unused = [c for c in seen if c not in read]
+    if unused:
+        notes.append(f"columns not read: {_names(unused)} (-o text_column=, image_column=, id_column=, "
+                     "split_column=, label_column= name the column of a field)")
     if label_space is not None:
-        return Dataset(name=name, samples=samples, labels=space, root=base)
-    notes = []
+        return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes)
     samples, note = fill_missing_splits(samples, str(tables[0][0]), next(iter(cols)), seed=seed, fold=fold)
     if note:
         notes.append(note)
@@ -334,3 +411,47 @@ def write_table(path: Path, rows: list[dict[str, Any]]) -> Path:
     else:
         raise MMCacheError(f"{path}: unknown table format; use .csv, .tsv, .json or .jsonl")
     return path
+
+
+def _url_notes(urls: int, no_copy: list[tuple[str, str, Path]], folder: Path, command: str) -> list[str]:
+    """Notes on a table's image URLs; a URL never fetched (no copy, no failure on record) is an error naming the
+    command that fetches them."""
+    if not urls:
+        return []
+    failed = failed_paths(folder) if no_copy else {}
+    never = [(w, u) for w, u, p in no_copy if p.relative_to(folder).as_posix() not in failed]
+    if never:
+        where, url = never[0]
+        more = f" (and {len(never) - 1} more rows)" if len(never) > 1 else ""
+        raise MMCacheError(f"{where}: image {url!r} is a URL with no local copy{more}; download the table's images "
+                           f"once with `{command}` (into {folder}), then run this again")
+    note = f"{urls} image URLs read from their local copies in {folder}"
+    if no_copy:
+        note += (f"; {len(no_copy)} failed to download (reasons in {folder / 'fetch.jsonl'}; `{command} "
+                 "--retry-failed` tries them again) and count as missing images")
+    return [note]
+
+
+@register_fetch("table")
+def plan_table(root: Path, seed: int = 0, fold: int | None = None, label_names: list[str] | None = None,
+               image_root: str | Path | None = None, metric: str | None = None, label_column: str = PRIMARY_TASK,
+               text_column: str | None = None, image_column: str | None = None, id_column: str | None = None,
+               split_column: str | None = None) -> FetchPlan:
+    """The image URLs of a table: each to `fetched/<hash>.<ext>` beside the table (`table_copy`)."""
+    tables = find_tables(Path(root))
+    base = tables[0][0].parent
+    source = tables[0][0] if len(tables) == 1 else Path(root)
+    rows = [(where, row) for table, _ in tables for where, row in read_rows(table)]
+    seen = list(dict.fromkeys(c for _, r in rows for c in r))
+    use = resolve_columns(seen, {"text": text_column, "image": image_column, "id": id_column,
+                                 "split": split_column}, source)
+    folder = base / FETCHED_DIR
+    jobs = []
+    for where, row in rows:
+        v = _get(row, *use["image"])
+        if is_url(v):
+            url = str(v).strip()
+            jobs.append(Job(url, table_copy(folder, url), where))
+    notes = [] if jobs else [f"no http(s):// image URLs in {source} (column {' / '.join(use['image'])}); "
+                             "nothing to fetch"]
+    return FetchPlan(jobs, folder, notes)

@@ -82,14 +82,15 @@ def write_twitter(root: Path, rows: dict[str, list[tuple[str, str, str, str, str
 
 
 def write_mmhs(root: Path, gt: dict[str, list[int]], splits: dict[str, list[str]],
-               ocr: dict[str, str] | None = None) -> Path:
-    """MMHS150K: MMHS150K_GT.json + img_resized/ + img_txt/ + splits/*_ids.txt."""
+               ocr: dict[str, str] | None = None, image_url: str = "http://x/{id}.jpg", images: bool = True) -> Path:
+    """MMHS150K: MMHS150K_GT.json + img_resized/ + img_txt/ + splits/*_ids.txt (`images=False`: no img_resized/,
+    as before `mmcache data fetch`; `image_url`: the img_url template)."""
     root.mkdir(parents=True, exist_ok=True)
-    obj = {sid: {"img_url": f"http://x/{sid}.jpg", "labels": votes, "tweet_url": f"http://t/{sid}",
+    obj = {sid: {"img_url": image_url.format(id=sid), "labels": votes, "tweet_url": f"http://t/{sid}",
                  "tweet_text": f"tweet {sid} https://t.co/abc", "labels_str": [str(v) for v in votes]}
            for sid, votes in gt.items()}
     (root / "MMHS150K_GT.json").write_text(json.dumps(obj))
-    for sid in gt:
+    for sid in gt if images else ():
         image(root / "img_resized" / f"{sid}.jpg")
     (root / "img_txt").mkdir(exist_ok=True)
     for sid, text in (ocr or {}).items():
@@ -105,17 +106,20 @@ FAKEDDIT_HEADER = ["", "author", "clean_title", "created_utc", "domain", "hasIma
                    "2_way_label", "3_way_label", "6_way_label"]
 
 
-def write_fakeddit(root: Path, rows: dict[str, list[tuple[str, str, int, int, int]]]) -> Path:
-    """Fakeddit: multimodal_{train,validate,test_public}.tsv (pandas-style quoting) + public_image_set/."""
+def write_fakeddit(root: Path, rows: dict[str, list[tuple[str, str, int, int, int]]],
+                   image_url: str = "http://i/{id}.jpg", images: bool = True) -> Path:
+    """Fakeddit: multimodal_{train,validate,test_public}.tsv (pandas-style quoting) + public_image_set/
+    (`images=False`: no image folder, as before `mmcache data fetch`; `image_url`: the image_url template)."""
     root.mkdir(parents=True, exist_ok=True)
     for split, items in rows.items():
         buf = io.StringIO()
         w = csv.writer(buf, delimiter="\t")
         w.writerow(FAKEDDIT_HEADER)
         for i, (sid, title, l2, l3, l6) in enumerate(items):
-            w.writerow([i, "someone", title, 1.5e9, "i.imgur.com", True, sid, f"http://i/{sid}.jpg", "", 3, 10,
+            w.writerow([i, "someone", title, 1.5e9, "i.imgur.com", True, sid, image_url.format(id=sid), "", 3, 10,
                         "pics", title.upper(), 0.9, l2, l3, l6])
-            image(root / "public_image_set" / f"{sid}.jpg")
+            if images:
+                image(root / "public_image_set" / f"{sid}.jpg")
         (root / f"multimodal_{split}.tsv").write_text(buf.getvalue())
     return root
 

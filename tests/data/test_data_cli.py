@@ -120,7 +120,8 @@ def test_every_adapter_refuses_unknown_options_and_lists_its_own(tmp_path: Path,
 
 def test_declared_options_reach_the_adapter(tmp_path: Path) -> None:
     assert DATASET_OPTIONS["webdataset"] == ["seed", "fold", "label_key", "unpack_dir", "prefix_shard", "metric"]
-    assert {"seed", "fold", "label_names", "image_root", "metric", "label_column"} == set(DATASET_OPTIONS["table"])
+    assert {"seed", "fold", "label_names", "image_root", "metric", "label_column", "text_column", "image_column",
+            "id_column", "split_column"} == set(DATASET_OPTIONS["table"])
     assert set(DATASET_OPTIONS["demo"]) == set(DATASET_OPTIONS["table"]) - {"label_names"}
     assert set(DATASET_OPTIONS["mvsa-single"]) == {"seed", "fold", "skip_missing", "vote"}
     assert set(DATASET_OPTIONS["twitter15"]) == {"seed", "captions"}
