@@ -225,3 +225,45 @@ def test_label_space_file_is_replaced_whole(tmp_path: Path, monkeypatch: pytest.
     assert written == ["labels.json"]
     assert json.loads((tmp_path / "labels.json").read_text())["tasks"] == {"label": ["a", "b"]}
     assert not list(tmp_path.glob(".labels.json*"))  # no temporary file left behind
+
+
+def test_other_column_names_through_options(tmp_path: Path) -> None:
+    rows = [{"key": f"k{i}", "caption": f"text {i}", "picture": f"p/{i}.jpg", "part": ["train", "dev", "test"][i % 3],
+             "label": "ab"[i % 2], "text": "not this", "score": i} for i in range(12)]
+    table = write_table(tmp_path / "t.csv", rows)
+    ds = load_dataset("table", table, text_column="caption", image_column="picture", id_column="key",
+                      split_column="part")
+    s = ds.by_id()["k4"]  # part "dev"
+    assert (s.text, Path(s.image), s.split) == ("text 4", tmp_path / "p" / "4.jpg", "val")
+    assert Counter(x.split for x in ds.samples) == {"train": 4, "val": 4, "test": 4}
+    assert [n for n in ds.notes if n.startswith("columns not read: text, score (")] == [ds.notes[-1]]
+    plain = load_dataset("table", table)  # defaults: `text`, no image, ids by row, a generated split
+    assert plain.samples[0].text == "not this" and plain.samples[0].image is None
+    assert "columns not read: key, caption, picture, part, score (" in " ".join(plain.notes)
+    assert not any("columns not read" in n for n in load_dataset("table", write_table(
+        tmp_path / "u.csv", [{"id": "1", "text": "x", "label": "a", "split": "train"}])).notes)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"text_column": "capton"}, r"t\.csv: -o text_column='capton': the table has no such column \(columns: key, "
+                                r"caption, label\); name one of them"),
+    ({"text_column": "caption", "id_column": "caption"},
+     r"-o text_column and -o id_column both name column 'caption'; give each field its own column"),
+])
+def test_a_column_option_naming_no_column_is_one_line(tmp_path: Path, options: dict[str, str], message: str) -> None:
+    table = write_table(tmp_path / "t.csv", [{"key": "1", "caption": "x", "label": "a"}] * 1)
+    with pytest.raises(MMCacheError, match=message):
+        load_dataset("table", table, **options)
+
+
+def test_data_show_names_a_column_it_does_not_read(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmcache.data.cli import app
+
+    table = write_table(tmp_path / "t.csv", [{"id": str(i), "text": "x", "caption": "c", "label": "ab"[i % 2],
+                                              "split": ["train", "val", "test"][i % 3]} for i in range(6)])
+    res = CliRunner().invoke(app, ["show", "table", "--data-dir", str(table), "--no-progress"])
+    assert res.exit_code == 0 and "  - columns not read: caption (-o text_column=" in res.output
+    res = CliRunner().invoke(app, ["show", "table", "--data-dir", str(table), "-o", "text_column=caption"])
+    assert res.exit_code == 0 and "columns not read: text (" in res.output
