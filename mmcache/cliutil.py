@@ -52,6 +52,15 @@ def run_app(typer_app: Callable[..., object]) -> None:
     except KeyboardInterrupt:
         print("interrupted; committed work is kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a full disk, a quota, a read-only folder: one line naming the file
+        from mmcache.runfolder import disk_error
+
+        why = disk_error(e)
+        if why is None:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {why}; free space there or choose another folder",
+              file=sys.stderr)
+        sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if _is(e, "Abort"):
             print("aborted", file=sys.stderr)

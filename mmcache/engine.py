@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -378,33 +377,22 @@ class Selector:
 
 
 def named_run_dir(base: Path, run_name: str) -> Path:
-    """`base / run_name`, refused when the name leads out of `base` (an absolute path, `..`, empty)."""
-    parts = Path(run_name).parts
-    if not parts or Path(run_name).is_absolute() or any(p in ("..", ".") for p in parts):
-        raise MMCacheError(f"--run-name {run_name!r}: name a folder inside {base} (e.g. --run-name lora-r8), not a "
-                           "path; --runs-dir chooses where run folders go")
-    return base / run_name
+    """`base / run_name`, refused unless the name is one folder name (`mmcache.runfolder.check_name`)."""
+    from mmcache.runfolder import check_name
+
+    return base / check_name(run_name, "--run-name")
 
 
 def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_parts: list[str],
                 overwrite: bool = False, taken: set[Path] | None = None) -> Path:
-    """`<runs_dir>/<dataset>/<run_name>` (refused when it exists and holds files, unless `overwrite`),
-    or a fresh `<parts>_<time>` folder name that never collides with an existing one, nor with a name in
-    `taken` (the folders handed out earlier in the same call, not yet written; the new one is added)."""
-    base = Path(runs_dir) / dataset
-    if run_name:
-        d = named_run_dir(base, run_name)
-        if d.exists() and any(d.iterdir()) and not overwrite:
-            raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
-        return d
-    stem = "_".join([*stem_parts, time.strftime("%Y%m%d-%H%M%S")])
-    taken = taken if taken is not None else set()
-    d, k = base / stem, 1
-    while d.exists() or d in taken:
-        k += 1
-        d = base / f"{stem}-{k}"
-    taken.add(d)
-    return d
+    """`<runs_dir>/<dataset>/<run_name>`, taken for this process until its folder is written (refused when another
+    process holds the name, or when it exists and holds files, unless `overwrite`), or a fresh `<parts>_<time>`
+    folder name that collides with no existing folder, no name another run holds, nor a name in `taken` (the
+    folders handed out earlier in the same call, not yet written; the new one is added). See `mmcache.runfolder`."""
+    from mmcache.runfolder import check_name, take_run_dir
+
+    return take_run_dir(Path(runs_dir) / check_name(dataset, "--dataset", "demo"), run_name, stem_parts, overwrite,
+                        taken)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -420,30 +408,45 @@ def metrics_json(result: RunResult) -> dict[str, Any]:
 
 
 def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,
-              criterion: nn.Module | None = None, encoders: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a run folder: model.safetensors (the head), head.json, config.json, metrics.json, versions.json,
-    curves.json/.csv, curves.png, confusion_<task>.png; criterion.safetensors when the loss has state;
-    encoders.safetensors with the encoder weights that were trained (fine-tuning). Nothing is pickled."""
+              criterion: nn.Module | None = None, encoders: dict[str, torch.Tensor] | None = None,
+              metrics_extra: dict[str, Any] | None = None) -> Path:
+    """Write run folder `d` whole (`mmcache.runfolder.write_whole`: a temporary folder beside it, each file
+    fsynced, renamed into place): model.safetensors (the head), head.json, config.json, metrics.json (plus
+    `metrics_extra`), versions.json, curves.json/.csv, curves.png, confusion_<task>.png; criterion.safetensors when
+    the loss has state; encoders.safetensors with the encoder weights that were trained (fine-tuning; its sha256
+    goes into config.json's `resolved.encoders_sha256`). Nothing is pickled."""
     from safetensors.torch import save_file
 
-    d.mkdir(parents=True, exist_ok=True)
+    from mmcache.runfolder import write_whole
+
     head = result.head
     head_config = getattr(head, "config", {})
-    save_file(_tensors(head.state_dict()), str(d / "model.safetensors"), metadata={"head": json.dumps(head_config)})
-    if criterion is not None:
-        crit_state = _tensors(criterion.state_dict())
-        if crit_state:
-            save_file(crit_state, str(d / "criterion.safetensors"))
-    if encoders:
-        save_file(_tensors(encoders), str(d / "encoders.safetensors"))
-    write_json(d / "head.json", head_config)
-    write_json(d / "config.json", result.config)
-    write_json(d / "metrics.json", metrics_json(result))
-    write_json(d / "versions.json", versions())
-    write_curves(d, result.curves)
-    plot_run_curves(d, result, dataset)
-    plot_confusions(d, result.metrics, tasks, dataset)
-    return d
+
+    def fill(t: Path, writing: Callable[[str], str]) -> None:
+        save_file(_tensors(head.state_dict()), str(t / writing("model.safetensors")),
+                  metadata={"head": json.dumps(head_config)})
+        if criterion is not None:
+            crit_state = _tensors(criterion.state_dict())
+            if crit_state:
+                save_file(crit_state, str(t / writing("criterion.safetensors")))
+        if encoders:
+            from mmcache.extract.weights import weights_sha256
+
+            save_file(_tensors(encoders), str(t / writing("encoders.safetensors")))
+            # The trained weights by content: a file replaced since is refused when loading the run.
+            result.config.setdefault("resolved", {})["encoders_sha256"] = weights_sha256(t / "encoders.safetensors")
+        write_json(t / writing("head.json"), head_config)
+        write_json(t / writing("config.json"), result.config)
+        write_json(t / writing("metrics.json"), {**metrics_json(result), **(metrics_extra or {})})
+        write_json(t / writing("versions.json"), versions())
+        writing("curves.json")
+        write_curves(t, result.curves)
+        writing("curves.png")
+        plot_run_curves(t, result, dataset, d.name)
+        writing("confusion plots")
+        plot_confusions(t, result.metrics, tasks, dataset)
+
+    return write_whole(d, fill)
 
 
 def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
@@ -457,13 +460,14 @@ def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
             w.writerows(curves)
 
 
-def plot_run_curves(d: Path, result: RunResult, dataset: str) -> None:
+def plot_run_curves(d: Path, result: RunResult, dataset: str, name: str | None = None) -> None:
     """curves.png: train/val loss and the validation selection metric per epoch, the chosen epoch marked."""
     from mmcache.plots import plot_curves
 
     metric = result.select.get("metric")
     plot_curves(result.curves, d / "curves.png", metric, result.best_epoch,
-                f"{dataset} {d.name}: val {result.select.get('task', '')}:{metric} {result.select.get('value', 0.0):.4f}")
+                f"{dataset} {name or d.name}: val {result.select.get('task', '')}:{metric} "
+                f"{result.select.get('value', 0.0):.4f}")
 
 
 def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],

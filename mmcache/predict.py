@@ -74,6 +74,21 @@ def extractor_from_spec(spec: dict[str, Any]) -> Extractor:
     return build_extractor(str(preset), str(modality), **overrides)
 
 
+def _rebuild(spec: dict[str, Any], where: str) -> Extractor:
+    """`extractor_from_spec` after its local paths are checked (`check_spec_paths`); a failure of the rebuild is one
+    line naming `where`."""
+    from mmcache.runfolder import check_spec_paths
+
+    check_spec_paths(spec, where)
+    try:
+        return extractor_from_spec(spec)
+    except MMCacheError as e:
+        raise MMCacheError(f"{where}: {e}") from None
+    except Exception as e:  # a spec no user could have given (a value of the wrong type, a file of another kind)
+        raise MMCacheError(f"{where}: cannot rebuild the extractor ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:160]}); restore the run folder as it was written") from None
+
+
 def _store_extractor(config: dict[str, Any], modality: str, name: str, cache_dir: str | None) -> tuple[Extractor, str]:
     """The extractor of store `modality/name` a run was trained on (a `heads train` run's, or a hybrid
     `finetune run`'s stored modality), and the store's dtype."""
@@ -83,7 +98,10 @@ def _store_extractor(config: dict[str, Any], modality: str, name: str, cache_dir
     kept = config.get("resolved", {}).get("store_specs", {}).get(f"{modality}/{name}")
     if kept and cache_dir is None:
         # The run recorded its stores' specs: the extractor is rebuilt without the training stores.
-        ext = extractor_from_spec(kept["spec"])
+        where = f"config.json: resolved.store_specs.{modality}/{name}"
+        if not isinstance(kept, dict) or not isinstance(kept.get("spec"), dict):
+            raise MMCacheError(f"{where}: must be an object holding the store's spec")
+        ext = _rebuild(kept["spec"], where)
         if want and ext.spec_hash() != want:
             diff = _spec_diff(kept["spec"], ext.spec)
             raise MMCacheError(f"{modality}/{name}: the extractor rebuilt from the run's record has spec hash "
@@ -100,7 +118,7 @@ def _store_extractor(config: dict[str, Any], modality: str, name: str, cache_dir
     if want and have != want:
         raise MMCacheError(f"{path} was rebuilt with another spec ({have}) since the run was trained on it ({want}); "
                            "the extractor the run needs is unknown: train the head again on this store")
-    ext = extractor_from_spec(reader.spec)
+    ext = _rebuild(reader.spec, str(path))
     if want and ext.spec_hash() != want:
         diff = _spec_diff(reader.spec, ext.spec)
         raise MMCacheError(f"{modality}/{name}: the extractor rebuilt from {path} has spec hash {ext.spec_hash()}, the "
@@ -281,6 +299,7 @@ class Predictor:
 
         from mmcache.engine import adjust_logits
         from mmcache.extract.runner import failure_kind
+        from mmcache.runfolder import check_finite_outputs
 
         mods = list(self.head.inputs)
         ok = [s.id for s in samples if s.id not in failed and all(s.id in feats[m] for m in mods)]
@@ -292,6 +311,7 @@ class Predictor:
                 batch = {m: {k: torch.stack([feats[m][i][k] for i in chunk]).to(self.device)
                              for k in self.head.inputs[m]} for m in mods}
                 logits = adjust_logits(self.head(batch), self.offsets)  # the run's logit adjustment, if any
+                check_finite_outputs(logits, str(self.run_dir))  # as training refuses them
                 for t in self.labels:
                     p = torch.softmax(logits[t].double(), dim=1).cpu().numpy()
                     probs.setdefault(t, []).extend(p)

@@ -17,8 +17,10 @@ from typing import Any
 from mmcache.errors import MMCacheError
 
 COLUMNS = ("run", "kind", "dataset", "stores", "head", "D", "lr", "fold", "seed", "select", "val",
-           "test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc", "seconds", "date")
+           "test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc", "seconds", "date",
+           "params", "peak_mem_mb", "infer_ms_per_row")
 METRICS = ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_auroc")
+COST = ("params", "peak_mem_mb", "infer_ms_per_row")  # metrics.json's cost record: shown with --columns
 ASCENDING = {"run", "kind", "dataset", "stores", "head", "select", "seconds"}  # sorted low to high; others high first
 # --best keeps the best run of each; runs selected by different metrics (accuracy, loss, ...) are not compared.
 GROUP = ("dataset", "stores", "head", "select")
@@ -35,10 +37,21 @@ def folder_name(dataset: Any) -> Any:
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
-    """Every run folder under `runs_dir` (sorted by path)."""
+    """Every run folder under `runs_dir` (sorted by path); folders being written or left by a killed write
+    (hidden: `.tmp-*`, see `mmcache.runfolder`) are not runs."""
     # mlflow's artifact copies of run folders (<runs>/mlruns/, the default store of --track mlflow) are not runs.
     return sorted(p.parent for p in runs_dir.rglob("metrics.json") if (p.parent / "config.json").is_file()
-                  and "mlruns" not in p.relative_to(runs_dir).parts)
+                  and not any(x == "mlruns" or x.startswith(".") for x in p.relative_to(runs_dir).parts))
+
+
+def find_incomplete(runs_dir: Path) -> list[Path]:
+    """Run folders under `runs_dir` that are not finished: a write that was killed, a fine-tuning run in progress
+    or killed (its checkpoints and no metrics.json)."""
+    from mmcache.runfolder import incomplete_runs
+
+    return incomplete_runs(runs_dir) + sorted(
+        p.parent for p in runs_dir.rglob("checkpoints") if p.is_dir() and not (p.parent / "metrics.json").exists()
+        and not any(x == "mlruns" or x.startswith(".") for x in p.relative_to(runs_dir).parts))
 
 
 def _stores(cfg: dict[str, Any]) -> str:
@@ -51,15 +64,23 @@ def _stores(cfg: dict[str, Any]) -> str:
 
 def read_run(d: Path, runs_dir: Path) -> dict[str, Any]:
     """The table row of run folder `d` (an MMCacheError naming the file when its JSON is unreadable)."""
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-        met = json.loads((d / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MMCacheError(f"{d}: unreadable config.json / metrics.json ({e})") from None
+    from mmcache.runfolder import check_config, check_head_json, read_json, safetensors_header
+
+    check_head_json(d / "head.json")
+    cfg = check_config(d / "config.json", read_json(d / "config.json"))
+    met = read_json(d / "metrics.json")
+    safetensors_header(d / "model.safetensors")
     res = cfg.get("resolved") or {}
+    for key in ("select", "splits"):
+        if met.get(key) is not None and not isinstance(met[key], dict):
+            raise MMCacheError(f"{d / 'metrics.json'}: {key}: must be an object")
     sel = met.get("select") or {}
     task = sel.get("task")
-    test = (met.get("splits") or {}).get("test", {}).get(task, {})
+    test = (met.get("splits") or {}).get("test", {})
+    test = test.get(task, {}) if isinstance(test, dict) and isinstance(task, str) else {}
+    test = test if isinstance(test, dict) else {}
+    if (val := sel.get("value")) is not None and (not isinstance(val, (int, float)) or isinstance(val, bool)):
+        raise MMCacheError(f"{d / 'metrics.json'}: select.value: {json.dumps(val)[:40]} is not a number")
     row: dict[str, Any] = {
         "run": str(d.relative_to(runs_dir)) if d.is_relative_to(runs_dir) else str(d),
         "kind": "finetune" if "encoders" in cfg else "heads",
@@ -74,6 +95,7 @@ def read_run(d: Path, runs_dir: Path) -> dict[str, Any]:
         "val": sel.get("value"),
         **{k: test.get(k[5:]) for k in METRICS},
         "seconds": met.get("seconds"),
+        **{k: (met.get("cost") or {}).get(k) for k in COST},
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "metrics.json").stat().st_mtime)),
         "_config": cfg,
         "_metric": sel.get("metric"),
@@ -92,10 +114,20 @@ def collect(runs_dir: Path, dataset: str | None = None, where: Sequence[str] = (
         if not sep or not key:
             raise MMCacheError(f"--where expects KEY=VALUE, got {w!r}")
         conds.append((key.strip(), value.strip()))
+    from mmcache.runfolder import missing_files
+
     rows = []
     known: set[str] = set()  # --where keys some run has (a key no run has is a typo, not an empty match)
     read = 0
+    cut = find_incomplete(runs_dir)
     for d in find_runs(runs_dir):
+        try:
+            met = json.loads((d / "metrics.json").read_text())
+        except (OSError, ValueError):
+            met = None
+        if missing_files(d, met if isinstance(met, dict) else None):  # written in place and cut short (older runs)
+            cut.append(d)
+            continue
         try:
             row = read_run(d, runs_dir)
         except MMCacheError as e:
@@ -107,6 +139,10 @@ def collect(runs_dir: Path, dataset: str | None = None, where: Sequence[str] = (
             continue
         if all(_matches(_lookup(row, k), v) for k, v in conds):
             rows.append(row)
+    if cut:
+        shown = ", ".join(str(p.relative_to(runs_dir)) for p in cut[:3]) + (", ..." if len(cut) > 3 else "")
+        print(f"note: skipped {len(cut)} incomplete run folder(s) (being written, or killed before they were "
+              f"finished): {shown}", file=sys.stderr)
     unknown = [k for k, _ in conds if k not in known]
     if unknown and read:
         raise MMCacheError(f"--where {unknown[0]!r}: no run has this column or config key; use a column "
@@ -180,8 +216,10 @@ def _cell(v: Any, col: str) -> str:
         return "-"
     if col in ("val", *METRICS) and isinstance(v, (int, float)):
         return f"{v:.4f}"
-    if col == "seconds" and isinstance(v, (int, float)):
+    if col in ("seconds", "peak_mem_mb") and isinstance(v, (int, float)):
         return f"{v:.1f}"
+    if col == "infer_ms_per_row" and isinstance(v, (int, float)):
+        return f"{v:.4f}"
     if col == "lr" and isinstance(v, float):
         return f"{v:g}"
     return str(v)
@@ -199,11 +237,11 @@ def runs_table(rows: list[dict[str, Any]], fmt: str = "text", columns: Sequence[
         raise MMCacheError(f"--columns: unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
     if not rows:
         return "(no runs)" if fmt != "csv" else ",".join(columns or COLUMNS)
-    cols = list(columns) if columns else [c for c in COLUMNS if c not in (*METRICS, "fold")
-                                          or any(r.get(c) is not None for r in rows)]
+    cols = list(columns) if columns else [c for c in COLUMNS if c not in COST and (
+        c not in (*METRICS, "fold") or any(r.get(c) is not None for r in rows))]
     if fmt == "csv":
         body = [[r.get(c) for c in cols] for r in rows]
     else:
         body = [[_cell(r.get(c), c) for c in cols] for r in rows]
-    right = ["D", "lr", "fold", "seed", "val", *METRICS, "seconds"]
+    right = ["D", "lr", "fold", "seed", "val", *METRICS, "seconds", *COST]
     return render(cols, body, fmt, right=right)

@@ -14,6 +14,7 @@ import pytest
 from mmcache.errors import MMCacheError
 from mmcache.heads.train import TrainConfig, train
 from tests.heads.conftest import build_cache
+from tests.runfolders import write_complete_run
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finetune(FinetuneConfig(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"},
                             runs_dir=str(runs), epochs=1, batch_size=16, num_workers=0, quiet=True,
                             head_hparams={"D": 16}, run_name="ft"))
-    (runs / "toy" / "broken").mkdir()
+    write_complete_run(runs / "toy" / "broken", {}, {})
     (runs / "toy" / "broken" / "config.json").write_text("{")
-    (runs / "toy" / "broken" / "metrics.json").write_text("{}")
     return runs
 
 
@@ -168,11 +168,10 @@ def test_a_run_over_several_datasets_is_named_as_its_folder(tmp_path: Path) -> N
     from mmcache.runs import collect
 
     d = tmp_path / "runs" / "mmhs150k-fakeddit" / "r"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"dataset": "mmhs150k,fakeddit", "modalities": {"image": "clip"},
-                                               "head": "linear", "lr": 0.001, "seed": 0}))
-    (d / "metrics.json").write_text(json.dumps({"select": {"task": "label", "metric": "macro_f1", "value": 0.5},
-                                                "splits": {"test": {"label": {"accuracy": 0.6}}}, "seconds": 1.0}))
+    write_complete_run(d, {"dataset": "mmhs150k,fakeddit", "modalities": {"image": "clip"}, "head": "linear",
+                           "lr": 0.001, "seed": 0},
+                       {"select": {"task": "label", "metric": "macro_f1", "value": 0.5},
+                        "splits": {"test": {"label": {"accuracy": 0.6}}}, "seconds": 1.0})
     for name in (None, "mmhs150k,fakeddit", "mmhs150k-fakeddit", "mmhs150k, fakeddit"):
         rows = collect(tmp_path / "runs", dataset=name)
         assert [r["dataset"] for r in rows] == ["mmhs150k-fakeddit"], name

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mmcache.cliutil import parse_kv
+from mmcache.runfolder import name_option
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -58,7 +59,8 @@ def show(
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Adapter option KEY=VALUE, repeatable (e.g. -o skip_missing=true).")] = None,
     name: Annotated[str | None, typer.Option(
-        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).")] = None,
+        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).",
+        callback=name_option("--name", "memes"))] = None,
     check: Annotated[bool, typer.Option(help="Also count media files that are missing on disk.")] = False,
     samples: Annotated[int, typer.Option(min=0, help="Print the first N samples as JSON lines.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars while reading.")] = True,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mmcache.errors import MMCacheError
+from mmcache.runfolder import name_option
 
 _STORES = "Comma-separated NAME=PRESET or PRESET (preset options: PRESET\\[key=value,...]); repeatable."
 
@@ -46,7 +47,8 @@ def extract(
     fold: Annotated[int | None, typer.Option(help="Cross-validation fold.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Dataset option KEY=VALUE.")] = None,
     name: Annotated[str | None, typer.Option(
-        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).")] = None,
+        help="Dataset name for cache/<name>/ (default: the dataset; table/webdataset: the file or folder name).",
+        callback=name_option("--name", "memes"))] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace a manifest of the same name that lists other ids.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

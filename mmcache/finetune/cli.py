@@ -9,6 +9,7 @@ import typer
 
 from mmcache.cliutil import run_app
 from mmcache.errors import MMCacheError
+from mmcache.runfolder import name_option
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune the encoders end to end with the same heads as `heads train`.")
@@ -28,7 +29,8 @@ def _group() -> None:
 def run(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Registered dataset name (e.g. demo, mvsa, hateful-memes), or several "
-                                              "(mmhs150k,fakeddit) with --label-map.")],
+                                              "(mmhs150k,fakeddit) with --label-map.",
+                                         callback=name_option("--dataset", "demo"))],
     image: Annotated[str | None, typer.Option("--image", "--vtype", help=f"Image encoder (clip, resnet, ...). {_ENC}")] = None,
     text: Annotated[str | None, typer.Option("--text", "--ttype", help=f"Text encoder (e.g. clip, roberta). {_ENC}")] = None,
     context: Annotated[str | None, typer.Option("--context", "--ctype", help=f"Context-text encoder. {_ENC}")] = None,
@@ -102,7 +104,8 @@ def run(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cuda / cpu (default cuda if available).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
-    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: generated).",
+                                                 callback=name_option("--run-name"))] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder; start over even "
                                                            "when it holds a checkpoint.")] = False,
     save_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps.")] = 0,

@@ -29,10 +29,12 @@ ENCODERS_FILE = "encoders.safetensors"
 
 def run_config(run: Path) -> dict[str, Any]:
     """config.json of a `finetune run` folder; a clear error for anything else."""
+    from mmcache.runfolder import check_run
+
     path = run / "config.json"
     if not path.is_file():
         raise MMCacheError(f"{run} is not a run folder (no config.json); pass runs/<dataset>/<run> of a `finetune run`")
-    config = json.loads(path.read_text())
+    config = check_run(run)[1]  # the one check of a run folder that is read
     if not isinstance(config.get("encoders"), dict):
         raise MMCacheError(f"{run} is a `heads train` run, not a `finetune run`: its encoders were not trained; use "
                            "the presets of its stores instead")
@@ -50,8 +52,6 @@ def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> 
     `encoders.safetensors` is not the file the run wrote. An encoder that reads another modality's stored features
     while it encodes (VisualBERT over regions) is rebuilt with the options the run took from its store, and only
     when the caller feeds it those features (`consumer`)."""
-    from safetensors.torch import load_file
-
     from mmcache.finetune.run import STORE_SET_OPTIONS, FinetuneConfig, apply_lora, build_encoder, encoder_consumes
 
     config = run_config(run)
@@ -84,12 +84,17 @@ def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> 
         raise MMCacheError(f"{path} is not the file this run wrote (its sha256 differs from the one in config.json); "
                            "restore the run's own encoders.safetensors, or fine-tune again")
     if path.is_file():
+        from mmcache.runfolder import load_extra_tensors, safetensors_header
+
         prefix = f"{modality}."
-        state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-        result = enc.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise MMCacheError(f"{path} holds {modality} weights this encoder lacks (e.g. {result.unexpected_keys[0]}); "
+        unexpected = [k for k in safetensors_header(path) if k.startswith(prefix)
+                      and k[len(prefix):] not in enc.state_dict()]
+        if unexpected:
+            raise MMCacheError(f"{path} holds {modality} weights this encoder lacks (e.g. {unexpected[0]}); "
                                "was the run trained with other encoder options?")
+        want = {prefix + k: v for k, v in enc.state_dict().items()}
+        state = {k[len(prefix):]: v for k, v in load_extra_tensors(path, want, f"the {modality} encoder").items()}
+        enc.load_state_dict(state, strict=False)
     elif not cfg.freeze_encoders:
         raise MMCacheError(f"{path} not found: the run trained its encoders but their weights are missing; copy the "
                            "run folder whole (its encoders.safetensors with it), or fine-tune again")

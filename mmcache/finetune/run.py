@@ -66,6 +66,7 @@ from mmcache.errors import MMCacheError
 from mmcache.extract.base import FAMILIES, FIELDS, MODALITIES, Extractor, build_extractor, resolve_preset
 from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
 from mmcache.finetune.checkpoint import (
+    CKPT_DIR,
     latest_checkpoint,
     load_checkpoint,
     remove_checkpoints,
@@ -78,7 +79,7 @@ from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import ContrastiveLoss, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.progress import bar as progress_bar
-from mmcache.utils import init_distributed, pick_device, seed_everything, write_json
+from mmcache.utils import init_distributed, pick_device, seed_everything
 
 # Linear layers LoRA adapts by default, per extractor family (attention output projections for
 # CLIP as in the content-moderation reference; query/value for BERT-style encoders).
@@ -605,21 +606,34 @@ def _stem(cfg: FinetuneConfig) -> list[str]:
 
 
 def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to continue from or None). A named run with a checkpoint continues it (unless
-    `overwrite`, which starts over); `resume` without a name continues the newest run of the same stem."""
-    base = Path(cfg.runs_dir) / combined_name(cfg.dataset)
+    """(run folder, checkpoint to continue from or None). The run's name is taken for this process until its
+    folder is written (`mmcache.runfolder`): a second run given the same name is refused. A named run with a
+    checkpoint continues it (unless `overwrite`, which starts over); a named run killed before its first checkpoint
+    was complete starts again; `resume` without a name continues the newest run of the same stem. The checkpoints
+    live in `<run>/checkpoints/` until the finished run folder, written whole beside it, replaces that folder."""
+    from mmcache.runfolder import busy_error, check_name, release, take
+
+    base = Path(cfg.runs_dir) / check_name(combined_name(cfg.dataset), "--dataset", "demo")
     if cfg.run_name:
         d = named_run_dir(base, cfg.run_name)
+        if not take(d):
+            raise busy_error(d, "--run-name")
+        finished = (d / "metrics.json").is_file()
         ckpt = None if cfg.overwrite else latest_checkpoint(d)
         if ckpt is not None:
             return d, ckpt
-        if cfg.resume and (d / "metrics.json").is_file():
-            raise MMCacheError(f"--resume: {d} is a finished run (its checkpoints go once the run folder is written); "
-                               "choose another --run-name, or pass --overwrite instead of --resume to train it again")
         if cfg.resume:
+            release(d)
+            if finished:
+                raise MMCacheError(f"--resume: {d} is a finished run (its checkpoints go once the run folder is "
+                                   "written); choose another --run-name, or pass --overwrite instead of --resume to "
+                                   "train it again")
             raise MMCacheError(f"--resume: {d} holds no checkpoint to continue; drop --resume to start the run")
-        d = new_run_dir(cfg.runs_dir, combined_name(cfg.dataset), cfg.run_name, _stem(cfg), cfg.overwrite)
-        remove_checkpoints(d)  # --overwrite starts over
+        other = [p.name for p in d.iterdir() if p.name != CKPT_DIR] if d.is_dir() else []
+        if d.is_file() or (other and not cfg.overwrite):
+            release(d)
+            raise MMCacheError(f"run folder {d} already exists; choose another --run-name or pass --overwrite")
+        remove_checkpoints(d)  # --overwrite, or a first checkpoint that was cut short: the run starts over
         return d, None
     if cfg.resume:
         prefix = "_".join(_stem(cfg)) + "_"
@@ -627,7 +641,10 @@ def resolve_run_dir(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
         if not found:
             raise MMCacheError(f"--resume: no run folder {base / prefix}* holds a checkpoint; name the run to "
                                "continue with --run-name")
-        return max(found, key=lambda pc: pc[1].stat().st_mtime)
+        d, ckpt = max(found, key=lambda pc: pc[1].stat().st_mtime)
+        if not take(d):
+            raise busy_error(d, "--run-name")
+        return d, ckpt
     return new_run_dir(cfg.runs_dir, combined_name(cfg.dataset), cfg.run_name, _stem(cfg), cfg.overwrite), None
 
 
@@ -653,18 +670,20 @@ def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path)
 
 
 def read_head_run(path: str | Path) -> dict[str, Any]:
-    """A run folder's head: name, input shapes, tasks, hyperparameters, label space and weights (for `init_head`)."""
-    from safetensors.torch import load_file
+    """A run folder's head: name, input shapes, tasks, hyperparameters, label space and weights (for `init_head`),
+    after the one check of a run folder that is read (`mmcache.runfolder.read_head_state`)."""
+    from mmcache.runfolder import read_head_state
 
     d = Path(path)
-    for name in ("head.json", "config.json", "model.safetensors"):
-        if not (d / name).is_file():
-            raise MMCacheError(f"--init-head {d}: {name} not found; pass a run folder written by `heads train`")
-    hc = json.loads((d / "head.json").read_text())
-    cfg = json.loads((d / "config.json").read_text())
+    if not d.is_dir():
+        raise MMCacheError(f"--init-head {d}: not a run folder; pass a run folder written by `heads train`")
+    try:
+        hc, cfg, state = read_head_state(d)
+    except MMCacheError as e:
+        raise MMCacheError(f"--init-head {e}") from None
     return {"path": str(d), "name": hc["name"], "inputs": hc["inputs"], "tasks": hc["tasks"],
             "hparams": hc["hparams"], "labels": cfg.get("resolved", {}).get("labels", {}).get("tasks", {}),
-            "stores": cfg.get("resolved", {}).get("stores", {}), "state": load_file(str(d / "model.safetensors")),
+            "stores": cfg.get("resolved", {}).get("stores", {}), "state": state,
             "finetuned": isinstance(cfg.get("encoders"), dict) and not cfg.get("freeze_encoders")}
 
 
@@ -839,7 +858,15 @@ def check_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
 def finetune(cfg: FinetuneConfig) -> RunResult | None:
     """Fine-tune `cfg.encoders` with `cfg.head` end to end on the shared engine (optimizer, schedule, selection,
     early stopping, run folder); returns the same result type as `heads train` on rank 0 (None on other ranks).
-    Continues the run's last checkpoint when there is one (see `resolve_run_dir`)."""
+    Continues the run's last checkpoint when there is one (see `resolve_run_dir`). The run's name is held until
+    its folder is written, or the call fails."""
+    from mmcache.runfolder import releasing
+
+    with releasing():
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> RunResult | None:
     t0 = time.perf_counter()
     rank, world, local_rank = init_distributed()
     check_config(cfg)
@@ -1179,21 +1206,16 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         # statistics): the rest is the public preset named in `config.json`.
         enc_state = {k.removeprefix("encoders."): v for k, v in model.state_dict().items()
                      if k.startswith("encoders.") and k in set(state_keys)}
-        result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state)
-        mpath = run_dir / "metrics.json"
-        write_json(mpath, {**json.loads(mpath.read_text()), "train": train_stats})
+        # Written whole beside the folder holding the checkpoints, then renamed over it (`mmcache.runfolder`); the
+        # trained encoders' sha256 goes into config.json, so a file replaced since is refused when loading the run.
+        result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state,
+                                   metrics_extra={"train": train_stats})
         if by_source and not cfg.quiet:
             for split, per in by_source.items():
                 for n, m in per.items():
                     got = m.get(sel_task, {})
                     print(f"{split} {n}: {sel_task} {metric} {got.get(metric, float('nan')):.4f} (n={got.get('n', 0)})",
                           file=sys.stderr)
-        enc_path = run_dir / "encoders.safetensors"
-        if enc_path.is_file():  # the trained weights by content: a file replaced since is refused when loading the run
-            from mmcache.extract.weights import weights_sha256
-
-            config["resolved"]["encoders_sha256"] = weights_sha256(enc_path)
-            write_json(run_dir / "config.json", config)
         remove_checkpoints(run_dir)  # the run folder now holds the result
         if cfg.track:
             from mmcache.tracking import track

@@ -9,6 +9,7 @@ import typer
 
 from mmcache.cliutil import parse_kv, run_app
 from mmcache.errors import MMCacheError
+from mmcache.runfolder import name_option
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -36,7 +37,8 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
 
 @app.command("train")
 def train_cmd(
-    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.",
+                                         callback=name_option("--dataset", "demo"))],
     vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store (cache/<ds>/image/<name>.h5).")] = None,
     ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store (cache/<ds>/text/<name>.h5).")] = None,
     ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name (e.g. captions).")] = None,
@@ -97,7 +99,8 @@ def train_cmd(
                                                     "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
-    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).",
+                                                 callback=name_option("--run-name"))] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (notes and the table stay).")]
     = False,
@@ -196,7 +199,8 @@ def main() -> None:
 
 @app.command("sweep")
 def sweep_cmd(
-    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.",
+                                         callback=name_option("--dataset", "demo"))],
     grid: Annotated[str | None, typer.Option(help="KEY=V1,V2;KEY2=V3,... : TrainConfig fields (head, lr, epochs, "
                                                   "loss, ...), stores (vtype=clip,resnet;ttype=...), loss.NAME "
                                                   "loss options, other names head hparams (D, dropout, ...).")] = None,
@@ -249,6 +253,8 @@ def sweep_cmd(
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
                                                   "(default: <runs-dir>/<dataset>/sweeps/sweep_<time>).")] = None,
     save_runs: Annotated[bool, typer.Option("--save-runs", help="Also write a run folder per run.")] = False,
+    max_runs: Annotated[int | None, typer.Option(min=1, help="Allow a sweep of more than 10,000 runs (configs x "
+                                                             "seeds x folds), up to this many.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Train a grid of configs, all at once where they share stores and shape; print and save a table sorted by
@@ -311,7 +317,8 @@ def sweep_cmd(
                                "top2_accuracy, loss, seconds")
     try:
         with progress_enabled(not no_progress):
-            rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds)
+            rows = run_sweep(base, configs, seed_list, out=out, save_runs=save_runs, folds=folds,
+                             max_runs=max_runs)
     except KeyboardInterrupt:
         stem_dir = runs_dir / dataset / "sweeps" / out.name
         interrupted("no table was written (it is written once every run has finished)"

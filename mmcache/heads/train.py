@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
-import json
 import math
 import os
 import sys
@@ -679,6 +678,15 @@ def source_metrics(data: CachedData, idx: torch.Tensor, logits: dict[str, torch.
 
 def train_many(cfgs: list[TrainConfig], errors: bool = False,
                splits: tuple[str, ...] | None = None) -> list[RunResult | MMCacheError]:
+    """`_train_many`; the run names it takes are given up when it returns or fails (`mmcache.runfolder`)."""
+    from mmcache.runfolder import releasing
+
+    with releasing():
+        return _train_many(cfgs, errors, splits)
+
+
+def _train_many(cfgs: list[TrainConfig], errors: bool = False,
+                splits: tuple[str, ...] | None = None) -> list[RunResult | MMCacheError]:
     """Train every config; stores are loaded once per dataset and selection, and configs that share the
     loaded data, epochs and batch size train in lockstep (linear probes as one stacked computation).
 
@@ -859,19 +867,11 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
 
 
 def load_run(run_dir: Path | str, device: str = "cpu") -> tuple[Head, dict[str, Any]]:
-    """Rebuild a trained head from its run folder (head.json + model.safetensors; nothing unpickled)."""
-    from safetensors.torch import load_file
+    """Rebuild a trained head from its run folder (head.json + model.safetensors; nothing unpickled), after the
+    one check of a run folder that is read (`mmcache.runfolder.load_head`)."""
+    from mmcache.runfolder import load_head
 
-    d = Path(run_dir)
-    for name in ("head.json", "config.json", "model.safetensors"):
-        if not (d / name).exists():
-            raise MMCacheError(f"{d / name} not found; is {d} a run folder written by `heads train`?")
-    hc = json.loads((d / "head.json").read_text())
-    head = build_head(hc["name"], {m: {k: tuple(v) for k, v in a.items()} for m, a in hc["inputs"].items()},
-                      hc["tasks"], hc["hparams"])
-    head.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
-    head.to(device).eval()
-    return head, json.loads((d / "config.json").read_text())
+    return load_head(run_dir, device)
 
 
 def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:
@@ -912,6 +912,9 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
     else:
         raise MMCacheError(f"split {split!r} not in {dataset!r} (splits: {', '.join(data.split_index)}, all)")
     logits = adjust_logits(predict_logits(head, data, idx), run_offsets(cfg))
+    from mmcache.runfolder import check_finite_outputs
+
+    check_finite_outputs(logits, str(run_dir))
     out = Path(out) if out else Path(run_dir) / f"predictions_{dataset}_{split}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     multi = len(labels) > 1
