@@ -598,6 +598,21 @@ class StoreReader:
         finally:
             os.close(fd)
 
+    def memmap(self, key: str) -> np.ndarray:
+        """A read-only memory map of array `key`'s committed rows, [rows, *shape] in the store's order: rows are
+        read from the file where they lie when indexed (the dataset is contiguous), nothing is loaded up front.
+        Pages it reads are the kernel's page cache, which it drops under memory pressure."""
+        if key not in self.shapes:
+            raise MMCacheError(f"{self.path} has no array {key!r}; it has {self.keys}")
+        a = self._layout[key]
+        if not self.ids:
+            return np.empty((0, *a.row_shape), dtype=a.dtype)
+        return np.memmap(self.path, dtype=a.dtype, mode="r", offset=a.offset, shape=(len(self.ids), *a.row_shape))
+
+    def row_bytes(self, key: str) -> int:
+        """Bytes one row of array `key` takes in the store (and in memory, in the stored dtype)."""
+        return self._layout[key].row_bytes
+
     def load_split(self, split: str, keys: Sequence[str] | None = None, *,
                    manifest: Path | str | None = None) -> SplitData:
         """Ids, arrays and labels of one split together, from the dataset manifest (default

@@ -88,6 +88,8 @@ def train_cmd(
     l2_grid: Annotated[str | None, typer.Option(help="lbfgs: comma list of L2 penalties to try on val "
                                                      "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    shots: Annotated[int, typer.Option(help="Few-shot: K labelled train rows per class of the selection task, "
+                                            "drawn by the seed (0 = every train row; grid key shots=1,2,4).")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
                                                       "MMCACHE_THREADS overrides).")] = None,
@@ -97,6 +99,9 @@ def train_cmd(
                                                    "fold definition, from the same stores); mean ± std.")] = None,
     track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
                                                     "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
+    load: Annotated[str, typer.Option(help="Features: auto (in memory when they fit with room to spare, else "
+                                           "streamed), memory (refused in one line when they cannot fit), stream "
+                                           "(batches read from the stores; a seed gives the same run).")] = "auto",
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
     run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).",
@@ -131,7 +136,7 @@ def train_cmd(
                       early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
-                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust)
+                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust, shots=shots, load=load)
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds
 
@@ -172,6 +177,9 @@ def predict_cmd(
     = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache folder (default: the run's).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+    load: Annotated[str, typer.Option(help="Features: auto (in memory when they fit with room to spare, else "
+                                           "streamed), memory (refused in one line when they cannot fit), stream "
+                                           "(batches read from the stores; a seed gives the same run).")] = "auto",
 ) -> None:
     """Write predictions of a trained run as CSV: id, label, predicted, one probability column per class."""
     import json
@@ -188,7 +196,7 @@ def predict_cmd(
     from mmcache.heads.train import predict
 
     path = predict(run, dataset=dataset, split=split or "test", cache_dir=str(cache_dir) if cache_dir else None,
-                   out=out, device=device)
+                   out=out, device=device, load=load)
     typer.echo(f"wrote {path}")
 
 
@@ -248,6 +256,9 @@ def sweep_cmd(
     columns: Annotated[str | None, typer.Option(help="Comma list of table columns (default: config, what varies, "
                                                      "runs, the val metric, test accuracy / macro F1, seconds).")]
     = None,
+    load: Annotated[str, typer.Option(help="Features: auto (in memory when they fit with room to spare, else "
+                                           "streamed), memory (refused in one line when they cannot fit), stream "
+                                           "(batches read from the stores; a seed gives the same run).")] = "auto",
     cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
     runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
@@ -279,7 +290,8 @@ def sweep_cmd(
                        cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
                        epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
-                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust, upsample=parse_upsample(upsample))
+                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust, upsample=parse_upsample(upsample),
+                       load=load)
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
     if folds is not None:  # a dataset with its own splits has no folds: say so once, before any config runs
@@ -342,13 +354,29 @@ def runs_cmd(
     fmt: Annotated[str, typer.Option("--format", help="text, md or csv.")] = "text",
     best: Annotated[bool, typer.Option("--best", help="Only the best run (val selection metric) per dataset, "
                                                       "stores and head.")] = False,
-    columns: Annotated[str | None, typer.Option(help="Comma list of columns to show (default: all).")] = None,
+    columns: Annotated[str | None, typer.Option(help="Comma list of columns to show (default: all; also params, "
+                                                     "peak_mem_mb, infer_ms_per_row).")] = None,
+    by_config: Annotated[bool, typer.Option("--by-config", help="One row per configuration (runs that differ only "
+                                                                "in seed or fold): mean, std and 95% interval of "
+                                                                "the test metric, paired tests against the best.")]
+    = False,
 ) -> None:
     """One table over every run folder (heads train, sweeps with --save-runs, CV folds, finetune run)."""
     from mmcache.runs import best_per_group, collect, runs_table, sort_rows
 
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     rows = collect(runs_dir, dataset, where or [])
+    if by_config:
+        from mmcache.runstats import group_runs, grouped_table
+        from mmcache.tables import FORMATS
+
+        if best or sort or cols:
+            raise MMCacheError("--by-config shows one row per configuration, best first; drop --best, --sort and "
+                               "--columns (filter with --dataset / --where)")
+        if fmt not in FORMATS:
+            raise MMCacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        typer.echo(grouped_table(group_runs(rows, runs_dir), fmt))
+        return
     if best:
         rows = best_per_group(rows)
     typer.echo(runs_table(sort_rows(rows, sort), fmt, cols))

@@ -1,13 +1,20 @@
-"""Load the feature stores and manifest of a dataset once into memory, as tensors aligned by id.
+"""The feature stores and manifest of a dataset, aligned by id, in memory or read where they lie.
 
-The trainer batches by index into these tensors (no DataLoader, no per-sample Python):
-`features[modality][key][idx]` for a LongTensor `idx` of rows.
+The trainer batches by index (no DataLoader, no per-sample Python): `data.batch(idx)` gathers rows `idx` (a
+LongTensor of positions) of every array, cast to float32 per batch. Features keep the stores' dtype (float16 stays
+float16, in memory and on a GPU). With `load="memory"` each array is one tensor; with `load="stream"` it is a
+`StreamedRows`, a memory map of the store that reads only the rows a batch asks for, so a dataset larger than
+memory trains with memory bounded by a few batches; `batches` / `chunks` then read the next batches in a
+background thread (pinned memory on CUDA). `load="auto"` (the default) keeps the rows in memory when they take
+at most half of what the process may use (`mmcache.memory`) and streams otherwise.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,88 @@ from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, InputSpec
 from mmcache.manifest import IGNORE, Manifest
+from mmcache.memory import choose_load
+
+PREFETCH = 3  # batches read ahead by the background thread of a streamed dataset
+
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64, np.dtype(np.bool_): torch.bool, np.dtype(np.uint8): torch.uint8,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+class StreamedRows:
+    """One array of a store read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the aligned
+    data) from a memory map of the store, in the stored dtype. It offers what the trainer uses of an in-memory
+    tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`, integer and slice indexing)."""
+
+    def __init__(self, mm: np.ndarray, rows: np.ndarray | None, path: Path) -> None:
+        self.path = path
+        self._mm = mm
+        self._rows = rows  # data position -> store row (None: the same)
+        n = len(mm) if rows is None else len(rows)
+        self.shape = torch.Size((n, *mm.shape[1:]))
+        self.dtype = _TORCH_DTYPES[mm.dtype]
+        self.device = torch.device("cpu")
+        self._row_bytes = int(np.prod(mm.shape[1:], dtype=np.int64)) * mm.dtype.itemsize
+        # Rows gathered as opaque fixed-size records: numpy moves those about 2x faster than typed rows.
+        self._records = mm.reshape(len(mm), -1).view(np.dtype((np.void, self._row_bytes))).reshape(-1) \
+            if len(mm) and self._row_bytes else None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row_bytes
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        if dim != 0:
+            raise ValueError("streamed rows are selected along the row axis only")
+        pos = idx.detach().cpu().numpy().astype(np.int64, copy=False)
+        rows = pos if self._rows is None else self._rows[pos]
+        if self._records is None:
+            return torch.from_numpy(np.zeros((len(rows), *self._mm.shape[1:]), dtype=self._mm.dtype))
+        out = self._records[rows].view(self._mm.dtype).reshape(len(rows), *self._mm.shape[1:])
+        return torch.from_numpy(out)
+
+    def __getitem__(self, key: int | slice) -> torch.Tensor:
+        n = self.shape[0]
+        if isinstance(key, slice):
+            return self.index_select(0, torch.arange(n)[key])
+        return self.index_select(0, torch.tensor([range(n)[key]]))[0]
+
+
+def prefetch(fn: Callable[[Any], Any], items: Iterable[Any], enabled: bool = True,
+             depth: int = PREFETCH) -> Iterator[Any]:
+    """`fn(item)` for each item in order; when `enabled`, computed up to `depth` items ahead in one background
+    thread (the reads of a streamed batch overlap the training step of the one before)."""
+    if not enabled:
+        for item in items:
+            yield fn(item)
+        return
+    it = iter(items)
+    pending: deque[Future[Any]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="mmcache-prefetch") as pool:
+        try:
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= depth:
+                    break
+            while pending:
+                done = pending.popleft().result()
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    pending.append(pool.submit(fn, nxt))
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+_END = object()
 
 
 @dataclass
@@ -43,6 +132,7 @@ class CachedData:
     val_fraction: float = 0.1
     carved_seed: int | None = None  # seed of the val rows carved from train (None: the manifest has val)
     manifest: Manifest | None = None  # the manifest the rows came from (every row, dropped ones included)
+    load: str = "memory"  # "memory": tensors; "stream": StreamedRows read from the stores per batch
 
     def for_seed(self, seed: int) -> CachedData:
         """The same tensors with the validation rows a run with `seed` uses: unchanged when the manifest has
@@ -87,11 +177,36 @@ class CachedData:
         """task -> number of classes."""
         return {t: len(v) for t, v in self.labels.tasks.items()}
 
+    @property
+    def device(self) -> torch.device:
+        """Where targets, split indices and batches live."""
+        return next(iter(self.targets.values())).device if self.targets else torch.device("cpu")
+
+    @property
+    def streamed(self) -> bool:
+        return self.load == "stream"
+
     def batch(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> Features:
-        """Features of rows `idx`, floats cast to `dtype` (stores may be float16)."""
-        # index_select: a row gather several times faster than advanced indexing on CPU
-        return {m: {k: (v.index_select(0, idx).to(dtype) if v.is_floating_point() else v.index_select(0, idx))
-                    for k, v in d.items()} for m, d in self.features.items()}
+        """Features of rows `idx` on the data's device, floats cast to `dtype` (stores may be float16): one gather
+        of each array (from memory, or from the stores when streamed), then the cast."""
+        dev = self.device
+        out: Features = {}
+        for m, d in self.features.items():
+            out[m] = {}
+            for k, v in d.items():
+                t = v.index_select(0, idx)  # a row gather several times faster than advanced indexing on CPU
+                if t.device != dev:  # streamed rows: host -> device in the stored dtype, through pinned memory
+                    t = (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+                out[m][k] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+    def batches(self, idxs: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32) -> Iterator[Features]:
+        """`batch(idx)` for each `idx` in order; a streamed dataset reads the next ones in a background thread."""
+        return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed)
+
+    def chunks(self, idx: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> Iterator[Features]:
+        """Features of rows `idx` in consecutive chunks of `size` rows (evaluation: never a whole split at once)."""
+        return self.batches((idx[s:s + size] for s in range(0, len(idx), size)), dtype)
 
     def class_counts(self, split: str = "train") -> dict[str, torch.Tensor]:
         """task -> [C] label counts in `split` (for class weights, balanced alphas, oversampling)."""
@@ -112,14 +227,16 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                 keys: Iterable[str] | None = None, tasks: list[str] | None = None, teacher: str | None = None,
                 device: str = "cpu", dtype: torch.dtype | None = None, val_fraction: float = 0.1,
                 seed: int = 0, manifest: Path | None = None, fold: int | None = None,
-                quiet: bool = False) -> CachedData:
-    """Load the stores `modalities` ({modality: store name}) of `dataset` and its manifest into tensors.
+                quiet: bool = False, load: str = "auto") -> CachedData:
+    """The stores `modalities` ({modality: store name}) of `dataset` and its manifest, aligned by id.
 
     `keys`: arrays to load per store (None = all the store holds). Rows missing from any store
-    (failed or not extracted) are dropped from all modalities, with a printed count. Floats become
-    `dtype` (default float32 on CPU, where float16 math is slow, and the store's dtype on GPU,
-    cast per batch). Without a `val` split, `val_fraction` of train becomes validation (seeded).
-    `fold`: the cross-validation fold the manifest must hold (an error when it holds another).
+    (failed or not extracted) are dropped from all modalities, with a printed count. Floats keep the
+    store's dtype (`batch` casts per batch) unless `dtype` is given. `load`: "memory" (the rows as tensors on
+    `device`; refused in one line, before anything is read, when they cannot fit), "stream" (read from the
+    stores per batch), "auto" (memory when they fit with room to spare). Without a `val` split, `val_fraction`
+    of train becomes validation (seeded). `fold`: the cross-validation fold the manifest must hold (an error
+    when it holds another).
     """
     if not modalities:
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
@@ -173,8 +290,9 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     splits = np.asarray(man.splits)[keep]
 
     dev = torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else None  # type: ignore[assignment]
+    wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
+    need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
+    mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
     features: Features = {}
     inputs: InputSpec = {}
     teacher_list: list[tuple[Path, torch.Tensor]] = []
@@ -189,22 +307,26 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
             arr = r.load(ids, keys=["logits"])["logits"]
             teacher_list.append((r.path, torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)))
             continue
-        want = list(keys) if keys is not None else r.keys
-        want = [k for k in want if k in r.keys]
-        if not want:
-            raise MMCacheError(f"{r.path} holds {r.keys}, none of the arrays this head needs ({list(keys or [])})")
-        arrays = r.load(ids, keys=want)
-        feats = {}
-        for k, a in arrays.items():
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            if t.is_floating_point() and dtype is not None:
-                t = t.to(dtype)
-            feats[k] = t.to(dev)
+        feats: dict[str, Any] = {}
+        if mode == "stream":
+            rows = r.rows(ids)
+            same = len(rows) == len(r) and bool((rows == np.arange(len(rows))).all())
+            for k in wanted[tag]:
+                feats[k] = StreamedRows(r.memmap(k), None if same else rows, r.path)
+        else:
+            for k, a in r.load(ids, keys=wanted[tag]).items():
+                t = torch.from_numpy(a)  # the store's dtype: no float32 copy beside it
+                del a
+                if t.is_floating_point() and dtype is not None:
+                    t = t.to(dtype)
+                feats[k] = t.to(dev)
         features[mod] = feats
         inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
 
-    # Printed as the missing-rows warning is, quiet or not: they are problems of the data.
-    _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
+    # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
+    # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).
+    if mode == "memory":
+        _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
     teacher_t = _stack_teachers(teacher_list)
     targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
     _warn_classes_without_train_rows(labels, targets, splits)
@@ -223,7 +345,15 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                       labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, store_specs=store_specs,
                       fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
-                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man)
+                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man, load=mode)
+
+
+def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:
+    """The arrays of store `r` a head reads (`keys`, None = all it holds); an error when it holds none of them."""
+    want = [k for k in (list(keys) if keys is not None else r.keys) if k in r.keys]
+    if not want:
+        raise MMCacheError(f"{r.path} holds {r.keys}, none of the arrays this head needs ({list(keys or [])})")
+    return want
 
 
 def _warn_non_finite(features: Features, paths: dict[str, Path], ids: list[str]) -> None:

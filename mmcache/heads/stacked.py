@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics_many
+from mmcache.heads.data import prefetch
 from mmcache.heads.losses import Criterion
 from mmcache.progress import bar as progress_bar
+
+FUSE_CHUNK = 8192  # rows fused at once for evaluation
 
 if TYPE_CHECKING:
     from mmcache.heads.data import CachedData
@@ -117,14 +120,27 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
     for js in stacks.values():
         head0 = cast("LinearHead", members[js[0]].head)
         head0.eval()
-        z = head0.fused(data.batch(idx))
+        w = {t: torch.stack([_clf(members[j], t).weight for j in js]) for t in data.tasks}
+        b = {t: torch.stack([_clf(members[j], t).bias for j in js]) for t in data.tasks}
+        logits = _stack_logits(head0, data, idx, w, b)
         for t in data.tasks:
-            w = torch.stack([_clf(members[j], t).weight for j in js])
-            b = torch.stack([_clf(members[j], t).bias for j in js])
-            logits = (z @ w.reshape(-1, w.shape[-1]).T).view(len(idx), len(js), -1) + b
             for k, j in enumerate(js):
-                out[j][t] = logits[:, k]
+                out[j][t] = logits[t][:, k]
     return out
+
+
+@torch.no_grad()
+def _stack_logits(head0: LinearHead, data: CachedData, idx: torch.Tensor, w: dict[str, torch.Tensor],
+                  b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """task -> logits [len(idx), K, C] of K stacked probes (weights w [K, C, F], biases b [K, C]), the fused
+    features computed chunk by chunk (never a whole split of them at once)."""
+    parts: dict[str, list[torch.Tensor]] = {t: [] for t in w}
+    for feats in data.chunks(idx, FUSE_CHUNK):
+        z = head0.fused(feats)
+        for t in w:
+            parts[t].append((z @ w[t].reshape(-1, w[t].shape[-1]).T).view(len(z), w[t].shape[0], -1) + b[t])
+    return {t: torch.cat(v) if v else torch.zeros(0, w[t].shape[0], w[t].shape[1], device=idx.device)
+            for t, v in parts.items()}
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
@@ -193,10 +209,12 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     orders = BatchOrders(members, data, train_idx)
     n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
     device = train_idx.device
-    with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
-        head0.eval()
-        z_train = head0.fused(data.batch(train_idx))
-        z_val = head0.fused(data.batch(val_idx))
+    head0.eval()  # D=0: the fused features carry no parameters; they are computed per batch from the rows
+
+    def fused(idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head0.fused(data.batch(idx))
+
     y_train = {t: data.targets[t][train_idx] for t in tasks}
     y_val = {t: data.targets[t][val_idx] for t in tasks}
     weights = {t: getattr(crit0, f"w_{t}", None) for t in tasks}
@@ -240,14 +258,17 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
             order_y = {t: y_train[t][order_pos] for t in tasks}
         loss_sum = torch.zeros(k_all, device=device)
         steps = 0
-        for s in range(0, n, cfg0.batch_size):
-            if n - s < 2:  # as the single-run loop: no one-row batch
-                continue
+        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= 2]  # as the single-run loop: no one-row batch
+        # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed.
+        step_rows = [train_idx[order_pos[:, s:s + cfg0.batch_size].reshape(-1)] for s in starts] if batched else \
+            [train_idx[perm[key][s:s + cfg0.batch_size]] for s in starts for key in slots]
+        xs = prefetch(fused, step_rows, enabled=data.streamed)
+        for s in starts:
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if batched:
                     pos = order_pos[:, s:s + cfg0.batch_size]
                     rows = pos.shape[1]
-                    x = z_train.index_select(0, pos.reshape(-1)).view(n_slots, rows, -1)
+                    x = next(xs).view(n_slots, rows, -1)
                     for t in tasks:
                         c, f = W[t].shape[1:]
                         logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
@@ -265,7 +286,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                         W[t].grad, B[t].grad = torch.empty_like(W[t]), torch.empty_like(B[t])
                     for key, sl in slots.items():
                         pos = perm[key][s:s + cfg0.batch_size]
-                        x = z_train.index_select(0, pos)
+                        x = next(xs)
                         for t in tasks:
                             w, b = W[t][sl], B[t][sl]
                             kk, c, f = w.shape
@@ -283,7 +304,8 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
         seconds = time.perf_counter() - t0
         factor = factors[done]
         with torch.no_grad():
-            vlog = {t: (z_val @ W[t].reshape(-1, W[t].shape[-1]).T).view(len(val_idx), k_all, -1) + B[t] for t in tasks}
+            vlog = _stack_logits(head0, data, val_idx, {t: W[t].detach() for t in tasks},
+                                       {t: B[t].detach() for t in tasks})
             vloss = sum(_ce(vlog[t], y_val[t], weights[t], smoothing) for t in tasks)
         # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
         vms: dict[int, dict[str, float]] = {}

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.heads.shots import with_shots
+from mmcache.memory import LOADS
 from mmcache.progress import bar as progress_bar
 from mmcache.stats import write_predictions
 from mmcache.utils import check_output_file, pick_device, seed_everything
@@ -122,6 +124,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
     logit_adjust: float | None = None  # tau: tau * log(train prior) subtracted at evaluation (None: reference_tau)
     shots: int = 0  # K labelled train rows per class of the selection task, drawn by the seed (0 = all)
+    load: str = "auto"  # features in memory, streamed from the stores per batch, or auto (mmcache.memory)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (inverse of `TrainConfig(**obj)`)."""
@@ -293,6 +296,8 @@ def validate_config(cfg: TrainConfig) -> None:
         _check_number("--logit-adjust", cfg.logit_adjust, -math.inf)
     if cfg.threads is not None:
         _check_number("--threads", cfg.threads, 1, integer=True)
+    if cfg.load not in LOADS:
+        raise MMCacheError(f"--load {cfg.load!r} is not a loading mode; use one of {', '.join(LOADS)}")
     if cfg.folds is not None:
         _check_number("--folds", cfg.folds, 2, integer=True)
         _check_number("--fold", cfg.fold, 0, cfg.folds - 1, integer=True)
@@ -307,12 +312,12 @@ def validate_config(cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def predict_logits(head: Head, data: CachedData, idx: torch.Tensor, batch: int = EVAL_BATCH) -> dict[str, torch.Tensor]:
-    """Logits per task for rows `idx`, in eval mode, in large chunks."""
-    return _logits_of(head, [data.batch(idx[s:s + batch]) for s in range(0, len(idx), batch)], data.tasks, len(idx))
+    """Logits per task for rows `idx`, in eval mode, in large chunks (one chunk's features at a time)."""
+    return _logits_of(head, data.chunks(idx, batch), data.tasks, len(idx))
 
 
 @torch.no_grad()
-def _logits_of(head: Head, chunks: list[Any], tasks: dict[str, int], n: int) -> dict[str, torch.Tensor]:
+def _logits_of(head: Head, chunks: Iterable[Any], tasks: dict[str, int], n: int) -> dict[str, torch.Tensor]:
     was = head.training
     head.eval()
     outs: dict[str, list[torch.Tensor]] = {}
@@ -506,7 +511,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
     tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
     val_idx = data.split_index["val"]
-    val_chunks = [data.batch(val_idx[s:s + EVAL_BATCH]) for s in range(0, len(val_idx), EVAL_BATCH)]
+    # Rows in memory: the val batches gathered once. Streamed: read again each epoch, never a whole split at once.
+    val_chunks: list[Any] | None = None if data.streamed else list(data.chunks(val_idx, EVAL_BATCH))
     teacher = data.teacher
     active = list(members)
     label = f"train x{len(members)}" if len(members) > 1 else "train"
@@ -519,16 +525,17 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             m.crit.train()
             m.loss_sum = torch.zeros((), device=device)
             m.steps = 0
-        for s in range(0, n, cfg0.batch_size):
-            if n - s < 2:  # BatchNorm cannot train on one row
-                continue
+        keys = list(dict.fromkeys(m.order_key() for m in active))
+        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= 2]  # BatchNorm cannot train on one row
+        # One gather of rows per batch order and step, in this order; streamed rows are read ahead in a thread.
+        step_idx = [train_idx[perm[key][s:s + cfg0.batch_size].to(device)] for s in starts for key in keys]
+        rows = data.batches(step_idx)
+        for k_step in range(len(starts)):
             feats: dict[tuple[Any, ...], Any] = {}
-            for m in active:
-                key = m.order_key()
-                if key not in feats:  # one gather of rows, targets and teacher logits per batch order
-                    idx = train_idx[perm[key][s:s + cfg0.batch_size].to(device)]
-                    feats[key] = (data.batch(idx), {t: data.targets[t].index_select(0, idx) for t in data.tasks},
-                                  teacher.index_select(0, idx) if teacher is not None else None)
+            for j, key in enumerate(keys):
+                idx = step_idx[k_step * len(keys) + j]
+                feats[key] = (next(rows), {t: data.targets[t].index_select(0, idx) for t in data.tasks},
+                              teacher.index_select(0, idx) if teacher is not None else None)
             total: torch.Tensor | None = None
             for m in active:
                 x, targets, teach = feats[m.order_key()]
@@ -554,7 +561,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         for m in active:
             m.crit.eval()
             with m.ema.applied() if m.ema is not None else nullcontext():  # evaluated and kept: the averages
-                vlog = _logits_of(m.head, val_chunks, data.tasks, len(val_idx))
+                chunks = val_chunks if val_chunks is not None else data.chunks(val_idx, EVAL_BATCH)
+                vlog = _logits_of(m.head, chunks, data.tasks, len(val_idx))
                 vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
                                  m.sel_metric)
                 vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
@@ -597,7 +605,8 @@ def _run_stem(cfg: TrainConfig) -> list[str]:
 def _data_key(cfg: TrainConfig, device: str) -> tuple[Any, ...]:
     """Configs with the same key read the same loaded stores."""
     return (cfg.dataset, tuple(sorted(cfg.modalities.items())), str(cfg.cache_dir), tuple(cfg.tasks or ()),
-            cfg.teacher, device, cfg.val_fraction, None if cfg.folds else cfg.fold)  # CV folds share the stores
+            cfg.teacher, device, cfg.val_fraction, None if cfg.folds else cfg.fold,  # CV folds share the stores
+            cfg.load)
 
 
 def _uses(heads: list[str]) -> list[str] | None:
@@ -643,7 +652,7 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
     run_cfg = {**cfg.to_json(), "resolved": {
         "device": device, "threads": torch.get_num_threads(), "head_hparams": m.head.hparams,
         "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
-        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
+        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped, "load": data.load,
         "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
         "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
@@ -731,7 +740,7 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False,
             base = load_cached(cfg0.dataset, cfg0.modalities, cfg0.cache_dir, keys=_uses([cfgs[i].head for i in idxs]),
                                tasks=cfg0.tasks, teacher=cfg0.teacher, device=device, val_fraction=cfg0.val_fraction,
                                seed=cfg0.seed, fold=None if cfg0.folds else cfg0.fold,
-                               quiet=all(cfgs[i].quiet for i in idxs))
+                               quiet=all(cfgs[i].quiet for i in idxs), load=cfg0.load)
         except MMCacheError as e:
             for i in idxs:
                 fail(i, e)
@@ -880,10 +889,11 @@ def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:
 
 
 def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test", cache_dir: str | None = None,
-            out: Path | str | None = None, device: str | None = None) -> Path:
+            out: Path | str | None = None, device: str | None = None, load: str = "auto") -> Path:
     """Write predictions of a trained run on `split` (or "all") as CSV: id, label, predicted, p_<class>...
 
-    With several tasks the columns are prefixed by the task (`<task>_label`, `<task>_p_<class>`).
+    With several tasks the columns are prefixed by the task (`<task>_label`, `<task>_p_<class>`). `load`: the
+    features in memory or streamed from the stores (`load_cached`).
     """
     check_output_file(out)
     device = pick_device(device)
@@ -895,7 +905,8 @@ def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test"
     cache = cache_dir or cfg["cache_dir"]
     labels = cfg["resolved"]["labels"]["tasks"]
     data = load_cached(dataset, cfg["modalities"], cache, keys=getattr(type(head), "uses", None),
-                       tasks=list(labels), device=device, seed=cfg["seed"], val_fraction=cfg["val_fraction"])
+                       tasks=list(labels), device=device, seed=cfg["seed"], val_fraction=cfg["val_fraction"],
+                       load=load)
     for t, names in labels.items():
         if data.labels.tasks[t] != names:
             raise MMCacheError(f"dataset {dataset!r} has classes {data.labels.tasks[t]} for task {t!r}, the run was "

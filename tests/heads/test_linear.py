@@ -96,7 +96,7 @@ def probe_cache(make_cache: Callable[..., Path]) -> Path:
 
 def _xy(cache: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     data = load_cached("toy", {"image": "feat", "text": "feat"}, cache)
-    x = torch.cat([data.features["image"]["pooled"], data.features["text"]["pooled"]], 1).numpy()
+    x = torch.cat([data.features["image"]["pooled"], data.features["text"]["pooled"]], 1).float().numpy()
     return x, data.targets["label"].numpy(), {s: i.numpy() for s, i in data.split_index.items()}
 
 

@@ -1,0 +1,205 @@
+"""Features read where they lie (`--load stream`), kept in the stored dtype, and the memory they may take."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmcache import memory
+from mmcache.cache.store import FeatureStore, StoreReader, store_path
+from mmcache.errors import MMCacheError
+from mmcache.heads.data import StreamedRows, load_cached, prefetch
+from mmcache.heads.train import TrainConfig, train_many
+from tests.heads.conftest import build_cache, run_heads
+
+MODS = {"image": "feat", "text": "feat"}
+
+
+def _cfg(cache: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(dataset="toy", modalities=MODS, cache_dir=str(cache), epochs=3, batch_size=32,
+                                   device="cpu", quiet=True, save=False)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_rows_keep_the_stored_dtype_and_streamed_rows_equal_loaded_ones(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_cache(cache, n=120, tokens=True, fail_ids=("r0005",))
+    mem = load_cached("toy", MODS, cache, quiet=True, load="memory")
+    st = load_cached("toy", MODS, cache, quiet=True, load="stream")
+    assert mem.load == "memory" and st.load == "stream" and mem.ids == st.ids and len(mem.ids) == 119
+    for m in MODS:
+        for k in ("pooled", "tokens", "mask"):
+            t, s = mem.features[m][k], st.features[m][k]
+            assert isinstance(t, torch.Tensor) and isinstance(s, StreamedRows)
+            assert t.dtype == s.dtype and tuple(t.shape) == tuple(s.shape)
+        assert mem.features[m]["pooled"].dtype == torch.float16  # float16 stays float16 in memory
+    idx = torch.tensor([7, 0, 118, 7, 42])
+    a, b = mem.batch(idx), st.batch(idx)
+    for m in MODS:
+        for k in a[m]:
+            assert torch.equal(a[m][k], b[m][k]), (m, k)
+        assert a[m]["pooled"].dtype == torch.float32  # cast per batch
+    # The rows are the stores' rows for those ids (the image store lacks r0005: positions are not store rows).
+    r = StoreReader(store_path(cache, "toy", "image", "feat"))
+    want = r.load([st.ids[i] for i in idx.tolist()], keys=["pooled"])["pooled"].astype(np.float32)
+    np.testing.assert_array_equal(b["image"]["pooled"].numpy(), want)
+    assert torch.equal(st.features["text"]["pooled"][3], mem.features["text"]["pooled"][3])
+
+
+def test_a_store_in_another_order_than_the_manifest_streams_by_id(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_cache(cache, n=60)
+    src = StoreReader(store_path(cache, "toy", "text", "feat"))
+    rows = src.load(keys=["pooled"])["pooled"]
+    path = store_path(cache, "toy", "text", "rev")
+    with FeatureStore(path, {"preset": "rev"}, "toy", capacity=60) as w:
+        w.write(src.ids[::-1], {"pooled": rows[::-1]})
+    mem = load_cached("toy", {"text": "rev"}, cache, quiet=True, load="memory")
+    st = load_cached("toy", {"text": "rev"}, cache, quiet=True, load="stream")
+    idx = torch.arange(60)
+    assert torch.equal(mem.batch(idx)["text"]["pooled"], st.batch(idx)["text"]["pooled"])
+    np.testing.assert_array_equal(st.batch(idx)["text"]["pooled"].numpy(), rows.astype(np.float32))
+
+
+def test_sweep_groups_stacked_probes_and_lbfgs_give_the_same_runs_streamed(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_cache(cache, n=200, tokens=True)
+    cfgs = [_cfg(cache, head="linear", lr=lr, seed=seed) for lr in (1e-2, 1e-3) for seed in (0, 1)]  # stacked
+    cfgs += [_cfg(cache, head="gated", head_hparams={"D": 8}, seed=1),  # the lockstep loop, two batch orders
+             _cfg(cache, head="xattn", head_hparams={"D": 8, "heads": 2}, seed=0),
+             _cfg(cache, head="linear", solver="lbfgs", lbfgs_grid=[1e-2, 1e-3])]
+    runs = {}
+    for load in ("memory", "stream"):
+        res = train_many([TrainConfig(**{**c.to_json(), "load": load}) for c in cfgs])
+        assert all(not isinstance(r, Exception) for r in res), res
+        runs[load] = res
+    for a, b in zip(runs["memory"], runs["stream"], strict=True):
+        assert a.metrics == b.metrics and a.best_epoch == b.best_epoch  # type: ignore[union-attr]
+        for va, vb in zip(a.head.state_dict().values(), b.head.state_dict().values(), strict=True):  # type: ignore[union-attr]
+            assert torch.equal(va, vb)
+
+
+def test_load_memory_on_data_that_cannot_fit_is_one_line_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    build_cache(cache, n=100)
+    need = 100 * (24 + 16) * 2  # float16 rows of both stores
+    monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)
+    read = []
+    monkeypatch.setattr(StoreReader, "load", lambda *a, **k: read.append(a) or {})  # nothing is read
+    rc = run_heads(["train", "--dataset", "toy", "--vtype", "feat", "--ttype", "feat", "--cache-dir", str(cache),
+                    "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--load", "memory"], monkeypatch)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "--load memory" in lines[0] and "--load stream" in lines[0] and "available" in lines[0]
+    assert f"{need / 1e9:.2f} GB" in lines[0]
+    assert not read and not [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    # auto streams the same data instead, and trains
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available_bytes", lambda: need)  # fits, but not with room to spare
+    data = load_cached("toy", MODS, cache, quiet=True)
+    assert data.load == "stream"
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * need)
+    assert load_cached("toy", MODS, cache, quiet=True).load == "memory"
+
+
+def test_choose_load_modes() -> None:
+    assert memory.choose_load("stream", 10, "x", available=1) == "stream"
+    assert memory.choose_load("memory", 10, "x", available=10) == "memory"
+    assert memory.choose_load("auto", 50, "x", available=100) == "memory"
+    assert memory.choose_load("auto", 51, "x", available=100) == "stream"
+    with pytest.raises(MMCacheError, match=r"--load memory: x need .* only .* available .*--load stream"):
+        memory.choose_load("memory", 11, "x", available=10)
+    with pytest.raises(MMCacheError, match="not a loading mode"):
+        memory.choose_load("disk", 1, "x", available=10)
+
+
+def _fake_cgroup(root: Path, v2: bool, limit: int, usage: int, inactive: int, parent_limit: int | None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    proc = root / "proc_cgroup"
+    if v2:
+        base = root / "sys"
+        (base / "cgroup.controllers").parent.mkdir(parents=True)
+        (base / "cgroup.controllers").write_text("cpu memory\n")
+        leaf = base / "box" / "job"
+        files = ("memory.max", "memory.current", "inactive_file")
+        proc.write_text("0::/box/job\n")
+    else:
+        base = root / "sys"
+        leaf = base / "memory" / "box" / "job"
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        proc.write_text("4:memory:/box/job\n3:cpu:/\n")
+    leaf.mkdir(parents=True)
+    (leaf / files[0]).write_text(f"{limit}\n")
+    (leaf / files[1]).write_text(f"{usage}\n")
+    (leaf / "memory.stat").write_text(f"anon 1\n{files[2]} {inactive}\nfile 3\n")
+    if parent_limit is not None:
+        (leaf.parent / files[0]).write_text(f"{parent_limit}\n")
+        (leaf.parent / files[1]).write_text("0\n")
+    root_limit = base / ("memory" if not v2 else "") / files[0]
+    root_limit.write_text("max\n" if v2 else "9223372036854771712\n")
+    return proc
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["cgroup-v1", "cgroup-v2"])
+def test_container_limits_are_read_at_every_level(tmp_path: Path, v2: bool) -> None:
+    proc = _fake_cgroup(tmp_path, v2, limit=1000, usage=700, inactive=200, parent_limit=None)
+    assert memory.cgroup_available(proc, tmp_path / "sys") == 1000 - (700 - 200)
+    proc = _fake_cgroup(tmp_path / "p", v2, limit=1000, usage=100, inactive=0, parent_limit=300)
+    assert memory.cgroup_available(proc, tmp_path / "p" / "sys") == 300  # the parent's limit is smaller
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "cg").write_text("0::/\n")
+    assert memory.cgroup_available(tmp_path / "none" / "cg", tmp_path / "none") is None
+
+
+def _memory_cgroup_root() -> Path | None:
+    root = Path("/sys/fs/cgroup/memory")
+    return root if os.geteuid() == 0 and (root / "cgroup.procs").exists() else None
+
+
+@pytest.mark.skipif(_memory_cgroup_root() is None, reason="needs root and a cgroup v1 memory controller")
+def test_a_real_container_limit_bounds_the_available_memory(tmp_path: Path) -> None:
+    root = _memory_cgroup_root()
+    assert root is not None
+    group = root / f"mmcache-test-{uuid.uuid4().hex[:8]}"
+    limit = 768 << 20
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        code = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+                "from mmcache.memory import available_bytes; print(available_bytes())")
+        # The child moves itself into the group before measuring (through a shell, so the write happens first).
+        out = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1" "$2"', sys.executable,
+                              code, str(tmp_path / "pid")], capture_output=True, text=True, timeout=120, check=True)
+        assert 0 < int(out.stdout.strip()) <= limit
+    finally:
+        if group.exists():
+            group.rmdir()
+
+
+def test_prefetch_keeps_order_passes_errors_and_stops_early() -> None:
+    assert list(prefetch(lambda x: x * 2, range(10))) == [2 * i for i in range(10)]
+    assert list(prefetch(lambda x: x, [], enabled=True)) == []
+
+    def boom(x: int) -> int:
+        if x == 3:
+            raise MMCacheError("bad row 3")
+        return x
+
+    got = []
+    with pytest.raises(MMCacheError, match="bad row 3"):
+        for v in prefetch(boom, range(6)):
+            got.append(v)
+    assert got == [0, 1, 2]
+    it = prefetch(lambda x: x, range(100))
+    assert next(it) == 0
+    it.close()  # leaving early cancels the reads ahead
