@@ -16,6 +16,20 @@ from typing import Any
 import numpy as np
 
 DPI = 100
+
+
+def _matplotlib_home() -> None:
+    """matplotlib keeps its font cache and config in MPLCONFIGDIR (default ~/.config/matplotlib and
+    ~/.cache/matplotlib): unless the user set it, mmcache's own cache folder (`$XDG_CACHE_HOME/mmcache/matplotlib`)."""
+    import os
+
+    if "MPLCONFIGDIR" not in os.environ:
+        from mmcache.extract.weights import user_cache_dir
+
+        os.environ["MPLCONFIGDIR"] = str(user_cache_dir() / "matplotlib")
+
+
+_matplotlib_home()  # before any import of matplotlib (this module imports it only inside its functions)
 MIN_INCHES = 6.0  # 600 px at DPI
 
 

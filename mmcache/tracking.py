@@ -34,10 +34,20 @@ _PARAM_CHARS = 500  # the smallest value length every mlflow server accepts
 _BATCH = 100  # mlflow's log_batch takes at most 100 params (1000 metrics) per call
 
 
+def mlflow_telemetry_off() -> None:
+    """mlflow's usage telemetry (and the installation id it keeps in ~/.config/mlflow/telemetry.json) stays off
+    unless the user turned it on: MLFLOW_DISABLE_TELEMETRY=true, set before mlflow is imported, when neither it nor
+    DO_NOT_TRACK is set already."""
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ and "DO_NOT_TRACK" not in os.environ:
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
 def require(kind: str | None) -> None:
     """Refuse an unknown `--track` value or a backend that is not installed, before any training."""
     if kind is None:
         return
+    if kind == "mlflow":
+        mlflow_telemetry_off()
     if kind not in TRACKERS:
         raise MMCacheError(f"unknown --track {kind!r}; choose one of {', '.join(TRACKERS)}")
     import importlib.util
@@ -80,6 +90,7 @@ class MLflowTracker(Tracker):
 
     def __init__(self, experiment: str, parent: str | None = None, client: Any = None,
                  experiment_id: str | None = None, runs_dir: str | Path | None = None) -> None:
+        mlflow_telemetry_off()
         from mlflow import MlflowClient
 
         uri, artifacts = _default_store(runs_dir)

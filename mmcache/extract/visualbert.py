@@ -11,7 +11,7 @@ Boxes are position features: the normalised box (x1, y1, x2, y2, area) goes thro
 before VisualBERT's own visual projection, as ViLBERT's and MMF's image location embeddings.
 
 Presets: `visualbert` (the public `uclanlp/visualbert-vqa-coco-pre` with the `bert-base-uncased`
-tokenizer), `visualbert-tiny` (random init, a WordPiece tokenizer trained on the fly, offline), and
+tokenizer), `visualbert-tiny` (random init, a fixed WordPiece vocabulary of a small corpus, offline), and
 `visualbert:<id-or-dir>` (a folder's own tokenizer is used when it holds one). `visual_dim` (the
 region feature width) comes from the store; a checkpoint trained on another width (the public
 ones: 2048-d Detectron features) gets a new visual projection.
@@ -40,18 +40,44 @@ register_preset("visualbert", "visualbert", model=PUBLIC, tokenizer="bert-base-u
 register_preset("visualbert-tiny", "visualbert", model="tiny", tiny=TINY_VISUALBERT, seed=0, max_length=32)
 
 
+def tiny_wordpiece_vocab(vocab_size: int = 1000) -> dict[str, int]:
+    """A fixed WordPiece vocabulary of the tiny corpus: the specials, every character (alone and as `##`
+    continuation), then whole words and `##` word endings by frequency (ties by the text). Built, never trained:
+    the same in every process (a trained vocabulary's ties broke differently from one process to the next)."""
+    import re
+    import unicodedata
+    from collections import Counter
+
+    words: Counter[str] = Counter()
+    for line in _corpus():
+        text = unicodedata.normalize("NFD", line.lower())
+        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+        words.update(re.findall(r"\w+|[^\w\s]", text))
+    chars = sorted({c for w in words for c in w})
+    ends: Counter[str] = Counter()
+    for w, n in words.items():
+        for k in range(1, len(w) - 1):
+            ends["##" + w[k:]] += n
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars),
+              *sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w)),
+              *sorted((e for e in ends if len(e) > 3), key=lambda e: (-ends[e], e))]
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(t, len(vocab))
+    return vocab
+
+
 @functools.lru_cache(maxsize=4)
 def tiny_bert_tokenizer(vocab_size: int = 1000) -> Any:
-    """A lower-casing BERT WordPiece tokenizer trained on the tiny RoBERTa's corpus (deterministic, offline)."""
+    """A lower-casing BERT WordPiece tokenizer over `tiny_wordpiece_vocab` (deterministic, offline)."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
-                           show_progress=False)
+    wp = BertWordPieceTokenizer(tiny_wordpiece_vocab(vocab_size), lowercase=True)
     return BertTokenizer(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
 def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]:
