@@ -139,3 +139,61 @@ def plot_sweep(summary: list[dict[str, Any]], columns: Sequence[str], path: Path
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_robustness(result: dict[str, Any], path: Path) -> Any:
+    """`heads robustness`: the selection metric against the perturbation level, one line per perturbation (noise,
+    token dropout), and one marker per missing modality at level 1; the clean value as a dashed line."""
+    metric = result["metric"]
+    rows = result["rows"]
+    fig = _figure(8, 6)
+    ax = fig.subplots()
+    for kind, style in (("noise", "-o"), ("token_dropout", "-s")):
+        pts = [(r["level"], _num(r[metric])) for r in rows if r["kind"] == kind]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=4, label=kind.replace("_", " "))
+    for r in rows:
+        if r["kind"] == "missing":
+            ax.plot([1.0], [_num(r[metric])], "x", markersize=9, label=f"{r['modality']} missing")
+    clean = result["summary"].get("clean")
+    if clean is not None:
+        ax.axhline(clean, linestyle="--", color="grey", linewidth=1, label="clean")
+    ax.set_xlabel("perturbation level (noise: std in units of each array's std; dropout: share of tokens)")
+    ax.set_ylabel(f"test {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"robustness of {Path(result['run']).name}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_shots(summary: list[dict[str, Any]], column: str, path: Path, title: str = "") -> Any:
+    """The few-shot curve: `column` (mean with its 95% interval over seeds) against the shots per class, one line
+    per config apart from its shots; None when fewer than two shot values."""
+    lines: dict[str, list[tuple[float, float, float, float]]] = {}
+    for s in summary:
+        shots = s.get("shots")
+        if not isinstance(shots, (int, float)) or isinstance(shots, bool) or not isinstance(s.get(column), float):
+            continue
+        label = ",".join(p for p in str(s["config"]).split(",") if not p.startswith("shots=")) or "shots"
+        lo = s.get(f"{column}_low", s[column])
+        hi = s.get(f"{column}_high", s[column])
+        lines.setdefault(label, []).append((float(shots), s[column], _num(lo), _num(hi)))
+    if not lines or max(len(v) for v in lines.values()) < 2:
+        return None
+    fig = _figure(8, 6)
+    ax = fig.subplots()
+    for label, pts in lines.items():
+        pts.sort()
+        x = [p[0] for p in pts]
+        ax.plot(x, [p[1] for p in pts], "-o", markersize=4, label=label)
+        ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled train rows per class (shots)")
+    ax.set_ylabel(f"{column} (mean, 95% interval over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -382,5 +382,29 @@ def runs_cmd(
     typer.echo(runs_table(sort_rows(rows, sort), fmt, cols))
 
 
+@app.command("robustness")
+def robustness_cmd(
+    run: Annotated[Path, typer.Option(help="Run folder written by `heads train` (or a sweep with --save-runs).")],
+    levels: Annotated[str | None, typer.Option(help="Comma list of perturbation levels from 0 to 1, with 0 "
+                                                    "(default 0,0.1,...,1, as MultiBench).")] = None,
+    kinds: Annotated[str | None, typer.Option(help="Comma list of missing, noise, token_dropout (default: each that "
+                                                   "applies to the run).")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Another run of the dataset under the same perturbations, "
+                                                        "for effective robustness (MultiBench: late fusion).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise and token dropout draws.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+) -> None:
+    """A trained run on its test split with each modality missing, feature noise and token dropout; writes
+    robustness.csv, .md, .json and .png in the run folder, with relative and effective robustness (MultiBench)."""
+    from mmcache.heads.robustness import robustness, table
+
+    lv = parse_floats(levels, "--levels")
+    ks = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+    result = robustness(run, levels=lv, kinds=ks, reference=reference, seed=seed, device=device)
+    typer.echo(table(result))
+    typer.echo(f"wrote {run / 'robustness.csv'}, .md, .json and .png")
+
+
 if __name__ == "__main__":
     main()

@@ -531,7 +531,14 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     write_json(out.with_suffix(".json"), {"rows": rows, "summary": summary})
     shown = [c for c in default_columns(summary) if c in METRIC_COLUMNS]
     plot_sweep(summary, shown, out.with_suffix(".png"), f"{out.name}: mean ± std over runs")
-    return [p for p in (out.with_suffix(x) for x in (".csv", ".md", ".json", ".png")) if p.exists()]
+    files = [out.with_suffix(x) for x in (".csv", ".md", ".json", ".png")]
+    column = compare_column(_rank_column(rows))
+    if column and len({s.get("shots") for s in summary}) > 1:  # a few-shot sweep: the curve against shots
+        from mmcache.plots import plot_shots
+
+        files.append(out.with_name(out.name + "_shots.png"))
+        plot_shots(summary, column, files[-1], f"{out.name}: few-shot curve")
+    return [p for p in files if p.exists()]
 
 
 def load_grid_file(path: Path | str) -> tuple[str, list[int] | None]:
