@@ -616,5 +616,5 @@ def check_spec_paths(spec: Any, where: str) -> None:
         from mmcache.extract.weights import weights_sha256
 
         if weights_sha256(path) != want:
-            raise MMCacheError(f"{where}: {key} {value} is not the file the run was trained with (its sha256 "
-                               "differs from the recorded weights_sha256); restore it, or train again")
+            raise MMCacheError(f"{where}: {key} {value} is not the file the run was trained with (weights_sha256 "
+                               "changed: its sha256 differs from the recorded one); restore it, or train again")

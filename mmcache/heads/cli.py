@@ -182,10 +182,9 @@ def predict_cmd(
                                            "(batches read from the stores; a seed gives the same run).")] = "auto",
 ) -> None:
     """Write predictions of a trained run as CSV: id, label, predicted, one probability column per class."""
-    import json
+    from mmcache.runfolder import check_run
 
-    config = run / "config.json"
-    finetuned = config.is_file() and "encoders" in json.loads(config.read_text())
+    finetuned = isinstance(check_run(run)[1].get("encoders"), dict)  # the one check of a run folder that is read
     if data is not None or finetuned:  # raw inputs, encoded as the run's features were
         from mmcache.predict import predict_to_csv, summary_line
 
