@@ -131,3 +131,75 @@ def test_verify_and_load_read_the_manifest_through_its_module(tmp_path: Path) ->
     update(mpath, dataset(n=2), ["s0", "s1"])
     assert verify_store(spath).ok
     assert StoreReader(spath).load(split="val")["pooled"].shape == (1, 3)
+
+
+def test_large_manifests_are_a_summary_and_columns_that_read_as_the_json_layout(tmp_path: Path) -> None:
+    from mmcache import manifest as mf
+
+    from dataclasses import replace
+
+    ds = dataset(n=9)
+    # A combined dataset names each row's source (here the first three rows have none).
+    ds.samples[:] = [s if i < 3 else replace(s, source="mmhs150k" if i == 3 else "fakeddit")
+                     for i, s in enumerate(ds.samples)]
+    json_path = tmp_path / "a" / "manifest.json"
+    col_path = tmp_path / "b" / "manifest.json"
+    Manifest.from_dataset(ds).write(json_path)
+    Manifest.from_dataset(ds).write(col_path, columns=True)
+    summary = json.loads(col_path.read_text())
+    assert summary["format"] == mf.FORMAT and summary["rows"] == 9 and "samples" not in summary
+    assert summary["splits"] == {"train": 3, "val": 3, "test": 3}
+    cols = col_path.parent / summary["columns"]["file"]
+    assert cols.is_file() and sorted(p.name for p in col_path.parent.iterdir()) == sorted(["manifest.json", cols.name])
+    a, b = Manifest.read(json_path), Manifest.read(col_path)
+    assert a == b and b.row_sources == [None, None, None, "mmhs150k", *["fakeddit"] * 5]
+    np.testing.assert_array_equal(b.targets["y"], a.targets["y"])
+    assert b.row_labels == a.row_labels and b.to_json() == json.loads(json_path.read_text())
+    with np.load(cols, allow_pickle=False) as z:  # plain arrays, no pickle
+        assert bytes(z["ids"]).decode().split("\0") == [f"s{i}" for i in range(9)]
+    # A rewrite replaces the columns file; the old one is removed once the summary names the new one.
+    ds.samples[0] = replace(ds.samples[0], split="test")
+    Manifest.from_dataset(ds).write(col_path, columns=True)
+    new = json.loads(col_path.read_text())["columns"]["file"]
+    assert new != cols.name and not cols.exists() and Manifest.read(col_path).splits[0] == "test"
+    # The layout follows the size: from COLUMNS_FROM rows on, columns.
+    old_from = mf.COLUMNS_FROM
+    try:
+        mf.COLUMNS_FROM = 9
+        Manifest.from_dataset(ds).write(json_path)
+        assert "format" in json.loads(json_path.read_text())
+        mf.COLUMNS_FROM = 10
+        Manifest.from_dataset(ds).write(json_path)
+        assert "samples" in json.loads(json_path.read_text()) and not list(json_path.parent.glob("*.npz"))
+    finally:
+        mf.COLUMNS_FROM = old_from
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("digest", "does not match the digest"),
+    ("missing", "cannot be read"),
+    ("path", "not a file beside it"),
+    ("rows", "columns hold"),
+    ("format", "does not read"),
+])
+def test_a_damaged_columnar_manifest_is_one_line(tmp_path: Path, damage: str, message: str) -> None:
+    path = tmp_path / "manifest.json"
+    Manifest.from_dataset(dataset()).write(path, columns=True)
+    obj = json.loads(path.read_text())
+    cols = tmp_path / obj["columns"]["file"]
+    if damage == "digest":
+        raw = bytearray(cols.read_bytes())
+        raw[-40] ^= 1
+        cols.write_bytes(bytes(raw))
+    elif damage == "missing":
+        cols.unlink()
+    elif damage == "path":
+        obj["columns"]["file"] = "../elsewhere.npz"
+    elif damage == "rows":
+        obj["rows"] = 7
+    else:
+        obj["format"] = "mmcache-manifest/9"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(MMCacheError, match=message) as e:
+        Manifest.read(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

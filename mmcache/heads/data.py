@@ -273,6 +273,8 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     keep = np.ones(len(man.ids), dtype=bool)
     dropped: dict[str, int] = {}
     for tag, r in readers.items():
+        if r.ids == man.ids:  # the store holds every row in manifest order (the usual case): no id lookups
+            continue
         have = np.fromiter((i in r.index for i in man.ids), dtype=bool, count=len(man.ids))
         miss = int((~have).sum())
         if miss:
@@ -286,8 +288,8 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                            "run `mmcache extract` for them")
     if dropped:
         _warn(f"training on {int(keep.sum())} of {len(man.ids)} rows")
-    ids = [i for i, k in zip(man.ids, keep, strict=True) if k]
-    splits = np.asarray(man.splits)[keep]
+    ids = list(man.ids) if keep.all() else [i for i, k in zip(man.ids, keep, strict=True) if k]
+    splits = man.split_array[keep]
 
     dev = torch.device(device)
     wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
