@@ -18,13 +18,23 @@ from mmcache.stats import BOOTSTRAP, Predictions, boot_metric, compare_to_best, 
 NOT_CONFIG = ("seed", "fold", "run_name", "overwrite", "quiet", "save", "track", "device", "threads", "runs_dir",
               "resolved", "cache_dir", "data_dir", "resume", "out")
 GROUP_COLUMNS = ("config", "dataset", "stores", "head", "D", "lr", "select", "runs", "val", "test", "test_std",
-                 "test_ci", "vs_best", "p_boot", "p_ttest", "significant", "seconds", "params", "peak_mem_mb",
+                 "test_ci", "vs_best", "p_boot", "p_ttest", "significant", "fit_seconds", "params", "peak_mem_mb",
                  "infer_ms_per_row")
 
 
 def config_key(cfg: dict[str, Any]) -> str:
     """What a run is, as text: its config.json without seed, fold and where it ran."""
     return json.dumps({k: v for k, v in cfg.items() if k not in NOT_CONFIG}, sort_keys=True, default=str)
+
+
+def _fit_seconds(runs_dir: Path, run: str) -> float | None:
+    """A run's fitting time (metrics.json `fit_seconds`; `seconds` there is the whole command's)."""
+    try:
+        met = json.loads((runs_dir / run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = met.get("fit_seconds") if isinstance(met, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def group_runs(rows: list[dict[str, Any]], runs_dir: Path, n_boot: int = BOOTSTRAP) -> list[dict[str, Any]]:
@@ -46,9 +56,11 @@ def group_runs(rows: list[dict[str, Any]], runs_dir: Path, n_boot: int = BOOTSTR
                              "runs": len(rs), "val": sum(vals) / len(vals) if vals else None, "metric": metric,
                              "test": iv["mean"], "test_std": iv["std"], "test_low": iv["ci_low"],
                              "test_high": iv["ci_high"], "members": [r["run"] for r in rs], "_key": key}
-        for c in ("seconds", "params", "peak_mem_mb", "infer_ms_per_row"):
+        for c in ("params", "peak_mem_mb", "infer_ms_per_row"):
             xs = [r[c] for r in rs if isinstance(r.get(c), (int, float))]
             s[c] = sum(xs) / len(xs) if xs else None
+        fits = [f for f in (_fit_seconds(runs_dir, r["run"]) for r in rs) if f is not None]
+        s["fit_seconds"] = sum(fits) / len(fits) if fits else None
         names[key] = s["config"]
         out.append(s)
     # Best first within each (dataset, selection metric): other groups are not compared with each other.
@@ -106,7 +118,7 @@ def _cell(s: dict[str, Any], c: str) -> str:
         return f"{v:.3f}"
     if c == "params" and isinstance(v, (int, float)):
         return f"{int(v):,}"
-    if c in ("seconds", "peak_mem_mb") and isinstance(v, float):
+    if c in ("fit_seconds", "peak_mem_mb") and isinstance(v, float):
         return f"{v:.1f}"
     if c == "infer_ms_per_row" and isinstance(v, float):
         return f"{v:.4f}"
