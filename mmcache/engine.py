@@ -445,6 +445,11 @@ def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: 
         plot_run_curves(t, result, dataset, d.name)
         writing("confusion plots")
         plot_confusions(t, result.metrics, tasks, dataset)
+        if result.predictions is not None:  # per-row test predictions, for the tables' paired tests
+            from mmcache.stats import PREDICTIONS_FILE, write_predictions
+
+            writing(PREDICTIONS_FILE)
+            write_predictions(t, result.predictions)
 
     return write_whole(d, fill)
 

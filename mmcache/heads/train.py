@@ -63,7 +63,6 @@ from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.heads.shots import with_shots
 from mmcache.memory import LOADS
 from mmcache.progress import bar as progress_bar
-from mmcache.stats import write_predictions
 from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
@@ -820,8 +819,6 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False,
                     if cfgs[i].save:
                         res.run_dir = write_run(run_dirs[i], res, members[i].data.labels.tasks,
                                                 cfgs[i].dataset, criterion=members[i].crit)
-                        if res.predictions is not None:
-                            write_predictions(res.run_dir, res.predictions)
                     results[i] = res
                 except MMCacheError as e:
                     fail(i, e)
