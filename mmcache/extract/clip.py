@@ -6,6 +6,9 @@ or `ARCH:/path/to/weights.bin` for a local checkpoint. A local copy of a tagged 
 `PRESET[weights=PATH]` (e.g. `clip[weights=...]`): it runs with the tag's activation (QuickGELU
 for OpenAI weights) and preprocessing, and the spec pins the file by its sha256.
 `clip[augment=true]` (image tower, `finetune run`) trains on open_clip's train preprocessing.
+`clip[projection=false]` stores the pooled features before the final projection (the CLIP paper's linear probes
+read those; its README the projected ones): the ViT image tower's pooled output before `proj`, the text tower's
+pooled output before `text_projection`; a ModifiedResNet image tower or a Hugging Face text tower is refused.
 """
 
 from __future__ import annotations
@@ -235,17 +238,23 @@ class ClipExtractor(Extractor):
     """open_clip CLIP tower for one modality: `pooled` = projected embedding, `tokens` before projection."""
 
     modalities = ("image", "text", "context")
-    options = (*CLIP_OPTIONS, "tokens", "augment")
-    choices = {"tokens": (True, False), "quick_gelu": (True, False), "augment": (True, False)}
+    options = (*CLIP_OPTIONS, "tokens", "augment", "projection")
+    choices = {"tokens": (True, False), "quick_gelu": (True, False), "augment": (True, False),
+               "projection": (True, False)}
     # An open_clip CLIP / CustomTextCLIP: its towers are reached by name and the unused one set to None.
     model: Any
 
     def __init__(self, preset: str, config: dict[str, Any], modality: str) -> None:
         super().__init__(preset, config, modality)
+        if self.config.get("projection", True) is True:
+            self.config.pop("projection", None)  # the default: the spec (and its hash) stays as without the option
+        self.projection = bool(self.config.get("projection", True))
         self.config = resolve_clip_config(self.config)
         self.model, self.transform, self.tokenizer = build_clip_model(self.config, f"--{modality}", preset)
         self.with_tokens = bool(self.config.get("tokens", True))
         visual = self.model.visual
+        if not self.projection:
+            self._drop_projection(modality, preset)
         # ViT towers return (pooled, patch tokens) when asked; other towers (ModifiedResNet) have no tokens.
         self._visual_tokens = self.with_tokens and hasattr(visual, "output_tokens")
         if self._visual_tokens:
@@ -267,6 +276,20 @@ class ClipExtractor(Extractor):
         elif modality != "image":
             self.model.visual = None
         self.requires_grad_(False)
+
+    def _drop_projection(self, modality: str, preset: str) -> None:
+        """projection=false: the pooled features before the tower's final projection."""
+        import open_clip
+
+        if modality == "image":
+            visual = self.model.visual
+            if not isinstance(getattr(visual, "proj", None), nn.Parameter):
+                raise MMCacheError(f"{preset}[projection=false]: the image tower {type(visual).__name__} has no "
+                                   "separate final projection (a ViT tower has); drop projection=false")
+            visual.proj = None  # open_clip's VisionTransformer returns the pooled output unprojected then
+        elif not isinstance(self.model, open_clip.CLIP):
+            raise MMCacheError(f"{preset}[projection=false]: the text tower is a Hugging Face model whose projection "
+                               "is part of the tower; drop projection=false")
 
     @staticmethod
     def parse_preset(name: str) -> dict[str, Any] | None:
@@ -333,7 +356,7 @@ class ClipExtractor(Extractor):
         x = m.transformer(x, attn_mask=m.attn_mask)
         x = m.ln_final(x)
         pooled = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        if m.text_projection is not None:
+        if m.text_projection is not None and self.projection:
             proj = m.text_projection
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         if not self.with_tokens:
