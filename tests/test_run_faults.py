@@ -179,8 +179,9 @@ def test_the_same_seed_gives_the_same_run_in_another_process(toy: Path, tmp_path
                    str(runs / "sw"), "--no-progress")
         assert res.returncode == 0, res.stderr
         rows = json.loads((runs / "sw.json").read_text())
-        got.setdefault("sweep", []).append([{k: v for k, v in r.items() if k.startswith(("val_", "test_")) or k in ("config", "best_epoch")}
-                                            for r in (rows["rows"] if isinstance(rows, dict) else rows)])
+        kept = [{k: v for k, v in r.items() if k.startswith(("val_", "test_")) or k in ("config", "best_epoch")}
+                for r in (rows["rows"] if isinstance(rows, dict) else rows)]
+        got.setdefault("sweep", []).append(kept)
         cache = tmp_path / f"cache{k}"
         res = _cli("mmcache.cli", "extract", "demo", "--data-dir", str(demo), "--image", "frcnn=frcnn-tiny",
                    "--cache-dir", str(cache), "--no-progress")
