@@ -125,7 +125,7 @@ def bench_trainer(cache: Path, epochs: int, repeat: int) -> list[list[str]]:
     tensors: dict[str, torch.Tensor] = {}
     for split, idx in data.split_index.items():
         for m in MODS:
-            tensors[f"{m}_{split}"] = data.features[m]["pooled"][idx]
+            tensors[f"{m}_{split}"] = data.features[m]["pooled"][idx].float()
         tensors[f"y_{split}"] = data.targets["label"][idx]
     rows = []
     for name, hp in (("fusion D=256", {"D": 256, "dropout": 0.3}), ("probe D=0", {"D": 0})):
@@ -153,7 +153,7 @@ def bench_lbfgs(cache: Path, repeat: int) -> list[list[str]]:
     from sklearn.linear_model import LogisticRegression
 
     data = load_cached("bench", MODS, cache)
-    x = torch.cat([data.features[m]["pooled"] for m in MODS], 1).numpy()
+    x = torch.cat([data.features[m]["pooled"] for m in MODS], 1).float().numpy()
     y = data.targets["label"].numpy()
     tr, va, te = (data.split_index[s].numpy() for s in ("train", "val", "test"))
     n = len(tr)

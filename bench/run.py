@@ -62,7 +62,7 @@ def trainer(cache: Path, hp: dict[str, Any], epochs: int, repeat: int) -> dict[s
     tensors: dict[str, torch.Tensor] = {}
     for split, idx in data.split_index.items():
         for m in bench_heads.MODS:
-            tensors[f"{m}_{split}"] = data.features[m]["pooled"][idx]
+            tensors[f"{m}_{split}"] = data.features[m]["pooled"][idx].float()
         tensors[f"y_{split}"] = data.targets["label"][idx]
     cfg = TrainConfig(dataset="bench", modalities=dict(bench_heads.MODS), cache_dir=str(cache), head_hparams=hp,
                       epochs=epochs, batch_size=512, lr=1e-3, save=False, quiet=True)

@@ -12,6 +12,7 @@ at most half of what the process may use (`mmcache.memory`) and streams otherwis
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,10 +27,12 @@ from mmcache.cache.store import StoreReader, manifest_path, store_path
 from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, InputSpec
+from mmcache.heads.parallel import RankShard
 from mmcache.manifest import IGNORE, Manifest
 from mmcache.memory import choose_load
 
 PREFETCH = 3  # batches read ahead by the background thread of a streamed dataset
+CHUNK_BYTES = 64 << 20  # an evaluation chunk's features take about this much (float32), whatever the row size
 
 _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64, np.dtype(np.bool_): torch.bool, np.dtype(np.uint8): torch.uint8,
@@ -133,6 +136,8 @@ class CachedData:
     carved_seed: int | None = None  # seed of the val rows carved from train (None: the manifest has val)
     manifest: Manifest | None = None  # the manifest the rows came from (every row, dropped ones included)
     load: str = "memory"  # "memory": tensors; "stream": StreamedRows read from the stores per batch
+    load_seconds: float = 0.0  # what `load_cached` took (manifest, id alignment, and the rows in memory mode)
+    shard: RankShard = field(default_factory=RankShard)  # data-parallel training: the rows this rank trains on
 
     def for_seed(self, seed: int) -> CachedData:
         """The same tensors with the validation rows a run with `seed` uses: unchanged when the manifest has
@@ -205,8 +210,16 @@ class CachedData:
         return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed)
 
     def chunks(self, idx: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> Iterator[Features]:
-        """Features of rows `idx` in consecutive chunks of `size` rows (evaluation: never a whole split at once)."""
+        """Features of rows `idx` in consecutive chunks of at most `size` rows and about `CHUNK_BYTES` (evaluation:
+        never a whole split at once)."""
+        size = max(1, min(size, CHUNK_BYTES // max(1, self.row_bytes(dtype))))
         return self.batches((idx[s:s + size] for s in range(0, len(idx), size)), dtype)
+
+    def row_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one row of every array takes in a batch, floats as `dtype`."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(int(np.prod(v.shape[1:], dtype=np.int64)) * (size if v.is_floating_point() else v.dtype.itemsize)
+                   for d in self.features.values() for v in d.values())
 
     def class_counts(self, split: str = "train") -> dict[str, torch.Tensor]:
         """task -> [C] label counts in `split` (for class weights, balanced alphas, oversampling)."""
@@ -241,6 +254,7 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     if not modalities:
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
                            "--videotype")
+    t_start = time.perf_counter()
     man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
     if fold is not None and man.fold != fold:
         held = f"fold {man.fold}" if man.fold is not None else "the official splits (no fold)"
@@ -347,7 +361,8 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                       labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, store_specs=store_specs,
                       fold=man.fold,
                       split_seed=man.split_seed, manifest_split_index=manifest_split_index,
-                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man, load=mode)
+                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man, load=mode,
+                      load_seconds=time.perf_counter() - t_start)
 
 
 def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:

@@ -209,6 +209,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     orders = BatchOrders(members, data, train_idx)
     n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
     device = train_idx.device
+    shard = data.shard
     head0.eval()  # D=0: the fused features carry no parameters; they are computed per batch from the rows
 
     def fused(idx: torch.Tensor) -> torch.Tensor:
@@ -258,15 +259,18 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
             order_y = {t: y_train[t][order_pos] for t in tasks}
         loss_sum = torch.zeros(k_all, device=device)
         steps = 0
-        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= 2]  # as the single-run loop: no one-row batch
+        # As the single-run loop: no one-row batch (data-parallel: no rank with one row). Each rank takes its rows
+        # `rank::world` of every batch (mmcache.heads.parallel).
+        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= (shard.min_batch() if shard.parallel else 2)]
         # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed.
-        step_rows = [train_idx[order_pos[:, s:s + cfg0.batch_size].reshape(-1)] for s in starts] if batched else \
-            [train_idx[perm[key][s:s + cfg0.batch_size]] for s in starts for key in slots]
+        step_rows = [train_idx[order_pos[:, s:s + cfg0.batch_size][:, shard.rank::shard.world].reshape(-1)]
+                     for s in starts] if batched else \
+            [train_idx[shard.rows(perm[key][s:s + cfg0.batch_size])] for s in starts for key in slots]
         xs = prefetch(fused, step_rows, enabled=data.streamed)
         for s in starts:
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if batched:
-                    pos = order_pos[:, s:s + cfg0.batch_size]
+                    pos = order_pos[:, s:s + cfg0.batch_size][:, shard.rank::shard.world]
                     rows = pos.shape[1]
                     x = next(xs).view(n_slots, rows, -1)
                     for t in tasks:
@@ -274,7 +278,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                         logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
                                                W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
                         per, d = _ce_slots(logits.view(n_slots, rows, per_slot, c),
-                                           order_y[t][:, s:s + cfg0.batch_size], weights[t],
+                                           order_y[t][:, s:s + cfg0.batch_size][:, shard.rank::shard.world], weights[t],
                                            smoothing, grad=True)
                         assert d is not None
                         d = d.view(n_slots, rows, per_slot * c)
@@ -285,7 +289,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                     for t in tasks:
                         W[t].grad, B[t].grad = torch.empty_like(W[t]), torch.empty_like(B[t])
                     for key, sl in slots.items():
-                        pos = perm[key][s:s + cfg0.batch_size]
+                        pos = shard.rows(perm[key][s:s + cfg0.batch_size])
                         x = next(xs)
                         for t in tasks:
                             w, b = W[t][sl], B[t][sl]
@@ -298,6 +302,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                             torch.mm(d.T, x, out=cast(torch.Tensor, W[t].grad)[sl].view(kk * c, f))
                             torch.sum(d, 0, out=cast(torch.Tensor, B[t].grad)[sl].view(kk * c))
                             loss_sum[sl] += per
+            shard.average_grads([*W.values(), *B.values()])  # data-parallel: the whole batch's gradient
             opt.step(lr * factors[done])
             done += 1
             steps += 1
@@ -315,7 +320,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
                 by_sel.setdefault((m.sel_task, m.sel_metric), []).append(j)
         for (task, metric), js in by_sel.items():
             vms.update(zip(js, val_metrics_many(y_val[task], vlog[task][:, js], metric), strict=True))
-        train_loss = (loss_sum.double() / max(1, steps)).tolist()
+        train_loss = (shard.mean(loss_sum).double() / max(1, steps)).tolist()
         val_loss = cast(torch.Tensor, vloss).tolist()
         improved = []
         for j, vm in vms.items():

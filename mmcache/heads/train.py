@@ -58,6 +58,7 @@ from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.cost import reset_peak, run_cost, test_predictions
 from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
+from mmcache.heads.parallel import RankShard
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.heads.shots import with_shots
@@ -510,8 +511,6 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
     tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
     val_idx = data.split_index["val"]
-    # Rows in memory: the val batches gathered once. Streamed: read again each epoch, never a whole split at once.
-    val_chunks: list[Any] | None = None if data.streamed else list(data.chunks(val_idx, EVAL_BATCH))
     teacher = data.teacher
     active = list(members)
     label = f"train x{len(members)}" if len(members) > 1 else "train"
@@ -525,9 +524,11 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             m.loss_sum = torch.zeros((), device=device)
             m.steps = 0
         keys = list(dict.fromkeys(m.order_key() for m in active))
-        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= 2]  # BatchNorm cannot train on one row
+        shard = data.shard  # under torchrun: this rank's rows of each batch (mmcache.heads.parallel)
+        # BatchNorm cannot train on one row (on one row per rank, data-parallel)
+        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= (shard.min_batch() if shard.parallel else 2)]
         # One gather of rows per batch order and step, in this order; streamed rows are read ahead in a thread.
-        step_idx = [train_idx[perm[key][s:s + cfg0.batch_size].to(device)] for s in starts for key in keys]
+        step_idx = [shard.rows(train_idx[perm[key][s:s + cfg0.batch_size].to(device)]) for s in starts for key in keys]
         rows = data.batches(step_idx)
         for k_step in range(len(starts)):
             feats: dict[tuple[Any, ...], Any] = {}
@@ -551,6 +552,8 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             for m in active:
                 cast(torch.optim.Optimizer, m.opt).zero_grad(set_to_none=True)
             cast(torch.Tensor, total).backward()  # one backward: each member's gradient is its own loss's
+            if shard.parallel:  # the gradients of the whole batch: averaged over the ranks' rows
+                shard.average_grads(p for m in active for p in [*m.head.parameters(), *m.crit.parameters()])
             for m in active:
                 cast(torch.optim.Optimizer, m.opt).step()
                 cast(Schedule, m.sched).step()
@@ -560,13 +563,13 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         for m in active:
             m.crit.eval()
             with m.ema.applied() if m.ema is not None else nullcontext():  # evaluated and kept: the averages
-                chunks = val_chunks if val_chunks is not None else data.chunks(val_idx, EVAL_BATCH)
-                vlog = _logits_of(m.head, chunks, data.tasks, len(val_idx))
+                # Gathered chunk by chunk each epoch: never a float32 copy of the whole split.
+                vlog = _logits_of(m.head, data.chunks(val_idx, EVAL_BATCH), data.tasks, len(val_idx))
                 vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
                                  m.sel_metric)
                 vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
                 opt = cast(torch.optim.Optimizer, m.opt)
-                m.curves.append(curve_row(epoch, float(cast(torch.Tensor, m.loss_sum)) / max(1, m.steps), vm,
+                m.curves.append(curve_row(epoch, float(shard.mean(cast(torch.Tensor, m.loss_sum))) / max(1, m.steps), vm,
                                           opt.param_groups[0]["lr"], seconds / len(active)))
                 value = vm.get(m.sel_metric, float("nan"))
                 sel = cast(Selector, m.selector)
@@ -651,7 +654,8 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
     run_cfg = {**cfg.to_json(), "resolved": {
         "device": device, "threads": torch.get_num_threads(), "head_hparams": m.head.hparams,
         "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
-        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped, "load": data.load,
+        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped, "load": data.load, "world_size": data.shard.world,
+        "load_seconds": round(data.load_seconds, 3),
         "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
         "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
     return RunResult(run_dir=None, metrics=metrics, best_epoch=m.best_epoch, curves=m.curves, config=run_cfg,
@@ -684,17 +688,17 @@ def source_metrics(data: CachedData, idx: torch.Tensor, logits: dict[str, torch.
     return out
 
 
-def train_many(cfgs: list[TrainConfig], errors: bool = False,
-               splits: tuple[str, ...] | None = None) -> list[RunResult | MMCacheError]:
+def train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str, ...] | None = None,
+               shard: RankShard | None = None) -> list[RunResult | MMCacheError]:
     """`_train_many`; the run names it takes are given up when it returns or fails (`mmcache.runfolder`)."""
     from mmcache.runfolder import releasing
 
     with releasing():
-        return _train_many(cfgs, errors, splits)
+        return _train_many(cfgs, errors, splits, shard)
 
 
-def _train_many(cfgs: list[TrainConfig], errors: bool = False,
-                splits: tuple[str, ...] | None = None) -> list[RunResult | MMCacheError]:
+def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str, ...] | None = None,
+                shard: RankShard | None = None) -> list[RunResult | MMCacheError]:
     """Train every config; stores are loaded once per dataset and selection, and configs that share the
     loaded data, epochs and batch size train in lockstep (linear probes as one stacked computation).
 
@@ -744,6 +748,8 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False,
             for i in idxs:
                 fail(i, e)
             continue
+        if shard is not None:  # data-parallel: every rank trains on its own rows of each batch
+            base = dataclasses.replace(base, shard=shard)
         members: dict[int, Member] = {}
         by_seed: dict[tuple[int, int | None], CachedData] = {}
         for i in idxs:
@@ -828,7 +834,15 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False,
 def train(cfg: TrainConfig) -> RunResult:
     """Train `cfg.head` on the cached features of `cfg.dataset`; evaluate, write the run folder, return results."""
     t0 = time.perf_counter()
-    result = train_many([cfg])[0]
+    shard = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one config, data-parallel over the ranks
+        from mmcache.utils import init_distributed
+
+        init_distributed(cpu=cfg.device == "cpu")
+        shard = RankShard.current()
+        if shard.rank != 0:  # rank 0 writes the run folder and prints the table
+            cfg = dataclasses.replace(cfg, save=False, quiet=True, track=None)
+    result = train_many([cfg], shard=shard)[0]
     if isinstance(result, MMCacheError):
         raise result
     result.seconds = time.perf_counter() - t0
