@@ -61,6 +61,7 @@ from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.parallel import RankShard
 from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
+from mmcache.heads.refit import check_refit, refit_trainval
 from mmcache.heads.shots import with_shots
 from mmcache.memory import LOADS
 from mmcache.progress import bar as progress_bar
@@ -124,6 +125,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
     logit_adjust: float | None = None  # tau: tau * log(train prior) subtracted at evaluation (None: reference_tau)
     shots: int = 0  # K labelled train rows per class of the selection task, drawn by the seed (0 = all)
+    refit: str | None = None  # "trainval": retrain the selected epochs on train + val before testing
     load: str = "auto"  # features in memory, streamed from the stores per batch, or auto (mmcache.memory)
 
     def to_json(self) -> dict[str, Any]:
@@ -264,6 +266,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
     _check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
     _check_number("--shots", cfg.shots, 0, integer=True)
+    check_refit(cfg)
     if cfg.device:
         pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
     check_ema(cfg.ema)
@@ -372,6 +375,7 @@ class Member:
     ema: EMA | None = None  # the head's weight average (cfg.ema)
     tau: float = 0.0  # logit adjustment (cfg.logit_adjust, or the head's default)
     offsets: dict[str, list[float]] = field(default_factory=dict)  # task -> tau * log(prior), subtracted at evaluation
+    keep_last: bool = False  # a refit: keep the last epoch's weights, not the best on val (mmcache.heads.refit)
 
     def order_key(self) -> tuple[Any, ...]:
         """Members with the same key see the same batches (same seed, same sampling)."""
@@ -586,6 +590,13 @@ def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
             break
     for m in members:
         m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
+        if m.keep_last:  # a refit trains on its val rows: its last epoch is the model (the averages with --ema)
+            m.best_epoch = len(m.curves)
+            if m.ema is not None:
+                with m.ema.applied():
+                    state = snapshot(m.head)
+                m.head.load_state_dict(state)
+            continue
         m.head.load_state_dict(state)
 
 
@@ -820,6 +831,8 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
                 continue
             for i in gidx:
                 try:
+                    if members[i].cfg.refit:  # the chosen epochs again on train + val (mmcache.heads.refit)
+                        refit_trainval(members[i])
                     res = _evaluate(members[i], t_start, devices[i], splits, members[i].final_logits)
                     warn_failed_checks(res.metrics)
                     if cfgs[i].save:
