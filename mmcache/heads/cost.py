@@ -48,8 +48,11 @@ def peak_memory_mb(device: str | torch.device) -> float:
 
 @torch.no_grad()
 def inference_ms_per_row(head: Head, data: CachedData, idx: torch.Tensor, rows: int = INFER_ROWS) -> float:
-    """Milliseconds per row of the head's evaluation forward on the first `rows` rows of `idx` (one batch)."""
-    idx = idx[:rows]
+    """Milliseconds per row of the head's evaluation forward on the first `rows` rows of `idx` (one batch of at
+    most about `CHUNK_BYTES` of features: token rows are large)."""
+    from mmcache.heads.data import CHUNK_BYTES
+
+    idx = idx[:max(2, min(rows, CHUNK_BYTES // max(1, data.row_bytes())))]
     if len(idx) == 0:
         return float("nan")
     was = head.training
