@@ -88,6 +88,9 @@ def train_cmd(
     l2_grid: Annotated[str | None, typer.Option(help="lbfgs: comma list of L2 penalties to try on val "
                                                      "(default 1e-1 ... 1e-5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    refit: Annotated[str | None, typer.Option(help="trainval: after choosing the epochs on val, train them again on "
+                                                   "train + val and test that (the CLIP paper's probe protocol).")]
+    = None,
     shots: Annotated[int, typer.Option(help="Few-shot: K labelled train rows per class of the selection task, "
                                             "drawn by the seed (0 = every train row; grid key shots=1,2,4).")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
@@ -136,7 +139,8 @@ def train_cmd(
                       early_stopping=patience,
                       select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
                       lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
-                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust, shots=shots, load=load)
+                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust, shots=shots, load=load,
+                      refit=refit)
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds
 
@@ -241,6 +245,9 @@ def sweep_cmd(
     logit_adjust: Annotated[float | None, typer.Option(help="TAU * log(train class prior) subtracted from the "
                                                              "logits at evaluation (default 0, -1 for scabg-ref; "
                                                              "grid key logit_adjust).")] = None,
+    refit: Annotated[str | None, typer.Option(help="trainval: after choosing the epochs on val, train them again on "
+                                                   "train + val and test that (the CLIP paper's probe protocol).")]
+    = None,
     seeds: Annotated[str | None, typer.Option(help="Comma list of seeds; each config runs once per seed (default 0, "
                                                    "or the grid file's seeds).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
@@ -290,6 +297,7 @@ def sweep_cmd(
                        tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
                        epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
                        fold=fold, track=track, ema=ema, logit_adjust=logit_adjust, upsample=parse_upsample(upsample),
+                       refit=refit,
                        load=load)
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
