@@ -139,7 +139,8 @@ def test_summary_is_sorted_by_validation_metric(toy_cache: Path, tmp_path: Path)
     assert vals == sorted(vals, reverse=True) and summary[0]["runs"] == 2 and "val_accuracy_std" in summary[0]
     md = (tmp_path / "s.md").read_text().splitlines()
     header = [c.strip() for c in md[0].strip("|").split("|")]
-    assert header[:7] == ["config", "stores", "finetuned", "head", "D", "lr", "runs"] and len(md) == 2 + 4
+    table = [ln for ln in md if ln.startswith("|")]  # the legend of the paired comparisons follows the table
+    assert header[:7] == ["config", "stores", "finetuned", "head", "D", "lr", "runs"] and len(table) == 2 + 4
     assert all(r["finetuned"] == "no" for r in rows)  # features of pretrained encoders
     assert summary[0]["config"] in md[2]
 
