@@ -762,7 +762,7 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
         if shard is not None:  # data-parallel: every rank trains on its own rows of each batch
             base = dataclasses.replace(base, shard=shard)
         members: dict[int, Member] = {}
-        by_seed: dict[tuple[int, int | None], CachedData] = {}
+        by_seed: dict[tuple[Any, ...], CachedData] = {}
         for i in idxs:
             try:
                 c = cfgs[i]
