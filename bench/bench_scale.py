@@ -149,18 +149,20 @@ HEADS = {"linear": {"head": "linear", "head_hparams": {"D": 0}},
          "xattn": {"head": "xattn", "head_hparams": {"D": 64, "heads": 2}}}
 
 
-def run(sizes: dict[str, list[int]], limit: int | None, epochs: int) -> list[dict[str, Any]]:
+def run(sizes: dict[str, list[int]], limit: int | None, epochs: int,
+        heads: list[str] | None = None) -> list[dict[str, Any]]:
+    """Write each size's stores, train each head on them in memory and streamed; one row per training."""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_scale_", dir=os.environ.get("MMCACHE_BENCH_DIR")) as tmp:
         cache = Path(tmp) / "cache"
         for kind, ns in sizes.items():
-            heads = ["linear", "gated"] if kind == "pooled" else ["xattn"]
+            kind_heads = heads or (["linear", "gated"] if kind == "pooled" else ["xattn"])
             for n in ns:
                 ds = f"{kind}{n}"
                 t = time.perf_counter()
                 disk = write_cache(cache, ds, n, tokens=kind == "tokens")
                 print(f"{ds}: wrote {disk / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s", flush=True)
-                for head in heads:
+                for head in kind_heads:
                     for load in ("memory", "stream"):
                         lim = limit if kind == "tokens" and limit is not None and disk > limit else None
                         if lim is not None and load == "memory":

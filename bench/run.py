@@ -15,6 +15,8 @@ Every figure is a ratio within one run on the same data (a busy machine slows bo
 - trainer_fusion   the same for the D=256 fusion head
 - store_read       numpy `fromfile` of a split's bytes vs `StoreReader.load(split=)` of the same rows
                    (ratio = numpy time / store time: 1.0 is raw-file speed)
+- stream_vs_memory `heads train --load stream` vs `--load memory` epoch time of the gated head on the same pooled
+                   rows, each in a child process (bench_scale.py): the throughput streaming keeps
 
 `--check` fails (exit 1) when a ratio is under its floor (`--quick` floors: sizes are small, the machine is
 shared). Writes `<out>.json` and `<out>.md`, each row naming its baseline and the machine. Everything the
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_store  # noqa: E402
 import bench_sweep  # noqa: E402
 from common import machine  # noqa: E402
@@ -53,6 +56,8 @@ FLOORS: dict[str, tuple[float, float, str, str]] = {
     "trainer_fusion": (0.9, 0.9, "DataLoader(TensorDataset) loop", "heads train fit, fusion head (D=256)"),
     # a read of milliseconds: the quick floor leaves room for a busy machine
     "store_read": (0.25, 0.4, "numpy fromfile of the same bytes", "StoreReader.load(split=)"),
+    "stream_vs_memory": (0.6, 0.8, "heads train --load memory (rows as tensors)",
+                         "heads train --load stream (rows read from the stores per batch), gated head"),
 }
 
 
@@ -103,7 +108,19 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
         rows = bench_store.bench_read(Path(tmp), 50_000 if quick else 100_000, 768, 9)
         t_raw, t_store = rows[0][1], rows[1][1]
         out["store_read"] = {"ours_s": t_store, "baseline_s": t_raw, "ratio": t_raw / t_store}
+    out["stream_vs_memory"] = stream_vs_memory(20_000 if quick else 100_000)
     return out
+
+
+def stream_vs_memory(n: int) -> dict[str, Any]:
+    """Epoch time per row of the gated head on `n` pooled rows, streamed vs in memory (bench_scale's children)."""
+    rows = bench_scale.run({"pooled": [n]}, None, epochs=4, heads=["gated"])
+    by = {r["mode"]: r for r in rows}
+    if any("error" in r for r in rows):
+        raise SystemExit(f"stream_vs_memory: {[r.get('error') for r in rows]}")
+    return {"ours_s": by["stream"]["epoch_s"], "baseline_s": by["memory"]["epoch_s"],
+            "ratio": by["memory"]["epoch_s"] / by["stream"]["epoch_s"],
+            "peak_rss_stream": by["stream"]["peak_rss"], "peak_rss_memory": by["memory"]["peak_rss"]}
 
 
 def markdown(res: dict[str, dict[str, Any]], info: dict[str, Any], quick: bool) -> str:
