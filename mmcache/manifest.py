@@ -202,7 +202,7 @@ class Manifest:
             _remove_columns(path, keep=None)
             return path
         buf = io.BytesIO()
-        np.savez(buf, **self._columns())
+        np.savez(buf, **self._columns())  # type: ignore[arg-type]  # numpy's stubs take the keywords for allow_pickle
         raw = buf.getvalue()
         digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
         cols = path.with_name(f"{path.stem}-{digest}.npz")

@@ -134,9 +134,9 @@ def test_verify_and_load_read_the_manifest_through_its_module(tmp_path: Path) ->
 
 
 def test_large_manifests_are_a_summary_and_columns_that_read_as_the_json_layout(tmp_path: Path) -> None:
-    from mmcache import manifest as mf
-
     from dataclasses import replace
+
+    from mmcache import manifest as mf
 
     ds = dataset(n=9)
     # A combined dataset names each row's source (here the first three rows have none).

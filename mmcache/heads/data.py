@@ -375,14 +375,16 @@ def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:
 
 def _warn_non_finite(features: Features, paths: dict[str, Path], ids: list[str]) -> None:
     """Warn about rows whose arrays hold NaN or inf: heads treat such a row's modality as missing (zeros), so it
-    trains on, but the store is damaged (`mmcache cache verify` lists them)."""
+    trains on, but the store is damaged (`mmcache cache verify` lists them). A row's sum in a wider float is
+    finite exactly when each of its values is (float16 rows cannot overflow float32; float32 rows sum in
+    float64), and summing is several times faster than testing each value on a CPU."""
     for mod, feats in features.items():
         for key, t in feats.items():
-            if not t.is_floating_point():
+            if not t.is_floating_point() or not len(t):
                 continue
-            flat = t.reshape(len(t), -1)  # in chunks of rows: a token array's mask would be as large as it
-            bad = torch.cat([~torch.isfinite(flat[s:s + 4096]).all(1) for s in range(0, len(flat), 4096)]) \
-                if len(flat) else torch.zeros(0, dtype=torch.bool)
+            wide = torch.float64 if t.dtype in (torch.float32, torch.float64) else torch.float32
+            flat = t.reshape(len(t), -1)
+            bad = torch.cat([~torch.isfinite(flat[s:s + 65536].sum(1, dtype=wide)) for s in range(0, len(flat), 65536)])
             n = int(bad.sum())
             if n:
                 first = [ids[i] for i in torch.nonzero(bad).flatten()[:3].tolist()]

@@ -58,8 +58,8 @@ from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.cost import reset_peak, run_cost, test_predictions
 from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.losses import Criterion, build_criterion
-from mmcache.heads.parallel import RankShard
 from mmcache.heads.metrics import classification_metrics
+from mmcache.heads.parallel import RankShard
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.heads.refit import check_refit, refit_trainval
 from mmcache.heads.shots import with_shots
@@ -665,7 +665,8 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
     run_cfg = {**cfg.to_json(), "resolved": {
         "device": device, "threads": torch.get_num_threads(), "head_hparams": m.head.hparams,
         "labels": data.labels.to_json(), "fold": data.fold, "split_seed": data.split_seed,
-        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped, "load": data.load, "world_size": data.shard.world,
+        "rows": {s: len(i) for s, i in data.split_index.items()}, "dropped": data.dropped,
+        "load": data.load, "world_size": data.shard.world,
         "load_seconds": round(data.load_seconds, 3),
         "stores": data.specs, "store_specs": data.store_specs, "select": select, "best_epoch": m.best_epoch,
         "n_params": n_params, "logit_adjust": {"tau": m.tau, "offsets": m.offsets}}}
