@@ -203,3 +203,14 @@ def test_prefetch_keeps_order_passes_errors_and_stops_early() -> None:
     it = prefetch(lambda x: x, range(100))
     assert next(it) == 0
     it.close()  # leaving early cancels the reads ahead
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_rows_are_found_by_their_exponent_bits(dtype: torch.dtype) -> None:
+    from mmcache.heads.data import _non_finite_rows
+
+    t = torch.randn(70_000, 3, 5).to(dtype)  # more rows than one block
+    t[5, 1, 2], t[100, 2, 4], t[69_999, 0, 0] = float("nan"), float("inf"), float("-inf")
+    t[7] = 60_000.0  # large but finite
+    t[8] = torch.finfo(dtype).tiny / 2 if dtype != torch.bfloat16 else 0.0  # subnormal: finite
+    assert _non_finite_rows(t).nonzero().flatten().tolist() == [5, 100, 69_999]
