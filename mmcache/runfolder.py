@@ -90,6 +90,7 @@ def check_run_name_parts(run_name: str, flag: str = "--run-name") -> list[str]:
 # ---------------------------------------------------------------- taking a name
 
 _HELD: dict[str, int] = {}  # absolute folder path -> the fd holding its lock
+_MADE: dict[str, list[Path]] = {}  # absolute folder path -> the folders its lock created (deepest first)
 
 
 def _lock_path(d: Path) -> Path:
@@ -110,6 +111,7 @@ def take(d: Path) -> bool:
     if _rank() != 0:  # under torchrun rank 0 takes the name and writes the folder
         return True
     lock = _lock_path(d)
+    made = [q for q in (lock.parent, *lock.parent.parents) if not q.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -128,6 +130,7 @@ def take(d: Path) -> bool:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd
+    _MADE[key] = made
     return True
 
 
@@ -149,6 +152,11 @@ def release(d: Path) -> None:
     except OSError:
         pass
     os.close(fd)
+    for q in _MADE.pop(str(d.absolute()), []):  # folders only the lock needed: a refused run leaves nothing
+        try:
+            q.rmdir()
+        except OSError:  # not empty (a run was written there) or gone
+            break
 
 
 @contextmanager

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mmcache.runs import best_per_group, collect, sort_rows
+from tests.runfolders import write_complete_run
 
 
 def fake_run(runs: Path, name: str, metric: str, value: float, test_accuracy: float = 0.5) -> None:
-    d = runs / "toy" / name
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"dataset": "toy", "modalities": {"image": "feat"}, "head": "linear",
-                                               "lr": 1e-3, "seed": 0, "resolved": {"head_hparams": {"D": 8}}}))
-    (d / "metrics.json").write_text(json.dumps({
-        "select": {"task": "label", "metric": metric, "value": value},
-        "splits": {"test": {"label": {"accuracy": test_accuracy}}}, "seconds": 1.0}))
+    write_complete_run(runs / "toy" / name,
+                       {"dataset": "toy", "modalities": {"image": "feat"}, "head": "linear", "lr": 1e-3, "seed": 0,
+                        "resolved": {"head_hparams": {"D": 8}}},
+                       {"select": {"task": "label", "metric": metric, "value": value},
+                        "splits": {"test": {"label": {"accuracy": test_accuracy}}}, "seconds": 1.0})
 
 
 def test_best_keeps_one_run_per_selection_metric(tmp_path: Path) -> None:
