@@ -10,6 +10,7 @@
 #   make compare-heads DATASET=mvsa     linear / gated / hateclipper / xattn / scabg / transformer
 #   make bench                     every benchmark; writes bench/results.json and bench/results.md
 #   make bench-quick               the headline ratios at small sizes; fails below a floor (CI runs it)
+#   make docs                      build the documentation site into site/ (mkdocs --strict, offline)
 #
 # TORCH_SPEC picks the torch/torchvision pair installed into .venv. Default: the normal
 # PyPI wheels (CUDA builds) where an NVIDIA GPU is present; on a CPU-only x86_64 machine
@@ -20,7 +21,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcache-installed
-EXTRAS ?= dev,lora,video,track,stream
+EXTRAS ?= dev,lora,video,track,stream,docs
 
 ARCH   := $(shell uname -m)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -75,7 +76,7 @@ VSTORES ?= $(or $(VSTORES_$(DATASET)),$(VSTORES_DEFAULT))
 TSTORES ?= $(or $(TSTORES_$(DATASET)),$(TSTORES_DEFAULT))
 HEADS_GRID ?= linear,gated,hateclipper,xattn,scabg,transformer
 
-.PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick gpu-wheels lint clean-demo
+.PHONY: setup demo test features train sweep ablations ablate-modality compare-heads bench bench-quick gpu-wheels lint docs clean-demo
 
 setup: $(STAMP)
 
@@ -130,6 +131,10 @@ gpu-wheels: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick --check --out bench/results-quick
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	@echo "site/index.html"
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmcache tests bench
