@@ -159,7 +159,7 @@ class Predictor:
         # The tasks the head predicts, with their class names (the run's label space may hold more tasks).
         self.label_space = LabelSpace({t: v for t, v in space.tasks.items() if t in head.tasks}, space.metric)
         self.labels: dict[str, list[str]] = dict(self.label_space.tasks)
-        from mmcache.heads.train import run_offsets
+        from mmcache.runfolder import run_offsets
 
         self.offsets = run_offsets(config)  # task -> tau * log(prior), subtracted from the logits
 
@@ -169,12 +169,12 @@ class Predictor:
         `run_cache_dir`: where the run's stores are (a `heads train` run's, or a hybrid `finetune run`'s
         stored modalities; default: its `cache_dir`)."""
         from mmcache.extract.base import build_extractor
-        from mmcache.heads.train import load_run
+        from mmcache.runfolder import load_head
         from mmcache.utils import pick_device
 
         run_dir = Path(run)
         dev = pick_device(device)
-        head, config = load_run(run_dir, dev)
+        head, config = load_head(run_dir, dev)
         extractors: dict[str, Extractor] = {}
         names: dict[str, str] = {}
         dtypes: dict[str, str] = {}
@@ -229,8 +229,14 @@ class Predictor:
         import torch
         from torch.utils.data import DataLoader
 
-        from mmcache.extract.runner import BatchCollate, DecodeDataset, _autocast, merge_decode_options, to_device
-        from mmcache.finetune.run import _index
+        from mmcache.extract.runner import (
+            BatchCollate,
+            DecodeDataset,
+            autocast,
+            index_batch,
+            merge_decode_options,
+            to_device,
+        )
 
         mods = list(self.extractors) if mods is None else mods
         exts = [self.extractors[m] for m in mods]
@@ -272,11 +278,11 @@ class Predictor:
                         if not have:
                             continue
                         if len(have) < len(ids):
-                            inputs, ids = _index(inputs, torch.tensor(have)), [ids[j] for j in have]
+                            inputs, ids = index_batch(inputs, torch.tensor(have)), [ids[j] for j in have]
                         inputs = {**inputs, "consumed": {
                             cm: {key: torch.stack([rows[cm][sid][key] for sid in ids]).to(dev) for key in want}
                             for cm, want in self._consumes(m).items()}}
-                    with _autocast(dev, True):  # as extraction runs it (bf16/fp16 on a GPU)
+                    with autocast(dev, True):  # as extraction runs it (bf16/fp16 on a GPU)
                         out = exts[k](inputs)
                     for j, sid in enumerate(ids):
                         rows[m][sid] = {key: self._as_trained(m, out[key][j]) for key in keep[m]}

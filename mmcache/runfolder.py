@@ -12,12 +12,16 @@
   with a size cap) and each tensor's shape and dtype against `head.json` before anything is allocated, finite
   weights, label lists against the head's outputs. Each problem is one line naming the file and the field.
 
+- Writing a run (`write_run`): the one layout of every trainer's folder (head, config, metrics, curves, plots,
+  per-row test predictions, the criterion's and trained encoders' weights); `metrics_json` is `metrics.json`.
+
 Imports no torch at module level: `heads runs` checks folders without it.
 """
 
 from __future__ import annotations
 
 import atexit
+import csv
 import errno
 import json
 import math
@@ -35,6 +39,10 @@ from typing import TYPE_CHECKING, Any
 from mmcache.errors import MMCacheError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mmcache.engine.result import RunResult
     from mmcache.heads.base import Head
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+,=@-]*\Z")
@@ -626,3 +634,131 @@ def check_spec_paths(spec: Any, where: str) -> None:
         if weights_sha256(path) != want:
             raise MMCacheError(f"{where}: {key} {value} is not the file the run was trained with (weights_sha256 "
                                "changed: its sha256 differs from the recorded one); restore it, or train again")
+
+
+# ---------------------------------------------------------------- writing a run folder (every trainer's)
+
+
+def named_run_dir(base: Path, run_name: str) -> Path:
+    """`base / run_name`, refused unless the name is one folder name (`check_name`)."""
+    return base / check_name(run_name, "--run-name")
+
+
+def new_run_dir(runs_dir: str | Path, dataset: str, run_name: str | None, stem_parts: list[str],
+                overwrite: bool = False, taken: set[Path] | None = None) -> Path:
+    """`<runs_dir>/<dataset>/<run_name>`, taken for this process until its folder is written (refused when another
+    process holds the name, or when it exists and holds files, unless `overwrite`), or a fresh `<parts>_<time>`
+    folder name that collides with no existing folder, no name another run holds, nor a name in `taken` (the
+    folders handed out earlier in the same call, not yet written; the new one is added). See `take_run_dir`."""
+    return take_run_dir(Path(runs_dir) / check_name(dataset, "--dataset", "demo"), run_name, stem_parts, overwrite,
+                        taken)
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def metrics_json(result: RunResult) -> dict[str, Any]:
+    """The one `metrics.json` layout."""
+    return {"best_epoch": result.best_epoch, "select": result.select, "fit_seconds": result.fit_seconds,
+            "seconds": result.seconds, "splits": result.metrics,
+            **({"by_source": result.by_source} if result.by_source else {}),
+            **({"cost": result.cost} if result.cost else {})}
+
+
+def write_run(d: Path, result: RunResult, tasks: dict[str, list[str]], dataset: str,
+              criterion: nn.Module | None = None, encoders: dict[str, torch.Tensor] | None = None,
+              metrics_extra: dict[str, Any] | None = None) -> Path:
+    """Write run folder `d` whole (`write_whole`: a temporary folder beside it, each file
+    fsynced, renamed into place): model.safetensors (the head), head.json, config.json, metrics.json (plus
+    `metrics_extra`), versions.json, curves.json/.csv, curves.png, confusion_<task>.png; criterion.safetensors when
+    the loss has state; encoders.safetensors with the encoder weights that were trained (fine-tuning; its sha256
+    goes into config.json's `resolved.encoders_sha256`). Nothing is pickled."""
+    from safetensors.torch import save_file
+
+    from mmcache.utils import versions, write_json
+
+    head = result.head
+    head_config = getattr(head, "config", {})
+
+    def fill(t: Path, writing: Callable[[str], str]) -> None:
+        save_file(_tensors(head.state_dict()), str(t / writing("model.safetensors")),
+                  metadata={"head": json.dumps(head_config)})
+        if criterion is not None:
+            crit_state = _tensors(criterion.state_dict())
+            if crit_state:
+                save_file(crit_state, str(t / writing("criterion.safetensors")))
+        if encoders:
+            save_file(_tensors(encoders), str(t / writing("encoders.safetensors")))
+            # The trained weights by content: a file replaced since is refused when loading the run.
+            result.config.setdefault("resolved", {})["encoders_sha256"] = file_sha256(t / "encoders.safetensors")
+        write_json(t / writing("head.json"), head_config)
+        write_json(t / writing("config.json"), result.config)
+        write_json(t / writing("metrics.json"), {**metrics_json(result), **(metrics_extra or {})})
+        write_json(t / writing("versions.json"), versions())
+        writing("curves.json")
+        write_curves(t, result.curves)
+        writing("curves.png")
+        plot_run_curves(t, result, dataset, d.name)
+        writing("confusion plots")
+        plot_confusions(t, result.metrics, tasks, dataset)
+        if result.predictions is not None:  # per-row test predictions, for the tables' paired tests
+            from mmcache.stats import PREDICTIONS_FILE, write_predictions
+
+            writing(PREDICTIONS_FILE)
+            write_predictions(t, result.predictions)
+
+    return write_whole(d, fill)
+
+
+def write_curves(d: Path, curves: list[dict[str, Any]]) -> None:
+    """Per-epoch curves as curves.json and curves.csv (one row per epoch)."""
+    from mmcache.utils import write_json
+
+    write_json(d / "curves.json", curves)
+    if curves:
+        cols = list(dict.fromkeys(k for row in curves for k in row))
+        with (d / "curves.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(curves)
+
+
+def plot_run_curves(d: Path, result: RunResult, dataset: str, name: str | None = None) -> None:
+    """curves.png: train/val loss and the validation selection metric per epoch, the chosen epoch marked."""
+    from mmcache.plots import plot_curves
+
+    metric = result.select.get("metric")
+    plot_curves(result.curves, d / "curves.png", metric, result.best_epoch,
+                f"{dataset} {name or d.name}: val {result.select.get('task', '')}:{metric} "
+                f"{result.select.get('value', 0.0):.4f}")
+
+
+def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], tasks: dict[str, list[str]],
+                    dataset: str) -> None:
+    """confusion_<task>.png of the test split (val when test has no labels), one per task."""
+    import numpy as np
+
+    from mmcache.plots import plot_confusion
+
+    split = "test" if metrics.get("test") else "val"
+    for t, m in metrics.get(split, {}).items():
+        if "confusion_matrix" in m:
+            plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
+                           f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (as `mmcache.extract.weights.weights_sha256` gives for a file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:
+    """The logit adjustment a run folder's `config.json` records (task -> offsets subtracted), empty if none."""
+    return dict((config.get("resolved") or {}).get("logit_adjust", {}).get("offsets") or {})

@@ -490,11 +490,23 @@ def _list_failures(summaries: list[StoreSummary], by_id: dict[str, Sample]) -> N
             sm.failed_total = len(_store_ids(sm.path)[1])
 
 
-def _autocast(dev: torch.device, amp: bool) -> Any:
+def autocast(dev: torch.device, amp: bool) -> Any:
+    """Mixed precision as extraction runs it: bf16 (fp16 where the GPU has no bf16) on CUDA with `amp`, else off."""
     if dev.type != "cuda" or not amp:
         return nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def index_batch(data: Any, rows: torch.Tensor) -> Any:
+    """Rows `rows` of a collated batch (tensors, and dicts, lists or tuples of them; anything else as it is)."""
+    if isinstance(data, torch.Tensor):
+        return data[rows]
+    if isinstance(data, dict):
+        return {k: index_batch(v, rows) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(index_batch(v, rows) for v in data)
+    return data
 
 
 def _run_loop(todo: list[Sample], needs: list[tuple[int, ...]], extractors: list[Extractor],
@@ -540,7 +552,7 @@ def _loop(loader: DataLoader, extractors: list[Extractor], writers: list[Feature
                     ext = extractors[k]
                     cl = dev.type == "cuda" and getattr(ext, "channels_last", False)
                     x = to_device(inputs, dev, channels_last=cl)
-                    with _autocast(dev, amp):
+                    with autocast(dev, amp):
                         out = ext(x)
                     writer.write(ids, _check_batch(out, len(ids), f"{sm.modality}/{sm.name}"))
                     sm.written += len(ids)

@@ -62,9 +62,18 @@ from mmcache.engine import (
     warn_failed_checks,
     write_run,
 )
+from mmcache.engine.metrics import classification_metrics
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import FAMILIES, FIELDS, MODALITIES, Extractor, build_extractor, resolve_preset
-from mmcache.extract.runner import BatchCollate, DecodeDataset, Request, merge_decode_options, parse_requests, to_device
+from mmcache.extract.runner import (
+    BatchCollate,
+    DecodeDataset,
+    Request,
+    index_batch,
+    merge_decode_options,
+    parse_requests,
+    to_device,
+)
 from mmcache.finetune.checkpoint import (
     CKPT_DIR,
     latest_checkpoint,
@@ -77,7 +86,6 @@ from mmcache.finetune.checkpoint import (
 from mmcache.finetune.stream import open_stream
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import ContrastiveLoss, build_criterion
-from mmcache.heads.metrics import classification_metrics
 from mmcache.progress import bar as progress_bar
 from mmcache.utils import init_distributed, pick_device, seed_everything
 
@@ -394,19 +402,9 @@ def _aligned(batch: dict[int, tuple[list[str], Any, list[tuple[str, str]]]], mod
         kids, data, _ = batch[k]
         if len(kids) != len(ids):
             rows = torch.tensor([kids.index(i) for i in ids])
-            data = _index(data, rows)
+            data = index_batch(data, rows)
         out[m] = to_device(data, device)
     return ids, out
-
-
-def _index(data: Any, rows: torch.Tensor) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data[rows]
-    if isinstance(data, dict):
-        return {k: _index(v, rows) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_index(v, rows) for v in data)
-    return data
 
 
 def contrastive_class_ids(cfg: FinetuneConfig, names: list[str], task: str) -> set[int] | None:
@@ -792,7 +790,7 @@ def validate_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
     """Refuse options out of range, and options that contradict each other or that this run would not use, in one
     line naming the flag (before any data or model is loaded). An option counts as set when it differs from its
     default or when its field is in `given` (the flags typed on the command line, even at their default value)."""
-    from mmcache.heads.train import _check_number as number
+    from mmcache.engine.config import check_number as number
 
     def is_set(name: str) -> bool:
         return name in given or getattr(cfg, name) != _default(name)

@@ -17,7 +17,7 @@ from typing import Any
 from mmcache.engine import RunResult, new_run_dir
 from mmcache.errors import MMCacheError
 from mmcache.heads.sweep import default_columns, result_row, summarize, write_results
-from mmcache.heads.train import TrainConfig, _run_stem, run_tags, train_many
+from mmcache.heads.train import TrainConfig, run_stem, run_tags, train_many
 
 
 @dataclass
@@ -48,7 +48,7 @@ def train_folds(cfg: TrainConfig, k: int) -> CVResult:
     require(cfg.track)
     folder = None
     if cfg.save:
-        folder = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, ["cv", *_run_stem(cfg), f"k{k}"], cfg.overwrite)
+        folder = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, ["cv", *run_stem(cfg), f"k{k}"], cfg.overwrite)
     cfgs = fold_configs(cfg, k, folder)
     results = train_many(cfgs)
     done = [r for r in results if isinstance(r, RunResult)]

@@ -20,7 +20,8 @@ import torch
 from mmcache.errors import MMCacheError
 
 if TYPE_CHECKING:
-    from mmcache.heads.train import Member, TrainConfig
+    from mmcache.heads.lockstep import Member
+    from mmcache.heads.train import TrainConfig
 
 REFITS = ("trainval",)
 
@@ -43,16 +44,17 @@ def check_refit(cfg: TrainConfig) -> None:
 def refit_trainval(m: Member) -> None:
     """Train member `m`'s config again on train + val for its chosen epochs; its head, loss, offsets and data
     become the refit's (its curves and selection stay)."""
-    from mmcache.heads.train import _build_member, _fit_lockstep
+    from mmcache.heads.lockstep import fit_lockstep
+    from mmcache.heads.train import build_member
 
     data = m.data
     trainval = torch.cat([data.split_index["train"], data.split_index["val"]])
     tv = replace(data, split_index={**data.split_index, "train": trainval})
     cfg = replace(m.cfg, epochs=max(1, m.best_epoch), early_stopping=0)
     t0 = time.perf_counter()
-    again = _build_member(cfg, tv)  # the same seed: the same initialisation as the selection fit
+    again = build_member(cfg, tv)  # the same seed: the same initialisation as the selection fit
     again.keep_last = True
-    _fit_lockstep([again], tv, cfg.quiet)
+    fit_lockstep([again], tv, cfg.quiet)
     m.head, m.crit, m.offsets, m.data, m.ema = again.head, again.crit, again.offsets, tv, again.ema
     m.final_logits = None  # stacked probes computed them for the selection fit's weights
     m.fit_seconds += time.perf_counter() - t0

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from mmcache.engine import IGNORE, Schedule, Selector, curve_row, val_metrics_many
+from mmcache.engine import IGNORE, Schedule, Selector, curve_row, steps_per_epoch, val_metrics_many
 from mmcache.heads.data import prefetch
+from mmcache.heads.lockstep import BatchOrders, labelled_train
 from mmcache.heads.losses import Criterion
 from mmcache.progress import bar as progress_bar
 
@@ -30,7 +31,7 @@ FUSE_CHUNK = 8192  # rows fused at once for evaluation
 if TYPE_CHECKING:
     from mmcache.heads.data import CachedData
     from mmcache.heads.linear import LinearHead
-    from mmcache.heads.train import Member
+    from mmcache.heads.lockstep import Member
 
 
 def stackable(m: Member) -> bool:
@@ -192,8 +193,6 @@ def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
 
 
 def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
-    from mmcache.heads.train import BatchOrders, _labelled_train, steps_per_epoch
-
     # Members that share a batch order (seed) sit next to each other: each order's weights are one slice.
     first: dict[tuple[Any, ...], int] = {}
     for j, m in enumerate(members):
@@ -204,7 +203,7 @@ def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     crit0 = members[0].crit
     tasks = list(data.tasks)
     k_all = len(members)
-    train_idx = _labelled_train(data)
+    train_idx = labelled_train(data)
     val_idx = data.split_index["val"]
     orders = BatchOrders(members, data, train_idx)
     n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)

@@ -19,8 +19,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,54 +26,58 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from mmcache import runfolder
 from mmcache.engine import (
-    EMA,
     IGNORE,
     OPTIMIZERS,
     SCHEDULES,
     SPLIT_ORDER,
     RunResult,
-    Schedule,
-    Selector,
-    TrainProgress,
     adjust_logits,
     check_ema,
-    curve_row,
     logit_offsets,
-    make_optimizer,
     new_run_dir,
-    param_groups,
     parse_select,
-    progress_hook,
     results_table,
-    snapshot,
+    steps_per_epoch,
     val_metrics,
     warn_failed_checks,
     write_run,
 )
+from mmcache.engine.config import check_number
+from mmcache.engine.metrics import classification_metrics
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.cost import reset_peak, run_cost, test_predictions
 from mmcache.heads.data import CachedData, load_cached
+from mmcache.heads.lockstep import (
+    EVAL_BATCH,
+    BatchOrders,
+    Member,
+    check_upsample,
+    eval_loss,
+    fit_lockstep,
+    labelled_train,
+    logits_of,
+    upsample_pool,
+)
 from mmcache.heads.losses import Criterion, build_criterion
-from mmcache.heads.metrics import classification_metrics
 from mmcache.heads.parallel import RankShard
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
 from mmcache.heads.refit import check_refit, refit_trainval
 from mmcache.heads.shots import with_shots
 from mmcache.memory import LOADS
-from mmcache.progress import bar as progress_bar
 from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
     from mmcache.heads.linear import LinearHead
-    from mmcache.manifest import Manifest
 
 __all__ = ["TrainConfig", "RunResult", "train", "train_many", "predict", "load_run", "predict_logits",
-           "quick_metrics", "parse_select", "results_table", "default_threads"]
+           "quick_metrics", "parse_select", "results_table", "default_threads",
+           # the lockstep pieces, kept importable from here (`mmcache.heads.lockstep` holds them)
+           "BatchOrders", "Member", "check_upsample", "upsample_pool", "steps_per_epoch"]
 
 SOLVERS = ("adam", "lbfgs")
-EVAL_BATCH = 8192
 quick_metrics = val_metrics  # the per-epoch validation metrics (kept under their older name)
 
 
@@ -151,22 +153,8 @@ def _log(cfg: TrainConfig, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
-                  low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        kind = "a whole number" if integer else "a number"
-        def fmt(v: float) -> str:
-            return str(int(v)) if integer and math.isfinite(v) else f"{v:g}"
+_check_number = check_number  # older name
 
-        bound = f"{'>' if low_open else '>='} {fmt(low)}" + (f" and <= {fmt(high)}" if high != math.inf else "")
-        if low == -math.inf and high == math.inf:
-            bound = "(finite)"
-        raise MMCacheError(f"{name} must be {kind} {bound}, got {value!r}")
 
 
 # TrainConfig fields whose `heads train` option has another name (the others: --field-name).
@@ -256,16 +244,16 @@ def validate_config(cfg: TrainConfig) -> None:
         raise MMCacheError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(SOLVERS)}")
     if cfg.solver == "lbfgs" and cfg.head != "linear":
         raise MMCacheError(f"--solver lbfgs fits the linear probe only (--head linear), not {cfg.head!r}")
-    _check_number("--epochs", cfg.epochs, 1, integer=True)
-    _check_number("--batch-size", cfg.batch_size, 2, integer=True)
-    _check_number("--lr", cfg.lr, 0, low_open=True)
-    _check_number("--weight-decay", cfg.weight_decay, 0)
-    _check_number("--warmup", cfg.warmup, 0, 1)
-    _check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
-    _check_number("--patience", cfg.early_stopping, 0, integer=True)
-    _check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
-    _check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
-    _check_number("--shots", cfg.shots, 0, integer=True)
+    check_number("--epochs", cfg.epochs, 1, integer=True)
+    check_number("--batch-size", cfg.batch_size, 2, integer=True)
+    check_number("--lr", cfg.lr, 0, low_open=True)
+    check_number("--weight-decay", cfg.weight_decay, 0)
+    check_number("--warmup", cfg.warmup, 0, 1)
+    check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
+    check_number("--patience", cfg.early_stopping, 0, integer=True)
+    check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
+    check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
+    check_number("--shots", cfg.shots, 0, integer=True)
     check_refit(cfg)
     if cfg.device:
         pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
@@ -277,7 +265,7 @@ def validate_config(cfg: TrainConfig) -> None:
         if not isinstance(cfg.lbfgs_grid, list) or not cfg.lbfgs_grid:
             raise MMCacheError(f"--l2-grid must list at least one penalty, e.g. 1e-2,1e-3 (got {cfg.lbfgs_grid!r})")
         for lam in cfg.lbfgs_grid:
-            _check_number("--l2-grid: every penalty", lam, 0, low_open=True)
+            check_number("--l2-grid: every penalty", lam, 0, low_open=True)
     if cfg.warmup and cfg.schedule != "cosine":
         raise MMCacheError(f"--warmup warms up the cosine schedule; --schedule {cfg.schedule} has none: drop --warmup "
                            "or use --schedule cosine")
@@ -296,14 +284,14 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.ema and cfg.solver == "lbfgs":
         raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")
     if cfg.logit_adjust is not None:
-        _check_number("--logit-adjust", cfg.logit_adjust, -math.inf)
+        check_number("--logit-adjust", cfg.logit_adjust, -math.inf)
     if cfg.threads is not None:
-        _check_number("--threads", cfg.threads, 1, integer=True)
+        check_number("--threads", cfg.threads, 1, integer=True)
     if cfg.load not in LOADS:
         raise MMCacheError(f"--load {cfg.load!r} is not a loading mode; use one of {', '.join(LOADS)}")
     if cfg.folds is not None:
-        _check_number("--folds", cfg.folds, 2, integer=True)
-        _check_number("--fold", cfg.fold, 0, cfg.folds - 1, integer=True)
+        check_number("--folds", cfg.folds, 2, integer=True)
+        check_number("--fold", cfg.fold, 0, cfg.folds - 1, integer=True)
     from mmcache.tracking import require
 
     require(cfg.track)
@@ -316,84 +304,10 @@ def validate_config(cfg: TrainConfig) -> None:
 @torch.no_grad()
 def predict_logits(head: Head, data: CachedData, idx: torch.Tensor, batch: int = EVAL_BATCH) -> dict[str, torch.Tensor]:
     """Logits per task for rows `idx`, in eval mode, in large chunks (one chunk's features at a time)."""
-    return _logits_of(head, data.chunks(idx, batch), data.tasks, len(idx))
+    return logits_of(head, data.chunks(idx, batch), data.tasks, len(idx))
 
 
-@torch.no_grad()
-def _logits_of(head: Head, chunks: Iterable[Any], tasks: dict[str, int], n: int) -> dict[str, torch.Tensor]:
-    was = head.training
-    head.eval()
-    outs: dict[str, list[torch.Tensor]] = {}
-    for feats in chunks:
-        out = head(feats)
-        for t in tasks:
-            outs.setdefault(t, []).append(out[t].float())
-    head.train(was)
-    return {t: torch.cat(outs[t]) if outs.get(t) else torch.zeros(n, c) for t, c in tasks.items()}
-
-
-def _eval_loss(crit: Criterion, logits: dict[str, torch.Tensor], data: CachedData, idx: torch.Tensor,
-               epoch: int) -> float:
-    with torch.no_grad():
-        targets = {t: data.targets[t][idx] for t in data.tasks}
-        teacher = data.teacher[idx] if data.teacher is not None else None
-        loss, _ = crit(logits, targets, teacher, epoch)
-    return float(loss)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps per epoch: every batch of at least 2 rows (BatchNorm cannot train on one)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
-
-
-@dataclass(eq=False)  # members are told apart by identity (they hold modules and tensors)
-class Member:
-    """One config of a lockstep group: its head, criterion, optimizer, schedule, selection, random stream."""
-
-    cfg: TrainConfig
-    data: CachedData
-    head: Head
-    crit: Criterion
-    sel_task: str
-    sel_metric: str
-    rng: torch.Tensor  # torch's CPU generator state, swapped in around this member's forward passes
-    cuda_rng: torch.Tensor | None = None
-    opt: torch.optim.Optimizer | None = None
-    sched: Schedule | None = None
-    selector: Selector | None = None
-    curves: list[dict[str, Any]] = field(default_factory=list)
-    loss_sum: torch.Tensor | None = None
-    steps: int = 0
-    # results
-    best_epoch: int = 0
-    best_value: float = float("nan")
-    select: dict[str, Any] = field(default_factory=dict)
-    fit_seconds: float = 0.0
-    busy: float = 0.0  # seconds spent in this member's own forward passes (lockstep groups)
-    final_logits: dict[str, dict[str, torch.Tensor]] | None = None  # split -> task -> logits, when batched
-    ema: EMA | None = None  # the head's weight average (cfg.ema)
-    tau: float = 0.0  # logit adjustment (cfg.logit_adjust, or the head's default)
-    offsets: dict[str, list[float]] = field(default_factory=dict)  # task -> tau * log(prior), subtracted at evaluation
-    keep_last: bool = False  # a refit: keep the last epoch's weights, not the best on val (mmcache.heads.refit)
-
-    def order_key(self) -> tuple[Any, ...]:
-        """Members with the same key see the same batches (same seed, same sampling)."""
-        return (self.cfg.seed, self.cfg.oversample, self.sel_task if self.cfg.oversample else None,
-                tuple(sorted(self.cfg.upsample.items())))
-
-    def rng_in(self) -> None:
-        torch.set_rng_state(self.rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.data.targets[self.sel_task].device)
-
-    def rng_out(self) -> None:
-        self.rng = torch.get_rng_state()
-        if self.cuda_rng is not None:
-            self.cuda_rng = torch.cuda.get_rng_state(self.data.targets[self.sel_task].device)
-
-
-def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
+def build_member(cfg: TrainConfig, data: CachedData) -> Member:
     sel_task, sel_metric = parse_select(cfg.select_metric, list(data.tasks), data.labels.metric)
     val = data.split_index.get("val")
     if val is not None and not bool((data.targets[sel_task][val] != IGNORE).any()):
@@ -421,186 +335,18 @@ def _build_member(cfg: TrainConfig, data: CachedData) -> Member:
                   rng=torch.get_rng_state(), cuda_rng=cuda_rng, tau=tau, offsets=offsets)
 
 
+_build_member = build_member  # older name (tests and callers)
+_labelled_train = labelled_train
+_fit_lockstep = fit_lockstep
+
+
 def reference_tau(head_hparams: dict[str, Any]) -> float:
     """The logit adjustment a run gets when `--logit-adjust` is not given: -1 for the SCABG reference head (the
     reference code adds log p(y) to its logits at evaluation), 0 otherwise."""
     return -1.0 if head_hparams.get("variant") == "reference" else 0.0
 
 
-def _labelled_train(data: CachedData) -> torch.Tensor:
-    train_idx = data.split_index["train"]
-    labeled = torch.zeros(len(train_idx), dtype=torch.bool, device=train_idx.device)
-    for t in data.tasks:
-        labeled |= data.targets[t][train_idx] != IGNORE
-    out = train_idx[labeled]  # rows without any label teach nothing
-    if len(out) < 2:  # every batch needs 2 rows (BatchNorm cannot train on one): nothing would train
-        raise MMCacheError(f"{data.dataset!r} has {len(out)} labelled train row(s); a head needs at least 2")
-    return out
-
-
-def check_upsample(data: CachedData, upsample: dict[str, int]) -> None:
-    """Refuse an `--upsample` name that is not a source dataset of `data`, listing its sources."""
-    from mmcache.data.combined import check_upsample_sources
-
-    man = data.manifest
-    known = list(dict.fromkeys(s for s in (man.row_sources if man is not None else []) if s is not None))
-    check_upsample_sources(upsample, known, repr(data.dataset),
-                           "a cache extracted from several (mmcache extract --dataset a,b --label-map FILE)")
-
-
-def upsample_pool(data: CachedData, train_idx: torch.Tensor, upsample: dict[str, int]) -> torch.Tensor | None:
-    """The positions (into `train_idx`) one epoch draws from with `--upsample NAME=K`: each train row of source
-    dataset NAME K times, the others once, in row order (as `finetune run`'s pool); None without upsampling.
-    A name that is not a source of the dataset is an error listing its sources."""
-    if not upsample:
-        return None
-    check_upsample(data, upsample)
-    man = cast("Manifest", data.manifest)
-    src_of = dict(zip(man.ids, man.row_sources, strict=True))
-    times = torch.tensor([upsample.get(src_of.get(data.ids[int(i)]) or "", 1) for i in train_idx.tolist()])
-    return torch.repeat_interleave(torch.arange(len(train_idx)), times).to(train_idx.device)
-
-
-class BatchOrders:
-    """One permutation per epoch per (seed, sampling) key, from a generator seeded like a single run. With
-    `--upsample` (the same for every member: it is part of the lockstep group's key) an epoch permutes the
-    upsampled pool of rows; `n` is the rows one epoch trains on."""
-
-    def __init__(self, members: list[Member], data: CachedData, train_idx: torch.Tensor) -> None:
-        self.pool = upsample_pool(data, train_idx, members[0].cfg.upsample)
-        self.n = len(train_idx) if self.pool is None else len(self.pool)
-        self.train_idx = train_idx
-        self.gens: dict[tuple[Any, ...], torch.Generator] = {}
-        self.weights: dict[tuple[Any, ...], torch.Tensor | None] = {}
-        for m in members:
-            key = m.order_key()
-            if key in self.gens:
-                continue
-            self.gens[key] = torch.Generator().manual_seed(m.cfg.seed)
-            w = None
-            if m.cfg.oversample:
-                # Each row drawn with probability 1/count(its class in the selection task): classes come up equally.
-                y = data.targets[m.sel_task][train_idx].cpu()
-                counts = torch.bincount(y[y != IGNORE], minlength=data.tasks[m.sel_task]).double()
-                w = torch.where(y != IGNORE, 1.0 / counts[y.clamp(min=0)].clamp(min=1), torch.zeros(len(y)).double())
-                if self.pool is not None:
-                    w = w[self.pool.cpu()]
-            self.weights[key] = w
-
-    def epoch(self) -> dict[tuple[Any, ...], torch.Tensor]:
-        """Positions (into the labelled train rows) in this epoch's order, per key."""
-        out = {}
-        for key, gen in self.gens.items():
-            w = self.weights[key]
-            order = torch.multinomial(w, self.n, replacement=True, generator=gen) if w is not None \
-                else torch.randperm(self.n, generator=gen)
-            out[key] = order if self.pool is None else self.pool.cpu()[order]
-        return out
-
-
-def _fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
-    """Minibatch training of every member for the same epochs and batch size, one shared batch gather per
-    seed and step; each member keeps its own optimizer, schedule, selection and random stream."""
-    cfg0 = members[0].cfg
-    device = data.targets[members[0].sel_task].device
-    train_idx = _labelled_train(data)
-    orders = BatchOrders(members, data, train_idx)
-    n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
-    spe = steps_per_epoch(n, cfg0.batch_size)
-    total_steps = cfg0.epochs * spe
-    for m in members:
-        m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
-        m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
-        m.sched = Schedule(m.cfg.schedule, m.opt, total_steps, int(m.cfg.warmup * total_steps), m.selector.mode)
-        m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
-    tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
-    val_idx = data.split_index["val"]
-    teacher = data.teacher
-    active = list(members)
-    label = f"train x{len(members)}" if len(members) > 1 else "train"
-    bar = progress_bar(range(1, cfg0.epochs + 1), desc=label, unit="ep", disable=quiet)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        perm = orders.epoch()
-        for m in active:
-            m.head.train()
-            m.crit.train()
-            m.loss_sum = torch.zeros((), device=device)
-            m.steps = 0
-        keys = list(dict.fromkeys(m.order_key() for m in active))
-        shard = data.shard  # under torchrun: this rank's rows of each batch (mmcache.heads.parallel)
-        # BatchNorm cannot train on one row (on one row per rank, data-parallel)
-        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= (shard.min_batch() if shard.parallel else 2)]
-        # One gather of rows per batch order and step, in this order; streamed rows are read ahead in a thread.
-        step_idx = [shard.rows(train_idx[perm[key][s:s + cfg0.batch_size].to(device)]) for s in starts for key in keys]
-        rows = data.batches(step_idx)
-        for k_step in range(len(starts)):
-            feats: dict[tuple[Any, ...], Any] = {}
-            for j, key in enumerate(keys):
-                idx = step_idx[k_step * len(keys) + j]
-                feats[key] = (next(rows), {t: data.targets[t].index_select(0, idx) for t in data.tasks},
-                              teacher.index_select(0, idx) if teacher is not None else None)
-            total: torch.Tensor | None = None
-            for m in active:
-                x, targets, teach = feats[m.order_key()]
-                t_member = time.perf_counter()
-                m.rng_in()
-                tell[m](TrainProgress(epoch - 1, (epoch - 1) * spe + m.steps, total_steps))
-                logits = m.head(x)
-                loss, _ = m.crit(logits, targets, teach)
-                m.rng_out()
-                m.busy += time.perf_counter() - t_member
-                total = loss if total is None else total + loss
-                m.loss_sum = m.loss_sum + loss.detach()
-                m.steps += 1
-            for m in active:
-                cast(torch.optim.Optimizer, m.opt).zero_grad(set_to_none=True)
-            cast(torch.Tensor, total).backward()  # one backward: each member's gradient is its own loss's
-            if shard.parallel:  # the gradients of the whole batch: averaged over the ranks' rows
-                shard.average_grads(p for m in active for p in [*m.head.parameters(), *m.crit.parameters()])
-            for m in active:
-                cast(torch.optim.Optimizer, m.opt).step()
-                cast(Schedule, m.sched).step()
-                if m.ema is not None:
-                    m.ema.update()
-        seconds = time.perf_counter() - t0
-        for m in active:
-            m.crit.eval()
-            with m.ema.applied() if m.ema is not None else nullcontext():  # evaluated and kept: the averages
-                # Gathered chunk by chunk each epoch: never a float32 copy of the whole split.
-                vlog = _logits_of(m.head, data.chunks(val_idx, EVAL_BATCH), data.tasks, len(val_idx))
-                vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
-                                 m.sel_metric)
-                vm["loss"] = _eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
-                opt = cast(torch.optim.Optimizer, m.opt)
-                m.curves.append(curve_row(epoch, float(shard.mean(cast(torch.Tensor, m.loss_sum))) / max(1, m.steps), vm,
-                                          opt.param_groups[0]["lr"], seconds / len(active)))
-                value = vm.get(m.sel_metric, float("nan"))
-                sel = cast(Selector, m.selector)
-                sel.update(epoch, value, lambda m=m: snapshot(m.head))
-            cast(Schedule, m.sched).epoch_end(value)
-            if sel.stopped:
-                _log(m.cfg, f"early stop after epoch {epoch}: no better val {m.sel_metric} for {sel.stale} epochs")
-        if len(members) == 1:
-            m = members[0]
-            bar.set_postfix(loss=f"{m.curves[-1]['train_loss']:.3f}",
-                            **{f"val_{m.sel_metric}": f"{m.curves[-1].get('val_' + m.sel_metric, float('nan')):.4f}"})
-        active = [m for m in active if not cast(Selector, m.selector).stopped]
-        if not active:
-            break
-    for m in members:
-        m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
-        if m.keep_last:  # a refit trains on its val rows: its last epoch is the model (the averages with --ema)
-            m.best_epoch = len(m.curves)
-            if m.ema is not None:
-                with m.ema.applied():
-                    state = snapshot(m.head)
-                m.head.load_state_dict(state)
-            continue
-        m.head.load_state_dict(state)
-
-
-def _run_stem(cfg: TrainConfig) -> list[str]:
+def run_stem(cfg: TrainConfig) -> list[str]:
     parts = [cfg.head, "+".join(f"{m}-{s}" for m, s in cfg.modalities.items())]
     hp = cfg.head_hparams
     # Name the variants an ablation grid varies, so run folders tell them apart at a glance.
@@ -737,7 +483,7 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
             validate_config(cfg)
             if cfg.save:  # refuse an existing run folder before training, not after
                 check_writable_folder(Path(cfg.runs_dir) / cfg.dataset, "--runs-dir")
-                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, _run_stem(cfg), cfg.overwrite,
+                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, run_stem(cfg), cfg.overwrite,
                                           taken=handed_out)
             devices[i] = pick_device(cfg.device)
         except MMCacheError as e:
@@ -774,7 +520,7 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
                     if c.shots:  # K rows per class of the train split (mmcache.heads.shots)
                         by_seed[key] = with_shots(by_seed[key], c.shots, c.seed, c.select_metric)
                 data = by_seed[key]
-                members[i] = _build_member(cfgs[i], data)
+                members[i] = build_member(cfgs[i], data)
                 m = members[i]
                 _log(m.cfg, f"{m.cfg.dataset}: {', '.join(f'{s} {len(v)}' for s, v in data.split_index.items())} rows; "
                             f"head {m.cfg.head} ({sum(p.numel() for p in m.head.parameters()):,} parameters) on "
@@ -821,7 +567,7 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
                             m.final_logits = {sp: per_split[sp][k] for sp in per_split}
                     if rest:
                         t_lock = time.perf_counter()
-                        _fit_lockstep(rest, group[0].data, quiet)
+                        _fit_lockstep(rest, group[0].data, quiet)  # (module attribute: tests spy on it)
                         # The group's time, shared by each member's own forward time (its backward scales with it).
                         spent, busy = time.perf_counter() - t_lock, sum(m.busy for m in rest)
                         for m in rest:
@@ -863,7 +609,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if cfg.track:
         from mmcache.tracking import track
 
-        name = result.run_dir.name if result.run_dir is not None else "_".join(_run_stem(cfg))
+        name = result.run_dir.name if result.run_dir is not None else "_".join(run_stem(cfg))
         track(cfg.track, cfg.dataset, cfg.runs_dir, [(name, result, run_tags(cfg, "heads"))])
     if not cfg.quiet:
         print(results_table(result))
@@ -890,7 +636,7 @@ def _fit_lbfgs(cfg: TrainConfig, head: Head, crit: Criterion, data: CachedData, 
 
     def score(vlog: dict[str, torch.Tensor]) -> dict[str, float]:
         vm = quick_metrics(data.targets[sel_task][val_idx], adjust_logits(vlog, offsets)[sel_task], sel_metric)
-        vm["loss"] = _eval_loss(crit, vlog, data, val_idx, 0)
+        vm["loss"] = eval_loss(crit, vlog, data, val_idx, 0)
         return vm
 
     crit.eval()
@@ -908,9 +654,7 @@ def load_run(run_dir: Path | str, device: str = "cpu") -> tuple[Head, dict[str, 
     return load_head(run_dir, device)
 
 
-def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:
-    """The logit adjustment a run folder's `config.json` records (task -> offsets subtracted), empty if none."""
-    return dict((config.get("resolved") or {}).get("logit_adjust", {}).get("offsets") or {})
+run_offsets = runfolder.run_offsets  # the run folder's logit adjustment (kept under this name)
 
 
 def predict(run_dir: Path | str, dataset: str | None = None, split: str = "test", cache_dir: str | None = None,
