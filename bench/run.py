@@ -15,6 +15,9 @@ Every figure is a ratio within one run on the same data (a busy machine slows bo
 - trainer_fusion   the same for the D=256 fusion head
 - store_read       numpy `fromfile` of a split's bytes vs `StoreReader.load(split=)` of the same rows
                    (ratio = numpy time / store time: 1.0 is raw-file speed)
+- lbfgs_sklearn_binary, lbfgs_sklearn_3class  `--solver lbfgs`'s L2 grid (fits + validation) vs scikit-learn's
+                   LogisticRegression(lbfgs) over the same Cs, warm-started, one thread each, on synthetic float32
+                   features (bench_probe.py: 20,000 x 1024; --quick 5,000 x 512); records both chosen Cs and accuracies
 - stream_vs_memory `heads train --load stream` vs `--load memory` epoch time of the gated head on the same pooled
                    rows, each in a child process (bench_scale.py): the throughput streaming keeps
 
@@ -38,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_heads  # noqa: E402
+import bench_probe  # noqa: E402
 import bench_scale  # noqa: E402
 import bench_store  # noqa: E402
 import bench_sweep  # noqa: E402
@@ -56,6 +60,9 @@ FLOORS: dict[str, tuple[float, float, str, str]] = {
     "trainer_fusion": (0.9, 0.9, "DataLoader(TensorDataset) loop", "heads train fit, fusion head (D=256)"),
     # a read of milliseconds: the quick floor leaves room for a busy machine
     "store_read": (0.25, 0.4, "numpy fromfile of the same bytes", "StoreReader.load(split=)"),
+    # one thread each; the quick sizes are small enough for fixed costs to weigh
+    "lbfgs_sklearn_binary": (0.7, 1.0, "sklearn LogisticRegression(lbfgs), same Cs", "--solver lbfgs grid, 2 classes"),
+    "lbfgs_sklearn_3class": (0.7, 1.0, "sklearn LogisticRegression(lbfgs), same Cs", "--solver lbfgs grid, 3 classes"),
     "stream_vs_memory": (0.6, 0.8, "heads train --load memory (rows as tensors)",
                          "heads train --load stream (rows read from the stores per batch), gated head"),
 }
@@ -108,6 +115,7 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
         rows = bench_store.bench_read(Path(tmp), 50_000 if quick else 100_000, 768, 9)
         t_raw, t_store = rows[0][1], rows[1][1]
         out["store_read"] = {"ours_s": t_store, "baseline_s": t_raw, "ratio": t_raw / t_store}
+    out.update(bench_probe.run(quick))
     out["stream_vs_memory"] = stream_vs_memory(20_000 if quick else 100_000)
     return out
 

@@ -3,7 +3,10 @@
 It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torch computing it:
 
 - objective, per task: the criterion's mean loss over the task's labelled train rows
-  + (l2/2)·‖W‖² (biases not penalised), in float64 on the features' device;
+  + (l2/2)·‖W‖² (biases not penalised), on the features' device: parameters, per-row losses and every sum in
+  float64, the two matrix products of an evaluation (logits, and the features' transpose times the residuals)
+  in the features' own dtype, read where they lie (no copy): float32 features give float32 products, as
+  scikit-learn's lbfgs computes on float32 input; a `tol` below `F32_TOL` reads them as float64;
 - a 2-class task is fitted as binary logistic regression (one weight vector w, stored as the
   rows -w/2, w/2 of the 2-class softmax): the same optimum as penalising both softmax rows, and
   scikit-learn's own parameterisation. Hence the scikit-learn `C` of a penalty l2 on n labelled
@@ -12,7 +15,8 @@ It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torc
   unpenalised bias runs to -inf, the same model); train labels of one class are refused, as there;
 - solver: `scipy.optimize.minimize(method="L-BFGS-B")`, the routine scikit-learn calls, with its
   options (`maxls` 50, `ftol` 64·eps, `maxiter`), started at zero. It runs in preconditioned
-  coordinates: each feature centred over the train rows and its weight scaled by
+  coordinates (a change of the parameters, never a copy of the features): each feature centred over the
+  train rows and its weight scaled by
   1/sqrt(var/4 + l2), about the inverse square root of the objective's curvature along it, so
   that badly scaled features converge about as fast as standardised ones (the objective and its
   optimum are unchanged);
@@ -20,8 +24,10 @@ It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torc
   the original weights and biases is at most `tol` (or f stops decreasing, relative 64·eps).
 
 A grid of penalties is fitted strongest first, each fit warm-started from the previous one
-(as `LogisticRegression(warm_start=True)`), or all at once (`batched`); a fit that stops without
-converging says so (`ProbeFit.warning`).
+(as `LogisticRegression(warm_start=True)`; from the third on, from the path through the last two solutions
+extrapolated in log(l2) when that point's objective is the lower), or all at once (`batched`); a fit that
+stops without converging says so (`ProbeFit.warning`). The same optima and the same stop; the features must
+be in memory (`fit_l2_grid` refuses, suggesting `--solver adam`, when they cannot be).
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ if TYPE_CHECKING:
 LBFGS_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 FTOL = 64 * np.finfo(float).eps  # scikit-learn's relative-reduction stop of L-BFGS-B
 MAXLS = 50  # scikit-learn's line-search limit (scipy's default is 20)
+# The smallest tol fitted with float32 products over float32 features: they give the objective and gradient to
+# about 1e-7 of their scale, so a stricter tol reads the features as float64 (a float64 copy of them).
+F32_TOL = 1e-5
+EVAL_ROWS = 8192  # rows fused at a time when the probe gathers its features
 
 
 def sklearn_C(l2: float, n_labelled: int, num_classes: int) -> float:
@@ -113,16 +123,23 @@ class LogisticProbe:
             keep |= y != IGNORE
         if not keep.any():
             raise MMCacheError("lbfgs: no train row has a label; the probe has nothing to fit")
-        # float64 as scikit-learn's lbfgs (line searches need f to more digits than float32 has); MPS has none.
+        # Parameters, objective and gradient sums in float64 (MPS has none); the features stay in their own dtype
+        # (float16 computes as float32): the two matrix products of an evaluation read them as they are, as
+        # scikit-learn's lbfgs reads float32 features in float32. No standardised copy: the standardised
+        # coordinates are a change of the parameters (`_raw`), never of the features.
         self.dtype = torch.float32 if z.device.type == "mps" else torch.float64
-        z = z[keep].to(self.dtype)
-        if not torch.isfinite(z).all():
-            raise MMCacheError("lbfgs: the train features hold NaN or inf values; re-extract the store or "
-                               "drop those rows")
-        self.mean = z.mean(0)
-        std = z.std(0, correction=0)
+        if not bool(keep.all()):
+            z = z[keep]
+        if z.dtype not in (torch.float32, torch.float64):
+            z = z.float()
+        if self.dtype == torch.float32:
+            z = z.float()
+        elif tol < F32_TOL:  # more digits than float32 products give: the features in float64 (a copy)
+            z = z.double()
+        self.z = z
+        self.mean, var = self._moments(z)
+        std = var.sqrt()
         self.scale = torch.where(std > 0, std, torch.ones_like(std))  # a constant column stays as it is
-        self.zs = (z - self.mean) / self.scale
         self.targets = {t: y[keep] for t, y in targets.items()}
         self.teacher = teacher[keep] if teacher is not None else None
         self.num_classes = dict(num_classes)
@@ -143,6 +160,41 @@ class LogisticProbe:
         self.row_weights = self._cross_entropy_weights()
         self._mean_np = self.mean.to("cpu", torch.float64).numpy()
         self._scale_np = self.scale.to("cpu", torch.float64).numpy()
+
+    def _moments(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and variance over the rows of z, as the probe's dtype: two passes as matrix-vector
+        products in the features' dtype, a block of rows at a time (they only choose the coordinates the solver
+        works in, so float32's digits do); refuses NaN or inf features."""
+        n = z.shape[0]
+        ones = z.new_ones(min(n, 4096))
+        mean = z.new_zeros(z.shape[1])
+        for a in range(0, n, len(ones)):
+            blk = z[a:a + len(ones)]
+            mean += torch.mv(blk.T, ones[:len(blk)])
+        mean /= n
+        sq = torch.zeros_like(mean)
+        for a in range(0, n, len(ones)):
+            blk = z[a:a + len(ones)] - mean
+            sq += torch.mv(blk.mul_(blk).T, ones[:len(blk)])
+        var = sq / n
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            if not bool(torch.isfinite(z).all()):
+                raise MMCacheError("lbfgs: the train features hold NaN or inf values; re-extract the store or "
+                                   "drop those rows")
+            var, mean = torch.var_mean(z.to(self.dtype), 0, correction=0)  # finite, but too large for float32
+        return mean.to(self.dtype), var.to(self.dtype)
+
+    def _raw(self, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters on the standardised features -> the same model on the original ones: logits
+        zs @ w + b = z @ (w / scale) + (b - (w / scale) . mean)."""
+        w = w / self.scale
+        return w, b - w @ self.mean
+
+    def _logits(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """z @ w.T + b [n, R] for raw w [R, d], b [R] (float64): the product in the features' dtype, the
+        result in float64."""
+        md = self.z.dtype
+        return torch.addmm(b.to(md), self.z, w.T.to(md)).to(self.dtype)
 
     def _cross_entropy_weights(self) -> dict[str, torch.Tensor] | None:
         """Per task, each row's weight in the mean cross-entropy (0 unlabelled, else its class weight),
@@ -187,54 +239,71 @@ class LogisticProbe:
 
     def weights(self, x: np.ndarray | torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """task -> (W [K,d], b [K]) of the K-way softmax on the original features."""
-        xt = torch.as_tensor(x).to(self.zs.device, self.dtype)
-        out = {}
-        for t, (w, b) in self._blocks(xt).items():
-            w, b = self._softmax_rows(t, w, b)
-            w = w / self.scale
-            out[t] = (w, b - w @ self.mean)
-        return out
+        xt = torch.as_tensor(x).to(self.z.device, self.dtype)
+        return {t: self._raw(*self._softmax_rows(t, w, b)) for t, (w, b) in self._blocks(xt).items()}
 
     def objective(self, x: torch.Tensor, l2: float) -> torch.Tensor:
         """The penalised training objective at flat (standardised) parameters x, through the criterion."""
         logits, penalty = {}, x.new_zeros(())
         for t, (w, b) in self._blocks(x).items():
-            w, b = self._softmax_rows(t, w, b)
-            logits[t] = torch.addmm(b, self.zs, w.T)
-            penalty = penalty + ((w / self.scale) ** 2).sum()
+            w, b = self._raw(*self._softmax_rows(t, w, b))
+            logits[t] = self._logits(w, b)
+            penalty = penalty + (w ** 2).sum()
         loss, _ = self.crit(logits, self.targets, self.teacher, 0)
         return loss + 0.5 * l2 * penalty
 
     def _cross_entropy_loss_grad(self, x: torch.Tensor, l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Objectives [G] and gradients [G, size] of G parameter vectors x [G, size] at penalties l2 [G]:
         the (class-weighted) mean cross-entropy + l2/2 ||W||^2, written out: d/dlogits = weight_i
-        (softmax_i - onehot_i); a 2-class w gets (dW_1 - dW_0)/2. One matrix product for all G."""
+        (softmax_i - onehot_i). A 2-class task computes its one logit m (the softmax logits are -m/2, m/2), so
+        its gradient is weight_i (sigmoid(m_i) - y_i) and its penalty l2/4 ||w||^2. Two matrix products over the
+        features for all G and tasks: the logits and z.T @ residuals, in the features' dtype (sums in float64)."""
         assert self.row_weights is not None
-        G, n = x.shape[0], self.zs.shape[0]
+        G, n, d, md = x.shape[0], self.z.shape[0], self.d, self.z.dtype
+        raw = {t: self._raw(w, b) for t, (w, b) in self._blocks(x).items()}  # [G,r,d], [G,r] on the original features
+        wcat = torch.cat([w.reshape(-1, d) for w, _ in raw.values()])
+        bcat = torch.cat([b.reshape(-1) for _, b in raw.values()])
+        # [R,d] @ [d,n]: one pass over the features (faster than z @ W.T for a few rows R)
+        m_all = torch.mm(wcat.to(md), self.z.T).to(self.dtype).T + bcat  # [n, R]
         f = x.new_zeros(G)
-        grads = []
-        for t, (w, b) in self._blocks(x).items():
-            w, b = self._softmax_rows(t, w, b)  # [G,K,d], [G,K]
-            K = w.shape[1]
+        res, pen, at = [], [], 0
+        for t, (w, _) in raw.items():
+            r = self.rows[t]
+            mt = m_all[:, at:at + G * r].reshape(n, G, r)
+            at += G * r
             y, s = self.targets[t].clamp(min=0), self.row_weights[t]
-            logits = torch.addmm(b.reshape(-1), self.zs, w.reshape(G * K, self.d).T).view(n, G, K)
-            lse = torch.logsumexp(logits, -1)  # [n,G]
-            picked = logits.gather(2, y[:, None, None].expand(n, G, 1)).squeeze(2)
-            w_orig = w / self.scale
-            f = f + s @ (lse - picked) + 0.5 * l2 * (w_orig ** 2).sum((1, 2))
-            r = torch.exp(logits - lse[..., None])
-            r.scatter_add_(2, y[:, None, None].expand(n, G, 1), -torch.ones(n, G, 1, dtype=r.dtype, device=r.device))
-            r *= s[:, None, None]
-            gw = (r.reshape(n, G * K).T @ self.zs).view(G, K, self.d) + l2[:, None, None] * w_orig / self.scale
-            g = torch.cat([gw, r.sum(0)[..., None]], -1)  # [G,K,d+1]
             if self.num_classes[t] == 2:
-                g = 0.5 * (g[:, 1:] - g[:, :1])
-            grads.append(g.reshape(G, -1))
+                m, yf = mt[..., 0], (y == 1).to(self.dtype)[:, None]
+                # -log p(y) = softplus(m) - y m for the pair (-m/2, m/2)
+                f = f + s @ (torch.nn.functional.softplus(m) - yf * m) + 0.25 * l2 * (w ** 2).sum((1, 2))
+                rt = ((torch.sigmoid(m) - yf) * s[:, None])[..., None]  # [n,G,1]
+                pen.append(0.5 * l2[:, None, None] * w)
+            else:
+                lse = torch.logsumexp(mt, -1)  # [n,G]
+                picked = mt.gather(2, y[:, None, None].expand(n, G, 1)).squeeze(2)
+                f = f + s @ (lse - picked) + 0.5 * l2 * (w ** 2).sum((1, 2))
+                rt = torch.exp(mt - lse[..., None])
+                rt.scatter_add_(2, y[:, None, None].expand(n, G, 1),
+                                -torch.ones(n, G, 1, dtype=rt.dtype, device=rt.device))
+                rt *= s[:, None, None]
+                pen.append(l2[:, None, None] * w)
+            res.append(rt.reshape(n, G * r))
+        rr = torch.cat(res, 1)  # [n, R]
+        gz = torch.mm(rr.T.to(md).contiguous(), self.z).to(self.dtype)  # z.T r on the original features, [R, d]
+        gb_all = rr.sum(0)
+        grads, at = [], 0
+        for t, pg in zip(raw, pen, strict=True):
+            r = self.rows[t]
+            gzt, gb = gz[at:at + G * r].view(G, r, d), gb_all[at:at + G * r].view(G, r)
+            at += G * r
+            # on the standardised features: zs.T r = (z.T r - mean * sum r) / scale
+            gw = (gzt - gb[..., None] * self.mean + pg) / self.scale
+            grads.append(torch.cat([gw, gb[..., None]], -1).reshape(G, -1))
         return f, torch.cat(grads, 1)
 
     def loss_grad_many(self, xs: np.ndarray, l2s: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
         """(objectives [G], gradients [G, size]) at G flat parameter vectors, as numpy float64 for scipy."""
-        xt = torch.from_numpy(np.asarray(xs, dtype=np.float64)).to(device=self.zs.device, dtype=self.dtype)
+        xt = torch.from_numpy(np.asarray(xs, dtype=np.float64)).to(device=self.z.device, dtype=self.dtype)
         if self.row_weights is None:
             out = [self._autograd_loss_grad(x, l2) for x, l2 in zip(xt, l2s, strict=True)]
             f, g = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
@@ -283,6 +352,8 @@ class LogisticProbe:
         done = [False]
 
         def fg(x: np.ndarray) -> tuple[float, np.ndarray]:
+            if "x" in last and np.array_equal(last["x"], x):  # the point just evaluated (scipy's first call)
+                return last["f"], last["g"]
             f, g = loss_grad(x)
             last.update(x=x, f=f, g=g)
             return f, g
@@ -299,11 +370,12 @@ class LogisticProbe:
                 done[0] = True
                 raise StopIteration
 
-        f0, g0 = fg(x0)
+        p0 = x0 / c
+        f0, g0 = fg(c * p0)  # the very point scipy evaluates first (c * p0), so that evaluation is not repeated
         if self.original_grad_max(g0) <= self.tol:  # already optimal (e.g. a warm start at the same penalty)
-            res: Any = {"x": x0 / c, "fun": f0, "nit": 0, "success": True, "message": "converged"}
+            res: Any = {"x": p0, "fun": f0, "nit": 0, "success": True, "message": "converged"}
         else:  # gtol 0: the stop on the original gradient is `check`'s
-            res = minimize(fg_scaled, x0 / c, method="L-BFGS-B", jac=True, callback=check,
+            res = minimize(fg_scaled, p0, method="L-BFGS-B", jac=True, callback=check,
                            options={"maxiter": self.max_iter, "maxls": MAXLS, "gtol": 0.0, "ftol": FTOL})
         x = c * np.asarray(res["x"], dtype=np.float64)
         if not np.array_equal(last["x"], x):
@@ -319,19 +391,33 @@ class LogisticProbe:
         with _eval_mode(self.crit):
             return self._minimize(l2, x0, lambda x: self.loss_grad(x, l2))
 
+    def _start(self, fits: list[ProbeFit], l2: float) -> np.ndarray | None:
+        """The start of the fit at `l2` after `fits`: the previous solution, or, after two, the solution path
+        extrapolated linearly in log(l2) through the last two, when its objective is the lower."""
+        if len(fits) < 2:
+            return fits[-1].x if fits else None
+        a, b = fits[-2], fits[-1]
+        if not (a.l2 > 0 and b.l2 > 0 and a.l2 != b.l2):
+            return b.x
+        t = (math.log(l2) - math.log(b.l2)) / (math.log(b.l2) - math.log(a.l2))
+        guess = b.x + t * (b.x - a.x)
+        with _eval_mode(self.crit):
+            f = self.loss_grad_many(np.stack([b.x, guess]), [l2, l2])[0]
+        return guess if f[1] < f[0] else b.x
+
     def fit_grid(self, grid: Sequence[float], batched: bool = False) -> list[ProbeFit]:
-        """One fit per penalty in `grid`, in that order. Sequential (the default): each warm-started from
-        the previous solution, as scikit-learn's warm_start. Batched: every penalty from zero at once, one
-        L-BFGS-B per penalty (its own line searches and stop) with the objectives evaluated together, one
-        matrix product for all: faster where that product is memory- or launch-bound, and the same optima,
-        but at the default tol each fit stops at another point of the optimum's flat valley than the
-        warm-started one, so a validation tie can go the other way. Batching needs the written-out
-        gradient (plain cross-entropy); other criteria are fitted one by one."""
+        """One fit per penalty in `grid`, in that order. Sequential (the default): each warm-started from the previous
+        solution, as scikit-learn's warm_start (or the path extrapolated, `_start`). Batched: every penalty from
+        zero at once, one L-BFGS-B per penalty (its own line searches and stop) with the objectives evaluated
+        together, one matrix product for all: faster where that product is memory- or launch-bound, and the same
+        optima, but at the default tol each fit stops at another point of the optimum's flat valley than the warm-
+        started one, so a validation tie can go the other way. Batching needs the written-out gradient (plain cross-
+        entropy); other criteria are fitted one by one."""
         grid = [float(v) for v in grid]
         if not batched or self.row_weights is None or len(grid) < 2:
             fits: list[ProbeFit] = []
             for l2 in grid:
-                fits.append(self.fit(l2, fits[-1].x if fits else None))
+                fits.append(self.fit(l2, self._start(fits, l2)))
             return fits
         with _eval_mode(self.crit):
             return _Lockstep(self, grid).run()
@@ -437,6 +523,31 @@ class GridResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def fused_rows(head: LinearHead, data: CachedData, idx: torch.Tensor, also: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """The fused float32 features of rows `idx` as one matrix, filled a chunk of rows at a time (from memory or
+    read from the stores), never a second copy. Full-batch L-BFGS needs the train rows in memory: when they
+    and the rows of `also` cannot fit in what this process may use, one line naming the bytes and the Adam
+    probe, before anything is read."""
+    from mmcache.memory import available_bytes, gb
+
+    width = sum(head.widths.values())
+    need = (len(idx) + (len(also) if also is not None else 0)) * width * 4
+    if data.device.type == "cpu":
+        have = available_bytes()
+        if need > have:
+            raise MMCacheError(f"--solver lbfgs needs the fused train and val features in memory, {gb(need)} "
+                               f"({need} bytes), but {gb(have)} ({have} bytes) are available; train the probe "
+                               "with --solver adam, which streams its batches")
+    out = torch.empty(len(idx), width, dtype=torch.float32, device=data.device)
+    at = 0
+    for chunk in data.chunks(idx, EVAL_ROWS):
+        z = head.fused(chunk)
+        out[at:at + len(z)] = z
+        at += len(z)
+    return out
+
+
 def fit_l2_grid(head: LinearHead, crit: Criterion, data: CachedData, sel_task: str, sel_metric: str,
                 score: Callable[[dict[str, torch.Tensor]], dict[str, float]], grid: Sequence[float] = LBFGS_GRID,
                 tol: float = 1e-4, max_iter: int = 500, quiet: bool = False, batched: bool = False) -> GridResult:
@@ -455,8 +566,8 @@ def fit_l2_grid(head: LinearHead, crit: Criterion, data: CachedData, sel_task: s
     was = head.training
     head.eval()
     with torch.no_grad():  # D=0: the fused features carry no parameters, so compute them once
-        z_train = head.fused(data.batch(train_idx))
-        z_val = head.fused(data.batch(val_idx))
+        z_train = fused_rows(head, data, train_idx, val_idx)
+        z_val = fused_rows(head, data, val_idx)
     teacher = data.teacher[train_idx] if data.teacher is not None else None
     probe = LogisticProbe(z_train, {t: data.targets[t][train_idx] for t in data.tasks}, data.tasks, crit,
                           teacher=teacher, tol=tol, max_iter=max_iter)

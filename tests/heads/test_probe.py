@@ -185,17 +185,20 @@ def test_written_gradient_equals_autograd_through_the_criterion() -> None:
     targets["two"][:7] = IGNORE
     targets["four"][5:12] = IGNORE
     counts = {t: torch.bincount(y[y != IGNORE], minlength=k) for (t, y), k in zip(targets.items(), (2, 4), strict=True)}
-    for class_weights in (False, True):
-        crit = build_criterion("ce", {"two": 2, "four": 4}, class_counts=counts, class_weights=class_weights)
-        probe = LogisticProbe(z, targets, {"two": 2, "four": 4}, crit)
-        assert probe.row_weights is not None
-        x = np.random.default_rng(1).normal(size=probe.size)
-        f, grad = probe.loss_grad(x, 0.3)
-        xt = torch.from_numpy(x).requires_grad_(True)
-        ref = probe.objective(xt, 0.3)
-        ref.backward()
-        assert f == pytest.approx(float(ref.detach()), rel=1e-12)
-        np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    # float64 features: the same numbers either way; float32 ones (the products in float32, as scikit-learn's
+    # lbfgs on float32 features): the same up to float32 rounding.
+    for feats, rel, atol in ((z.double(), 1e-12, 1e-12), (z, 1e-6, 1e-6)):
+        for class_weights in (False, True):
+            crit = build_criterion("ce", {"two": 2, "four": 4}, class_counts=counts, class_weights=class_weights)
+            probe = LogisticProbe(feats, targets, {"two": 2, "four": 4}, crit)
+            assert probe.row_weights is not None and probe.z.dtype == feats.dtype
+            x = np.random.default_rng(1).normal(size=probe.size)
+            f, grad = probe.loss_grad(x, 0.3)
+            xt = torch.from_numpy(x).requires_grad_(True)
+            ref = probe.objective(xt, 0.3)
+            ref.backward()
+            assert f == pytest.approx(float(ref.detach()), rel=rel)
+            np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-9 if rel < 1e-9 else rel, atol=atol)
 
 
 def test_other_criteria_fit_through_autograd() -> None:
@@ -305,3 +308,42 @@ def test_degenerate_features_match_sklearn(case: str) -> None:
     ours = torch.softmax(torch.from_numpy(xt) @ w.T + b, 1).numpy()
     ref = LogisticRegression(C=probe.sklearn_C(1e-2, "label"), tol=1e-8, max_iter=10000).fit(xt, yt)
     assert np.abs(ours - ref.predict_proba(xt)).max() < 1e-4
+
+
+def test_features_read_from_the_stores_give_the_in_memory_fit(tmp_path: Path) -> None:
+    """Streamed rows (gathered chunk by chunk from the stores) fit the very same probe as rows in memory."""
+    x, y, sp = split_data("wine", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    streamed = load_cached("sk", {"image": "feat"}, tmp_path / "cache", load="stream")
+    assert streamed.streamed and not data.streamed
+    (hm, rm), (hs, rs) = probe_fit(data, grid=[1e-1, 1e-2]), probe_fit(streamed, grid=[1e-1, 1e-2])
+    assert rs.best == rm.best and [f.loss for f in rs.fits] == [f.loss for f in rm.fits]
+    assert torch.equal(hs.classifiers["label"].weight, hm.classifiers["label"].weight)
+
+
+def test_features_that_cannot_fit_are_refused_with_the_adam_probe(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y, sp = split_data("wine", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    monkeypatch.setattr("mmcache.memory.available_bytes", lambda: 1000)
+    need = (len(sp["train"]) + len(sp["val"])) * x.shape[1] * 4
+    with pytest.raises(MMCacheError, match=rf"in memory, .*\({need} bytes\), but .*\(1000 bytes\) are available; "
+                                           r"train the probe with --solver adam"):
+        probe_fit(data)
+
+
+def test_float32_features_at_the_default_tol_choose_scikit_learns_C(tmp_path: Path) -> None:
+    """At the default tol the products run in float32 (as scikit-learn's on float32 features): the same chosen C
+    and predictions as scikit-learn's LogisticRegression on the same float32 features."""
+    x, y, sp = split_data("digits", scaled=True)
+    data = write_cache(tmp_path / "cache", x, y, sp)
+    head, r = probe_fit(data, grid=[1e-1, 1e-2, 1e-3])
+    x32 = x.astype(np.float32)
+    Cs = [sklearn_C(lam, len(sp["train"]), 10) for lam in (1e-1, 1e-2, 1e-3)]
+    best, ref = sklearn_grid(x32, y, sp, Cs, 1e-4, 1000)
+    assert r.best == best
+    with torch.no_grad():
+        ours = torch.softmax(head.classifiers["label"](torch.from_numpy(x32[sp["test"]])), 1).double().numpy()
+    theirs = ref.predict_proba(x32[sp["test"]])
+    # tol 1e-4 stops either solver somewhere in the optimum's flat valley: close, not equal
+    assert np.abs(ours - theirs).max() < 0.1 and (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.99
