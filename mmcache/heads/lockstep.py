@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,7 +23,6 @@ from mmcache.engine import (
     Selector,
     TrainProgress,
     adjust_logits,
-    curve_row,
     make_optimizer,
     param_groups,
     progress_hook,
@@ -32,8 +30,8 @@ from mmcache.engine import (
     steps_per_epoch,
     val_metrics,
 )
+from mmcache.engine.loop import EpochBar, EpochRow, TaskBase, fit, step_end
 from mmcache.errors import MMCacheError
-from mmcache.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from mmcache.heads.base import Head
@@ -190,30 +188,30 @@ class BatchOrders:
         return out
 
 
-def fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
-    """Minibatch training of every member for the same epochs and batch size, one shared batch gather per
-    seed and step; each member keeps its own optimizer, schedule, selection and random stream."""
-    cfg0 = members[0].cfg
-    device = data.targets[members[0].sel_task].device
-    train_idx = labelled_train(data)
-    orders = BatchOrders(members, data, train_idx)
-    n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
-    spe = steps_per_epoch(n, cfg0.batch_size)
-    total_steps = cfg0.epochs * spe
-    for m in members:
-        m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
-        m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
-        m.sched = Schedule(m.cfg.schedule, m.opt, total_steps, int(m.cfg.warmup * total_steps), m.selector.mode)
-        m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
-    tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
-    val_idx = data.split_index["val"]
-    teacher = data.teacher
-    active = list(members)
-    label = f"train x{len(members)}" if len(members) > 1 else "train"
-    bar = progress_bar(range(1, cfg0.epochs + 1), desc=label, unit="ep", disable=quiet)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        perm = orders.epoch()
+class LockstepTask(TaskBase):
+    """A lockstep group on the engine's fit loop (`mmcache.engine.loop`): each member is a selection unit."""
+
+    def __init__(self, members: list[Member], data: CachedData) -> None:
+        cfg0 = members[0].cfg
+        self.units, self.data, self.cfg0 = members, data, cfg0
+        self.device = data.targets[members[0].sel_task].device
+        self.train_idx = labelled_train(data)
+        self.orders = BatchOrders(members, data, self.train_idx)
+        self.n = self.orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
+        self.spe = steps_per_epoch(self.n, cfg0.batch_size)
+        self.total_steps = cfg0.epochs * self.spe
+        for m in members:
+            m.opt = make_optimizer(m.cfg.optimizer, param_groups(m.head, m.crit), m.cfg.lr, m.cfg.weight_decay)
+            m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
+            m.sched = Schedule(m.cfg.schedule, m.opt, self.total_steps, int(m.cfg.warmup * self.total_steps),
+                               m.selector.mode)
+            m.ema = EMA(m.head, m.cfg.ema) if m.cfg.ema else None
+        self.tell = {m: progress_hook(m.head, m.crit) for m in members}  # warm-ups and schedules of heads and losses
+        self.val_idx = data.split_index["val"]
+
+    def train_epoch(self, epoch: int, active: list[Member]) -> None:
+        data, device, bs, n = self.data, self.device, self.cfg0.batch_size, self.n
+        perm = self.orders.epoch()
         for m in active:
             m.head.train()
             m.crit.train()
@@ -222,64 +220,71 @@ def fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
         keys = list(dict.fromkeys(m.order_key() for m in active))
         shard = data.shard  # under torchrun: this rank's rows of each batch (mmcache.heads.parallel)
         # BatchNorm cannot train on one row (on one row per rank, data-parallel)
-        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= (shard.min_batch() if shard.parallel else 2)]
+        starts = [s for s in range(0, n, bs) if n - s >= (shard.min_batch() if shard.parallel else 2)]
         # One gather of rows per batch order and step, in this order; streamed rows are read ahead in a thread.
-        step_idx = [shard.rows(train_idx[perm[key][s:s + cfg0.batch_size].to(device)]) for s in starts for key in keys]
+        step_idx = [shard.rows(self.train_idx[perm[key][s:s + bs].to(device)]) for s in starts for key in keys]
         rows = data.batches(step_idx)
         for k_step in range(len(starts)):
             feats: dict[tuple[Any, ...], Any] = {}
             for j, key in enumerate(keys):
                 idx = step_idx[k_step * len(keys) + j]
                 feats[key] = (next(rows), {t: data.targets[t].index_select(0, idx) for t in data.tasks},
-                              teacher.index_select(0, idx) if teacher is not None else None)
-            total: torch.Tensor | None = None
-            for m in active:
-                x, targets, teach = feats[m.order_key()]
-                t_member = time.perf_counter()
-                m.rng_in()
-                tell[m](TrainProgress(epoch - 1, (epoch - 1) * spe + m.steps, total_steps))
-                logits = m.head(x)
-                loss, _ = m.crit(logits, targets, teach)
-                m.rng_out()
-                m.busy += time.perf_counter() - t_member
-                total = loss if total is None else total + loss
-                m.loss_sum = m.loss_sum + loss.detach()
-                m.steps += 1
-            for m in active:
-                cast(torch.optim.Optimizer, m.opt).zero_grad(set_to_none=True)
-            cast(torch.Tensor, total).backward()  # one backward: each member's gradient is its own loss's
-            if shard.parallel:  # the gradients of the whole batch: averaged over the ranks' rows
-                shard.average_grads(p for m in active for p in [*m.head.parameters(), *m.crit.parameters()])
-            for m in active:
-                cast(torch.optim.Optimizer, m.opt).step()
-                cast(Schedule, m.sched).step()
-                if m.ema is not None:
-                    m.ema.update()
-        seconds = time.perf_counter() - t0
+                              data.teacher.index_select(0, idx) if data.teacher is not None else None)
+            self.step(epoch, active, feats)
+
+    def step(self, epoch: int, active: list[Member], feats: dict[tuple[Any, ...], Any]) -> None:
+        """One optimizer step of every active member: its forward with its random state swapped in, one backward
+        over the summed losses, each member's update."""
+        total: torch.Tensor | None = None
+        for m in active:
+            x, targets, teach = feats[m.order_key()]
+            t_member = time.perf_counter()
+            m.rng_in()
+            self.tell[m](TrainProgress(epoch - 1, (epoch - 1) * self.spe + m.steps, self.total_steps))
+            logits = m.head(x)
+            loss, _ = m.crit(logits, targets, teach)
+            m.rng_out()
+            m.busy += time.perf_counter() - t_member
+            total = loss if total is None else total + loss
+            m.loss_sum = cast(torch.Tensor, m.loss_sum) + loss.detach()
+            m.steps += 1
+        for m in active:
+            cast(torch.optim.Optimizer, m.opt).zero_grad(set_to_none=True)
+        cast(torch.Tensor, total).backward()  # one backward: each member's gradient is its own loss's
+        shard = self.data.shard
+        if shard.parallel:  # the gradients of the whole batch: averaged over the ranks' rows
+            shard.average_grads(p for m in active for p in [*m.head.parameters(), *m.crit.parameters()])
+        for m in active:
+            cast(torch.optim.Optimizer, m.opt).step()
+            step_end(m)
+
+    def validate(self, epoch: int, active: list[Member], seconds: float) -> list[EpochRow]:
+        data, val_idx, out = self.data, self.val_idx, []
         for m in active:
             m.crit.eval()
-            with m.ema.applied() if m.ema is not None else nullcontext():  # evaluated and kept: the averages
-                # Gathered chunk by chunk each epoch: never a float32 copy of the whole split.
-                vlog = logits_of(m.head, data.chunks(val_idx, EVAL_BATCH), data.tasks, len(val_idx))
-                vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
-                                 m.sel_metric)
-                vm["loss"] = eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
-                opt = cast(torch.optim.Optimizer, m.opt)
-                m.curves.append(curve_row(epoch, float(shard.mean(cast(torch.Tensor, m.loss_sum))) / max(1, m.steps), vm,
-                                          opt.param_groups[0]["lr"], seconds / len(active)))
-                value = vm.get(m.sel_metric, float("nan"))
-                sel = cast(Selector, m.selector)
-                sel.update(epoch, value, lambda m=m: snapshot(m.head))
-            cast(Schedule, m.sched).epoch_end(value)
-            if sel.stopped:
-                log(m.cfg, f"early stop after epoch {epoch}: no better val {m.sel_metric} for {sel.stale} epochs")
-        if len(members) == 1:
-            m = members[0]
-            bar.set_postfix(loss=f"{m.curves[-1]['train_loss']:.3f}",
-                            **{f"val_{m.sel_metric}": f"{m.curves[-1].get('val_' + m.sel_metric, float('nan')):.4f}"})
-        active = [m for m in active if not cast(Selector, m.selector).stopped]
-        if not active:
-            break
+            # Gathered chunk by chunk each epoch: never a float32 copy of the whole split.
+            vlog = logits_of(m.head, data.chunks(val_idx, EVAL_BATCH), data.tasks, len(val_idx))
+            vm = val_metrics(data.targets[m.sel_task][val_idx], adjust_logits(vlog, m.offsets)[m.sel_task],
+                             m.sel_metric)
+            vm["loss"] = eval_loss(m.crit, vlog, data, val_idx, epoch - 1)
+            train_loss = float(data.shard.mean(cast(torch.Tensor, m.loss_sum))) / max(1, m.steps)
+            out.append(EpochRow(vm, train_loss, cast(torch.optim.Optimizer, m.opt).param_groups[0]["lr"],
+                                seconds / len(active)))
+        return out
+
+    def state(self, unit: Member) -> dict[str, Any]:
+        return snapshot(unit.head)
+
+    def note(self, unit: Member, message: str) -> None:
+        log(unit.cfg, message)
+
+
+def fit_lockstep(members: list[Member], data: CachedData, quiet: bool) -> None:
+    """Minibatch training of every member for the same epochs and batch size, one shared batch gather per
+    seed and step; each member keeps its own optimizer, schedule, selection and random stream."""
+    task = LockstepTask(members, data)
+    label = f"train x{len(members)}" if len(members) > 1 else "train"
+    fit(task, members[0].cfg.epochs, callbacks=[EpochBar(label, disable=quiet)])
     for m in members:
         m.best_epoch, m.best_value, state = cast(Selector, m.selector).result()
         if m.keep_last:  # a refit trains on its val rows: its last epoch is the model (the averages with --ema)

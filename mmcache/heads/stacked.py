@@ -14,17 +14,16 @@ schedules) train in the generic lockstep loop of `mmcache.heads.train`.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from mmcache.engine import IGNORE, Schedule, Selector, curve_row, steps_per_epoch, val_metrics_many
+from mmcache.engine import IGNORE, Schedule, Selector, steps_per_epoch, val_metrics_many
+from mmcache.engine.loop import EpochBar, EpochRow, TaskBase, fit
 from mmcache.heads.data import prefetch
 from mmcache.heads.lockstep import BatchOrders, labelled_train
 from mmcache.heads.losses import Criterion
-from mmcache.progress import bar as progress_bar
 
 FUSE_CHUNK = 8192  # rows fused at once for evaluation
 
@@ -192,154 +191,185 @@ def _ce_slots(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
     return loss, d
 
 
+class StackTask(TaskBase):
+    """Stacked probes on the engine's fit loop (`mmcache.engine.loop`): each member is a selection unit; the stack's
+    weights, optimizer and schedule factors are one for all of them."""
+
+    def __init__(self, members: list[Member], data: CachedData) -> None:
+        cfg0 = members[0].cfg
+        self.units, self.data, self.cfg0 = members, data, cfg0
+        self.head0 = cast("LinearHead", members[0].head)
+        crit0 = members[0].crit
+        self.tasks = tasks = list(data.tasks)
+        self.k_all = len(members)
+        self.index = {m: j for j, m in enumerate(members)}
+        self.train_idx = train_idx = labelled_train(data)
+        self.val_idx = data.split_index["val"]
+        self.orders = BatchOrders(members, data, train_idx)
+        self.n = self.orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
+        self.device = device = train_idx.device
+        self.head0.eval()  # D=0: the fused features carry no parameters; they are computed per batch from the rows
+        self.y_train = {t: data.targets[t][train_idx] for t in tasks}
+        self.y_val = {t: data.targets[t][self.val_idx] for t in tasks}
+        self.weights = {t: getattr(crit0, f"w_{t}", None) for t in tasks}
+        self.smoothing = crit0.label_smoothing
+        self.W = {t: torch.stack([_clf(m, t).weight.detach() for m in members]).clone().requires_grad_() for t in tasks}
+        self.B = {t: torch.stack([_clf(m, t).bias.detach() for m in members]).clone().requires_grad_() for t in tasks}
+        self.lr = torch.tensor([m.cfg.lr for m in members], dtype=torch.float32, device=device)
+        wd = torch.tensor([m.cfg.weight_decay for m in members], dtype=torch.float32, device=device)
+        self.opt = StackedOptimizer(cfg0.optimizer, [*self.W.values(), *self.B.values()], wd)
+        self.factors = schedule_factors(cfg0.schedule, cfg0.epochs * steps_per_epoch(self.n, cfg0.batch_size),
+                                        cfg0.warmup)
+        self.done = 0
+        for m in members:
+            m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
+        slots: dict[tuple[Any, ...], slice] = {}
+        for j, m in enumerate(members):
+            a = slots.get(m.order_key(), slice(j, j))
+            slots[m.order_key()] = slice(a.start, j + 1)
+        self.slots = slots
+        sizes = {sl.stop - sl.start for sl in slots.values()}
+        # Several orders with as many configs each: all of them as one batched product ([orders, batch, features]);
+        # a single order is one plain matrix product (bmm's backward is slower there).
+        self.batched = len(sizes) == 1 and len(slots) > 1
+        self.n_slots, self.per_slot = len(slots), self.k_all // len(slots)
+        self.best_W = {t: w.detach().clone() for t, w in self.W.items()}
+        self.best_B = {t: b.detach().clone() for t, b in self.B.items()}
+        self.loss_sum = torch.zeros(self.k_all, device=device)
+        self.steps = 0
+
+    def fused(self, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head0.fused(self.data.batch(idx))
+
+    def train_epoch(self, epoch: int, active: list[Member]) -> None:
+        bs, n, shard = self.cfg0.batch_size, self.n, self.data.shard
+        perm = {key: p.to(self.device) for key, p in self.orders.epoch().items()}
+        order_pos = order_y = None
+        if self.batched:  # this epoch's rows and targets in each order's sequence: a step takes a slice
+            order_pos = torch.stack([perm[key] for key in self.slots])  # [orders, n]
+            order_y = {t: self.y_train[t][order_pos] for t in self.tasks}
+        self.loss_sum = torch.zeros(self.k_all, device=self.device)
+        self.steps = 0
+        # As the single-run loop: no one-row batch (data-parallel: no rank with one row). Each rank takes its rows
+        # `rank::world` of every batch (mmcache.heads.parallel).
+        starts = [s for s in range(0, n, bs) if n - s >= (shard.min_batch() if shard.parallel else 2)]
+        # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed.
+        step_rows = [self.train_idx[cast(torch.Tensor, order_pos)[:, s:s + bs][:, shard.rank::shard.world].reshape(-1)]
+                     for s in starts] if self.batched else \
+            [self.train_idx[shard.rows(perm[key][s:s + bs])] for s in starts for key in self.slots]
+        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed)
+        for s in starts:
+            with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
+                if self.batched:
+                    self.batched_grads(s, cast(torch.Tensor, order_pos), cast("dict[str, torch.Tensor]", order_y), xs)
+                else:
+                    self.slot_grads(s, perm, xs)
+            shard.average_grads([*self.W.values(), *self.B.values()])  # data-parallel: the whole batch's gradient
+            self.opt.step(self.lr * self.factors[self.done])
+            self.done += 1
+            self.steps += 1
+
+    def batched_grads(self, s: int, order_pos: torch.Tensor, order_y: dict[str, torch.Tensor], xs: Any) -> None:
+        """The gradients of step `s` of every order at once (one batched product per task)."""
+        bs, shard, W, B = self.cfg0.batch_size, self.data.shard, self.W, self.B
+        n_slots, per_slot = self.n_slots, self.per_slot
+        pos = order_pos[:, s:s + bs][:, shard.rank::shard.world]
+        rows = pos.shape[1]
+        x = next(xs).view(n_slots, rows, -1)
+        for t in self.tasks:
+            c, f = W[t].shape[1:]
+            logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
+                                   W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
+            per, d = _ce_slots(logits.view(n_slots, rows, per_slot, c),
+                               order_y[t][:, s:s + bs][:, shard.rank::shard.world], self.weights[t],
+                               self.smoothing, grad=True)
+            assert d is not None
+            d = d.view(n_slots, rows, per_slot * c)
+            W[t].grad = torch.bmm(d.transpose(1, 2), x).view(self.k_all, c, f)
+            B[t].grad = d.sum(1).view(self.k_all, c)
+            self.loss_sum += per
+
+    def slot_grads(self, s: int, perm: dict[tuple[Any, ...], torch.Tensor], xs: Any) -> None:
+        """The gradients of step `s`, one plain matrix product per batch order and task."""
+        bs, shard, W, B = self.cfg0.batch_size, self.data.shard, self.W, self.B
+        for t in self.tasks:
+            W[t].grad, B[t].grad = torch.empty_like(W[t]), torch.empty_like(B[t])
+        for key, sl in self.slots.items():
+            pos = shard.rows(perm[key][s:s + bs])
+            x = next(xs)
+            for t in self.tasks:
+                w, b = W[t][sl], B[t][sl]
+                kk, c, f = w.shape
+                logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T)
+                per, d = _ce_slots(logits.view(1, len(pos), kk, c), self.y_train[t].index_select(0, pos)[None],
+                                   self.weights[t], self.smoothing, grad=True)
+                assert d is not None
+                d = d.view(len(pos), kk * c)
+                torch.mm(d.T, x, out=cast(torch.Tensor, W[t].grad)[sl].view(kk * c, f))
+                torch.sum(d, 0, out=cast(torch.Tensor, B[t].grad)[sl].view(kk * c))
+                self.loss_sum[sl] += per
+
+    def validate(self, epoch: int, active: list[Member], seconds: float) -> list[EpochRow]:
+        tasks, y_val = self.tasks, self.y_val
+        factor = self.factors[self.done]
+        with torch.no_grad():
+            vlog = _stack_logits(self.head0, self.data, self.val_idx, {t: self.W[t].detach() for t in tasks},
+                                 {t: self.B[t].detach() for t in tasks})
+            vloss = sum(_ce(vlog[t], y_val[t], self.weights[t], self.smoothing) for t in tasks)
+        # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
+        vms: dict[int, dict[str, float]] = {}
+        by_sel: dict[tuple[str, str], list[int]] = {}
+        for m in active:
+            by_sel.setdefault((m.sel_task, m.sel_metric), []).append(self.index[m])
+        for (task, metric), js in by_sel.items():
+            vms.update(zip(js, val_metrics_many(y_val[task], vlog[task][:, js], metric), strict=True))
+        train_loss = (self.data.shard.mean(self.loss_sum).double() / max(1, self.steps)).tolist()
+        val_loss = cast(torch.Tensor, vloss).tolist()
+        out = []
+        for m in active:
+            j = self.index[m]
+            vm = vms[j]
+            vm["loss"] = val_loss[j]
+            out.append(EpochRow(vm, train_loss[j], float(self.lr[j]) * factor, seconds / self.k_all))
+        return out
+
+    def state(self, unit: Member) -> dict[str, Any]:
+        # The selector records the epoch and value only (an empty state): the weights of every improved config are
+        # copied in `selected`, in one go.
+        return {}
+
+    def selected(self, epoch: int, improved: list[Member]) -> None:
+        if improved:  # the best weights so far, kept for every config at once
+            better_rows = torch.tensor([self.index[m] for m in improved], device=self.device)
+            for t in self.tasks:
+                self.best_W[t].index_copy_(0, better_rows, self.W[t].detach().index_select(0, better_rows))
+                self.best_B[t].index_copy_(0, better_rows, self.B[t].detach().index_select(0, better_rows))
+
+
+def schedule_factors(schedule: str, total_steps: int, warmup: float) -> list[float]:
+    """The learning rate's factor after k optimizer steps (k = 0 .. total_steps), from torch's scheduler driving a
+    unit learning rate."""
+    unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = Schedule(schedule, unit, total_steps, int(warmup * total_steps))
+    factors = [unit.param_groups[0]["lr"]]
+    with warnings.catch_warnings():  # the unit optimizer never steps: nothing to warn about
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(total_steps):
+            sched.step()
+            factors.append(unit.param_groups[0]["lr"])
+    return factors
+
+
 def _fit_stack(members: list[Member], data: CachedData, quiet: bool) -> None:
     # Members that share a batch order (seed) sit next to each other: each order's weights are one slice.
     first: dict[tuple[Any, ...], int] = {}
     for j, m in enumerate(members):
         first.setdefault(m.order_key(), j)
     members = sorted(members, key=lambda m: first[m.order_key()])
-    cfg0 = members[0].cfg
-    head0 = cast("LinearHead", members[0].head)
-    crit0 = members[0].crit
-    tasks = list(data.tasks)
-    k_all = len(members)
-    train_idx = labelled_train(data)
-    val_idx = data.split_index["val"]
-    orders = BatchOrders(members, data, train_idx)
-    n = orders.n  # rows an epoch trains on (the upsampled pool's size with --upsample)
-    device = train_idx.device
-    shard = data.shard
-    head0.eval()  # D=0: the fused features carry no parameters; they are computed per batch from the rows
-
-    def fused(idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return head0.fused(data.batch(idx))
-
-    y_train = {t: data.targets[t][train_idx] for t in tasks}
-    y_val = {t: data.targets[t][val_idx] for t in tasks}
-    weights = {t: getattr(crit0, f"w_{t}", None) for t in tasks}
-    smoothing = crit0.label_smoothing
-    W = {t: torch.stack([_clf(m, t).weight.detach() for m in members]).clone().requires_grad_() for t in tasks}
-    B = {t: torch.stack([_clf(m, t).bias.detach() for m in members]).clone().requires_grad_() for t in tasks}
-    lr = torch.tensor([m.cfg.lr for m in members], dtype=torch.float32, device=device)
-    wd = torch.tensor([m.cfg.weight_decay for m in members], dtype=torch.float32, device=device)
-    opt = StackedOptimizer(cfg0.optimizer, [*W.values(), *B.values()], wd)
-    # The schedule's factor comes from torch's scheduler driving a unit learning rate.
-    unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    total_steps = cfg0.epochs * steps_per_epoch(n, cfg0.batch_size)
-    sched = Schedule(cfg0.schedule, unit, total_steps, int(cfg0.warmup * total_steps))
-    factors = [unit.param_groups[0]["lr"]]  # factors[k]: the learning rate's factor after k optimizer steps
-    with warnings.catch_warnings():  # the unit optimizer never steps: nothing to warn about
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(total_steps):
-            sched.step()
-            factors.append(unit.param_groups[0]["lr"])
-    done = 0
-    for m in members:
-        m.selector = Selector(m.sel_metric, m.cfg.early_stopping)
-    slots: dict[tuple[Any, ...], slice] = {}
-    for j, m in enumerate(members):
-        a = slots.get(m.order_key(), slice(j, j))
-        slots[m.order_key()] = slice(a.start, j + 1)
-    sizes = {sl.stop - sl.start for sl in slots.values()}
-    # Several orders with as many configs each: all of them as one batched product ([orders, batch, features]);
-    # a single order is one plain matrix product (bmm's backward is slower there).
-    batched = len(sizes) == 1 and len(slots) > 1
-    n_slots, per_slot = len(slots), k_all // len(slots)
-    live = [True] * k_all
-    best_W = {t: w.detach().clone() for t, w in W.items()}
-    best_B = {t: b.detach().clone() for t, b in B.items()}
-    bar = progress_bar(range(1, cfg0.epochs + 1), desc=f"train x{k_all} (stacked)", unit="ep", disable=quiet)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        perm = {key: p.to(device) for key, p in orders.epoch().items()}
-        if batched:  # this epoch's rows and targets in each order's sequence: a step takes a slice
-            order_pos = torch.stack([perm[key] for key in slots])  # [orders, n]
-            order_y = {t: y_train[t][order_pos] for t in tasks}
-        loss_sum = torch.zeros(k_all, device=device)
-        steps = 0
-        # As the single-run loop: no one-row batch (data-parallel: no rank with one row). Each rank takes its rows
-        # `rank::world` of every batch (mmcache.heads.parallel).
-        starts = [s for s in range(0, n, cfg0.batch_size) if n - s >= (shard.min_batch() if shard.parallel else 2)]
-        # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed.
-        step_rows = [train_idx[order_pos[:, s:s + cfg0.batch_size][:, shard.rank::shard.world].reshape(-1)]
-                     for s in starts] if batched else \
-            [train_idx[shard.rows(perm[key][s:s + cfg0.batch_size])] for s in starts for key in slots]
-        xs = prefetch(fused, step_rows, enabled=data.streamed)
-        for s in starts:
-            with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
-                if batched:
-                    pos = order_pos[:, s:s + cfg0.batch_size][:, shard.rank::shard.world]
-                    rows = pos.shape[1]
-                    x = next(xs).view(n_slots, rows, -1)
-                    for t in tasks:
-                        c, f = W[t].shape[1:]
-                        logits = torch.baddbmm(B[t].view(n_slots, 1, per_slot * c), x,
-                                               W[t].view(n_slots, per_slot * c, f).transpose(1, 2))
-                        per, d = _ce_slots(logits.view(n_slots, rows, per_slot, c),
-                                           order_y[t][:, s:s + cfg0.batch_size][:, shard.rank::shard.world], weights[t],
-                                           smoothing, grad=True)
-                        assert d is not None
-                        d = d.view(n_slots, rows, per_slot * c)
-                        W[t].grad = torch.bmm(d.transpose(1, 2), x).view(k_all, c, f)
-                        B[t].grad = d.sum(1).view(k_all, c)
-                        loss_sum += per
-                else:
-                    for t in tasks:
-                        W[t].grad, B[t].grad = torch.empty_like(W[t]), torch.empty_like(B[t])
-                    for key, sl in slots.items():
-                        pos = shard.rows(perm[key][s:s + cfg0.batch_size])
-                        x = next(xs)
-                        for t in tasks:
-                            w, b = W[t][sl], B[t][sl]
-                            kk, c, f = w.shape
-                            logits = torch.addmm(b.reshape(1, kk * c), x, w.reshape(kk * c, f).T)
-                            per, d = _ce_slots(logits.view(1, len(pos), kk, c), y_train[t].index_select(0, pos)[None],
-                                               weights[t], smoothing, grad=True)
-                            assert d is not None
-                            d = d.view(len(pos), kk * c)
-                            torch.mm(d.T, x, out=cast(torch.Tensor, W[t].grad)[sl].view(kk * c, f))
-                            torch.sum(d, 0, out=cast(torch.Tensor, B[t].grad)[sl].view(kk * c))
-                            loss_sum[sl] += per
-            shard.average_grads([*W.values(), *B.values()])  # data-parallel: the whole batch's gradient
-            opt.step(lr * factors[done])
-            done += 1
-            steps += 1
-        seconds = time.perf_counter() - t0
-        factor = factors[done]
-        with torch.no_grad():
-            vlog = _stack_logits(head0, data, val_idx, {t: W[t].detach() for t in tasks},
-                                       {t: B[t].detach() for t in tasks})
-            vloss = sum(_ce(vlog[t], y_val[t], weights[t], smoothing) for t in tasks)
-        # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
-        vms: dict[int, dict[str, float]] = {}
-        by_sel: dict[tuple[str, str], list[int]] = {}
-        for j, m in enumerate(members):
-            if live[j]:
-                by_sel.setdefault((m.sel_task, m.sel_metric), []).append(j)
-        for (task, metric), js in by_sel.items():
-            vms.update(zip(js, val_metrics_many(y_val[task], vlog[task][:, js], metric), strict=True))
-        train_loss = (shard.mean(loss_sum).double() / max(1, steps)).tolist()
-        val_loss = cast(torch.Tensor, vloss).tolist()
-        improved = []
-        for j, vm in vms.items():
-            m = members[j]
-            vm["loss"] = val_loss[j]
-            m.curves.append(curve_row(epoch, train_loss[j], vm, float(lr[j]) * factor, seconds / k_all))
-            sel = cast(Selector, m.selector)
-            # The selector records the epoch and value only (an empty state): the weights of every improved
-            # config are copied below in one go.
-            if sel.update(epoch, vm.get(m.sel_metric, float("nan")), dict):
-                improved.append(j)
-            live[j] = not sel.stopped
-        if improved:  # the best weights so far, kept for every config at once
-            better_rows = torch.tensor(improved, device=device)
-            for t in tasks:
-                best_W[t].index_copy_(0, better_rows, W[t].detach().index_select(0, better_rows))
-                best_B[t].index_copy_(0, better_rows, B[t].detach().index_select(0, better_rows))
-        if not any(live):
-            break
+    task = StackTask(members, data)
+    fit(task, members[0].cfg.epochs, callbacks=[EpochBar(f"train x{len(members)} (stacked)", disable=quiet)])
     for j, m in enumerate(members):
         m.best_epoch, m.best_value, _ = cast(Selector, m.selector).result()
-        m.head.load_state_dict({**{f"classifiers.{t}.weight": best_W[t][j].clone() for t in tasks},
-                                **{f"classifiers.{t}.bias": best_B[t][j].clone() for t in tasks}})
+        m.head.load_state_dict({**{f"classifiers.{t}.weight": task.best_W[t][j].clone() for t in task.tasks},
+                                **{f"classifiers.{t}.bias": task.best_B[t][j].clone() for t in task.tasks}})
