@@ -1,4 +1,4 @@
-"""`mmcache cache`: list, inspect, verify and remove feature stores."""
+"""`mmcache cache`: list, inspect, verify and remove feature stores; import features computed elsewhere."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def human_bytes(n: float) -> str:
 
 def spec_summary(spec: dict[str, Any], spec_hash: str) -> str:
     """A short description of an extractor spec: preset, model, weights, hash."""
-    parts = [str(spec[k]) for k in ("preset", "model", "weights", "pretrained") if spec.get(k) not in (None, "")]
+    parts = [str(spec[k]) for k in ("preset", "model", "weights", "pretrained", "source")
+             if spec.get(k) not in (None, "")]
     return " ".join(dict.fromkeys(parts)) + f" #{spec_hash[:8]}"
 
 
@@ -163,6 +164,38 @@ def rm(
             raise MMCacheError(f"{p} is being written by another process; stop it before removing the store") from None
         lock_path(p).unlink(missing_ok=True)
         typer.echo(f"removed {p} ({human_bytes(size)})")
+
+
+@app.command("import", no_args_is_help=True)
+def import_cmd(
+    dataset: Annotated[str, typer.Argument(help="Dataset name: the store goes to cache/<dataset>/.")],
+    modality: Annotated[str, typer.Option("--modality", help="image, text, context, video or audio.")],
+    name: Annotated[str, typer.Option("--name", help="Store name: cache/<dataset>/<modality>/<name>.h5 "
+                                      "(heads train --vtype/--ttype/--atype NAME).")],
+    features: Annotated[list[str], typer.Option(
+        "--features", help="A .npz / .safetensors file with arrays pooled [N,d], optionally tokens [N,T,d] + mask "
+        "[N,T] (and ids); or a .npy (pooled), with tokens=FILE.npy and mask=FILE.npy given again.")],
+    ids: Annotated[Path | None, typer.Option(
+        "--ids", help="Ids in row order: a text file, one per line, or a .csv with an id column (else the ids "
+        "inside the features file: npz array 'ids', safetensors metadata 'ids').")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="CSV of id,split,label[,label_<task>]: written as the dataset's manifest when it has none.")]
+    = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Cache folder.")] = DEFAULT_CACHE,
+    dtype: Annotated[str, typer.Option("--dtype", help="Store dtype: float16 or float32.")] = "float16",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Write a feature store from arrays computed elsewhere (OpenFace, openSMILE, another pipeline).
+
+    Rows with NaN/inf are recorded as failed, never stored; the spec records the source files and their sha256, so
+    the same import again resumes and other files under the same store name are refused.
+    """
+    from mmcache.cache.importer import import_features, summary
+
+    res = import_features(dataset, modality, name, features, ids_file=ids, manifest=manifest, cache_dir=cache_dir,
+                          dtype=dtype, progress=not no_progress)
+    for line in summary(res):
+        typer.echo(line)
 
 
 def main() -> None:
