@@ -83,12 +83,13 @@ def test_a_run_name_never_leads_out_of_the_runs_folder(tmp_path: Path, name: str
     # heads train, cross-validation and sweeps name their folders through the same function.
     with pytest.raises(MMCacheError, match="not a path"):
         new_run_dir(tmp_path / "runs", "demo", name, ["heads"])
-    taken = new_run_dir(tmp_path / "runs", "demo", "sweeps/s/cfg_seed0", ["heads"])
-    assert taken == tmp_path / "runs" / "demo" / "sweeps" / "s" / "cfg_seed0"
-    from mmcache.runfolder import release
+    from mmcache.runfolder import releasing
 
-    release(taken)  # the name was held; given up, it leaves no file behind, and nothing outside the runs folder
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()] and sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"])
+    with releasing():  # the names it takes (the sweep's and the run's) are given up at the end
+        taken = new_run_dir(tmp_path / "runs", "demo", "sweeps/s/cfg_seed0", ["heads"])
+    assert taken == tmp_path / "runs" / "demo" / "sweeps" / "s" / "cfg_seed0"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no file, and nothing outside the runs folder
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"])
 
 
 def test_resume_of_a_finished_run_says_it_is_finished(tmp_path: Path) -> None:
