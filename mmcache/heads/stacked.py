@@ -26,6 +26,7 @@ from mmcache.heads.lockstep import BatchOrders, labelled_train
 from mmcache.heads.losses import Criterion
 
 FUSE_CHUNK = 8192  # rows fused at once for evaluation
+FUSED_CACHE_BYTES = 256 << 20  # rows in memory whose fused features take at most this are fused once per fit
 
 if TYPE_CHECKING:
     from mmcache.heads.data import CachedData
@@ -237,9 +238,23 @@ class StackTask(TaskBase):
         self.best_B = {t: b.detach().clone() for t, b in self.B.items()}
         self.loss_sum = torch.zeros(self.k_all, device=device)
         self.steps = 0
+        self.z_all: torch.Tensor | None = None  # every row's fused features, when in memory and small
+        self.z_all_ok = True
 
     def fused(self, idx: torch.Tensor) -> torch.Tensor:
+        """The fused features of rows `idx`: from the fused rows computed once when the rows are in memory and
+        those take at most FUSED_CACHE_BYTES (each row's fusion is its own, so the values are the same), else
+        fused from the batch."""
         with torch.no_grad():
+            if self.z_all is None and not self.data.streamed and self.z_all_ok:
+                n = len(self.data.ids)
+                width = self.head0.fused(self.data.batch(idx[:1])).shape[1]
+                self.z_all_ok = n * width * 4 <= FUSED_CACHE_BYTES
+                if self.z_all_ok:
+                    rows = torch.arange(n, device=idx.device)
+                    self.z_all = torch.cat([self.head0.fused(f) for f in self.data.chunks(rows, 8192)])
+            if self.z_all is not None:
+                return self.z_all.index_select(0, idx)
             return self.head0.fused(self.data.batch(idx))
 
     def train_epoch(self, epoch: int, active: list[Member]) -> None:
