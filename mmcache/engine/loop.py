@@ -35,12 +35,19 @@ from mmcache.engine.steps import EMA
 
 
 class Unit(Protocol):
-    """One selection: what the loop reads and updates at an epoch end."""
+    """One selection: what the loop reads and updates at an epoch end (its selector is set before the fit)."""
 
-    selector: Selector | None
-    sched: Schedule | None
-    ema: EMA | None
-    curves: list[dict[str, Any]]
+    @property
+    def selector(self) -> Selector | None: ...
+
+    @property
+    def sched(self) -> Schedule | None: ...
+
+    @property
+    def ema(self) -> EMA | None: ...
+
+    @property
+    def curves(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass(eq=False)

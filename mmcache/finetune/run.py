@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,7 +50,6 @@ from mmcache.engine import (
     TrainProgress,
     adjust_logits,
     check_ema,
-    curve_row,
     logit_offsets,
     make_optimizer,
     named_run_dir,
@@ -61,6 +60,16 @@ from mmcache.engine import (
     val_metrics,
     warn_failed_checks,
     write_run,
+)
+from mmcache.engine.loop import (
+    Callback,
+    EpochRow,
+    FitUnit,
+    TaskBase,
+    callback_states,
+    fit,
+    load_callback_states,
+    step_end,
 )
 from mmcache.engine.metrics import classification_metrics
 from mmcache.errors import MMCacheError
@@ -864,6 +873,477 @@ def finetune(cfg: FinetuneConfig) -> RunResult | None:
         return _finetune(cfg)
 
 
+@dataclass(eq=False)
+class Prepared:
+    """What a fine-tuning run reads before any encoder loads: its rows, stores, classes and criterion."""
+
+    ds: Dataset
+    context_from: dict[str, Any] | None
+    tasks: list[str]
+    pair_classes: set[int] | None
+    cached: CachedInputs | None
+    fixed: dict[str, dict[str, Any]]
+    stream: Any
+    train_s: list[Sample]
+    val_s: list[Sample]
+    test_s: list[Sample]
+    by_id: dict[str, Sample]
+    srcs: list[str]
+    pool: list[Sample]
+    n_train: int
+    n_classes: dict[str, int]
+    counts: dict[str, torch.Tensor]
+    crit: Any
+
+
+def _prepare(cfg: FinetuneConfig, world: int, rank: int) -> Prepared:
+    """The run's dataset, rows of each split, stores and criterion, each refused in one line when unusable."""
+    stream, data = open_stream(cfg, world, rank == 0 and not cfg.quiet) if cfg.stream else (None, None)  # data: val
+    ds, context_from = _with_context(data or load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
+                                                          **cfg.dataset_options), cfg)
+    tasks = cfg.tasks or list(ds.labels.tasks)
+    unknown = [t for t in tasks if t not in ds.labels.tasks]
+    if unknown:
+        raise MMCacheError(f"unknown task(s) {unknown}; {cfg.dataset!r} has {list(ds.labels.tasks)}")
+    pair_classes = contrastive_class_ids(cfg, ds.labels.tasks[ds.labels.primary], ds.labels.primary)
+    cached, fixed = open_stores(cfg, cast(str, cfg.head))
+    quiet = cfg.quiet or rank != 0
+    train_s = [] if stream else drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
+    val_s = drop_unstored(_subset(ds, "val", cfg.limit) or _subset(ds, "test", cfg.limit), cached, "val", quiet)
+    test_s = drop_unstored(_subset(ds, "test", cfg.limit), cached, "test", quiet)
+    if not (train_s or stream) or not val_s:
+        where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
+        raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
+                           + ("; run `mmcache extract` for them" if where else ""))
+    if not stream and len(train_s) < 2:  # a batch of one is skipped (BatchNorm cannot train on one row)
+        raise MMCacheError(f"{cfg.dataset!r} has {len(train_s)} train row(s) to fine-tune on; a head needs at least 2"
+                           + (" (raise --limit)" if cfg.limit else ""))
+    for m, spec in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
+        if m in FIELDS and all(getattr(s, m) is None for s in train_s + val_s):
+            raise MMCacheError(f"--{m} {spec}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "
+                               f"field; drop --{m} (this dataset's adapter provides none)")
+    pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample
+    # The criterion needs only the classes and their train counts: built before any encoder loads, so a loss
+    # option out of range fails in seconds, not after the models are read.
+    n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
+    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool or val_s if t in s.labels], dtype=torch.long),
+                                minlength=n) for t, n in n_classes.items()}
+    crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options)
+    return Prepared(ds=ds, context_from=context_from, tasks=tasks, pair_classes=pair_classes, cached=cached,
+                    fixed=fixed, stream=stream, train_s=train_s, val_s=val_s, test_s=test_s, by_id=ds.by_id(),
+                    srcs=sources(ds.samples), pool=pool, n_train=stream.epoch_samples if stream else len(pool),
+                    n_classes=n_classes, counts=counts, crit=crit)
+
+
+def _build_encoders(cfg: FinetuneConfig, prep: Prepared) -> tuple[dict[str, Extractor], int]:
+    """The live encoders, trainable as the run asks (full, LoRA, frozen), and their trainable parameter count."""
+    encoders = {m: build_encoder(m, p, **prep.fixed.get(m, {})) for m, p in cfg.encoders.items()}
+    if prep.context_from is not None:
+        encoders["context"].config["context_from"] = prep.context_from  # the spec says which texts it read
+    trainable = 0
+    for enc in encoders.values():
+        if cfg.freeze_encoders:
+            enc.requires_grad_(False)
+        elif cfg.lora:
+            trainable += apply_lora(enc, cfg)
+        else:
+            enc.requires_grad_(True)
+            trainable += sum(p.numel() for p in enc.parameters())
+        if cfg.grad_checkpointing and not cfg.freeze_encoders:
+            enable_grad_checkpointing(enc)
+    augmented = [m for m, enc in encoders.items() if enc.augment]
+    if augmented and cfg.freeze_encoders:
+        raise MMCacheError(f"--{augmented[0]} {cfg.encoders[augmented[0]]}: augment=true augments what a training "
+                           "encoder sees, and frozen encoders (--freeze-encoders) run in evaluation mode; drop one")
+    return encoders, trainable
+
+
+def _build_model(cfg: FinetuneConfig, prep: Prepared, encoders: dict[str, Extractor], init: dict[str, Any] | None,
+                 rank: int) -> LiveModel:
+    """Encoders + the head (its input shapes from one real batch through the encoders, or the `init` run's head) +
+    the contrastive loss, when the run has one."""
+    for enc in encoders.values():
+        enc.eval()  # the probe below trains nothing: no augmented views
+    got = _probe(prep.val_s, list(encoders.values()), list(encoders), cfg)
+    with torch.no_grad(), _adapters_used(encoders if cfg.lora and not cfg.freeze_encoders else {}, cfg):
+        feats = encode(encoders, got[1], prep.cached, got[0], torch.device("cpu"))
+    head_name = cast(str, cfg.head)
+    keys = getattr(HEADS[head_name], "uses", None)
+    inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}
+    seed_everything(cfg.seed)
+    head = build_head(head_name, inputs, prep.n_classes, cfg.head_hparams)
+    if init is not None:
+        check_init_head(init, head, {t: prep.ds.labels.tasks[t] for t in prep.tasks})
+        head.load_state_dict(init["state"])
+        for m, enc in encoders.items():
+            store = next((h for tag, h in init["stores"].items() if tag.split("/", 1)[0] == m), None)
+            if store and store != enc.spec_hash() and rank == 0:
+                print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
+                      f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
+    contrastive, pair = build_contrastive(cfg, feats)
+    return LiveModel(encoders, head, prep.cached, contrastive, pair)
+
+
+class FinetuneTask(TaskBase):
+    """A fine-tuning run on the engine's fit loop (`mmcache.engine.loop`): one selection unit; its epochs decode raw
+    inputs in DataLoader workers, rank 0 validates, and every process agrees on stopping."""
+
+    def __init__(self, cfg: FinetuneConfig, prep: Prepared, model: LiveModel, device: torch.device, world: int,
+                 rank: int) -> None:
+        self.cfg, self.prep, self.model, self.device, self.world, self.rank = cfg, prep, model, device, world, rank
+        self.crit = prep.crit.to(device)
+        self.tasks = prep.tasks
+        from mmcache.heads.train import reference_tau
+
+        self.tau = reference_tau(model.head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
+        self.offsets = logit_offsets(prep.counts, self.tau, prep.ds.labels.tasks)  # subtracted at evaluation
+        # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
+        # The contrastive temperature and projections train at head_lr, the temperature undecayed (as open_clip).
+        self.opt = make_optimizer("adamw", param_groups(model.head, self.crit, model.encoders, encoder_lr=cfg.lr)
+                                  + contrastive_groups(model.contrastive), cfg.head_lr, cfg.weight_decay)
+        self.clip_params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.steps = cfg.epochs * _steps_per_epoch(prep.n_train, cfg, world)
+        self.sel_source, sel_spec = split_select(cfg.select_metric, prep.srcs)
+        self.sel_task, self.metric = parse_select(sel_spec, self.tasks, prep.ds.labels.metric)
+        selector = Selector(self.metric, cfg.early_stopping)
+        sched = Schedule("cosine", self.opt, max(1, self.steps), int(cfg.warmup * self.steps), selector.mode)
+        # The trained weights' average, evaluated and saved instead.
+        self.unit = FitUnit(selector, sched, EMA(model, cfg.ema) if cfg.ema else None)
+        self.units = [self.unit]
+        self.tell = progress_hook(model, self.crit)  # the step reaches the loss's warm-ups and the head's schedules
+        self.state_keys = _state_keys(model, cfg.freeze_encoders)
+        self.prog = Progress()
+        self.net: nn.Module = model
+        self.mods = list(model.encoders)
+        self.t_epoch = 0.0
+        self.save: Callable[[str], None] = lambda tag: None  # the checkpoint writer (`Checkpoints`)
+
+    def wrap(self) -> None:
+        """Under torchrun: the model in DistributedDataParallel."""
+        if self.world > 1:
+            # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           find_unused_parameters=True)
+
+    def step(self) -> None:
+        """One optimizer step (gradients clipped), the schedule's and the weight average's."""
+        cfg = self.cfg
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.max_grad_norm)
+        self.opt.step()
+        if self.model.contrastive is not None:
+            self.model.contrastive.clamp_()
+        step_end(self.unit)
+        self.opt.zero_grad(set_to_none=True)
+        self.prog.global_step += 1
+
+    def epoch_loader(self, epoch: int) -> tuple[Any, int, int]:
+        """This rank's loader of `epoch` (its rest, when resumed mid-epoch), its full batches and the samples it
+        covers, all processes together."""
+        cfg, prog, world, encs = self.cfg, self.prog, self.world, list(self.model.encoders.values())
+        stream = self.prep.stream
+        if stream is not None:  # every rank draws the same number of full batches from its own shards
+            loader: Any = stream.epoch(encs, cfg, epoch, prog.done, self.rank, world)
+            return loader, len(loader), len(loader) * cfg.batch_size * world
+        pool = self.prep.pool
+        rest = epoch_order(len(pool), cfg.seed, epoch)[prog.done:]
+        mine = [pool[i] for i in rest[self.rank::world]]  # each rank its own slice, no padded duplicates
+        full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
+        return _loader(mine, cast("list[Extractor]", encs), cfg, epoch), full_batches, len(rest)
+
+    def train_epoch(self, epoch: int, active: list[Any]) -> None:
+        cfg, prog, model = self.cfg, self.prog, self.model
+        self.t_epoch = time.perf_counter()
+        model.train()
+        self.crit.train()
+        for encoder in model.encoders.values():
+            if cfg.freeze_encoders:
+                encoder.eval()  # frozen encoders keep their normalisation statistics
+        loader, full_batches, n_rest = self.epoch_loader(epoch)
+        bar = progress_bar(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.quiet or self.rank != 0)
+        self.opt.zero_grad(set_to_none=True)
+        pending = 0
+        t_train = time.perf_counter()
+        # Ranks may see different numbers of batches (uneven slices, undecodable rows): DDP's join
+        # lets a rank that runs out early keep answering the others' all-reduces.
+        with self.net.join() if isinstance(self.net, DDP) else nullcontext():
+            for i, batch in enumerate(bar, start=1):
+                if self.batch(epoch, batch):
+                    pending += 1
+                    bar.set_postfix(loss=f"{prog.loss_sum / prog.loss_batches:.4f}")
+                if i % cfg.grad_accum:
+                    continue
+                if pending:
+                    self.step()
+                    pending = 0
+                prog.epoch_steps += 1
+                if cfg.save_every and prog.epoch_steps % cfg.save_every == 0 and i <= full_batches:
+                    base, covered = prog.done, i * cfg.batch_size * self.world
+                    prog.done = base + covered
+                    prog.train_seconds += time.perf_counter() - t_train
+                    prog.samples = prog.samples + covered
+                    self.save(f"epoch{epoch}-step{prog.global_step}")
+                    prog.done, prog.samples = base, prog.samples - covered
+                    t_train = time.perf_counter()
+        if pending:  # the epoch's last, partial accumulation still counts
+            self.step()
+        prog.train_seconds += time.perf_counter() - t_train
+        prog.samples += n_rest
+        if self.prep.stream is not None:
+            self.prep.stream.end_epoch(epoch, self.rank, self.world)
+
+    def batch(self, epoch: int, batch: Any) -> bool:
+        """Forward and backward of one batch (its loss over `grad_accum`); False when no two rows decoded."""
+        cfg, prog, prep, device = self.cfg, self.prog, self.prep, self.device
+        if prep.stream is not None:  # the batch's rows stand in by_id until the next batch
+            prep.stream.take(batch, self.rank, prep.by_id)
+        step_rows = _aligned(batch, self.mods, device)
+        if step_rows is None or len(step_rows[0]) < 2:
+            return False  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
+        ids, inputs_b = step_rows
+        self.tell(TrainProgress(epoch - 1, prog.global_step, self.steps))
+        with _autocast(device, cfg.amp):
+            if self.model.contrastive is not None:
+                logits, pair_loss = self.net(inputs_b, ids, keep=_pair_rows(ids, prep.by_id, prep.ds.labels.primary,
+                                                                            prep.pair_classes, device))
+            else:
+                logits, pair_loss = self.net(inputs_b, ids), None
+        loss, _ = self.crit(logits, _targets(ids, prep.by_id, self.tasks, device), None)
+        total = loss if pair_loss is None else loss + cfg.contrastive_weight * pair_loss.float()
+        (total / cfg.grad_accum).backward()
+        prog.loss_sum += float(loss.detach())
+        prog.loss_batches += 1
+        if pair_loss is not None:
+            prog.contrastive_sum += float(pair_loss.detach())
+        return True
+
+    def validate(self, epoch: int, active: list[Any], seconds: float) -> list[EpochRow | None]:
+        if self.rank != 0:
+            return [None]
+        prep, tasks, device = self.prep, self.tasks, self.device
+        ids, lg = evaluate(self.model, prep.val_s, self.cfg, tasks, device, desc="val")
+        if self.sel_source is not None:  # `--select SOURCE/...`: that source dataset's val rows choose the epoch
+            keep = [k for k, i in enumerate(ids) if prep.by_id[i].source == self.sel_source]
+            ids, lg = [ids[k] for k in keep], {t: v[keep] for t, v in lg.items()}
+        y = {t: torch.tensor([prep.by_id[i].labels.get(t, IGNORE) for i in ids], dtype=torch.long) for t in tasks}
+        logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
+        vm = val_metrics(y[self.sel_task], adjust_logits(logits_t, self.offsets)[self.sel_task], self.metric) \
+            if ids else {}
+        if ids:
+            self.crit.eval()  # the validation loss of the task logits alone (no auxiliary outputs, no warm-up step)
+            with torch.no_grad():
+                vm["loss"] = float(self.crit({t: v.to(device) for t, v in logits_t.items()},
+                                             {t: v.to(device) for t, v in y.items()}, None, epoch - 1)[0])
+        prog = self.prog
+        train_loss = prog.loss_sum / max(1, prog.loss_batches)
+        extra = {}
+        contrastive = self.model.contrastive
+        if contrastive is not None:  # the unweighted term, beside the criterion's train loss
+            extra = {"train_contrastive": prog.contrastive_sum / max(1, prog.loss_batches),
+                     "contrastive_scale": float(contrastive.scale.detach())}
+        if not self.cfg.quiet:
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, val {self.metric} "
+                  f"{vm.get(self.metric, float('nan')):.4f}", file=sys.stderr)
+        return [EpochRow(vm, train_loss, self.opt.param_groups[0]["lr"], time.perf_counter() - self.t_epoch, extra)]
+
+    def state(self, unit: Any) -> dict[str, Any]:
+        keys = set(self.state_keys)
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k in keys}
+
+    def agree_stop(self, stop: bool) -> bool:
+        if self.world > 1:  # every rank stops together
+            import torch.distributed as dist
+
+            stop_flag = [stop]
+            dist.broadcast_object_list(stop_flag, src=0)
+            stop = bool(stop_flag[0])
+            self.unit.selector.stopped = stop
+        return stop
+
+    def epoch_done(self, epoch: int) -> None:
+        prog = self.prog
+        prog.fit_seconds += time.perf_counter() - self.t_epoch
+        prog.epoch, prog.done, prog.epoch_steps, prog.loss_sum, prog.loss_batches = epoch + 1, 0, 0, 0.0, 0
+        prog.contrastive_sum = 0.0
+
+    def note(self, unit: Any, message: str) -> None:
+        if self.rank == 0 and not self.cfg.quiet:
+            print(message, file=sys.stderr)
+
+
+class Checkpoints(Callback):
+    """Checkpoints of a fine-tuning run (`finetune/checkpoint.py`): at every epoch end (with `epoch_checkpoint`
+    off, at the last one and at an early stop only) and every `save_every` optimizer steps. Each holds every
+    rank's random streams and buffers, the progress, curves, selection, weights, optimizer, schedule, weight
+    average, and the other callbacks' state."""
+
+    name = "checkpoints"
+
+    def __init__(self, task: FinetuneTask, run_dir: Path, others: list[Callback] | None = None) -> None:
+        self.task, self.run_dir, self.others = task, run_dir, others or []
+        params = {n for n, _ in task.model.named_parameters()}
+        self.buffer_keys = {k for k in task.state_keys if k not in params}
+        task.save = self.save
+
+    def save(self, tag: str) -> None:
+        t = self.task
+        model, unit = t.model, t.unit
+        # Every rank's random streams and buffers: under DDP's join the BatchNorm statistics each forward
+        # starts from are another rank's, so ranks' buffers differ and each is saved.
+        own = {"rng": rng_state(t.device), "buffers": {k: v for k, v in model.state_dict().items()
+                                                       if k in self.buffer_keys}}
+        ranks = _gather(own, t.world)
+        if t.rank != 0:
+            return
+        selector = unit.selector
+        state = {"version": CHECKPOINT_VERSION, "config": _resume_key(t.cfg), "world": t.world,
+                 "progress": asdict(t.prog), "curves": unit.curves, "rng": [r["rng"] for r in ranks],
+                 "buffers": [r["buffers"] for r in ranks],
+                 "selector": {"best_value": selector.best_value, "best_epoch": selector.best_epoch,
+                              "stale": selector.stale, "stopped": selector.stopped},
+                 "best_state": selector.best_state or {},
+                 "weights": {k: v for k, v in model.state_dict().items() if k in set(t.state_keys)},
+                 "criterion": t.crit.state_dict(), "optimizer": t.opt.state_dict(),
+                 "schedule": cast(Schedule, unit.sched).state_dict(),
+                 "ema": unit.ema.state_dict() if unit.ema is not None else None,
+                 "callbacks": callback_states(self.others)}
+        save_checkpoint(self.run_dir, state, tag)
+
+    def on_epoch_end(self, task: Any, epoch: int) -> None:
+        t = self.task
+        stop = t.unit.selector.stopped
+        if t.cfg.epoch_checkpoint or stop or t.prog.epoch > t.cfg.epochs:  # the last epoch's end always: resumable
+            self.save(f"epoch{epoch}-end-step{t.prog.global_step}")
+
+
+def _resume(task: FinetuneTask, ckpt: dict[str, Any] | None, run_dir: Path, callbacks: list[Callback]) -> None:
+    """Continue `ckpt` (None: a fresh run): the model, optimizer, schedule, selection, weight average, curves and
+    callbacks' state as saved; this rank's buffers once DDP wrapped the model."""
+    if ckpt is not None:
+        task.prog, task.unit.curves = _restore(ckpt, task.model, task.crit, task.opt, cast(Schedule, task.unit.sched),
+                                               task.unit.selector, task.state_keys, task.cfg, task.world, task.rank,
+                                               task.device, task.prep.n_train)
+        prog = task.prog
+        if task.rank == 0 and not task.cfg.quiet:
+            at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
+            print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
+        if task.unit.ema is not None:
+            task.unit.ema.load_state_dict(ckpt["ema"])
+        load_callback_states(callbacks, ckpt.get("callbacks"))
+    task.wrap()
+    if ckpt is not None:  # after DDP, which sets every rank's buffers to rank 0's
+        task.model.load_state_dict(ckpt["buffers"][task.rank % len(ckpt["buffers"])], strict=False)
+
+
+def _announce(task: FinetuneTask, trainable: int) -> None:
+    cfg, prep = task.cfg, task.prep
+    if task.rank == 0 and not cfg.quiet:
+        shown = f"a stream of {len(prep.stream.shards)} shards" if prep.stream else len(prep.train_s)
+        print(f"{cfg.dataset}: train {shown}, val {len(prep.val_s)}, test {len(prep.test_s)}; encoders "
+              f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
+              + (f"stores {cfg.stores}, " if cfg.stores else "") +
+              f"{trainable:,} trainable encoder parameters); head {cfg.head}; {task.world} process(es) on "
+              f"{task.device}; select val {task.sel_task}:{task.metric}", file=sys.stderr)
+
+
+def _final_metrics(task: FinetuneTask) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of the chosen epoch on val and test, and per source dataset (several datasets)."""
+    prep = task.prep
+    metrics: dict[str, Any] = {}
+    by_source: dict[str, dict[str, Any]] = {}  # split -> source dataset -> task -> metrics
+    for split, ss in (("val", prep.val_s), ("test", prep.test_s)):
+        if ss:
+            ids, lg = evaluate(task.model, ss, task.cfg, task.tasks, task.device, desc=split)
+            lg = adjust_logits(lg, task.offsets)
+            metrics[split] = _metrics(ids, lg, prep.by_id, prep.ds.labels.tasks)
+            if prep.srcs:
+                by_source[split] = source_metrics(ids, lg, prep.by_id, prep.ds.labels.tasks)
+    warn_failed_checks(metrics)
+    return metrics, by_source
+
+
+def _train_stats(task: FinetuneTask, trainable_total: tuple[int, int]) -> dict[str, Any]:
+    prog, cfg, contrastive = task.prog, task.cfg, task.model.contrastive
+    stats = {"trainable_params": trainable_total[0], "total_params": trainable_total[1],
+             "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
+             "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": task.world,
+             "device": str(task.device), **_peak_memory(task.device)}
+    if task.prep.stream is not None:
+        stats["stream_skipped"] = task.prep.stream.skipped
+    if contrastive is not None and task.model.pair is not None:
+        stats["contrastive"] = {
+            "weight": cfg.contrastive_weight, "classes": cfg.contrastive_classes, "modalities": list(task.model.pair),
+            "scale": float(contrastive.scale.detach()),  # exp(logit_scale) of the chosen epoch
+            "loss": [c.get("train_contrastive") for c in task.unit.curves]}
+    return stats
+
+
+def _run_config(task: FinetuneTask, select: dict[str, Any], best_epoch: int, trainable: int,
+                train_stats: dict[str, Any]) -> dict[str, Any]:
+    """config.json: the config and what it resolved to."""
+    cfg, prep, model, cached = task.cfg, task.prep, task.model, task.prep.cached
+    train_s, val_s, test_s = prep.train_s, prep.val_s, prep.test_s
+    return {**asdict(cfg), "resolved": {
+        "device": str(task.device), "world_size": task.world, "head_hparams": model.head.hparams,
+        "labels": prep.ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
+        "stores": {f"{m}/{n}": str(cached.readers[m].attrs.get("spec_hash", "")) for m, n in cfg.stores.items()}
+        if cached is not None else {},
+        # Each store's full spec and dtype: prediction rebuilds its extractor without the training stores.
+        "store_specs": {f"{m}/{n}": {"spec": cached.readers[m].spec,
+                                     "dtype": str(cached.readers[m].attrs.get("dtype", "float32"))}
+                        for m, n in cfg.stores.items()} if cached is not None else {},
+        "context_from": prep.context_from, "logit_adjust": {"tau": task.tau, "offsets": task.offsets},
+        "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
+        **({"epoch_rows": len(prep.pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
+                                                          (("train", train_s), ("val", val_s), ("test", test_s))}
+                                                      for n in prep.srcs}} if prep.srcs else {}),
+        "best_epoch": best_epoch, "n_params": sum(p.numel() for p in model.head.parameters()),
+        "trainable_encoder_params": trainable,
+        # The layers each encoder's LoRA adapted, so `finetuned:RUN` rebuilds them whatever the defaults become.
+        **({"lora_targets": {m: list(cfg.lora_targets or LORA_TARGETS.get(str(e.family), []))
+                             for m, e in model.encoders.items()}} if cfg.lora else {}),
+        "train": train_stats}}
+
+
+def _write_result(task: FinetuneTask, run_dir: Path, t0: float, trainable: int,
+                  trainable_total: tuple[int, int]) -> RunResult:
+    """Rank 0: the chosen epoch's weights evaluated, the run folder written whole over its checkpoints, the run
+    tracked."""
+    cfg, model = task.cfg, task.model
+    best_epoch, best_value, best_state = task.unit.selector.result()
+    model.load_state_dict(best_state, strict=False)
+    metrics, by_source = _final_metrics(task)
+    select = {"task": task.sel_task, "metric": task.metric, "value": best_value,
+              **({"source": task.sel_source} if task.sel_source else {})}
+    train_stats = _train_stats(task, trainable_total)
+    result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=task.unit.curves,
+                       config=_run_config(task, select, best_epoch, trainable, train_stats), head=model.head,
+                       seconds=time.perf_counter() - t0, select=select, fit_seconds=task.prog.fit_seconds,
+                       by_source=by_source)
+    # Only encoder state that training changed (LoRA adapters or the full towers, and their BatchNorm
+    # statistics): the rest is the public preset named in `config.json`.
+    keys = set(task.state_keys)
+    enc_state = {k.removeprefix("encoders."): v for k, v in model.state_dict().items()
+                 if k.startswith("encoders.") and k in keys}
+    # Written whole beside the folder holding the checkpoints, then renamed over it (`mmcache.runfolder`); the
+    # trained encoders' sha256 goes into config.json, so a file replaced since is refused when loading the run.
+    result.run_dir = write_run(run_dir, result, task.prep.ds.labels.tasks, cfg.dataset, criterion=task.crit,
+                               encoders=enc_state, metrics_extra={"train": train_stats})
+    if by_source and not cfg.quiet:
+        for split, per in by_source.items():
+            for n, m in per.items():
+                got = m.get(task.sel_task, {})
+                print(f"{split} {n}: {task.sel_task} {task.metric} {got.get(task.metric, float('nan')):.4f} "
+                      f"(n={got.get('n', 0)})", file=sys.stderr)
+    remove_checkpoints(run_dir)  # the run folder now holds the result
+    if cfg.track:
+        from mmcache.tracking import track
+
+        tags = {"kind": "finetune", "dataset": cfg.dataset, "seed": str(cfg.seed)}
+        track(cfg.track, cfg.dataset, cfg.runs_dir, [(run_dir.name, result, tags)])
+    return result
+
+
 def _finetune(cfg: FinetuneConfig) -> RunResult | None:
     t0 = time.perf_counter()
     rank, world, local_rank = init_distributed()
@@ -888,338 +1368,18 @@ def _finetune(cfg: FinetuneConfig) -> RunResult | None:
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)
     seed_everything(cfg.seed)
-    stream, data = open_stream(cfg, world, rank == 0 and not cfg.quiet) if cfg.stream else (None, None)  # data: val
-    ds, context_from = _with_context(data or load_dataset(cfg.dataset, cfg.data_dir, progress=rank == 0 and not cfg.quiet,
-                                                          **cfg.dataset_options), cfg)
-    tasks = cfg.tasks or list(ds.labels.tasks)
-    unknown = [t for t in tasks if t not in ds.labels.tasks]
-    if unknown:
-        raise MMCacheError(f"unknown task(s) {unknown}; {cfg.dataset!r} has {list(ds.labels.tasks)}")
-    pair_classes = contrastive_class_ids(cfg, ds.labels.tasks[ds.labels.primary], ds.labels.primary)
-    cached, fixed = open_stores(cfg, head_name)
-    quiet = cfg.quiet or rank != 0
-    train_s = [] if stream else drop_unstored(_subset(ds, "train", cfg.limit), cached, "train", quiet)
-    val_s = drop_unstored(_subset(ds, "val", cfg.limit) or _subset(ds, "test", cfg.limit), cached, "val", quiet)
-    test_s = drop_unstored(_subset(ds, "test", cfg.limit), cached, "test", quiet)
-    if not (train_s or stream) or not val_s:
-        where = f" that every store ({', '.join(cfg.stores.values())}) holds" if cached is not None else ""
-        raise MMCacheError(f"{cfg.dataset!r} needs labelled train and val (or test) rows{where} to fine-tune"
-                           + ("; run `mmcache extract` for them" if where else ""))
-    if not stream and len(train_s) < 2:  # a batch of one is skipped (BatchNorm cannot train on one row)
-        raise MMCacheError(f"{cfg.dataset!r} has {len(train_s)} train row(s) to fine-tune on; a head needs at least 2"
-                           + (" (raise --limit)" if cfg.limit else ""))
-    for m, spec in cfg.encoders.items():  # an encoder of a field no row has would fail every row: refuse up front
-        if m in FIELDS and all(getattr(s, m) is None for s in train_s + val_s):
-            raise MMCacheError(f"--{m} {spec}: no row of {cfg.dataset!r} has {'an' if m[0] in 'aeiou' else 'a'} {m} "
-                               f"field; drop --{m} (this dataset's adapter provides none)")
-    by_id = ds.by_id()
-    srcs = sources(ds.samples)  # the source datasets of a run over several (else empty)
-    pool = epoch_pool(train_s, cfg.upsample)  # an epoch's training rows: a source's K times with --upsample
-    n_train = stream.epoch_samples if stream else len(pool)  # training samples per epoch
-    # The criterion needs only the classes and their train counts: built before any encoder loads, so a loss
-    # option out of range fails in seconds, not after the models are read.
-    n_classes = {t: len(ds.labels.tasks[t]) for t in tasks}
-    counts = {t: torch.bincount(torch.tensor([s.labels[t] for s in pool or val_s if t in s.labels], dtype=torch.long),
-                                minlength=n) for t, n in n_classes.items()}
-    crit = build_criterion(cfg.loss, n_classes, class_counts=counts, **cfg.loss_options)
-
-    encoders = {m: build_encoder(m, p, **fixed.get(m, {})) for m, p in cfg.encoders.items()}
-    if context_from is not None:
-        encoders["context"].config["context_from"] = context_from  # the spec says which texts it read
-    trainable = 0
-    for enc in encoders.values():
-        if cfg.freeze_encoders:
-            enc.requires_grad_(False)
-        elif cfg.lora:
-            trainable += apply_lora(enc, cfg)
-        else:
-            enc.requires_grad_(True)
-            trainable += sum(p.numel() for p in enc.parameters())
-        if cfg.grad_checkpointing and not cfg.freeze_encoders:
-            enable_grad_checkpointing(enc)
-    augmented = [m for m, enc in encoders.items() if enc.augment]
-    if augmented and cfg.freeze_encoders:
-        raise MMCacheError(f"--{augmented[0]} {cfg.encoders[augmented[0]]}: augment=true augments what a training "
-                           "encoder sees, and frozen encoders (--freeze-encoders) run in evaluation mode; drop one")
-    mods = list(encoders)
-    for enc in encoders.values():
-        enc.eval()  # the probe below trains nothing: no augmented views
-    # The head's input shapes come from one real batch through the encoders.
-    got = _probe(val_s, list(encoders.values()), mods, cfg)
-    with torch.no_grad(), _adapters_used(encoders if cfg.lora and not cfg.freeze_encoders else {}, cfg):
-        feats = encode(encoders, got[1], cached, got[0], torch.device("cpu"))
-    keys = getattr(HEADS[head_name], "uses", None)
-    inputs = {m: {k: tuple(v.shape[1:]) for k, v in f.items() if keys is None or k in keys} for m, f in feats.items()}
-    seed_everything(cfg.seed)
-    head = build_head(head_name, inputs, n_classes, cfg.head_hparams)
-    if init is not None:
-        check_init_head(init, head, {t: ds.labels.tasks[t] for t in tasks})
-        head.load_state_dict(init["state"])
-        for m, enc in encoders.items():
-            store = next((h for tag, h in init["stores"].items() if tag.split("/", 1)[0] == m), None)
-            if store and store != enc.spec_hash() and rank == 0:
-                print(f"warning: --init-head: its head was trained on {m} features of spec {store}; --{m} "
-                      f"{cfg.encoders[m]} gives spec {enc.spec_hash()} (another model or preprocessing)", file=sys.stderr)
-    contrastive, pair = build_contrastive(cfg, feats)
-    model = LiveModel(encoders, head, cached, contrastive, pair).to(device)
-    crit = crit.to(device)
-    from mmcache.heads.train import reference_tau
-
-    tau = reference_tau(head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
-    offsets = logit_offsets(counts, tau, ds.labels.tasks)  # subtracted from the logits at evaluation
-    # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
-    # The contrastive temperature and projections train at head_lr, the temperature undecayed (as open_clip).
-    opt = make_optimizer("adamw", param_groups(head, crit, model.encoders, encoder_lr=cfg.lr)
-                         + contrastive_groups(contrastive), cfg.head_lr, cfg.weight_decay)
-    clip_params = [p for g in opt.param_groups for p in g["params"]]
-    steps = cfg.epochs * _steps_per_epoch(n_train, cfg, world)
-    sel_source, sel_spec = split_select(cfg.select_metric, srcs)
-    sel_task, metric = parse_select(sel_spec, tasks, ds.labels.metric)
-    selector = Selector(metric, cfg.early_stopping)
-    sched = Schedule("cosine", opt, max(1, steps), int(cfg.warmup * steps), selector.mode)
-    ema = EMA(model, cfg.ema) if cfg.ema else None  # the trained weights' average, evaluated and saved instead
-    applied = ema.applied if ema is not None else nullcontext
-    tell = progress_hook(model, crit)  # the step reaches the loss's warm-ups and the head's schedules
-    state_keys = _state_keys(model, cfg.freeze_encoders)
-    prog = Progress()
-    curves: list[dict[str, Any]] = []
-    if ckpt is not None:
-        prog, curves = _restore(ckpt, model, crit, opt, sched, selector, state_keys, cfg, world, rank, device,
-                                n_train)
-        if rank == 0 and not cfg.quiet:
-            at = f"epoch {prog.epoch}" + (f", {prog.done} samples in" if prog.done else "")
-            print(f"resuming {run_dir} from its checkpoint ({at}; step {prog.global_step})", file=sys.stderr)
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-    net: nn.Module = model
-    if world > 1:
-        # Each CLIP tower holds the other tower's unused parameters only if present; be permissive.
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    if ckpt is not None:  # after DDP, which sets every rank's buffers to rank 0's
-        model.load_state_dict(ckpt["buffers"][rank % len(ckpt["buffers"])], strict=False)
-    n_total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in crit.parameters())
-    n_trainable = sum(p.numel() for p in clip_params)
-    if rank == 0 and not cfg.quiet:
-        shown = f"a stream of {len(stream.shards)} shards" if stream else len(train_s)
-        print(f"{cfg.dataset}: train {shown}, val {len(val_s)}, test {len(test_s)}; encoders "
-              f"{cfg.encoders} ({'LoRA' if cfg.lora else 'frozen' if cfg.freeze_encoders else 'full'}, "
-              + (f"stores {cfg.stores}, " if cfg.stores else "") +
-              f"{trainable:,} trainable encoder parameters); head {cfg.head}; {world} process(es) on {device}; "
-              f"select val {sel_task}:{metric}", file=sys.stderr)
-
-    params = {n for n, _ in model.named_parameters()}
-    buffer_keys = {k for k in state_keys if k not in params}
-
-    def checkpoint(tag: str) -> None:
-        # Every rank's random streams and buffers: under DDP's join the BatchNorm statistics each forward
-        # starts from are another rank's, so ranks' buffers differ and each is saved.
-        own = {"rng": rng_state(device), "buffers": {k: v for k, v in model.state_dict().items() if k in buffer_keys}}
-        ranks = _gather(own, world)
-        if rank != 0:
-            return
-        state = {"version": CHECKPOINT_VERSION, "config": _resume_key(cfg), "world": world, "progress": asdict(prog),
-                 "curves": curves, "rng": [r["rng"] for r in ranks], "buffers": [r["buffers"] for r in ranks],
-                 "selector": {"best_value": selector.best_value, "best_epoch": selector.best_epoch,
-                              "stale": selector.stale, "stopped": selector.stopped},
-                 "best_state": selector.best_state or {},
-                 "weights": {k: v for k, v in model.state_dict().items() if k in set(state_keys)},
-                 "criterion": crit.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None}
-        save_checkpoint(run_dir, state, tag)
-
-    def step() -> None:
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(clip_params, cfg.max_grad_norm)
-        opt.step()
-        if contrastive is not None:
-            contrastive.clamp_()
-        sched.step()
-        if ema is not None:
-            ema.update()
-        opt.zero_grad(set_to_none=True)
-        prog.global_step += 1
-
-    while prog.epoch <= cfg.epochs and not selector.stopped:
-        epoch = prog.epoch
-        t_epoch = time.perf_counter()
-        model.train()
-        crit.train()
-        for encoder in model.encoders.values():
-            if cfg.freeze_encoders:
-                encoder.eval()  # frozen encoders keep their normalisation statistics
-        if stream is not None:  # every rank draws the same number of full batches from its own shards
-            loader: Any = stream.epoch(list(encoders.values()), cfg, epoch, prog.done, rank, world)
-            full_batches = n_rest = len(loader)
-            n_rest *= cfg.batch_size * world
-        else:
-            rest = epoch_order(len(pool), cfg.seed, epoch)[prog.done:]
-            mine = [pool[i] for i in rest[rank::world]]  # each rank its own slice, no padded duplicates
-            full_batches = (len(rest) // world) // cfg.batch_size  # every rank has this many full batches
-            loader = _loader(mine, list(encoders.values()), cfg, epoch)
-            n_rest = len(rest)
-        bar = progress_bar(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.quiet or rank != 0)
-        opt.zero_grad(set_to_none=True)
-        pending = 0
-        t_train = time.perf_counter()
-        # Ranks may see different numbers of batches (uneven slices, undecodable rows): DDP's join
-        # lets a rank that runs out early keep answering the others' all-reduces.
-        with net.join() if isinstance(net, DDP) else nullcontext():
-            for i, batch in enumerate(bar, start=1):
-                if stream is not None:  # the batch's rows stand in by_id until the next batch
-                    stream.take(batch, rank, by_id)
-                step_rows = _aligned(batch, mods, device)
-                if step_rows is not None and len(step_rows[0]) < 2:
-                    step_rows = None  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
-                if step_rows is not None:
-                    ids, inputs_b = step_rows
-                    tell(TrainProgress(epoch - 1, prog.global_step, steps))
-                    with _autocast(device, cfg.amp):
-                        if contrastive is not None:
-                            logits, pair_loss = net(inputs_b, ids, keep=_pair_rows(ids, by_id, ds.labels.primary,
-                                                                                   pair_classes, device))
-                        else:
-                            logits, pair_loss = net(inputs_b, ids), None
-                    loss, _ = crit(logits, _targets(ids, by_id, tasks, device), None)
-                    total = loss if pair_loss is None else loss + cfg.contrastive_weight * pair_loss.float()
-                    (total / cfg.grad_accum).backward()
-                    pending += 1
-                    prog.loss_sum += float(loss.detach())
-                    prog.loss_batches += 1
-                    if pair_loss is not None:
-                        prog.contrastive_sum += float(pair_loss.detach())
-                    bar.set_postfix(loss=f"{prog.loss_sum / prog.loss_batches:.4f}")
-                if i % cfg.grad_accum:
-                    continue
-                if pending:
-                    step()
-                    pending = 0
-                prog.epoch_steps += 1
-                if cfg.save_every and prog.epoch_steps % cfg.save_every == 0 and i <= full_batches:
-                    base = prog.done
-                    prog.done = base + i * cfg.batch_size * world
-                    prog.train_seconds += time.perf_counter() - t_train
-                    prog.samples = prog.samples + i * cfg.batch_size * world
-                    checkpoint(f"epoch{epoch}-step{prog.global_step}")
-                    prog.done, prog.samples = base, prog.samples - i * cfg.batch_size * world
-                    t_train = time.perf_counter()
-        if pending:  # the epoch's last, partial accumulation still counts
-            step()
-        prog.train_seconds += time.perf_counter() - t_train
-        prog.samples += n_rest
-        if stream is not None:
-            stream.end_epoch(epoch, rank, world)
-        stop = False
-        if rank == 0:
-            with applied():
-                ids, lg = evaluate(model, val_s, cfg, tasks, device, desc="val")
-            if sel_source is not None:  # `--select SOURCE/...`: that source dataset's val rows choose the epoch
-                keep = [k for k, i in enumerate(ids) if by_id[i].source == sel_source]
-                ids, lg = [ids[k] for k in keep], {t: v[keep] for t, v in lg.items()}
-            y = {t: torch.tensor([by_id[i].labels.get(t, IGNORE) for i in ids], dtype=torch.long) for t in tasks}
-            logits_t = {t: torch.from_numpy(lg[t]).float() for t in tasks}
-            vm = val_metrics(y[sel_task], adjust_logits(logits_t, offsets)[sel_task], metric) if ids else {}
-            if ids:
-                crit.eval()  # the validation loss of the task logits alone (no auxiliary outputs, no warm-up step)
-                with torch.no_grad():
-                    vm["loss"] = float(crit({t: v.to(device) for t, v in logits_t.items()},
-                                            {t: v.to(device) for t, v in y.items()}, None, epoch - 1)[0])
-            value = vm.get(metric, float("nan"))
-            train_loss = prog.loss_sum / max(1, prog.loss_batches)
-            curves.append(curve_row(epoch, train_loss, vm, opt.param_groups[0]["lr"], time.perf_counter() - t_epoch))
-            if contrastive is not None:  # the unweighted term, beside the criterion's train loss
-                curves[-1]["train_contrastive"] = prog.contrastive_sum / max(1, prog.loss_batches)
-                curves[-1]["contrastive_scale"] = float(contrastive.scale.detach())
-            if not cfg.quiet:
-                print(f"epoch {epoch}: train loss {train_loss:.4f}, val {metric} {value:.4f}", file=sys.stderr)
-            with applied():  # the epoch's weights as evaluated
-                selector.update(epoch, value, lambda: {k: v.detach().cpu().clone()
-                                                       for k, v in model.state_dict().items() if k in set(state_keys)})
-            sched.epoch_end(value)
-            stop = selector.stopped
-        if world > 1:  # every rank stops together
-            import torch.distributed as dist
-
-            stop_flag = [stop]
-            dist.broadcast_object_list(stop_flag, src=0)
-            stop = bool(stop_flag[0])
-            selector.stopped = stop
-        prog.fit_seconds += time.perf_counter() - t_epoch
-        prog.epoch, prog.done, prog.epoch_steps, prog.loss_sum, prog.loss_batches = epoch + 1, 0, 0, 0.0, 0
-        prog.contrastive_sum = 0.0
-        if cfg.epoch_checkpoint or stop or prog.epoch > cfg.epochs:  # the last epoch's end always: resumable
-            checkpoint(f"epoch{epoch}-end-step{prog.global_step}")
-        if stop and rank == 0 and not cfg.quiet:
-            print(f"early stop after epoch {epoch}: no better val {metric} for {selector.stale} epochs",
-                  file=sys.stderr)
-    result: RunResult | None = None
-    if rank == 0:
-        best_epoch, best_value, best_state = selector.result()
-        model.load_state_dict(best_state, strict=False)
-        metrics = {}
-        by_source: dict[str, dict[str, Any]] = {}  # split -> source dataset -> task -> metrics
-        for split, ss in (("val", val_s), ("test", test_s)):
-            if ss:
-                ids, lg = evaluate(model, ss, cfg, tasks, device, desc=split)
-                lg = adjust_logits(lg, offsets)
-                metrics[split] = _metrics(ids, lg, by_id, ds.labels.tasks)
-                if srcs:
-                    by_source[split] = source_metrics(ids, lg, by_id, ds.labels.tasks)
-        warn_failed_checks(metrics)
-        n_params = sum(p.numel() for p in model.head.parameters())
-        select = {"task": sel_task, "metric": metric, "value": best_value, **({"source": sel_source} if sel_source else {})}
-        train_stats = {"trainable_params": n_trainable, "total_params": n_total,
-                       "samples_per_s": prog.samples / prog.train_seconds if prog.train_seconds else None,
-                       "train_seconds": prog.train_seconds, "samples": prog.samples, "world_size": world,
-                       "device": str(device), **_peak_memory(device)}
-        if stream is not None:
-            train_stats["stream_skipped"] = stream.skipped
-        if contrastive is not None and pair is not None:
-            train_stats["contrastive"] = {
-                "weight": cfg.contrastive_weight, "classes": cfg.contrastive_classes, "modalities": list(pair),
-                "scale": float(contrastive.scale.detach()),  # exp(logit_scale) of the chosen epoch
-                "loss": [c.get("train_contrastive") for c in curves]}
-        config = {**asdict(cfg), "resolved": {
-            "device": str(device), "world_size": world, "head_hparams": model.head.hparams,
-            "labels": ds.labels.to_json(), "specs": {m: e.spec for m, e in model.encoders.items()},
-            "stores": {f"{m}/{n}": str(cached.readers[m].attrs.get("spec_hash", "")) for m, n in cfg.stores.items()}
-            if cached is not None else {},
-            # Each store's full spec and dtype: prediction rebuilds its extractor without the training stores.
-            "store_specs": {f"{m}/{n}": {"spec": cached.readers[m].spec,
-                                         "dtype": str(cached.readers[m].attrs.get("dtype", "float32"))}
-                            for m, n in cfg.stores.items()} if cached is not None else {},
-            "context_from": context_from, "logit_adjust": {"tau": tau, "offsets": offsets},
-            "rows": {"train": len(train_s), "val": len(val_s), "test": len(test_s)}, "select": select,
-            **({"epoch_rows": len(pool), "sources": {n: {sp: sum(s.source == n for s in ss) for sp, ss in
-                                                         (("train", train_s), ("val", val_s), ("test", test_s))}
-                                                     for n in srcs}} if srcs else {}),
-            "best_epoch": best_epoch, "n_params": n_params, "trainable_encoder_params": trainable,
-            # The layers each encoder's LoRA adapted, so `finetuned:RUN` rebuilds them whatever the defaults become.
-            **({"lora_targets": {m: list(cfg.lora_targets or LORA_TARGETS.get(str(e.family), []))
-                                 for m, e in model.encoders.items()}} if cfg.lora else {}),
-            "train": train_stats}}
-        result = RunResult(run_dir=None, metrics=metrics, best_epoch=best_epoch, curves=curves, config=config,
-                           head=model.head, seconds=time.perf_counter() - t0, select=select,
-                           fit_seconds=prog.fit_seconds, by_source=by_source)
-        # Only encoder state that training changed (LoRA adapters or the full towers, and their BatchNorm
-        # statistics): the rest is the public preset named in `config.json`.
-        enc_state = {k.removeprefix("encoders."): v for k, v in model.state_dict().items()
-                     if k.startswith("encoders.") and k in set(state_keys)}
-        # Written whole beside the folder holding the checkpoints, then renamed over it (`mmcache.runfolder`); the
-        # trained encoders' sha256 goes into config.json, so a file replaced since is refused when loading the run.
-        result.run_dir = write_run(run_dir, result, ds.labels.tasks, cfg.dataset, criterion=crit, encoders=enc_state,
-                                   metrics_extra={"train": train_stats})
-        if by_source and not cfg.quiet:
-            for split, per in by_source.items():
-                for n, m in per.items():
-                    got = m.get(sel_task, {})
-                    print(f"{split} {n}: {sel_task} {metric} {got.get(metric, float('nan')):.4f} (n={got.get('n', 0)})",
-                          file=sys.stderr)
-        remove_checkpoints(run_dir)  # the run folder now holds the result
-        if cfg.track:
-            from mmcache.tracking import track
-
-            tags = {"kind": "finetune", "dataset": cfg.dataset, "seed": str(cfg.seed)}
-            track(cfg.track, cfg.dataset, cfg.runs_dir, [(run_dir.name, result, tags)])
+    prep = _prepare(cfg, world, rank)
+    encoders, trainable = _build_encoders(cfg, prep)
+    model = _build_model(cfg, prep, encoders, init, rank).to(device)
+    task = FinetuneTask(cfg, prep, model, device, world, rank)
+    checkpoints = Checkpoints(task, run_dir)
+    callbacks: list[Callback] = [checkpoints]
+    _resume(task, ckpt, run_dir, callbacks)
+    n_total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in task.crit.parameters())
+    n_trainable = sum(p.numel() for p in task.clip_params)
+    _announce(task, trainable)
+    fit(task, cfg.epochs, start=task.prog.epoch, callbacks=callbacks)
+    result = _write_result(task, run_dir, t0, trainable, (n_trainable, n_total)) if rank == 0 else None
     if world > 1:
         import torch.distributed as dist
 
