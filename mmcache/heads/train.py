@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -465,33 +466,15 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
     MMCacheError in its place and the others go on; otherwise the first error is raised. `splits`: the
     splits to report metrics on (default every split of the manifest; a sweep needs val and test only).
     """
-    from mmcache.heads.stacked import fit_stacked, stackable, stacked_logits
-
     t_start = time.perf_counter()
     results: list[RunResult | MMCacheError | None] = [None] * len(cfgs)
-    run_dirs: dict[int, Path] = {}
 
     def fail(i: int, e: MMCacheError) -> None:
         if not errors:
             raise e
         results[i] = e
 
-    devices: dict[int, str] = {}
-    handed_out: set[Path] = set()  # generated run folder names: each config of the call gets its own
-    for i, cfg in enumerate(cfgs):
-        try:
-            validate_config(cfg)
-            if cfg.save:  # refuse an existing run folder before training, not after
-                check_writable_folder(Path(cfg.runs_dir) / cfg.dataset, "--runs-dir")
-                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, run_stem(cfg), cfg.overwrite,
-                                          taken=handed_out)
-            devices[i] = pick_device(cfg.device)
-        except MMCacheError as e:
-            fail(i, e)
-    threads = {c.threads for i, c in enumerate(cfgs) if i in devices}
-    if threads and any(devices[i] == "cpu" for i in devices):
-        torch.set_num_threads(max((t or default_threads()) for t in threads))
-
+    devices, run_dirs = _check_configs(cfgs, fail)
     by_data: dict[tuple[Any, ...], list[int]] = {}
     for i in devices:
         by_data.setdefault(_data_key(cfgs[i], devices[i]), []).append(i)
@@ -508,87 +491,132 @@ def _train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str
             continue
         if shard is not None:  # data-parallel: every rank trains on its own rows of each batch
             base = dataclasses.replace(base, shard=shard)
-        members: dict[int, Member] = {}
-        by_seed: dict[tuple[Any, ...], CachedData] = {}
-        for i in idxs:
+        members = _members(cfgs, idxs, base, device, fail)
+        for gkey, gidx in _lockstep_groups(members).items():
             try:
-                c = cfgs[i]
-                key = (c.seed, c.fold if c.folds else None, c.shots, c.select_metric if c.shots else None)
-                if key not in by_seed:  # a CV fold: the same tensors with that fold's splits
-                    by_seed[key] = (base.for_fold(c.fold, c.folds) if c.folds and c.fold is not None
-                                    else base).for_seed(c.seed)
-                    if c.shots:  # K rows per class of the train split (mmcache.heads.shots)
-                        by_seed[key] = with_shots(by_seed[key], c.shots, c.seed, c.select_metric)
-                data = by_seed[key]
-                members[i] = build_member(cfgs[i], data)
-                m = members[i]
-                _log(m.cfg, f"{m.cfg.dataset}: {', '.join(f'{s} {len(v)}' for s, v in data.split_index.items())} rows; "
-                            f"head {m.cfg.head} ({sum(p.numel() for p in m.head.parameters()):,} parameters) on "
-                            f"{device}; select val {m.sel_task}:{m.sel_metric}")
-            except MMCacheError as e:
-                fail(i, e)
-        # Lockstep groups: the same rows (split seed), epochs and batch size; lbfgs fits one by one.
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, m in members.items():
-            if m.cfg.solver == "lbfgs":
-                groups[("lbfgs", i)] = [i]
-                continue
-            gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size, tuple(sorted(m.cfg.upsample.items())))
-            groups.setdefault(gkey, []).append(i)
-        if any(m.cfg.solver != "lbfgs" for m in members.values()):
-            importlib.import_module("torch._dynamo")  # the first torch optimizer imports it: seconds, not fitting
-        for gkey, gidx in groups.items():
-            t_fit = time.perf_counter()
-            reset_peak(devices[gidx[0]])
-            group = [members[i] for i in gidx]
-            try:
-                if gkey[0] == "lbfgs":
-                    m = group[0]
-                    curves, best, value, lam, C = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric,
-                                                             m.offsets)
-                    m.curves, m.best_epoch, m.best_value = curves, best, value
-                    # The same objective in scikit-learn's terms: LogisticRegression(C=C) (mmcache.heads.probe).
-                    m.select = {"l2": lam, "sklearn_C": C}
-                    m.fit_seconds = time.perf_counter() - t_fit
-                else:
-                    quiet = all(m.cfg.quiet for m in group)
-                    stacked = [m for m in group if stackable(m)]
-                    rest = [m for m in group if m not in stacked]
-                    if stacked:
-                        t_stack = time.perf_counter()
-                        fit_stacked(stacked, group[0].data, quiet)
-                        share = (time.perf_counter() - t_stack) / len(stacked)
-                        for m in stacked:  # one computation: its time shared evenly
-                            m.fit_seconds = share
-                        data = group[0].data
-                        per_split = {sp: stacked_logits(stacked, data, ix) for sp, ix in data.split_index.items()
-                                     if splits is None or sp in splits}
-                        for k, m in enumerate(stacked):
-                            m.final_logits = {sp: per_split[sp][k] for sp in per_split}
-                    if rest:
-                        t_lock = time.perf_counter()
-                        _fit_lockstep(rest, group[0].data, quiet)  # (module attribute: tests spy on it)
-                        # The group's time, shared by each member's own forward time (its backward scales with it).
-                        spent, busy = time.perf_counter() - t_lock, sum(m.busy for m in rest)
-                        for m in rest:
-                            m.fit_seconds = spent * (m.busy / busy if busy > 0 else 1.0 / len(rest))
+                _fit_group(gkey, [members[i] for i in gidx], devices[gidx[0]], splits)
             except MMCacheError as e:
                 for i in gidx:
                     fail(i, e)
                 continue
             for i in gidx:
                 try:
-                    if members[i].cfg.refit:  # the chosen epochs again on train + val (mmcache.heads.refit)
-                        refit_trainval(members[i])
-                    res = _evaluate(members[i], t_start, devices[i], splits, members[i].final_logits)
-                    warn_failed_checks(res.metrics)
-                    if cfgs[i].save:
-                        res.run_dir = write_run(run_dirs[i], res, members[i].data.labels.tasks,
-                                                cfgs[i].dataset, criterion=members[i].crit)
-                    results[i] = res
+                    results[i] = _finish(members[i], t_start, devices[i], splits, run_dirs.get(i))
                 except MMCacheError as e:
                     fail(i, e)
     return [r if r is not None else MMCacheError("not trained") for r in results]
+
+
+def _check_configs(cfgs: list[TrainConfig], fail: Callable[[int, MMCacheError], None]
+                   ) -> tuple[dict[int, str], dict[int, Path]]:
+    """Each config validated, its run folder taken (before training, not after) and its device chosen; the CPU
+    threads set once for the call."""
+    devices: dict[int, str] = {}
+    run_dirs: dict[int, Path] = {}
+    handed_out: set[Path] = set()  # generated run folder names: each config of the call gets its own
+    for i, cfg in enumerate(cfgs):
+        try:
+            validate_config(cfg)
+            if cfg.save:  # refuse an existing run folder before training, not after
+                check_writable_folder(Path(cfg.runs_dir) / cfg.dataset, "--runs-dir")
+                run_dirs[i] = new_run_dir(cfg.runs_dir, cfg.dataset, cfg.run_name, run_stem(cfg), cfg.overwrite,
+                                          taken=handed_out)
+            devices[i] = pick_device(cfg.device)
+        except MMCacheError as e:
+            fail(i, e)
+    threads = {c.threads for i, c in enumerate(cfgs) if i in devices}
+    if threads and any(devices[i] == "cpu" for i in devices):
+        torch.set_num_threads(max((t or default_threads()) for t in threads))
+    return devices, run_dirs
+
+
+def _members(cfgs: list[TrainConfig], idxs: list[int], base: CachedData, device: str,
+             fail: Callable[[int, MMCacheError], None]) -> dict[int, Member]:
+    """One member per config of `idxs` over the loaded rows `base` (a CV fold's splits, a seed's val rows, K shots
+    per class: shared by the configs that ask for the same)."""
+    members: dict[int, Member] = {}
+    by_seed: dict[tuple[Any, ...], CachedData] = {}
+    for i in idxs:
+        try:
+            c = cfgs[i]
+            key = (c.seed, c.fold if c.folds else None, c.shots, c.select_metric if c.shots else None)
+            if key not in by_seed:  # a CV fold: the same tensors with that fold's splits
+                by_seed[key] = (base.for_fold(c.fold, c.folds) if c.folds and c.fold is not None
+                                else base).for_seed(c.seed)
+                if c.shots:  # K rows per class of the train split (mmcache.heads.shots)
+                    by_seed[key] = with_shots(by_seed[key], c.shots, c.seed, c.select_metric)
+            data = by_seed[key]
+            members[i] = m = build_member(cfgs[i], data)
+            _log(m.cfg, f"{m.cfg.dataset}: {', '.join(f'{s} {len(v)}' for s, v in data.split_index.items())} rows; "
+                        f"head {m.cfg.head} ({sum(p.numel() for p in m.head.parameters()):,} parameters) on "
+                        f"{device}; select val {m.sel_task}:{m.sel_metric}")
+        except MMCacheError as e:
+            fail(i, e)
+    return members
+
+
+def _lockstep_groups(members: dict[int, Member]) -> dict[tuple[Any, ...], list[int]]:
+    """Lockstep groups: the same rows (split seed), epochs and batch size; lbfgs fits one by one."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, m in members.items():
+        if m.cfg.solver == "lbfgs":
+            groups[("lbfgs", i)] = [i]
+            continue
+        gkey = (id(m.data.split_index), m.cfg.epochs, m.cfg.batch_size, tuple(sorted(m.cfg.upsample.items())))
+        groups.setdefault(gkey, []).append(i)
+    if any(m.cfg.solver != "lbfgs" for m in members.values()):
+        importlib.import_module("torch._dynamo")  # the first torch optimizer imports it: seconds, not fitting
+    return groups
+
+
+def _fit_group(gkey: tuple[Any, ...], group: list[Member], device: str, splits: tuple[str, ...] | None) -> None:
+    """Fit one group: the lbfgs probe, or the stacked probes and the lockstep loop (each member's fitting time
+    its share of the group's)."""
+    from mmcache.heads.stacked import fit_stacked, stackable, stacked_logits
+
+    t_fit = time.perf_counter()
+    reset_peak(device)
+    if gkey[0] == "lbfgs":
+        m = group[0]
+        curves, best, value, lam, C = _fit_lbfgs(m.cfg, m.head, m.crit, m.data, m.sel_task, m.sel_metric, m.offsets)
+        m.curves, m.best_epoch, m.best_value = curves, best, value
+        # The same objective in scikit-learn's terms: LogisticRegression(C=C) (mmcache.heads.probe).
+        m.select = {"l2": lam, "sklearn_C": C}
+        m.fit_seconds = time.perf_counter() - t_fit
+        return
+    quiet = all(m.cfg.quiet for m in group)
+    stacked = [m for m in group if stackable(m)]
+    rest = [m for m in group if m not in stacked]
+    if stacked:
+        t_stack = time.perf_counter()
+        fit_stacked(stacked, group[0].data, quiet)
+        share = (time.perf_counter() - t_stack) / len(stacked)
+        for m in stacked:  # one computation: its time shared evenly
+            m.fit_seconds = share
+        data = group[0].data
+        per_split = {sp: stacked_logits(stacked, data, ix) for sp, ix in data.split_index.items()
+                     if splits is None or sp in splits}
+        for k, m in enumerate(stacked):
+            m.final_logits = {sp: per_split[sp][k] for sp in per_split}
+    if rest:
+        t_lock = time.perf_counter()
+        _fit_lockstep(rest, group[0].data, quiet)  # (module attribute: tests spy on it)
+        # The group's time, shared by each member's own forward time (its backward scales with it).
+        spent, busy = time.perf_counter() - t_lock, sum(m.busy for m in rest)
+        for m in rest:
+            m.fit_seconds = spent * (m.busy / busy if busy > 0 else 1.0 / len(rest))
+
+
+def _finish(m: Member, t_start: float, device: str, splits: tuple[str, ...] | None,
+            run_dir: Path | None) -> RunResult:
+    """A fitted member refitted (--refit), evaluated and its run folder written."""
+    if m.cfg.refit:  # the chosen epochs again on train + val (mmcache.heads.refit)
+        refit_trainval(m)
+    res = _evaluate(m, t_start, device, splits, m.final_logits)
+    warn_failed_checks(res.metrics)
+    if m.cfg.save and run_dir is not None:
+        res.run_dir = write_run(run_dir, res, m.data.labels.tasks, m.cfg.dataset, criterion=m.crit)
+    return res
 
 
 def train(cfg: TrainConfig) -> RunResult:
