@@ -25,6 +25,7 @@ heads = typer.main.get_command(_heads_app)
 #: `finetune` (also `mmcache finetune`).
 finetune = typer.main.get_command(_finetune_app)
 
+_NOTE = r"\s*\[(default: [^\]]*|required)\]"  # click's notes, shown in their own column
 COMMANDS = {"mmcache": mmcache, "heads": heads, "finetune": finetune}
 
 
@@ -69,7 +70,8 @@ def markdown(prog: str, command=None, level: int = 2) -> str:  # type: ignore[no
     ctx = command.make_context(prog, [], resilient_parsing=True)
     out = [f"{'#' * level} `{prog}`", ""]
     if command.help:
-        out += [command.help.strip().split("\f")[0], ""]
+        paragraphs = command.help.split("\f")[0].strip().split("\n\n")
+        out += [line for para in paragraphs for line in (_escape(para), "")]
     pieces = command.collect_usage_pieces(ctx)
     out += ["```text", f"{prog} {' '.join(pieces)}".rstrip(), "```", ""]
     args, opts = [], []
@@ -80,13 +82,13 @@ def markdown(prog: str, command=None, level: int = 2) -> str:  # type: ignore[no
         (args if param.param_type_name == "argument" else opts).append((param, record))
     if args:
         out += ["| argument | help |", "|---|---|"]
-        out += [f"| `{rec[0]}` | {_escape(rec[1])} |" for _, rec in args]
+        out += [f"| `{rec[0]}` | {_escape(re.sub(_NOTE, '', rec[1]).strip())} |" for _, rec in args]
         out.append("")
     opts = [(p, r) for p, r in opts if r[0] != "--help"]
     if opts:
         out += ["| option | default | help |", "|---|---|---|"]
         for param, (names, help_text) in opts:
-            help_text = re.sub(r"\s*\[(default: [^\]]*|required)\]", "", help_text).strip()
+            help_text = re.sub(_NOTE, "", help_text).strip()
             out.append(f"| `{names}` | {_default(param, ctx)} | {_escape(help_text)} |")
         out.append("")
     subcommands = getattr(command, "commands", {})
