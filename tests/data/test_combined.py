@@ -126,9 +126,9 @@ def test_upsample_repeats_a_sources_training_rows(tmp_path: Path) -> None:
         epoch_pool(train, {"mvsa": 2})
 
 
-def test_the_readme_label_map_combines_the_fixtures(tmp_path: Path) -> None:
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = text.index("### Several datasets in one run")
+def test_the_documented_label_map_combines_the_fixtures(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "howto" / "several-datasets.md").read_text()
+    start = text.index("# Several datasets in one run")
     block = text[start:].split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(block) == {"mmhs150k": MMHS_MAP, "fakeddit": FAKEDDIT_MAP}
     (tmp_path / "map.json").write_text(block)
