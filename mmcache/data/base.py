@@ -276,7 +276,7 @@ def check_label_space(ds: Dataset) -> None:
     """A dataset needs at least one task, and every task at least one class."""
     if not ds.labels.tasks:
         raise MMCacheError(f"dataset {ds.name!r} at {ds.root}: no labels found, so there is nothing to train on; "
-                           "see README, 'Datasets', for where each layout keeps its labels")
+                           "see docs/howto/datasets.md for where each layout keeps its labels")
     empty = [t for t, names in ds.labels.tasks.items() if not names]
     if empty:
         raise MMCacheError(f"dataset {ds.name!r} at {ds.root}: task {empty[0]!r} has no classes; fill in its labels")

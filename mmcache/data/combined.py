@@ -108,7 +108,7 @@ def read_label_map(label_map: str | Path | Mapping[str, Any]) -> tuple[dict[str,
         where = str(path)
         if not path.is_file():
             raise MMCacheError(f"label map {path} not found; write a JSON file {{source: {{class: target}}}} "
-                               "(see README, 'Several datasets in one run')")
+                               "(see docs/howto/several-datasets.md)")
         obj = parse_json(decode_bytes(path.read_bytes()), path)
     if not isinstance(obj, Mapping):
         raise MMCacheError(f"{where}: expected a JSON object {{source: {{class: target}}}}")

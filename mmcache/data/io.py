@@ -86,7 +86,7 @@ def text_lines(text: str) -> list[str]:
 def open_text(path: Path) -> list[str]:
     """Lines of a text file of unknown encoding (decoded as a whole, so one odd byte does not break it)."""
     if not path.is_file():
-        raise MMCacheError(f"{path} not found; check the dataset layout (see README, 'Datasets')")
+        raise MMCacheError(f"{path} not found; check the dataset layout (see docs/howto/datasets.md)")
     lines = text_lines(decode_bytes(path.read_bytes()))
     return lines[:-1] if lines and lines[-1] == "" else lines
 
@@ -100,7 +100,7 @@ def iter_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
     (bad bytes replaced) without holding it in memory.
     """
     if not path.is_file():
-        raise MMCacheError(f"{path} not found; check the dataset layout (see README, 'Datasets')")
+        raise MMCacheError(f"{path} not found; check the dataset layout (see docs/howto/datasets.md)")
     f: Any
     if stream:
         f = path.open(encoding="utf-8-sig", errors="replace", newline="")
@@ -168,7 +168,7 @@ def locate(root: Path, name: str, kind: str = "file", hint: str = "", required: 
                            "point --data-dir at the one you mean")
     if required:
         raise MMCacheError(f"{root}: no {kind} {name!r} (looked in the folder and two levels below); "
-                           "check the dataset layout (see README, 'Datasets') or --data-dir")
+                           "check the dataset layout (see docs/howto/datasets.md) or --data-dir")
     return None
 
 
