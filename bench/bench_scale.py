@@ -180,10 +180,9 @@ def run(sizes: dict[str, list[int]], limit: int | None, epochs: int,
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios: per-row epoch time against the smallest in-memory size of the same head, and streamed / in-memory
-    throughput at each size where both ran."""
-    out: dict[str, Any] = {}
+def summarize(rows: list[dict[str, Any]]) -> None:
+    """Add the ratios to `rows`: per-row epoch time against the smallest in-memory size of the same head, and
+    streamed / in-memory throughput at each size where both ran."""
     ok = [r for r in rows if "error" not in r]
     for head in dict.fromkeys(r["head"] for r in ok):
         mine = [r for r in ok if r["head"] == head]
@@ -194,8 +193,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             twin = next((x for x in mine if x["n"] == r["n"] and x["mode"] == "memory"), None)
             if r["mode"] == "stream" and twin is not None:
                 r["stream_throughput_ratio"] = twin["us_per_row"] / r["us_per_row"]
-        out[head] = mine
-    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,7 +44,7 @@ import numpy as np
 
 from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
-from mmcache.utils import atomic_write_text
+from mmcache.utils import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from mmcache.data.base import Dataset
@@ -207,16 +205,7 @@ class Manifest:
         digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
         cols = path.with_name(f"{path.stem}-{digest}.npz")
         if not cols.exists():
-            tmp = cols.with_name(f".{cols.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with open(tmp, "xb") as fh:
-                    fh.write(raw)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, cols)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(cols, raw)
         summary = {"format": FORMAT, "name": self.name, "fold": self.fold, "seed": self.seed,
                    "labels": self.labels.to_json(), "rows": len(self.ids),
                    "splits": dict(Counter(self.splits)), "columns": {"file": cols.name, "blake2b": digest}}

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmcache.errors import MMCacheError
+from mmcache.utils import file_sha256, fsync_path
 
 if TYPE_CHECKING:
     import torch
@@ -225,15 +226,6 @@ def take_run_dir(base: Path, run_name: str | None, stem_parts: list[str], overwr
 
 
 # ---------------------------------------------------------------- writing whole
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (its entries)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def disk_error(error: BaseException) -> str | None:
@@ -746,17 +738,6 @@ def plot_confusions(d: Path, metrics: dict[str, dict[str, dict[str, Any]]], task
         if "confusion_matrix" in m:
             plot_confusion(np.asarray(m["confusion_matrix"]), tasks[t], d / f"confusion_{t}.png",
                            f"{dataset} {split} {t}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (as `mmcache.extract.weights.weights_sha256` gives for a file)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_offsets(config: dict[str, Any]) -> dict[str, list[float]]:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mmcache.stats import BOOTSTRAP, Predictions, boot_metric, compare_to_best, interval, read_predictions
+from mmcache.stats import BOOTSTRAP, Predictions, boot_metric, compare_to_best, comparison_columns, interval, read_predictions
 
 # config.json keys that tell runs of one configuration apart without changing what it is.
 NOT_CONFIG = ("seed", "fold", "run_name", "overwrite", "quiet", "save", "track", "device", "threads", "runs_dir",
@@ -84,16 +84,7 @@ def group_runs(rows: list[dict[str, Any]], runs_dir: Path, n_boot: int = BOOTSTR
         res = compare_to_best(rows_of, best["config"], column, preds, metric, n_boot=n_boot)
         best["vs_best"] = "best"
         for s in ranked[1:]:
-            r = res.get(s["config"], {})
-            if "boot_diff" in r:
-                s.update(vs_best=r["boot_diff"], vs_best_low=r["boot_low"], vs_best_high=r["boot_high"],
-                         p_boot=r["boot_p"])
-            elif "diff" in r:
-                s["vs_best"] = r["diff"]
-            if "t_p" in r:
-                s["p_ttest"] = r["t_p"]
-            if "significant" in r:
-                s["significant"] = r["significant"]
+            s.update(comparison_columns(res.get(s["config"], {})))
     for s in out:
         s.pop("_key")
     return out

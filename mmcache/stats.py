@@ -228,6 +228,21 @@ def run_key(row: dict[str, Any]) -> tuple[Any, Any]:
     return (row.get("seed"), row.get("fold"))
 
 
+def comparison_columns(r: dict[str, Any]) -> dict[str, Any]:
+    """A config's table columns from its `compare_to_best` entry: `vs_best` (the paired bootstrap's difference,
+    with `vs_best_low` / `vs_best_high` and `p_boot`, else the plain difference), `p_ttest`, `significant`."""
+    out: dict[str, Any] = {}
+    if "boot_diff" in r:
+        out.update(vs_best=r["boot_diff"], vs_best_low=r["boot_low"], vs_best_high=r["boot_high"], p_boot=r["boot_p"])
+    elif "diff" in r:
+        out["vs_best"] = r["diff"]
+    if "t_p" in r:
+        out["p_ttest"] = r["t_p"]
+    if "significant" in r:
+        out["significant"] = r["significant"]
+    return out
+
+
 def compare_to_best(groups: dict[str, list[dict[str, Any]]], best: str, column: str,
                     preds: dict[str, list[Predictions | None]] | None = None, metric: str | None = None,
                     n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, dict[str, Any]]:

@@ -98,22 +98,47 @@ def check_output_file(path: Path | str | None, flag: str = "--out") -> None:
         raise MMCacheError(f"{flag} {path} is a folder; give a file name, e.g. {Path(path) / 'predictions.csv'}")
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write a text file atomically: a uniquely named temp file beside it, fsynced, then renamed into place, so a
-    kill (or a second writer) never leaves half a file."""
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write a file atomically: a uniquely named temp file beside it, fsynced, then renamed into place, so a kill
+    (or a second writer) never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per writer; opened as usual, so the file gets the permissions the umask gives.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "xb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """`atomic_write_bytes` of `text` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a folder (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mmcache.errors import MMCacheError
+from mmcache.utils import file_sha256
 
 HASH_CACHE_FILE = "sha256.json"
 HUB_URL = "https://huggingface.co"
@@ -57,14 +58,6 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
         pass
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_of(folder: Path) -> list[Path]:
     """Regular files under `folder`, sorted; hidden entries (.git, .cache download metadata) are left out."""
     out: list[Path] = []
@@ -94,7 +87,7 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
         hit = cache.get(key)
         if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             return str(hit["sha256"])
-        digest = _file_sha256(f)
+        digest = file_sha256(f)
         cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         changed = True
         return digest

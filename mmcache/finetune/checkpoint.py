@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mmcache.errors import MMCacheError
+from mmcache.utils import fsync_path
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -71,14 +72,6 @@ def from_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
@@ -100,14 +93,14 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], tag: str) -> Path:
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
     save_file(tensors, str(tmp / TENSORS))
-    _fsync(tmp / TENSORS)
+    fsync_path(tmp / TENSORS)
     _write_json(tmp / STATE, tree)
-    _fsync(tmp)
+    fsync_path(tmp)
     final = root / name
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     _write_json(root / LATEST, {"checkpoint": name, "tag": tag})
-    _fsync(root)
+    fsync_path(root)
     for p in root.iterdir():  # earlier checkpoints, and temporary folders of a write that was killed
         if p.is_dir() and p.name != name:
             shutil.rmtree(p, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -132,12 +133,14 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
 
 @torch.no_grad()
 def _stack_logits(head0: LinearHead, data: CachedData, idx: torch.Tensor, w: dict[str, torch.Tensor],
-                  b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                  b: dict[str, torch.Tensor], fused: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """task -> logits [len(idx), K, C] of K stacked probes (weights w [K, C, F], biases b [K, C]), the fused
-    features computed chunk by chunk (never a whole split of them at once)."""
+    features of chunks of FUSE_CHUNK rows at a time (never a whole split of them at once): `fused(rows)`, by default
+    fused from the rows' batch; streamed chunks are read ahead."""
+    fuse = fused or (lambda rows: head0.fused(data.batch(rows)))
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in w}
-    for feats in data.chunks(idx, FUSE_CHUNK):
-        z = head0.fused(feats)
+    for z in prefetch(fuse, (idx[s:s + FUSE_CHUNK] for s in range(0, len(idx), FUSE_CHUNK)), enabled=data.streamed):
         for t in w:
             parts[t].append((z @ w[t].reshape(-1, w[t].shape[-1]).T).view(len(z), w[t].shape[0], -1) + b[t])
     return {t: torch.cat(v) if v else torch.zeros(0, w[t].shape[0], w[t].shape[1], device=idx.device)
@@ -330,7 +333,7 @@ class StackTask(TaskBase):
         factor = self.factors[self.done]
         with torch.no_grad():
             vlog = _stack_logits(self.head0, self.data, self.val_idx, {t: self.W[t].detach() for t in tasks},
-                                 {t: self.B[t].detach() for t in tasks})
+                                 {t: self.B[t].detach() for t in tasks}, self.fused)
             vloss = sum(_ce(vlog[t], y_val[t], self.weights[t], self.smoothing) for t in tasks)
         # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
         vms: dict[int, dict[str, float]] = {}

@@ -393,7 +393,7 @@ def compare_column(rank: str | None) -> str | None:
 def compare_with_best(summary: list[dict[str, Any]], groups: dict[str, list[dict[str, Any]]], rank: str | None,
                       n_boot: int | None = None) -> None:
     """Add COMPARE_COLUMNS to each config of `summary` (sorted best first) but the best."""
-    from mmcache.stats import BOOTSTRAP, compare_to_best
+    from mmcache.stats import BOOTSTRAP, compare_to_best, comparison_columns
 
     column = compare_column(rank)
     ranked = [s for s in summary if rank is not None and isinstance(s.get(rank), (int, float)) and s.get("runs")]
@@ -407,16 +407,8 @@ def compare_with_best(summary: list[dict[str, Any]], groups: dict[str, list[dict
     res = compare_to_best({s["config"]: ok[s["config"]] for s in ranked}, best, column, preds, column[5:],
                           n_boot=n_boot or BOOTSTRAP)
     for s in ranked[1:]:
-        r = res.get(s["config"], {})
         s["compared_on"] = column
-        if "boot_diff" in r:
-            s.update(vs_best=r["boot_diff"], vs_best_low=r["boot_low"], vs_best_high=r["boot_high"], p_boot=r["boot_p"])
-        elif "diff" in r:
-            s["vs_best"] = r["diff"]
-        if "t_p" in r:
-            s["p_ttest"] = r["t_p"]
-        if "significant" in r:
-            s["significant"] = r["significant"]
+        s.update(comparison_columns(res.get(s["config"], {})))
 
 
 def _rank_column(rows: list[dict[str, Any]]) -> str | None:

@@ -19,7 +19,7 @@ def _no_rehash(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(W, "_file_sha256", fail)
+    monkeypatch.setattr(W, "file_sha256", fail)
 
 
 def test_file_hash_is_cached_in_the_user_cache_by_size_and_mtime(
