@@ -56,7 +56,7 @@ def extract(
     """Extract features of DATASET into feature stores cache/<dataset>/<modality>/<name>.h5 (resumable)."""
     from mmcache.data import load_dataset
     from mmcache.data.cli import dataset_options
-    from mmcache.extract.runner import Request, _dist_info, format_summary, parse_requests, select_samples
+    from mmcache.extract.runner import Request, dist_info, format_summary, parse_requests, select_samples
     from mmcache.extract.runner import extract as run
     from mmcache.finetune import preset  # noqa: F401  (registers `finetuned:RUN`, a fine-tuned run's encoder)
 
@@ -94,5 +94,5 @@ def extract(
         ds, source = context_source(ds, cache_dir, context_from, [r.name for r in captioners], needed)
     if requests:
         summaries += run(ds, requests, context_from=source, **common)
-    if _dist_info()[0] == 0:
+    if dist_info()[0] == 0:
         typer.echo(format_summary(summaries))

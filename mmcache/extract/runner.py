@@ -242,7 +242,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _dist_info() -> tuple[int, int, int]:
+def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not distributed)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -355,45 +355,13 @@ def extract(
     `context_from` says where the samples' context texts came from when not from the dataset (a captions
     store); it becomes part of the spec of every context store, so texts of two sources never share a store.
     """
-    if not requests:
-        raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
-    names = [(r.modality, r.name) for r in requests]
-    dup = [n for n, c in Counter(names).items() if c > 1]
-    if dup:
-        raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
+    _check_distinct(requests)
     check_replace(manifest_path(cache_dir, ds.name), ds, force=force)
-    rank, world, local_rank = init_distributed(cpu=device is not None and not device.startswith("cuda"))
+    rank, world, dev = _extraction_device(device)
     distributed = world > 1
-    if device is None and distributed and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    dev = torch.device(pick_device(device))
-    if dev.type == "cuda" and dev.index is None and distributed:
-        dev = torch.device("cuda", local_rank)
     selected = select_samples(ds, split, limit)
-    for r in requests:
-        if r.overrides.get("augment") not in (None, False):
-            raise MMCacheError(f"--{r.modality} {r.name}: augment is a training option of `finetune run`; extraction "
-                               "always uses the reference preprocessing: drop augment")
-    for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
-        if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
-            hint = " or generate captions as context with --caption blip" if r.modality == "context" else ""
-            article = "an" if r.modality[0] in "aeiou" else "a"
-            raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has {article} {r.modality} field; "
-                               f"drop --{r.modality} (this dataset's adapter provides none){hint}")
-
-    if extractors is None:
-        built = []
-        for r in requests:
-            extra = dict(r.overrides)
-            if r.modality == "teacher":
-                extra.setdefault("label_space", ds.labels.tasks)
-            built.append(build_extractor(r.preset, r.modality, **extra))
-        extractors = built
-    extractors = list(extractors)
-    if context_from is not None:
-        for r, ext in zip(requests, extractors, strict=True):
-            if r.modality == "context":
-                ext.config["context_from"] = dict(context_from)
+    _check_fields(ds, requests, selected)
+    extractors = _resolve_extractors(ds, requests, extractors, context_from)
     paths = [store_path(cache_dir, ds.name, r.modality, r.name) for r in requests]
     summaries = [StoreSummary(r.modality, r.name, r.preset, p) for r, p in zip(requests, paths, strict=True)]
 
@@ -403,51 +371,21 @@ def extract(
 
     # Parts left by an interrupted multi-process run count as done once merged.
     if rank == 0:
-        for ext, p in zip(extractors, paths, strict=True):
-            merge_parts(p, ext.spec, ds.name, dtype)
+        _merge_all_parts(extractors, paths, ds.name, dtype)
     barrier()
     # A retry never erases a failure record: an id's record goes only when its row is written.
     state = [_store_ids(p) for p in paths]
     done = [rows if retry_failed else rows | set(failed) for rows, failed in state]
     barrier()
-
-    need_per_sample: list[tuple[int, ...]] = []
-    todo: list[Sample] = []
-    for s in selected:
-        need = tuple(k for k in range(len(extractors)) if s.id not in done[k])
-        for k in range(len(extractors)):
-            if s.id in done[k]:
-                summaries[k].skipped += 1
-        if need:
-            todo.append(s)
-            need_per_sample.append(need)
-    # Each rank takes its own strided slice: no padding, no duplicates, nothing dropped.
-    todo, need_per_sample = todo[rank::world], need_per_sample[rank::world]
-    if distributed:
-        # Skips were counted on every rank; report them once.
-        for sm in summaries:
-            sm.skipped = sm.skipped if rank == 0 else 0
-
-    channels_last = dev.type == "cuda"
-    for ext in extractors:
-        ext.eval()
-        ext.to(dev)
-        if channels_last and getattr(ext, "channels_last", False):
-            ext.to(memory_format=torch.channels_last)
+    todo, need_per_sample = _plan(selected, done, summaries, rank, world)
+    _place_extractors(extractors, dev)
 
     by_id = ds.by_id()
     writers: list[FeatureStore | None] = [None] * len(extractors)
     finished = False
     try:
-        for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
-            if any(k in n for n in need_per_sample) or not distributed:
-                target = _part_path(p, rank) if distributed else p
-                # Rows to come + rows and records already there (+ room for retried records whose reason changes).
-                cap = sum(k in n for n in need_per_sample)
-                if not distributed:
-                    cap += len(state[k][0]) + len(state[k][1]) * (2 if retry_failed else 1)
-                writers[k] = FeatureStore(target, ext.spec, ds.name, dtype=dtype, versions=versions(),
-                                          capacity=max(cap, 1))
+        _open_writers(writers, extractors, paths, need_per_sample, state, ds.name, dtype, rank, distributed,
+                      retry_failed)
         if todo:
             _run_loop(todo, need_per_sample, extractors, writers, summaries, dev, batch_size, num_workers,
                       strict, amp, progress and rank == 0, world, by_id)
@@ -464,22 +402,135 @@ def extract(
                     raise  # otherwise the error that stopped the run is the one to report
     barrier()
     if distributed:
-        # Gather every rank's counts so rank 0 reports the whole run.
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, [(s.written, s.failed, s.kinds) for s in summaries])
-        for k, sm in enumerate(summaries):
-            sm.written = sum(g[k][0] for g in gathered)
-            sm.failed = {sid: r for g in gathered for sid, r in g[k][1].items()}
-            sm.kinds = {sid: r for g in gathered for sid, r in g[k][2].items()}
+        _gather_counts(summaries, world)
         if rank == 0:
-            for ext, p in zip(extractors, paths, strict=True):
-                merge_parts(p, ext.spec, ds.name, dtype)
+            _merge_all_parts(extractors, paths, ds.name, dtype)
         barrier()
     if rank == 0:
         if distributed:
             _list_failures(summaries, by_id)
         write_manifest(ds, cache_dir, selected)
     return summaries
+
+
+def _check_distinct(requests: Sequence[Request]) -> None:
+    """Refuse an empty request list and a store requested twice."""
+    if not requests:
+        raise MMCacheError("nothing to extract: name at least one store, e.g. --image clip --text clip")
+    names = [(r.modality, r.name) for r in requests]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise MMCacheError(f"store {dup[0][0]}/{dup[0][1]} requested twice; give one of them another NAME=")
+
+
+def _extraction_device(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: under torchrun each rank takes the GPU of its local rank."""
+    rank, world, local_rank = init_distributed(cpu=device is not None and not device.startswith("cuda"))
+    distributed = world > 1
+    if device is None and distributed and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    dev = torch.device(pick_device(device))
+    if dev.type == "cuda" and dev.index is None and distributed:
+        dev = torch.device("cuda", local_rank)
+    return rank, world, dev
+
+
+def _check_fields(ds: Dataset, requests: Sequence[Request], selected: Sequence[Sample]) -> None:
+    """Refuse training-only options and a store no selected sample has the field for (before loading any model)."""
+    for r in requests:
+        if r.overrides.get("augment") not in (None, False):
+            raise MMCacheError(f"--{r.modality} {r.name}: augment is a training option of `finetune run`; extraction "
+                               "always uses the reference preprocessing: drop augment")
+    for r in requests:  # a whole store of failed rows helps no one: refuse before loading any model
+        if r.modality in FIELDS and selected and all(getattr(s, r.modality) is None for s in selected):
+            hint = " or generate captions as context with --caption blip" if r.modality == "context" else ""
+            article = "an" if r.modality[0] in "aeiou" else "a"
+            raise MMCacheError(f"--{r.modality} {r.name}: no selected sample of {ds.name!r} has {article} {r.modality} field; "
+                               f"drop --{r.modality} (this dataset's adapter provides none){hint}")
+
+
+def _resolve_extractors(ds: Dataset, requests: Sequence[Request], extractors: Sequence[Extractor] | None,
+                        context_from: dict[str, Any] | None) -> list[Extractor]:
+    """The given extractors, or each request's preset built for its modality (teachers get the class names);
+    context extractors carry `context_from` in their config."""
+    if extractors is None:
+        built = []
+        for r in requests:
+            extra = dict(r.overrides)
+            if r.modality == "teacher":
+                extra.setdefault("label_space", ds.labels.tasks)
+            built.append(build_extractor(r.preset, r.modality, **extra))
+        extractors = built
+    extractors = list(extractors)
+    if context_from is not None:
+        for r, ext in zip(requests, extractors, strict=True):
+            if r.modality == "context":
+                ext.config["context_from"] = dict(context_from)
+    return extractors
+
+
+def _merge_all_parts(extractors: Sequence[Extractor], paths: Sequence[Path], dataset: str, dtype: str) -> None:
+    """Merge the leftover rank part files of every store."""
+    for ext, p in zip(extractors, paths, strict=True):
+        merge_parts(p, ext.spec, dataset, dtype)
+
+
+def _plan(selected: Sequence[Sample], done: list[set[str]], summaries: list[StoreSummary], rank: int,
+          world: int) -> tuple[list[Sample], list[tuple[int, ...]]]:
+    """This rank's samples to do with the stores each one still misses; counts the skips in `summaries`."""
+    need_per_sample: list[tuple[int, ...]] = []
+    todo: list[Sample] = []
+    for s in selected:
+        need = tuple(k for k in range(len(done)) if s.id not in done[k])
+        for k in range(len(done)):
+            if s.id in done[k]:
+                summaries[k].skipped += 1
+        if need:
+            todo.append(s)
+            need_per_sample.append(need)
+    # Each rank takes its own strided slice: no padding, no duplicates, nothing dropped.
+    todo, need_per_sample = todo[rank::world], need_per_sample[rank::world]
+    if world > 1:
+        # Skips were counted on every rank; report them once.
+        for sm in summaries:
+            sm.skipped = sm.skipped if rank == 0 else 0
+    return todo, need_per_sample
+
+
+def _place_extractors(extractors: Sequence[Extractor], dev: torch.device) -> None:
+    """Extractors in eval mode on `dev` (channels-last on CUDA for those that ask for it)."""
+    channels_last = dev.type == "cuda"
+    for ext in extractors:
+        ext.eval()
+        ext.to(dev)
+        if channels_last and getattr(ext, "channels_last", False):
+            ext.to(memory_format=torch.channels_last)
+
+
+def _open_writers(writers: list[FeatureStore | None], extractors: Sequence[Extractor], paths: Sequence[Path],
+                  need_per_sample: list[tuple[int, ...]], state: list[tuple[set[str], dict[str, str]]], dataset: str,
+                  dtype: str, rank: int, distributed: bool, retry_failed: bool) -> None:
+    """Open into `writers` one store (this rank's part file under torchrun) per extractor with rows to write; the
+    others stay None. Filled in place, so the caller closes the stores opened before an error."""
+    for k, (ext, p) in enumerate(zip(extractors, paths, strict=True)):
+        if any(k in n for n in need_per_sample) or not distributed:
+            target = _part_path(p, rank) if distributed else p
+            # Rows to come + rows and records already there (+ room for retried records whose reason changes).
+            cap = sum(k in n for n in need_per_sample)
+            if not distributed:
+                cap += len(state[k][0]) + len(state[k][1]) * (2 if retry_failed else 1)
+            writers[k] = FeatureStore(target, ext.spec, dataset, dtype=dtype, versions=versions(),
+                                      capacity=max(cap, 1))
+
+
+def _gather_counts(summaries: list[StoreSummary], world: int) -> None:
+    """Every rank's written / failed counts gathered into `summaries`, so rank 0 reports the whole run."""
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, [(s.written, s.failed, s.kinds) for s in summaries])
+    for k, sm in enumerate(summaries):
+        sm.written = sum(g[k][0] for g in gathered)
+        sm.failed = {sid: r for g in gathered for sid, r in g[k][1].items()}
+        sm.kinds = {sid: r for g in gathered for sid, r in g[k][2].items()}
 
 
 def _list_failures(summaries: list[StoreSummary], by_id: dict[str, Sample]) -> None:
