@@ -358,6 +358,37 @@ class BandAggregator(nn.Module):
         return self.out((w[..., None] * f).sum(1)), w
 
 
+def _variant_parts(variant: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The parts of the SCABG architecture: the variant gives each part's default, a part set explicitly (not
+    None in `given`) wins (`variant=reference mix_token=false`); flags checked, `kd_branches` split at commas."""
+    if variant not in VARIANTS:
+        raise MMCacheError(f"head scabg: variant={variant!r} must be one of {sorted(VARIANTS)}")
+    parts = {k: VARIANTS[variant][k] if v is None else v for k, v in given.items()}
+    for k in ("branch_gates", "band_blocks", "agg_mlp", "branch_mlp", "mix_token", "fuse_mlp", "adversarial",
+              "aux_outputs"):
+        if not isinstance(parts[k], bool):
+            raise MMCacheError(f"head scabg: {k} must be true or false, got {parts[k]!r}")
+    if parts["branch_pool"] not in ("score", "static"):
+        raise MMCacheError(f"head scabg: branch_pool={parts['branch_pool']!r} must be 'score' or 'static'")
+    if isinstance(parts["kd_branches"], str) and parts["kd_branches"] != "auto":
+        parts["kd_branches"] = [b for b in parts["kd_branches"].split(",") if b]
+    return parts
+
+
+def _check_numbers(parts: dict[str, Any], where: str) -> None:
+    """Refuse a negative or non-whole `kd_classes` / `grl_warmup`, a negative `grl` and an unknown schedule."""
+    if not isinstance(parts["kd_classes"], int) or isinstance(parts["kd_classes"], bool) or parts["kd_classes"] < 0:
+        raise MMCacheError(f"{where}: kd_classes={parts['kd_classes']!r} must be a whole number >= 0 "
+                           "(0: as many as the task's classes)")
+    if not isinstance(parts["grl"], (int, float)) or isinstance(parts["grl"], bool) or parts["grl"] < 0:
+        raise MMCacheError(f"{where}: grl={parts['grl']!r} must be a number >= 0")
+    if parts["grl_schedule"] not in GRL_SCHEDULES:
+        raise MMCacheError(f"{where}: grl_schedule={parts['grl_schedule']!r} must be one of "
+                           f"{', '.join(GRL_SCHEDULES)}")
+    if not isinstance(parts["grl_warmup"], int) or isinstance(parts["grl_warmup"], bool) or parts["grl_warmup"] < 0:
+        raise MMCacheError(f"{where}: grl_warmup={parts['grl_warmup']!r} must be a whole number of steps >= 0")
+
+
 @register_head("scabg")
 class SCABGHead(Head):
     """Self-Calibrated Adaptive Band Gating over token sequences, with coarse/fine 3-way composition."""
@@ -380,22 +411,11 @@ class SCABGHead(Head):
         reject_unknown("scabg", extra, type(self))
         if D is not None:  # `--D` of the trainer sets the hidden size
             hidden = int(D)
-        if variant not in VARIANTS:
-            raise MMCacheError(f"head scabg: variant={variant!r} must be one of {sorted(VARIANTS)}")
-        given = {"branch_gates": branch_gates, "band_blocks": band_blocks, "agg_mlp": agg_mlp,
-                 "branch_mlp": branch_mlp, "mix_token": mix_token, "branch_pool": branch_pool, "fuse_mlp": fuse_mlp,
-                 "kd_branches": kd_branches, "kd_classes": kd_classes, "adversarial": adversarial, "grl": grl,
-                 "aux_outputs": aux_outputs, "grl_schedule": grl_schedule, "grl_warmup": grl_warmup}
-        # The variant gives each part's default; a part set explicitly wins (`variant=reference mix_token=false`).
-        parts = {k: VARIANTS[variant][k] if v is None else v for k, v in given.items()}
-        for k in ("branch_gates", "band_blocks", "agg_mlp", "branch_mlp", "mix_token", "fuse_mlp", "adversarial",
-                  "aux_outputs"):
-            if not isinstance(parts[k], bool):
-                raise MMCacheError(f"head scabg: {k} must be true or false, got {parts[k]!r}")
-        if parts["branch_pool"] not in ("score", "static"):
-            raise MMCacheError(f"head scabg: branch_pool={parts['branch_pool']!r} must be 'score' or 'static'")
-        if isinstance(parts["kd_branches"], str) and parts["kd_branches"] != "auto":
-            parts["kd_branches"] = [b for b in parts["kd_branches"].split(",") if b]
+        parts = _variant_parts(variant, {
+            "branch_gates": branch_gates, "band_blocks": band_blocks, "agg_mlp": agg_mlp, "branch_mlp": branch_mlp,
+            "mix_token": mix_token, "branch_pool": branch_pool, "fuse_mlp": fuse_mlp, "kd_branches": kd_branches,
+            "kd_classes": kd_classes, "adversarial": adversarial, "grl": grl, "aux_outputs": aux_outputs,
+            "grl_schedule": grl_schedule, "grl_warmup": grl_warmup})
         task = task or next(iter(tasks))
         if isinstance(classes, str):
             classes = [int(c) for c in classes.split(",") if c.strip()]
@@ -408,16 +428,34 @@ class SCABGHead(Head):
                          classes=list(classes), task=task, branches=list(branches) if branches else None,
                          use_tokens=use_tokens, ablation=ablation, modalities=modalities, variant=variant, **parts)
         where = "head scabg"
-        if not isinstance(parts["kd_classes"], int) or isinstance(parts["kd_classes"], bool) or parts["kd_classes"] < 0:
-            raise MMCacheError(f"{where}: kd_classes={parts['kd_classes']!r} must be a whole number >= 0 "
-                               "(0: as many as the task's classes)")
-        if not isinstance(parts["grl"], (int, float)) or isinstance(parts["grl"], bool) or parts["grl"] < 0:
-            raise MMCacheError(f"{where}: grl={parts['grl']!r} must be a number >= 0")
-        if parts["grl_schedule"] not in GRL_SCHEDULES:
-            raise MMCacheError(f"{where}: grl_schedule={parts['grl_schedule']!r} must be one of "
-                               f"{', '.join(GRL_SCHEDULES)}")
-        if not isinstance(parts["grl_warmup"], int) or isinstance(parts["grl_warmup"], bool) or parts["grl_warmup"] < 0:
-            raise MMCacheError(f"{where}: grl_warmup={parts['grl_warmup']!r} must be a whole number of steps >= 0")
+        _check_numbers(parts, where)
+        self._check_shape(hidden, out_dim, bands, queries, heads, branch_heads, compose, compose_mode, task, where)
+        self.classes = check_classes(classes, where)
+        self.mods = select_modalities(list(self.inputs), modalities, ablation)
+        check_spec(self.inputs, self.mods, "scabg")
+        self.branch_pairs = self._branches(branches)
+        self.task = task
+        self.cond = cond
+        self.use_tokens = use_tokens
+        self.compose = compose
+        self.compose_mode = compose_mode
+        self.branch_gates_on = parts["branch_gates"]
+        self._build_gates(hidden, bands, queries, heads, dropout, calibrate, condition, band_queries,
+                          parts["band_blocks"])
+        self._build_condition(hidden, bands, cond, condition, aggregate)
+        self._build_branch_fusion(parts, hidden, out_dim, bands, branch_heads, dropout, aggregate, cross_branch)
+        self._build_outputs(parts, out_dim, compose, task)
+        self.grl = float(parts["grl"])
+        self.grl_schedule, self.grl_warmup = parts["grl_schedule"], parts["grl_warmup"]
+        self.grl_now = 0.0  # the strength at the current step (`set_progress`)
+        self.set_progress(_Start())
+        self.aux_outputs = parts["aux_outputs"]
+        skip_removed_keys(self, lambda name: REMOVED.fullmatch(name) is not None)
+
+    def _check_shape(self, hidden: int, out_dim: int, bands: int, queries: int, heads: int, branch_heads: int,
+                     compose: bool, compose_mode: str, task: str, where: str) -> None:
+        """Refuse sizes that do not divide, too few bands or queries, an unknown compose mode or task, and
+        composition on a task that is not 3-way."""
         if hidden % heads or out_dim % branch_heads:
             raise MMCacheError(f"{where}: hidden={hidden} must divide by heads={heads} and "
                                f"out_dim={out_dim} by branch_heads={branch_heads}")
@@ -430,16 +468,11 @@ class SCABGHead(Head):
         if compose and self.tasks[task] != 3:
             raise MMCacheError(f"{where}: coarse/fine composition needs a 3-way task (negative, neutral, positive), "
                                f"but {task!r} has {self.tasks[task]} classes; set compose=false or task=<3-way task>")
-        self.classes = check_classes(classes, where)
-        self.mods = select_modalities(list(self.inputs), modalities, ablation)
-        check_spec(self.inputs, self.mods, "scabg")
-        self.branch_pairs = self._branches(branches)
-        self.task = task
-        self.cond = cond
-        self.use_tokens = use_tokens
-        self.compose = compose
-        self.compose_mode = compose_mode
-        self.branch_gates_on = parts["branch_gates"]
+
+    def _build_gates(self, hidden: int, bands: int, queries: int, heads: int, dropout: float, calibrate: bool,
+                     condition: bool, band_queries: bool, per_band: bool) -> None:
+        """Steps 1-4: one band gate per modality, or (`branch_gates`) one projection per modality and a gate
+        pair per branch."""
         gate_args = (hidden, bands, queries, heads, dropout, calibrate, condition, band_queries)
         if self.branch_gates_on:
             # One projection per modality, then a gate pair (x side, y side) per branch.
@@ -447,13 +480,16 @@ class SCABGHead(Head):
                                         for m in self.mods})
             self.branch_gates = nn.ModuleList([
                 nn.ModuleDict({side: BandGate(hidden, *gate_args, seq_len=self._seq_len(m), project=False,
-                                              per_band=parts["band_blocks"]) for side, m in (("x", x), ("y", y))})
+                                              per_band=per_band) for side, m in (("x", x), ("y", y))})
                 for x, y in self.branch_pairs])
         else:
             self.gates = nn.ModuleDict({
-                m: BandGate(self._in_dim(m), *gate_args, seq_len=self._seq_len(m), per_band=parts["band_blocks"])
+                m: BandGate(self._in_dim(m), *gate_args, seq_len=self._seq_len(m), per_band=per_band)
                 for m in self.mods
             })
+
+    def _build_condition(self, hidden: int, bands: int, cond: str, condition: bool, aggregate: bool) -> None:
+        """The condition vector c: a projection of the condition modality and a learned default for rows without it."""
         # c feeds the gate (condition) and the band weights (aggregate); both vanish with one band.
         self.uses_c = bands > 1 and (condition or aggregate)
         self.cond_proj = nn.Linear(self.inputs[cond]["pooled"][-1], hidden) \
@@ -462,6 +498,11 @@ class SCABGHead(Head):
         # has nothing to condition when it is the only modality, so then there is no default to learn.
         needs_default = self.uses_c and any(m != cond for pair in self.branch_pairs for m in pair)
         self.cond_default = nn.Parameter(torch.zeros(hidden)) if needs_default else None
+
+    def _build_branch_fusion(self, parts: dict[str, Any], hidden: int, out_dim: int, bands: int, branch_heads: int,
+                             dropout: float, aggregate: bool, cross_branch: bool) -> None:
+        """Steps 5-6: a band aggregator per branch, the branch MLPs and mix token, cross-branch attention, pooling
+        and the fused vector's MLP."""
         self.aggregators = nn.ModuleList([BandAggregator(hidden, out_dim, bands, dropout, aggregate, parts["agg_mlp"])
                                           for _ in self.branch_pairs])
         nb = len(self.branch_pairs)
@@ -478,6 +519,9 @@ class SCABGHead(Head):
         self.pool_logits = nn.Parameter(torch.zeros(nb)) if nb > 1 and parts["branch_pool"] == "static" else None
         self.fuse = mlp(out_dim, 2 * out_dim, out_dim, dropout) if parts["fuse_mlp"] else \
             nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
+
+    def _build_outputs(self, parts: dict[str, Any], out_dim: int, compose: bool, task: str) -> None:
+        """Step 7 and the auxiliary heads: coarse and fine heads, the other tasks' classifiers, KD and adversarial heads."""
         self.coarse = nn.Linear(out_dim, 2)
         self.fine = nn.Linear(out_dim, 2)
         self.classifiers = nn.ModuleDict({t: nn.Linear(out_dim, c) for t, c in self.tasks.items()
@@ -487,12 +531,6 @@ class SCABGHead(Head):
         self.kd_heads = nn.ModuleList([nn.Linear(out_dim, kd_width) for _ in self.kd_index]) if self.kd_index else None
         self.adv_heads = nn.ModuleList([nn.Linear(out_dim, self.tasks[task]) for _ in self.branch_pairs]) \
             if parts["adversarial"] else None
-        self.grl = float(parts["grl"])
-        self.grl_schedule, self.grl_warmup = parts["grl_schedule"], parts["grl_warmup"]
-        self.grl_now = 0.0  # the strength at the current step (`set_progress`)
-        self.set_progress(_Start())
-        self.aux_outputs = parts["aux_outputs"]
-        skip_removed_keys(self, lambda name: REMOVED.fullmatch(name) is not None)
 
     def set_progress(self, progress: Any) -> None:
         """Where training stands (a `mmcache.engine.TrainProgress`, from the trainer before each training step):
