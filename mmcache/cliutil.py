@@ -135,3 +135,163 @@ def given_options(ctx: Any) -> set[str]:
     counts as given."""
     return {name for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+# ---------------------------------------------------------------- command-line options from a config's fields
+
+
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    """A comma list of numbers, or None when not given."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MMCacheError(f"{flag} expects a comma list of numbers, got {text!r}") from None
+
+
+def dataset_callback(value: Any) -> Any:
+    """`--dataset`: one folder name (the runs and cache folders are named after it)."""
+    from mmcache.runfolder import name_option
+
+    return name_option("--dataset", "demo")(value)
+
+
+def run_name_callback(value: Any) -> Any:
+    """`--run-name`: one folder name."""
+    from mmcache.runfolder import name_option
+
+    return name_option("--run-name")(value)
+
+
+def _from_cli(kind: str, value: Any, flag: str) -> Any:
+    """A flag's typed value as its config field takes it (`Option.cli` says how the flag reads it)."""
+    if kind == "kv":
+        return parse_kv(value, flag)
+    if kind == "upsample":
+        from mmcache.data.combined import parse_upsample
+
+        return parse_upsample(value)
+    if kind == "floats":
+        return parse_floats(value, flag)
+    if kind == "comma":
+        return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
+    if kind == "repeat":
+        return list(value) if value else None
+    return value
+
+
+def _cli_param(f: Any, hint: Any) -> Any:
+    """The typer parameter of config field `f` (annotation `hint`)."""
+    import dataclasses
+    import inspect
+    from typing import Annotated
+
+    import typer
+
+    from mmcache.engine.config import default_of, option_of
+
+    opt = option_of(f)
+    flag = opt.flag or "--" + f.name.replace("_", "-")
+    default = default_of(f)
+    if opt.cli in ("kv", "upsample", "repeat"):
+        tp: Any = list[str] | None
+        default = None
+    elif opt.cli in ("floats", "comma"):
+        tp, default = str | None, None
+    else:
+        tp = hint
+    if default is dataclasses.MISSING:  # a required field: --config FILE may give it instead
+        tp, default = hint | None, None
+    decls = [f"{flag}/--no-{flag[2:]}" if tp is bool and default is True else flag, *opt.aliases]
+    callback = None
+    if opt.callback:
+        import importlib
+
+        mod, _, name = opt.callback.partition(":")
+        callback = getattr(importlib.import_module(mod), name)
+    info = typer.Option(*decls, help=opt.help, callback=callback, show_default=default not in (None, False))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[tp, info], default=default)
+
+
+class ConfigOptions:
+    """What a command's generated options give (`config_options`): `values` (field -> value: the flags typed, over
+    the `--config` file's values, over the flags' defaults), `given` (the fields typed on the command line), `file`
+    (the `--config` file's values, {} without one)."""
+
+    def __init__(self, cls: Any, values: dict[str, Any], given: set[str], file: dict[str, Any]) -> None:
+        self.cls, self.values, self.given, self.file = cls, values, given, file
+
+    def merged(self, name: str, typed: dict[str, Any]) -> dict[str, Any]:
+        """A table field set by several flags (the stores, the head's hyperparameters): the file's entries, then
+        those of `values`, then `typed` (the command's own flags)."""
+        return {**(self.file.get(name) or {}), **(self.values.get(name) or {}), **typed}
+
+    def config(self, **fields: Any) -> Any:
+        """The config: `values`, then `fields` (the command's own flags, the tables it merged)."""
+        values = {**self.values, **fields}
+        if values.get("dataset") is None:
+            raise MMCacheError("Missing option '--dataset'. Give it, or --config FILE of a run.")
+        return self.cls(**values)
+
+
+def config_options(cls: Any, skip: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding `cls`'s fields to a typer command as options, one per field (its flag, help and default
+    from the field's `Option`; fields with `cli="none"`, those in `skip` and those the command declares itself are
+    left out), plus `--config FILE` (a run's config.json or a TOML file: the same run again, flags typed beside
+    it override). The command receives them as one argument, `options` (a `ConfigOptions`)."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+    from pathlib import Path
+    from typing import Annotated
+
+    import typer
+
+    from mmcache.engine.config import load_config_file, option_of
+
+    skipped = set(skip)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        declared = inspect.signature(fn, eval_str=True).parameters
+        wants_ctx = "ctx" in declared
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in declared.values()
+               if p.name not in ("options", "ctx")]
+        own_names = {p.name for p in own}
+        hints = typing.get_type_hints(cls)
+        fields = [f for f in dataclasses.fields(cls) if option_of(f).cli != "none" and f.name not in skipped
+                  and f.name not in own_names]
+        generated = [_cli_param(f, hints[f.name]) for f in fields]
+        config_param = inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Path | None, typer.Option(help="A run's config.json (or a TOML file of options): "
+                                                                "the same run again; flags given beside it override "
+                                                                "(its run name, --overwrite and --quiet are not "
+                                                                "taken).")])
+        ctx_param = inspect.Parameter("config_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = [ctx_param, *generated, *own, config_param]
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            ctx = kw.pop("config_context")
+            typed = {n for n in kw if getattr(ctx.get_parameter_source(n), "name", None)
+                     in ("COMMANDLINE", "ENVIRONMENT")}
+            path = kw.pop("config")
+            file = load_config_file(path, cls) if path is not None else {}
+            values = dict(file)
+            for f in fields:
+                raw = kw.pop(f.name)
+                opt = option_of(f)
+                if f.name in typed or f.name not in file:
+                    values[f.name] = _from_cli(opt.cli, raw, opt.flag or "--" + f.name.replace("_", "-"))
+            given = {f.name for f in fields if f.name in typed}
+            if wants_ctx:
+                kw["ctx"] = ctx
+            return fn(**kw, options=ConfigOptions(cls, values, given, file))
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

@@ -158,7 +158,7 @@ def test_a_changed_weights_file_is_refused(setup: dict[str, Path], tmp_path: Pat
 def ft_run(setup: dict[str, Path]) -> Path:
     res = finetune(FinetuneConfig(dataset="demo", data_dir=str(setup["demo"]),
                                   encoders={"image": "clip-tiny", "text": "clip-tiny"}, lora=True, lora_r=4, epochs=1,
-                                  batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3,
+                                  batch_size=16, num_workers=0, head_hparams={"D": 32}, encoder_lr=1e-3,
                                   runs_dir=str(setup["root"] / "runs"), run_name="ft", quiet=True))
     assert res is not None and res.run_dir is not None
     return res.run_dir
@@ -233,7 +233,7 @@ def test_hybrid_finetuned_run_predicts_with_its_stored_modality(setup: dict[str,
     """A `finetune run` that read image features from a store: the store's extractor encodes new images."""
     res = finetune(FinetuneConfig(dataset="demo", data_dir=str(setup["demo"]), encoders={"text": "clip-tiny"},
                                   stores={"image": "clip"}, cache_dir=str(setup["cache"]), lora=True, lora_r=4,
-                                  epochs=1, batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3,
+                                  epochs=1, batch_size=16, num_workers=0, head_hparams={"D": 32}, encoder_lr=1e-3,
                                   runs_dir=str(tmp_path / "runs"), run_name="hy", quiet=True))
     assert res is not None and res.run_dir is not None
     pred = Predictor.load(res.run_dir, device="cpu")

@@ -48,7 +48,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             num_workers=0, progress=False)
     cfg = FinetuneConfig(dataset="demo", data_dir=str(demo), cache_dir=str(cache), encoders={"text": "visualbert-tiny"},
                          stores={"image": "frcnn"}, epochs=2, batch_size=8, num_workers=0, quiet=True,
-                         lr=1e-3, head_lr=3e-3, warmup=0.0, runs_dir=str(root / "runs"), run_name="vb", device="cpu")
+                         encoder_lr=1e-3, lr=3e-3, warmup=0.0, runs_dir=str(root / "runs"), run_name="vb", device="cpu")
     res = finetune(cfg)
     assert res is not None and res.run_dir is not None
     run = Path(res.run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,30 @@ def classification_metrics(y: np.ndarray, logits: np.ndarray, class_names: list[
         out["classes"] = list(class_names)
     out["checks"] = prediction_checks(y, logits, prob, pred)
     return out
+
+
+def split_metrics(targets: dict[str, np.ndarray], logits: dict[str, np.ndarray], labels: dict[str, list[str]],
+                  sources: Sequence[str | None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics of one split's rows: task -> `classification_metrics` (tasks without a labelled row left out),
+    and with `sources` (each row's source dataset, a run over several) source -> task -> those of its rows alone
+    (rows of no source are in the first only). `targets[t]`: [N] class indices (< 0: unlabelled); `logits[t]`:
+    [N, C], in the same row order."""
+
+    def per_task(rows: np.ndarray | slice) -> dict[str, Any]:
+        out = {}
+        for t, lg in logits.items():
+            m = classification_metrics(np.asarray(targets[t])[rows], np.asarray(lg)[rows], labels[t])
+            if m["n"]:
+                out[t] = m
+        return out
+
+    by_source: dict[str, Any] = {}
+    if sources is not None:
+        src = np.array(list(sources), dtype=object)
+        for name in dict.fromkeys(src.tolist()):
+            if name is not None and (m := per_task(np.flatnonzero(src == name))):
+                by_source[name] = m
+    return per_task(slice(None)), by_source
 
 
 def prediction_checks(y: np.ndarray, logits: np.ndarray, prob: np.ndarray | None = None,

@@ -11,10 +11,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mmcache.engine.config import OPTIMIZERS, SCHEDULES
 from mmcache.errors import MMCacheError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "plateau", "none")
+__all__ = ["OPTIMIZERS", "SCHEDULES", "Schedule", "make_optimizer", "param_groups"]
 
 
 def param_groups(head: nn.Module, criterion: nn.Module | None = None, encoders: nn.Module | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmcache.engine.config import check_ema  # noqa: F401  (importable from here too)
 from mmcache.errors import MMCacheError
 
 
@@ -42,14 +43,6 @@ def progress_hook(*modules: nn.Module | None) -> Callable[[TrainProgress], None]
             set_progress(progress)
 
     return tell
-
-
-def check_ema(decay: Any, flag: str = "--ema") -> float:
-    """`decay` as a float in [0, 1) (0 = no averaging), else a one-line error naming `flag`."""
-    ok = isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0 <= decay < 1
-    if not ok:
-        raise MMCacheError(f"{flag} must be a decay in [0, 1), e.g. 0.999 (0 = off), got {decay!r}")
-    return float(decay)
 
 
 class EMA:

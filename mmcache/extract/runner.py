@@ -541,11 +541,12 @@ def _list_failures(summaries: list[StoreSummary], by_id: dict[str, Sample]) -> N
             sm.failed_total = len(_store_ids(sm.path)[1])
 
 
-def autocast(dev: torch.device, amp: bool) -> Any:
-    """Mixed precision as extraction runs it: bf16 (fp16 where the GPU has no bf16) on CUDA with `amp`, else off."""
+def autocast(dev: torch.device, amp: bool, fp16: bool = True) -> Any:
+    """Mixed precision on CUDA with `amp`, else off: bf16, or fp16 where the GPU has no bf16 (with `fp16`, as
+    extraction runs it; training passes `fp16=False`, as fp16 gradients would need loss scaling)."""
     if dev.type != "cuda" or not amp:
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if not fp16 or torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,7 @@ def load_finetuned_encoder(run: Path, modality: str, consumer: bool = False) -> 
     encoders = config["encoders"]
     if modality not in encoders:
         raise MMCacheError(f"{run} fine-tuned {', '.join(encoders)} encoders, not {modality!r}")
-    names = {f.name for f in fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in config.items() if k in names})
+    cfg = FinetuneConfig.from_json(config)
     trained = config.get("resolved", {}).get("specs", {}).get(modality)
     if encoder_consumes(modality, encoders[modality]) and not consumer:
         raise MMCacheError(f"{run}: its {modality} encoder {encoders[modality]!r} reads "

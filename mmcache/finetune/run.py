@@ -28,7 +28,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,7 +49,6 @@ from mmcache.engine import (
     Selector,
     TrainProgress,
     adjust_logits,
-    check_ema,
     logit_offsets,
     make_optimizer,
     named_run_dir,
@@ -71,13 +70,14 @@ from mmcache.engine.loop import (
     load_callback_states,
     step_end,
 )
-from mmcache.engine.metrics import classification_metrics
+from mmcache.engine.metrics import split_metrics
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import FAMILIES, FIELDS, MODALITIES, Extractor, build_extractor, resolve_preset
 from mmcache.extract.runner import (
     BatchCollate,
     DecodeDataset,
     Request,
+    autocast,
     index_batch,
     merge_decode_options,
     parse_requests,
@@ -92,6 +92,7 @@ from mmcache.finetune.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmcache.finetune.config import FinetuneConfig, check_finetune  # noqa: F401
 from mmcache.finetune.stream import open_stream
 from mmcache.heads.base import HEADS, Head, build_head
 from mmcache.heads.losses import ContrastiveLoss, build_criterion
@@ -135,70 +136,6 @@ def encoder_consumes(modality: str, value: str) -> dict[str, tuple[str, ...]]:
     """What the encoder of `value` reads from other modalities' stores (its family's `consumes`)."""
     _, cfg = resolve_preset(encoder_request(modality, value).preset)
     return dict(getattr(FAMILIES[cfg["family"]], "consumes", {}) or {})
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything that determines a fine-tuning run (written to the run folder as config.json)."""
-
-    dataset: str
-    encoders: dict[str, str]  # modality -> extractor preset, e.g. {"image": "clip", "text": "rob=roberta[pooling=cls]"}
-    stores: dict[str, str] = field(default_factory=dict)  # modality -> feature store name read from cache_dir
-    data_dir: str | None = None
-    runs_dir: str = "runs"
-    head: str | None = None  # None: the head of `init_head`, else "linear"
-    head_hparams: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] | None = None
-    loss: str = "ce"
-    loss_options: dict[str, Any] = field(default_factory=dict)
-    # CLIP's symmetric InfoNCE between two modalities' pooled embeddings of each row (learned temperature), added
-    # to the loss with this weight (0 = off); only rows whose primary-task class is in `contrastive_classes` count
-    # (None = every row).
-    contrastive_weight: float = 0.0
-    contrastive_classes: list[str] | None = None
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-5  # encoder (or LoRA) learning rate
-    head_lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # share of the optimizer steps warming the learning rates up (then cosine decay)
-    early_stopping: int = 0  # patience in epochs without a better validation metric; 0 = off
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # None = LORA_TARGETS of the family
-    freeze_encoders: bool = False  # train the head only, on live features
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # clip the global gradient norm (0 = off)
-    grad_checkpointing: bool = False  # recompute encoder activations in backward (less memory, more time)
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    num_workers: int = 2
-    limit: int | None = None  # first N samples per split (smoke runs)
-    select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
-    ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
-    logit_adjust: float | None = None  # tau * log(train prior) subtracted at evaluation (None: 0, -1 for scabg-ref)
-    seed: int = 0
-    device: str | None = None
-    run_name: str | None = None
-    overwrite: bool = False
-    save_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
-    epoch_checkpoint: bool = True  # checkpoint at every epoch end (False: at the last one only)
-    resume: bool = False  # continue the run's last checkpoint (an error when there is none)
-    init_head: str | None = None  # a run folder whose head (same name, hparams, input shapes) starts training
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    upsample: dict[str, int] = field(default_factory=dict)  # source dataset -> K: its train rows K times per epoch
-    quiet: bool = False
-    context_from: str | None = None  # captions/NAME: the context text (default: the dataset's own, else its captions)
-    cache_dir: str = "cache"  # where feature stores (`stores`) and captions stores are read
-    track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
-    # Training samples streamed from WebDataset shards (`finetune/stream.py`): `data_dir` names the training shards,
-    # `val_data` the validation (and test) shards; an epoch is `steps_per_epoch` optimizer steps (None: the samples
-    # a sizes.json beside the shards counts).
-    stream: bool = False
-    val_data: str | None = None
-    steps_per_epoch: int | None = None
-    shuffle_buffer: int = 1000
 
 
 class CachedInputs:
@@ -554,18 +491,12 @@ def evaluate(model: LiveModel, samples: list[Sample], cfg: FinetuneConfig, tasks
         if got is None:
             continue
         ids, inputs = got
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, fp16=False):
             logits = model(inputs, ids)
         ids_all += ids
         for t in tasks:
             outs[t].append(logits[t].float().cpu().numpy())
     return ids_all, {t: np.concatenate(v) if v else np.zeros((0, 0)) for t, v in outs.items()}
-
-
-def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def split_select(spec: str | None, srcs: list[str]) -> tuple[str | None, str | None]:
@@ -580,27 +511,11 @@ def split_select(spec: str | None, srcs: list[str]) -> tuple[str | None, str | N
     return src, rest or None
 
 
-def source_metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sample],
-                   labels: dict[str, list[str]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """source dataset -> the metrics of its rows alone (as `_metrics` over those rows)."""
-    out = {}
-    for n in dict.fromkeys(by_id[i].source for i in ids):
-        if n is None:
-            continue
-        keep = [k for k, i in enumerate(ids) if by_id[i].source == n]
-        out[n] = _metrics([ids[k] for k in keep], {t: v[keep] for t, v in logits.items()}, by_id, labels)
-    return out
-
-
-def _metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sample],
-             labels: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    out = {}
-    for t, lg in logits.items():
-        y = np.array([by_id[i].labels.get(t, IGNORE) for i in ids])
-        keep = y != IGNORE
-        if keep.any():
-            out[t] = classification_metrics(y[keep], lg[keep], labels[t])
-    return out
+def rows_metrics(ids: list[str], logits: dict[str, np.ndarray], by_id: dict[str, Sample], labels: dict[str, list[str]],
+                 by_source: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics of rows `ids` (and per source dataset with `by_source`), as `engine.metrics.split_metrics`."""
+    targets = {t: np.array([by_id[i].labels.get(t, IGNORE) for i in ids]) for t in logits}
+    return split_metrics(targets, logits, labels, [by_id[i].source for i in ids] if by_source else None)
 
 
 # ---------------------------------------------------------------- run folder, resume and the initial head
@@ -663,6 +578,7 @@ def _resume_key(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, where: Path) -> None:
     """Refuse to continue a checkpoint written with other options, naming them."""
+    saved = FinetuneConfig.upgrade(saved)
     now = _resume_key(cfg)
     full = json.loads(json.dumps(asdict(cfg), default=str))
     default = json.loads(json.dumps(asdict(FinetuneConfig(dataset=cfg.dataset, encoders=cfg.encoders)), default=str))
@@ -786,79 +702,17 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
         return {}
 
 
-def _default(name: str) -> Any:
-    return FinetuneConfig.__dataclass_fields__[name].default
-
-
-def _flag(field_name: str) -> str:
-    """A FinetuneConfig field's command-line flag (`lora_r` -> `--lora-r`)."""
-    return "--" + field_name.replace("_", "-")
-
-
 def validate_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
     """Refuse options out of range, and options that contradict each other or that this run would not use, in one
-    line naming the flag (before any data or model is loaded). An option counts as set when it differs from its
-    default or when its field is in `given` (the flags typed on the command line, even at their default value)."""
-    from mmcache.engine.config import check_number as number
-
-    def is_set(name: str) -> bool:
-        return name in given or getattr(cfg, name) != _default(name)
-
-    if not cfg.encoders:
-        raise MMCacheError("name at least one encoder, e.g. --image clip --text clip")
-    for m, spec in cfg.encoders.items():
-        if encoder_request(m, spec).preset.startswith("finetuned:"):
-            raise MMCacheError(f"--{m} {spec}: fine-tuning starts from a base encoder preset (clip, roberta, ...); a "
-                               "fine-tuned run's encoder (finetuned:RUN) serves `mmcache extract` and `mmcache "
-                               "predict`; pass the preset that run started from (its config.json names it)")
-    for flag, count, low in (("--save-every", cfg.save_every, 0), ("--grad-accum", cfg.grad_accum, 1),
-                             ("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
-                             ("--patience", cfg.early_stopping, 0), ("--num-workers", cfg.num_workers, 0),
-                             ("--lora-r", cfg.lora_r, 1), ("--shuffle-buffer", cfg.shuffle_buffer, 1)):
-        number(flag, count, low, integer=True)
-    for flag, opt in (("--limit", cfg.limit), ("--steps-per-epoch", cfg.steps_per_epoch)):
-        if opt is not None:
-            number(flag, opt, 1, integer=True)
-    number("--lr", cfg.lr, 0)
-    number("--head-lr", cfg.head_lr, 0)
-    number("--weight-decay", cfg.weight_decay, 0)
-    number("--warmup", cfg.warmup, 0, 1)
-    number("--lora-alpha", cfg.lora_alpha, 0, low_open=True)
-    number("--max-grad-norm", cfg.max_grad_norm, 0)
-    if not (isinstance(cfg.contrastive_weight, (int, float)) and 0 <= cfg.contrastive_weight < float("inf")):
-        raise MMCacheError(f"--contrastive-weight must be a number >= 0 (0 = off), got {cfg.contrastive_weight!r}")
-    check_ema(cfg.ema)
-    if cfg.logit_adjust is not None:
-        number("--logit-adjust", cfg.logit_adjust, -float("inf"))
-    if cfg.resume and cfg.overwrite:
-        raise MMCacheError("--resume continues a run's last checkpoint and --overwrite starts the run over; drop one")
-    if cfg.contrastive_classes is not None and not cfg.contrastive_weight:
-        raise MMCacheError("--contrastive-classes chooses the rows of the contrastive loss, which is off: add "
-                           "--contrastive-weight W (e.g. 0.5), or drop --contrastive-classes")
-    if not cfg.stream:
-        unused = [_flag(n) for n in ("val_data", "steps_per_epoch", "shuffle_buffer") if is_set(n)]
-        if unused:
-            raise MMCacheError(f"{unused[0]} applies to streamed shards: add --stream (with --dataset webdataset), or "
-                               f"drop {unused[0]}")
-    if cfg.freeze_encoders:
-        clash = [flag for flag, on in (("--lora", cfg.lora), ("--grad-checkpointing", cfg.grad_checkpointing)) if on]
-        if clash:
-            raise MMCacheError(f"{clash[0]} applies to encoders that train, and --freeze-encoders trains none (only "
-                               f"the head); drop one")
-    if not cfg.lora:  # frozen encoders take no adapters either; there only a typed flag is told about
-        unused = [_flag(n) for n in ("lora_targets", "lora_r", "lora_alpha")
-                  if (n in given if cfg.freeze_encoders else is_set(n))]
-        if unused:
-            raise MMCacheError(f"{unused[0]} sets the LoRA adapters: add --lora, or drop {unused[0]}")
+    line naming the flag (before any data or model is loaded): the engine's per-field checks, then
+    `check_finetune`. `given`: the flags typed on the command line (set even at their default value)."""
+    cfg.validate(given)
 
 
 def check_config(cfg: FinetuneConfig, given: Collection[str] = ()) -> None:
     """Every check `finetune` makes before it reads anything, in its order: the store flags, the tracking backend
     (a missing one stops the run before any training), then `validate_config` (`given`: the typed flags)."""
     check_stores(cfg)
-    from mmcache.tracking import require
-
-    require(cfg.track)
     validate_config(cfg, given)
 
 
@@ -997,16 +851,17 @@ class FinetuneTask(TaskBase):
 
         self.tau = reference_tau(model.head.hparams) if cfg.logit_adjust is None else float(cfg.logit_adjust)
         self.offsets = logit_offsets(prep.counts, self.tau, prep.ds.labels.tasks)  # subtracted at evaluation
-        # Head (and learned loss weights) at head_lr, trained encoder weights at lr: the engine's parameter groups.
-        # The contrastive temperature and projections train at head_lr, the temperature undecayed (as open_clip).
-        self.opt = make_optimizer("adamw", param_groups(model.head, self.crit, model.encoders, encoder_lr=cfg.lr)
-                                  + contrastive_groups(model.contrastive), cfg.head_lr, cfg.weight_decay)
+        # Head (and learned loss weights) at lr, trained encoder weights at encoder_lr: the engine's parameter groups.
+        # The contrastive temperature and projections train at lr, the temperature undecayed (as open_clip).
+        self.opt = make_optimizer(cfg.optimizer, param_groups(model.head, self.crit, model.encoders,
+                                                              encoder_lr=cfg.encoder_lr)
+                                  + contrastive_groups(model.contrastive), cfg.lr, cfg.weight_decay)
         self.clip_params = [p for g in self.opt.param_groups for p in g["params"]]
         self.steps = cfg.epochs * _steps_per_epoch(prep.n_train, cfg, world)
         self.sel_source, sel_spec = split_select(cfg.select_metric, prep.srcs)
         self.sel_task, self.metric = parse_select(sel_spec, self.tasks, prep.ds.labels.metric)
         selector = Selector(self.metric, cfg.early_stopping)
-        sched = Schedule("cosine", self.opt, max(1, self.steps), int(cfg.warmup * self.steps), selector.mode)
+        sched = Schedule(cfg.schedule, self.opt, max(1, self.steps), int(cfg.warmup * self.steps), selector.mode)
         # The trained weights' average, evaluated and saved instead.
         self.unit = FitUnit(selector, sched, EMA(model, cfg.ema) if cfg.ema else None)
         self.units = [self.unit]
@@ -1102,7 +957,7 @@ class FinetuneTask(TaskBase):
             return False  # BatchNorm cannot train on one row (an epoch's last row, or one left undecoded)
         ids, inputs_b = step_rows
         self.tell(TrainProgress(epoch - 1, prog.global_step, self.steps))
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, fp16=False):
             if self.model.contrastive is not None:
                 logits, pair_loss = self.net(inputs_b, ids, keep=_pair_rows(ids, prep.by_id, prep.ds.labels.primary,
                                                                             prep.pair_classes, device))
@@ -1255,9 +1110,9 @@ def _final_metrics(task: FinetuneTask) -> tuple[dict[str, Any], dict[str, Any]]:
         if ss:
             ids, lg = evaluate(task.model, ss, task.cfg, task.tasks, task.device, desc=split)
             lg = adjust_logits(lg, task.offsets)
-            metrics[split] = _metrics(ids, lg, prep.by_id, prep.ds.labels.tasks)
+            metrics[split], per_source = rows_metrics(ids, lg, prep.by_id, prep.ds.labels.tasks, bool(prep.srcs))
             if prep.srcs:
-                by_source[split] = source_metrics(ids, lg, prep.by_id, prep.ds.labels.tasks)
+                by_source[split] = per_source
     warn_failed_checks(metrics)
     return metrics, by_source
 

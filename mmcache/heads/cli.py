@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from mmcache.cliutil import parse_kv, run_app
+from mmcache.cliutil import config_options, parse_floats, parse_kv, run_app  # noqa: F401  (parse_kv: importable here)
 from mmcache.errors import MMCacheError
-from mmcache.runfolder import name_option
+from mmcache.heads.config import TrainConfig
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -25,122 +25,59 @@ def interrupted(kept: str) -> NoReturn:
     sys.exit(130)
 
 
-def parse_floats(text: str | None, flag: str) -> list[float] | None:
-    """A comma list of numbers, or None when not given."""
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MMCacheError(f"{flag} expects a comma list of numbers, got {text!r}") from None
+VType = Annotated[str | None, typer.Option("--vtype", "--image", help="Image store (cache/<ds>/image/<name>.h5).")]
+TType = Annotated[str | None, typer.Option("--ttype", "--text", help="Text store (cache/<ds>/text/<name>.h5).")]
+CType = Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name (e.g. captions).")]
+AType = Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")]
+VideoType = Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")]
+
+
+# The store flags and the head shortcuts shared by `heads train` and `heads sweep`: not config fields, they make
+# two of them (`modalities`, `head_hparams`).
+def _stores(vtype: str | None, ttype: str | None, ctype: str | None, atype: str | None,
+            videotype: str | None) -> dict[str, str]:
+    given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
+    return {STORE_FLAGS[f]: v for f, v in given.items() if v}
+
+
+def _head_shortcuts(D: int | None = None, dropout: float | None = None, ablation: int | None = None,
+                    use: str | None = None, l2norm: bool = False) -> dict[str, Any]:
+    hparams: dict[str, Any] = {k: v for k, v in (("D", D), ("dropout", dropout), ("ablation", ablation))
+                               if v is not None}
+    if use:
+        hparams["modalities"] = [m.strip() for m in use.split(",") if m.strip()]
+    if l2norm:
+        hparams["l2norm"] = True
+    return hparams
 
 
 @app.command("train")
+@config_options(TrainConfig)
 def train_cmd(
-    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.",
-                                         callback=name_option("--dataset", "demo"))],
-    vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store (cache/<ds>/image/<name>.h5).")] = None,
-    ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store (cache/<ds>/text/<name>.h5).")] = None,
-    ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name (e.g. captions).")] = None,
-    atype: Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")] = None,
-    videotype: Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")] = None,
-    head: Annotated[str, typer.Option(help="Head: linear, gated, hateclipper, xattn, scabg, transformer.")] = "linear",
+    vtype: VType = None,
+    ttype: TType = None,
+    ctype: CType = None,
+    atype: AType = None,
+    videotype: VideoType = None,
     D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head (linear: 0 = no branch).")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout of the head's branches.")] = None,
     ablation: Annotated[int | None, typer.Option(help="0 all modalities, 1 text only, 2 image only.")] = None,
     use: Annotated[str | None, typer.Option(help="Comma list of modalities the head uses (others are "
                                                      "loaded, so rows match, but get no branch).")] = None,
     l2norm: Annotated[bool, typer.Option("--l2norm", help="L2-normalise each modality's inputs.")] = False,
-    hp: Annotated[list[str] | None, typer.Option(help="Extra head hparam KEY=VALUE (repeatable).")] = None,
-    task: Annotated[list[str] | None, typer.Option(help="Task(s) to train (repeatable; default all).")] = None,
-    loss: Annotated[str, typer.Option(help="Criterion name (ce, focal, ...).")] = "ce",
-    loss_opt: Annotated[list[str] | None, typer.Option(help="Criterion option KEY=VALUE (repeatable).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher store(s) in cache/<dataset>/teacher/: nli,clip.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
-    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd (momentum 0.9).")] = "adam",
-    schedule: Annotated[str, typer.Option(help="cosine (per step), plateau (halve after 3 flat epochs) or none.")]
-    = "cosine",
-    warmup: Annotated[float, typer.Option(help="Share of the steps warming the learning rate up (cosine).")] = 0.0,
-    class_weights: Annotated[bool, typer.Option("--class-weights", help="Inverse-frequency class weights.")] = False,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
-    oversample: Annotated[bool, typer.Option("--oversample", help="Draw train rows class-balanced.")] = False,
-    upsample: Annotated[list[str] | None, typer.Option(help="A cache over several datasets: NAME=K puts that source "
-                                                            "dataset's train rows K times into each epoch "
-                                                            "(repeatable).")] = None,
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better val metric (0 off).")] = 0,
-    ema: Annotated[float, typer.Option(help="Decay of an exponential moving average of the weights (e.g. 0.999), "
-                                            "evaluated, selected and saved instead of them (0 = off).")] = 0.0,
-    logit_adjust: Annotated[float | None, typer.Option(help="TAU: subtract TAU * log(train class prior) from the "
-                                                             "logits at evaluation and prediction (Menon et al.; "
-                                                             "negative TAU adds it; default 0, -1 for scabg-ref).")]
-    = None,
-    select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric: accuracy, "
-                                                        "macro_f1, weighted_f1, auroc, top2_accuracy, loss "
-                                                        "(default: the dataset's metric).")] = None,
-    solver: Annotated[str, typer.Option(help="adam (minibatch, see --optimizer) or lbfgs (full-batch "
-                                              "logistic-regression probe, L2 chosen on val).")] = "adam",
-    l2_batched: Annotated[bool, typer.Option("--l2-batched", help="lbfgs: fit every penalty of the grid in lockstep "
-                                                                 "as one batched solve (faster; a validation tie may "
-                                                                 "pick another penalty than sequential fits)")] = False,
-    l2_grid: Annotated[str | None, typer.Option(help="lbfgs: comma list of L2 penalties to try on val "
-                                                     "(default 1e-1 ... 1e-5).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    refit: Annotated[str | None, typer.Option(help="trainval: after choosing the epochs on val, train them again on "
-                                                   "train + val and test that (the CLIP paper's probe protocol).")]
-    = None,
-    shots: Annotated[int, typer.Option(help="Few-shot: K labelled train rows per class of the selection task, "
-                                            "drawn by the seed (0 = every train row; grid key shots=1,2,4).")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
-                                                      "MMCACHE_THREADS overrides).")] = None,
-    fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
-                                                  "--fold K` writes it); refused when it holds another.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: one head per fold of K (the dataset's own "
                                                    "fold definition, from the same stores); mean ± std.")] = None,
-    track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
-                                                    "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
-    load: Annotated[str, typer.Option(help="Features: auto (in memory when they fit with room to spare, else "
-                                           "streamed), memory (refused in one line when they cannot fit), stream "
-                                           "(batches read from the stores; a seed gives the same run).")] = "auto",
-    cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
-    runs_dir: Annotated[Path, typer.Option(help="Writes <runs-dir>/<dataset>/<run-name>/.")] = Path("runs"),
-    run_name: Annotated[str | None, typer.Option(help="Run folder name (default: head, stores, time).",
-                                                 callback=name_option("--run-name"))] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse an existing --run-name folder.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (notes and the table stay).")]
     = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes: only the result table and "
-                                                              "the run folder.")] = False,
+    options: Any = None,
 ) -> None:
     """Train a fusion head on cached features; writes runs/<dataset>/<run>/ and prints val/test metrics."""
-    from mmcache.data.combined import parse_upsample
-    from mmcache.heads.train import TrainConfig, train
+    from mmcache.heads.train import train
     from mmcache.progress import progress_enabled
 
-    given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
-    modalities = {STORE_FLAGS[f]: v for f, v in given.items() if v}
-    hparams = parse_kv(hp, "--hp")
-    for key, value in (("D", D), ("dropout", dropout), ("ablation", ablation)):
-        if value is not None:
-            hparams[key] = value
-    if use:
-        hparams["modalities"] = [m.strip() for m in use.split(",") if m.strip()]
-    if l2norm:
-        hparams["l2norm"] = True
-    cfg = TrainConfig(dataset=dataset, modalities=modalities, cache_dir=str(cache_dir), runs_dir=str(runs_dir),
-                      head=head, head_hparams=hparams, tasks=task or None, teacher=teacher, loss=loss,
-                      loss_options=parse_kv(loss_opt, "--loss-opt"), epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, warmup=warmup,
-                      class_weights=class_weights, fold=fold,
-                      label_smoothing=label_smoothing, oversample=oversample, upsample=parse_upsample(upsample),
-                      early_stopping=patience,
-                      select_metric=select, seed=seed, device=device, threads=threads, solver=solver,
-                      lbfgs_grid=parse_floats(l2_grid, "--l2-grid"), lbfgs_batched=l2_batched, run_name=run_name,
-                      overwrite=overwrite, quiet=quiet, track=track, ema=ema, logit_adjust=logit_adjust, shots=shots, load=load,
-                      refit=refit)
+    cfg = options.config(modalities=options.merged("modalities", _stores(vtype, ttype, ctype, atype, videotype)),
+                         head_hparams=options.merged("head_hparams", _head_shortcuts(D, dropout, ablation, use,
+                                                                                     l2norm)))
     if folds is not None:
         from mmcache.heads.cv import cv_table, train_folds
 
@@ -148,8 +85,8 @@ def train_cmd(
             with progress_enabled(not no_progress):
                 cv = train_folds(cfg, folds)
         except KeyboardInterrupt:
-            interrupted(f"fold run folders finished before it are kept under {runs_dir / dataset} (a named run "
-                        "then needs --overwrite or another --run-name)")
+            interrupted(f"fold run folders finished before it are kept under {Path(cfg.runs_dir) / cfg.dataset} (a "
+                        "named run then needs --overwrite or another --run-name)")
         typer.echo(cv_table(cv))
         typer.echo(f"run folders: {cv.folder}/fold0 ... fold{folds - 1}; summary: {cv.folder}/cv.csv, .md, .json, .png")
         return
@@ -158,7 +95,7 @@ def train_cmd(
             result = train(cfg)
     except KeyboardInterrupt:
         interrupted("no run folder was written")
-    if quiet:  # train() printed nothing: the table and the run folder, as without --quiet
+    if cfg.quiet:  # train() printed nothing: the table and the run folder, as without --quiet
         from mmcache.engine import results_table
 
         typer.echo(results_table(result))
@@ -209,9 +146,8 @@ def main() -> None:
 
 
 @app.command("sweep")
+@config_options(TrainConfig, skip=("seed", "run_name", "overwrite", "quiet"))
 def sweep_cmd(
-    dataset: Annotated[str, typer.Option(help="Dataset name: reads cache/<dataset>/manifest.json and its stores.",
-                                         callback=name_option("--dataset", "demo"))],
     grid: Annotated[str | None, typer.Option(help="KEY=V1,V2;KEY2=V3,... : TrainConfig fields (head, lr, epochs, "
                                                   "loss, ...), stores (vtype=clip,resnet;ttype=...), loss.NAME "
                                                   "loss options, other names head hparams (D, dropout, ...).")] = None,
@@ -222,83 +158,47 @@ def sweep_cmd(
                                                                             "reference variant's parts with --head "
                                                                             "scabg-ref or --hp variant=reference).")]
     = False,
-    vtype: Annotated[str | None, typer.Option("--vtype", "--image", help="Image store name.")] = None,
-    ttype: Annotated[str | None, typer.Option("--ttype", "--text", help="Text store name.")] = None,
-    ctype: Annotated[str | None, typer.Option("--ctype", "--context", help="Context-text store name.")] = None,
-    atype: Annotated[str | None, typer.Option("--atype", "--audio", help="Audio store name.")] = None,
-    videotype: Annotated[str | None, typer.Option("--videotype", "--video", help="Video store name.")] = None,
-    head: Annotated[str, typer.Option(help="Head when the grid does not set one.")] = "linear",
-    hp: Annotated[list[str] | None, typer.Option(help="Fixed head hparam KEY=VALUE (repeatable).")] = None,
-    loss: Annotated[str, typer.Option(help="Criterion when the grid does not set one.")] = "ce",
-    loss_opt: Annotated[list[str] | None, typer.Option(help="Fixed criterion option KEY=VALUE (repeatable).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher store(s) in cache/<dataset>/teacher/: nli,clip.")] = None,
-    task: Annotated[list[str] | None, typer.Option(help="Task(s) to train (repeatable; default all).")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    upsample: Annotated[list[str] | None, typer.Option(help="A cache over several datasets: NAME=K puts that source "
-                                                            "dataset's train rows K times into each epoch "
-                                                            "(repeatable; grid key upsample={\"NAME\":K}).")] = None,
-    select: Annotated[str | None, typer.Option(help="Val metric choosing the epoch, [task:]metric.")] = None,
-    ema: Annotated[float, typer.Option(help="Decay of the weights' moving average, evaluated and selected instead "
-                                            "of them (0 = off; also a grid key: ema=0,0.999).")] = 0.0,
-    logit_adjust: Annotated[float | None, typer.Option(help="TAU * log(train class prior) subtracted from the "
-                                                             "logits at evaluation (default 0, -1 for scabg-ref; "
-                                                             "grid key logit_adjust).")] = None,
-    refit: Annotated[str | None, typer.Option(help="trainval: after choosing the epochs on val, train them again on "
-                                                   "train + val and test that (the CLIP paper's probe protocol).")]
+    vtype: VType = None,
+    ttype: TType = None,
+    ctype: CType = None,
+    atype: AType = None,
+    videotype: VideoType = None,
+    D: Annotated[int | None, typer.Option("--D", help="Branch width D of the head when the grid does not set it.")]
     = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout of the head's branches.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma list of seeds; each config runs once per seed (default 0, "
-                                                   "or the grid file's seeds).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per 4 cores, 1 to 8; "
-                                                      "MMCACHE_THREADS overrides).")] = None,
-    fold: Annotated[int | None, typer.Option(help="Cross-validation fold the manifest must hold (`mmcache extract "
-                                                  "--fold K` writes it); refused when it holds another.")] = None,
+                                                   "or the grid file's seeds, or the --config run's seed).")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation: every config on each fold of K (from the same "
                                                    "stores); mean ± std over seeds and folds.")] = None,
-    track: Annotated[str | None, typer.Option(help="Also log to mlflow (MLFLOW_TRACKING_URI) or tensorboard "
-                                                    "(<runs-dir>/tensorboard/); needs mmcache[track].")] = None,
     columns: Annotated[str | None, typer.Option(help="Comma list of table columns (default: config, what varies, "
                                                      "runs, the val metric, test accuracy / macro F1, seconds).")]
     = None,
-    load: Annotated[str, typer.Option(help="Features: auto (in memory when they fit with room to spare, else "
-                                           "streamed), memory (refused in one line when they cannot fit), stream "
-                                           "(batches read from the stores; a seed gives the same run).")] = "auto",
-    cache_dir: Annotated[Path, typer.Option(help="Cache folder.")] = Path("cache"),
-    runs_dir: Annotated[Path, typer.Option(help="Results go to <runs-dir>/<dataset>/sweeps/.")] = Path("runs"),
     out: Annotated[Path | None, typer.Option(help="Results stem: writes <out>.csv and <out>.json "
                                                   "(default: <runs-dir>/<dataset>/sweeps/sweep_<time>).")] = None,
     save_runs: Annotated[bool, typer.Option("--save-runs", help="Also write a run folder per run.")] = False,
     max_runs: Annotated[int | None, typer.Option(min=1, help="Allow a sweep of more than 10,000 runs (configs x "
                                                              "seeds x folds), up to this many.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    options: Any = None,
 ) -> None:
     """Train a grid of configs, all at once where they share stores and shape; print and save a table sorted by
     the validation metric (mean +- std over seeds). Under torchrun, config groups are split across ranks."""
     import time
 
-    from mmcache.data.combined import parse_upsample
     from mmcache.heads.sweep import configs_from, format_table, load_grid_file, run_sweep, summarize
-    from mmcache.heads.train import TrainConfig
     from mmcache.progress import progress_enabled
 
-    given = {"vtype": vtype, "ttype": ttype, "ctype": ctype, "atype": atype, "videotype": videotype}
     try:
-        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
+        seed_list = [int(s) for s in (seeds or str(options.file.get("seed", 0))).split(",") if s.strip()]
     except ValueError:
         raise MMCacheError(f"--seeds expects a comma list of integers, got {seeds!r}") from None
     if not seed_list or any(not 0 <= s < 2**32 for s in seed_list):
         raise MMCacheError(f"--seeds expects a comma list of whole numbers from 0 to {2**32 - 1}, got {seeds!r}")
     if len(set(seed_list)) < len(seed_list):
         raise MMCacheError(f"--seeds lists a seed twice ({seeds!r}): the same seed gives the same run")
-    base = TrainConfig(dataset=dataset, modalities={STORE_FLAGS[f]: v for f, v in given.items() if v},
-                       cache_dir=str(cache_dir), runs_dir=str(runs_dir), head=head, head_hparams=parse_kv(hp, "--hp"),
-                       tasks=task or None, teacher=teacher, loss=loss, loss_options=parse_kv(loss_opt, "--loss-opt"),
-                       epochs=epochs, batch_size=batch_size, lr=lr, select_metric=select, device=device, threads=threads,
-                       fold=fold, track=track, ema=ema, logit_adjust=logit_adjust, upsample=parse_upsample(upsample),
-                       refit=refit,
-                       load=load)
+    base = options.config(modalities=options.merged("modalities", _stores(vtype, ttype, ctype, atype, videotype)),
+                          head_hparams=options.merged("head_hparams", _head_shortcuts(D, dropout)))
+    dataset, fold, cache_dir, runs_dir, head = base.dataset, base.fold, Path(base.cache_dir), Path(base.runs_dir), base.head
     if folds is not None and fold is not None:
         raise MMCacheError("--fold and --folds exclude each other: --folds K runs every fold 0..K-1")
     if folds is not None:  # a dataset with its own splits has no folds: say so once, before any config runs

@@ -15,27 +15,21 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 
 from mmcache import runfolder
 from mmcache.engine import (
     IGNORE,
-    OPTIMIZERS,
-    SCHEDULES,
     SPLIT_ORDER,
     RunResult,
     adjust_logits,
-    check_ema,
     logit_offsets,
     new_run_dir,
     parse_select,
@@ -46,9 +40,10 @@ from mmcache.engine import (
     write_run,
 )
 from mmcache.engine.config import check_number
-from mmcache.engine.metrics import classification_metrics
+from mmcache.engine.metrics import split_metrics
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import HEADS, Head, build_head
+from mmcache.heads.config import SOLVERS, TrainConfig, check_head_modalities  # noqa: F401
 from mmcache.heads.cost import reset_peak, run_cost, test_predictions
 from mmcache.heads.data import CachedData, load_cached
 from mmcache.heads.lockstep import (
@@ -65,76 +60,19 @@ from mmcache.heads.lockstep import (
 from mmcache.heads.losses import Criterion, build_criterion
 from mmcache.heads.parallel import RankShard
 from mmcache.heads.probe import LBFGS_GRID, fit_l2_grid
-from mmcache.heads.refit import check_refit, refit_trainval
+from mmcache.heads.refit import refit_trainval
 from mmcache.heads.shots import with_shots
-from mmcache.memory import LOADS
 from mmcache.utils import check_output_file, pick_device, seed_everything
 
 if TYPE_CHECKING:
     from mmcache.heads.linear import LinearHead
 
+quick_metrics = val_metrics  # the per-epoch validation metrics (kept under their older name)
+
 __all__ = ["TrainConfig", "RunResult", "train", "train_many", "predict", "load_run", "predict_logits",
            "quick_metrics", "parse_select", "results_table", "default_threads",
            # the lockstep pieces, kept importable from here (`mmcache.heads.lockstep` holds them)
            "BatchOrders", "Member", "check_upsample", "upsample_pool", "steps_per_epoch"]
-
-SOLVERS = ("adam", "lbfgs")
-quick_metrics = val_metrics  # the per-epoch validation metrics (kept under their older name)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run (written to the run folder as config.json)."""
-
-    dataset: str
-    modalities: dict[str, str]  # modality -> store name, e.g. {"image": "clip", "text": "clip"}
-    cache_dir: str = "cache"
-    runs_dir: str = "runs"
-    head: str = "linear"
-    head_hparams: dict[str, Any] = field(default_factory=dict)  # D, dropout, ablation, l2norm, ...
-    tasks: list[str] | None = None  # None = every task of the manifest's label space
-    teacher: str | None = None  # store name under cache/<dataset>/teacher/
-    loss: str = "ce"
-    loss_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    warmup: float = 0.0  # share of the optimizer steps spent warming the learning rate up (cosine schedule)
-    class_weights: bool = False
-    label_smoothing: float = 0.0
-    oversample: bool = False
-    upsample: dict[str, int] = field(default_factory=dict)  # source dataset -> K: its train rows K times per epoch
-    early_stopping: int = 0  # patience in epochs without a better validation metric; 0 = off
-    select_metric: str | None = None  # "[task:]metric"; None = the dataset's metric on the primary task
-    seed: int = 0
-    fold: int | None = None  # cross-validation fold the manifest must hold (None: whatever it holds)
-    folds: int | None = None  # k of k-fold CV: `fold`'s splits are then computed from the dataset's definition
-    device: str | None = None
-    threads: int | None = None  # torch intra-op CPU threads (None: `default_threads()`)
-    solver: str = "adam"  # "adam": minibatch training with `optimizer`; "lbfgs": full-batch linear probe
-    lbfgs_grid: list[float] | None = None  # L2 penalties tried by the lbfgs solver (None = LBFGS_GRID)
-    lbfgs_max_iter: int = 500
-    lbfgs_batched: bool = False  # every penalty's fit in lockstep, evaluated together (faster; ties may differ)
-    lbfgs_tol: float = 1e-4  # max |gradient| at convergence, as scikit-learn's lbfgs `tol`
-    val_fraction: float = 0.1  # carved from train when the manifest has no val split
-    run_name: str | None = None
-    overwrite: bool = False
-    save: bool = True  # False: train and evaluate without writing a run folder
-    quiet: bool = False
-    track: str | None = None  # "mlflow" or "tensorboard": also log the run there (mmcache.tracking)
-    ema: float = 0.0  # decay of the weights' moving average, evaluated, selected and saved instead (0 = off)
-    logit_adjust: float | None = None  # tau: tau * log(train prior) subtracted at evaluation (None: reference_tau)
-    shots: int = 0  # K labelled train rows per class of the selection task, drawn by the seed (0 = all)
-    refit: str | None = None  # "trainval": retrain the selected epochs on train + val before testing
-    load: str = "auto"  # features in memory, streamed from the stores per batch, or auto (mmcache.memory)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (inverse of `TrainConfig(**obj)`)."""
-        return asdict(self)
-
 
 def default_threads() -> int:
     """torch CPU threads when `--threads` is not given: small heads gain little from many threads and, on a
@@ -158,70 +96,6 @@ _check_number = check_number  # older name
 
 
 
-# TrainConfig fields whose `heads train` option has another name (the others: --field-name).
-FIELD_FLAGS = {"select_metric": "--select", "early_stopping": "--patience", "lbfgs_grid": "--l2-grid",
-               "lbfgs_batched": "--l2-batched", "head_hparams": "--hp", "loss_options": "--loss-opt", "tasks": "--task",
-               "modalities": "the stores (--vtype/--ttype/...)"}
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    """Whether `value` has type `tp` (a TrainConfig annotation); numbers pass (`_check_number` checks them)."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
-    return True
-
-
-def _describe_type(tp: Any) -> str:
-    import types
-    import typing
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in args if a is not type(None))
-    names = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
-    if tp in names:
-        return names[tp]
-    if origin is list:
-        return f"a list of {_describe_type(args[0]).removeprefix('a ')}s"
-    if origin is dict:
-        return f"a table of names to {_describe_type(args[1]).removeprefix('a ')}s"
-    return str(tp)
-
-
-def check_types(cfg: TrainConfig) -> None:
-    """Refuse, in one line, a TrainConfig field of the wrong type (a grid value, a Python caller): a list as the
-    head's name, a string where true/false is expected, ..."""
-    import typing
-
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not _type_ok(value, hints[f.name]):
-            flag = FIELD_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-            raise MMCacheError(f"{flag} must be {_describe_type(hints[f.name])}, got {value!r}")
-    use, ablation = cfg.head_hparams.get("modalities"), cfg.head_hparams.get("ablation", 0)
-    if use is not None and not isinstance(use, dict):
-        if not isinstance(use, list) or not use or not all(isinstance(m, str) and m for m in use):
-            raise MMCacheError(f"--use must name one or more loaded modalities, e.g. image,text; got {use!r}")
-        if ablation:
-            raise MMCacheError(f"--ablation {ablation} and --use {','.join(use)} both choose the modalities the head "
-                               "uses; give one of them")
-
-
 def check_writable_folder(path: Path | str, flag: str, given: Path | str | None = None) -> None:
     """Refuse, before anything trains, an output folder that cannot be made: a file in its way, or a folder
     without write permission. `given`: what the user typed (default `path`), for the message."""
@@ -235,71 +109,9 @@ def check_writable_folder(path: Path | str, flag: str, given: Path | str | None 
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Refuse a config that cannot train, with one line naming the option (before anything is loaded)."""
-    check_types(cfg)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise MMCacheError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise MMCacheError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.solver not in SOLVERS:
-        raise MMCacheError(f"unknown solver {cfg.solver!r}; choose one of {', '.join(SOLVERS)}")
-    if cfg.solver == "lbfgs" and cfg.head != "linear":
-        raise MMCacheError(f"--solver lbfgs fits the linear probe only (--head linear), not {cfg.head!r}")
-    check_number("--epochs", cfg.epochs, 1, integer=True)
-    check_number("--batch-size", cfg.batch_size, 2, integer=True)
-    check_number("--lr", cfg.lr, 0, low_open=True)
-    check_number("--weight-decay", cfg.weight_decay, 0)
-    check_number("--warmup", cfg.warmup, 0, 1)
-    check_number("--label-smoothing", cfg.label_smoothing, 0, 1)
-    check_number("--patience", cfg.early_stopping, 0, integer=True)
-    check_number("--val-fraction", cfg.val_fraction, 0, 1, low_open=True)
-    check_number("--seed", cfg.seed, 0, 2**32 - 1, integer=True)  # numpy's seed range
-    check_number("--shots", cfg.shots, 0, integer=True)
-    check_refit(cfg)
-    if cfg.device:
-        pick_device(cfg.device)  # an unknown or absent device is refused before anything loads
-    check_ema(cfg.ema)
-    if cfg.solver != "lbfgs" and (cfg.lbfgs_grid is not None or cfg.lbfgs_batched):
-        raise MMCacheError("--l2-grid and --l2-batched set the penalties of --solver lbfgs; add --solver lbfgs or "
-                           "drop them (--weight-decay regularises --solver adam)")
-    if cfg.lbfgs_grid is not None:
-        if not isinstance(cfg.lbfgs_grid, list) or not cfg.lbfgs_grid:
-            raise MMCacheError(f"--l2-grid must list at least one penalty, e.g. 1e-2,1e-3 (got {cfg.lbfgs_grid!r})")
-        for lam in cfg.lbfgs_grid:
-            check_number("--l2-grid: every penalty", lam, 0, low_open=True)
-    if cfg.warmup and cfg.schedule != "cosine":
-        raise MMCacheError(f"--warmup warms up the cosine schedule; --schedule {cfg.schedule} has none: drop --warmup "
-                           "or use --schedule cosine")
-    from mmcache.data.combined import MAX_UPSAMPLE
-
-    if not isinstance(cfg.upsample, dict) or any(
-            not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_UPSAMPLE for k in cfg.upsample.values()):
-        raise MMCacheError(f"--upsample takes NAME=K with K a whole number from 1 to {MAX_UPSAMPLE} (e.g. mmhs150k=2), "
-                           f"got {cfg.upsample!r}")
-    if cfg.solver == "lbfgs":  # one full-batch fit per penalty: minibatch options would be ignored
-        ignored = [flag for flag, on in (("--oversample", cfg.oversample), ("--patience", cfg.early_stopping),
-                                         ("--weight-decay", cfg.weight_decay), ("--upsample", cfg.upsample)) if on]
-        if ignored:
-            raise MMCacheError(f"{', '.join(ignored)}: --solver lbfgs fits full batch with the L2 penalties of "
-                               "--l2-grid; drop it or use --solver adam")
-    if cfg.ema and cfg.solver == "lbfgs":
-        raise MMCacheError("--ema averages the weights of minibatch training; --solver lbfgs has no steps to average")
-    if cfg.logit_adjust is not None:
-        check_number("--logit-adjust", cfg.logit_adjust, -math.inf)
-    if cfg.threads is not None:
-        check_number("--threads", cfg.threads, 1, integer=True)
-    if cfg.load not in LOADS:
-        raise MMCacheError(f"--load {cfg.load!r} is not a loading mode; use one of {', '.join(LOADS)}")
-    if cfg.folds is not None:
-        check_number("--folds", cfg.folds, 2, integer=True)
-        check_number("--fold", cfg.fold, 0, cfg.folds - 1, integer=True)
-    from mmcache.tracking import require
-
-    require(cfg.track)
-    HEADS.get(cfg.head)  # an unknown head is refused before any data is read
-    if not cfg.modalities:
-        raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
-                           "--videotype (or --image/--text/... )")
+    """Refuse a config that cannot train, with one line naming the option (before anything is loaded): the
+    engine's per-field checks, then `TrainConfig.check`."""
+    cfg.validate()
 
 
 @torch.no_grad()
@@ -396,15 +208,11 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
                                m.offsets)
         if split == "test":  # per-row predictions for the tables' paired bootstrap (mmcache.stats)
             preds = test_predictions(data, idx, logits, m.sel_task)
-        per_task = {}
-        for t in data.tasks:
-            mt = classification_metrics(data.targets[t][idx].cpu().numpy(), logits[t].cpu().numpy(),
-                                        data.labels.tasks[t])
-            if mt["n"]:  # a hidden (unlabelled) split has no metrics
-                per_task[t] = mt
-        if per_task:
+        per_task, per_source = split_metrics({t: data.targets[t][idx].cpu().numpy() for t in data.tasks},
+                                             {t: logits[t].cpu().numpy() for t in data.tasks},
+                                             data.labels.tasks, row_sources(data, idx))
+        if per_task:  # a hidden (unlabelled) split has no metrics
             metrics[split] = per_task
-            per_source = source_metrics(data, idx, logits)
             if per_source:
                 by_source[split] = per_source
     n_params = sum(p.numel() for p in m.head.parameters())
@@ -422,29 +230,14 @@ def _evaluate(m: Member, t_start: float, device: str, splits: tuple[str, ...] | 
                      by_source=by_source, predictions=preds, cost=run_cost(m.head, data, device, m.fit_seconds))
 
 
-def source_metrics(data: CachedData, idx: torch.Tensor, logits: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """source dataset -> task -> metrics of rows `idx` (logits in that order) of each source alone; empty unless
-    the manifest names the rows' sources (a dataset combined from several)."""
+def row_sources(data: CachedData, idx: torch.Tensor) -> list[str | None] | None:
+    """The source dataset of each of rows `idx`; None unless the manifest names the rows' sources (a dataset
+    combined from several)."""
     man = data.manifest
     if man is None or not man.row_sources:
-        return {}
+        return None
     src_of = dict(zip(man.ids, man.row_sources, strict=True))
-    rows = idx.cpu().numpy()
-    srcs = np.array([src_of.get(data.ids[int(i)]) for i in rows], dtype=object)
-    out: dict[str, dict[str, Any]] = {}
-    for n in dict.fromkeys(srcs.tolist()):
-        if n is None:
-            continue
-        keep = np.flatnonzero(srcs == n)
-        per_task = {}
-        for t in data.tasks:
-            mt = classification_metrics(data.targets[t][idx].cpu().numpy()[keep], logits[t].cpu().numpy()[keep],
-                                        data.labels.tasks[t])
-            if mt["n"]:
-                per_task[t] = mt
-        if per_task:
-            out[n] = per_task
-    return out
+    return [src_of.get(data.ids[int(i)]) for i in idx.cpu().numpy()]
 
 
 def train_many(cfgs: list[TrainConfig], errors: bool = False, splits: tuple[str, ...] | None = None,

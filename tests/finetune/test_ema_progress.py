@@ -23,7 +23,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cfg(demo_dir: Path, tmp_path: Path, **kw: object) -> FinetuneConfig:
     base = dict(dataset="demo", data_dir=str(demo_dir), encoders={"image": "clip-tiny", "text": "clip-tiny"},
                 runs_dir=str(tmp_path / "runs"), epochs=2, batch_size=16, num_workers=0, quiet=True,
-                head_hparams={"D": 8}, lr=1e-3, head_lr=3e-2, run_name="r", freeze_encoders=True)
+                head_hparams={"D": 8}, encoder_lr=1e-3, lr=3e-2, run_name="r", freeze_encoders=True)
     base.update(kw)
     return FinetuneConfig(**base)  # type: ignore[arg-type]
 

@@ -39,7 +39,7 @@ def _cfg(demo: tuple[Path, Path], tmp_path: Path, **kw: Any) -> FinetuneConfig:
     base: dict[str, Any] = dict(dataset="demo", data_dir=str(data), cache_dir=str(cache),
                                 encoders={"text": "clip-tiny"}, stores={"image": "clip"},
                                 runs_dir=str(tmp_path / "runs"), epochs=4, batch_size=8, num_workers=0, quiet=True,
-                                head_hparams={"D": 32}, lr=1e-3, head_lr=3e-3, warmup=0.0, run_name="r")
+                                head_hparams={"D": 32}, encoder_lr=1e-3, lr=3e-3, warmup=0.0, run_name="r")
     base.update(kw)
     return FinetuneConfig(**base)
 

@@ -41,7 +41,7 @@ def _cfg(demo: Path, tmp_path: Path, run: Path, **kw: object) -> FinetuneConfig:
 def test_head_starts_from_the_run(head_run: tuple[Path, Path], tmp_path: Path) -> None:
     demo, run = head_run
     # Nothing trains (learning rates 0): the fine-tuned head's parameters are the run's.
-    res = finetune(_cfg(demo, tmp_path, run, freeze_encoders=True, lr=0.0, head_lr=0.0))
+    res = finetune(_cfg(demo, tmp_path, run, freeze_encoders=True, encoder_lr=0.0, lr=0.0))
     assert res is not None and res.head.name == "linear" and res.head.hparams["D"] == 32  # taken from the run
     got, want = load_file(str(Path(res.run_dir) / "model.safetensors")), load_file(str(run / "model.safetensors"))
     params = [k for k in want if "running_" not in k and "num_batches" not in k]

@@ -13,7 +13,7 @@ import pytest
 from mmcache.data.base import Sample
 from mmcache.errors import MMCacheError
 from mmcache.finetune import run as ft
-from mmcache.finetune.run import FinetuneConfig, finetune, source_metrics
+from mmcache.finetune.run import FinetuneConfig, finetune, rows_metrics
 from mmcache.heads.metrics import classification_metrics
 from tests.data.test_combined import write_map, write_pair
 
@@ -28,7 +28,7 @@ def _cfg(pair: tuple[Path, Path], tmp_path: Path, **kw: Any) -> FinetuneConfig:
     root, lm = pair
     base: dict[str, Any] = dict(dataset="mmhs150k,fakeddit", data_dir=str(root), dataset_options={"label_map": str(lm)},
                                 encoders={"image": "clip-tiny", "text": "clip-tiny"}, runs_dir=str(tmp_path / "runs"),
-                                epochs=2, batch_size=4, num_workers=0, quiet=True, head_hparams={"D": 16}, lr=1e-3,
+                                epochs=2, batch_size=4, num_workers=0, quiet=True, head_hparams={"D": 16}, encoder_lr=1e-3,
                                 run_name="r")
     base.update(kw)
     return FinetuneConfig(**base)
@@ -82,7 +82,7 @@ def test_select_on_one_source_and_bad_names(pair: tuple[Path, Path], tmp_path: P
         finetune(_cfg(pair, tmp_path, run_name="c", upsample={"mvsa": 2}, encoders={"text": "clip-tiny"}))
 
 
-def test_source_metrics_equal_metrics_of_each_sources_rows_alone() -> None:
+def test_rows_metrics_per_source_equal_metrics_of_each_sources_rows_alone() -> None:
     rng = np.random.default_rng(0)
     names = ["a", "b", "c"]
     samples = [Sample(id=f"{src}/{i}", split="val", labels={"label": int(rng.integers(3))}, source=src)
@@ -91,7 +91,7 @@ def test_source_metrics_equal_metrics_of_each_sources_rows_alone() -> None:
     order = [s.id for s in samples]
     rng.shuffle(order)
     logits = {"label": rng.normal(size=(len(order), 3)).astype(np.float32)}
-    got = source_metrics(order, logits, by_id, {"label": names})
+    got = rows_metrics(order, logits, by_id, {"label": names}, by_source=True)[1]
     for src in ("x", "y"):
         rows = [k for k, i in enumerate(order) if by_id[i].source == src]
         y = np.array([by_id[order[k]].labels["label"] for k in rows])

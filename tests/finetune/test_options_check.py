@@ -33,7 +33,7 @@ def _cfg(tmp_path: Path, **kw: Any) -> FinetuneConfig:
     ({"limit": 0}, r"--limit must be a whole number >= 1, got 0"),
     ({"limit": -5}, r"--limit must be a whole number >= 1, got -5"),
     ({"lr": -1.0}, r"--lr must be a number >= 0, got -1.0"),
-    ({"head_lr": float("nan")}, r"--head-lr must be a number >= 0, got nan"),
+    ({"encoder_lr": float("nan")}, r"--encoder-lr must be a number >= 0, got nan"),
     ({"weight_decay": -0.1}, r"--weight-decay must be a number >= 0"),
     ({"warmup": 2.0}, r"--warmup must be a number >= 0 and <= 1, got 2.0"),
     ({"early_stopping": -1}, r"--patience must be a whole number >= 0, got -1"),
@@ -70,7 +70,7 @@ def test_bad_or_unused_options_are_one_line_errors(tmp_path: Path, options: dict
 
 def test_the_options_that_go_together_pass_the_check(tmp_path: Path) -> None:
     for options in ({"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_targets": ["attn"]},
-                    {"freeze_encoders": True, "lr": 0.0, "head_lr": 0.0},
+                    {"freeze_encoders": True, "lr": 0.0, "encoder_lr": 0.0},
                     {"contrastive_weight": 0.5, "contrastive_classes": ["positive"]},
                     {"stream": True, "val_data": "v", "steps_per_epoch": 2, "shuffle_buffer": 4}, {"limit": 1}):
         ft.validate_config(_cfg(tmp_path, **options))
@@ -178,11 +178,11 @@ def test_cli_refuses_a_head_hyperparameter_given_twice_with_two_values(tmp_path:
         main()
     assert e.value.code == 2 and not seen
     assert capsys.readouterr().err.strip() == "error: --D 16 and --hp D=8 disagree; give D once"
-    monkeypatch.setattr(sys, "argv", base + ["--freeze-encoders", "--lr", "1e-3"])
+    monkeypatch.setattr(sys, "argv", base + ["--freeze-encoders", "--encoder-lr", "1e-3"])
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2 and not seen
-    assert "--lr is the encoders' learning rate, and --freeze-encoders trains none" in capsys.readouterr().err
+    assert "--encoder-lr applies to encoders that train, and --freeze-encoders trains none" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", base + ["--hp", "D=16", "--D", "16", "--dropout", "0.1"])
     try:
         main()
@@ -201,7 +201,7 @@ def test_lora_adapts_layers_the_encoder_runs_and_refuses_ones_it_never_runs(tmp_
 
     demo = generate_demo(tmp_path / "demo", n=40, seed=3)
     cfg = _cfg(tmp_path, data_dir=str(demo), encoders={"image": "resnet-tiny"}, lora=True, epochs=1, batch_size=8,
-               head_hparams={"D": 8}, lr=1e-2)
+               head_hparams={"D": 8}, encoder_lr=1e-2)
     res = finetune(cfg)
     assert res is not None
     state = load_file(str(Path(res.run_dir) / "encoders.safetensors"))
@@ -269,7 +269,8 @@ def test_one_train_row_is_refused_before_the_encoders_load(tmp_path: Path) -> No
     (["--lora-r", "8"], r"^--lora-r sets the LoRA adapters: add --lora, or drop --lora-r$"),
     (["--freeze-encoders", "--lora-alpha", "16"], r"^--lora-alpha sets the LoRA adapters"),
     (["--shuffle-buffer", "1000"], r"^--shuffle-buffer applies to streamed shards: add --stream"),
-    (["--freeze-encoders", "--lr", "1e-5"], r"^--lr is the encoders' learning rate, and --freeze-encoders trains none"),
+    (["--freeze-encoders", "--encoder-lr", "1e-5"], r"^--encoder-lr applies to encoders that train, and --freeze-encoders "
+                                                   r"trains none"),
 ])
 def test_a_flag_the_run_would_not_use_is_refused_even_at_its_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

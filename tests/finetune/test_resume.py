@@ -40,7 +40,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(demo_dir: Path, runs: Path, **kw: object) -> FinetuneConfig:
     base = dict(dataset="demo", data_dir=str(demo_dir), encoders={"image": "clip-tiny"}, runs_dir=str(runs),
-                epochs=2, batch_size=16, num_workers=0, quiet=True, head_hparams={"D": 32}, lr=1e-3, run_name="r")
+                epochs=2, batch_size=16, num_workers=0, quiet=True, head_hparams={"D": 32}, encoder_lr=1e-3, run_name="r")
     base.update(kw)
     return FinetuneConfig(**base)  # type: ignore[arg-type]
 
@@ -182,14 +182,14 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 43 train rows: 3 steps per epoch
     runs = tmp_path / "runs"
     cfg = dict(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"}, lora=True,
-               lora_r=4, epochs=2, batch_size=16, num_workers=0, head_hparams={"D": 32}, lr=1e-3, save_every=1,
+               lora_r=4, epochs=2, batch_size=16, num_workers=0, head_hparams={"D": 32}, encoder_lr=1e-3, save_every=1,
                runs_dir=str(runs), quiet=True)
     ref = finetune(FinetuneConfig(**cfg, run_name="ref"))  # type: ignore[arg-type]
     assert ref is not None
     kill_at = random.Random().randint(1, 5)  # checkpoints at steps 1, 2, 3 (epoch end), 4, 5, 6 (the last)
     cmd = [sys.executable, "-m", "mmcache.finetune.cli", "run", "--dataset", "demo", "--data-dir", str(demo),
            "--image", "clip-tiny", "--text", "clip-tiny", "--lora", "--lora-r", "4", "--epochs", "2",
-           "--batch-size", "16", "--num-workers", "0", "--D", "32", "--lr", "1e-3", "--save-every", "1",
+           "--batch-size", "16", "--num-workers", "0", "--D", "32", "--encoder-lr", "1e-3", "--save-every", "1",
            "--runs-dir", str(runs), "--run-name", "k"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
@@ -238,7 +238,7 @@ def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
     demo = generate_demo(tmp_path / "demo", n=50, seed=3)  # 43 train rows: 22 and 21 per rank, 3 batches of 8
     runs = tmp_path / "runs"
     args = ["--dataset", "demo", "--data-dir", str(demo), "--image", "clip-tiny", "--text", "clip-tiny", "--lora",
-            "--lora-r", "4", "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--D", "32", "--lr", "1e-3",
+            "--lora-r", "4", "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--D", "32", "--encoder-lr", "1e-3",
             "--save-every", "1", "--runs-dir", str(runs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     ref = subprocess.run(_torchrun([*args, "--run-name", "ref"]), capture_output=True, text=True, env=env,
@@ -270,7 +270,7 @@ def test_torchrun_two_processes_resume_after_sigkill(tmp_path: Path) -> None:
     # The same checkpoint continued by one process: the schedule is re-planned, the run finishes.
     one = finetune(FinetuneConfig(dataset="demo", data_dir=str(demo), encoders={"image": "clip-tiny", "text": "clip-tiny"},
                                   lora=True, lora_r=4, epochs=2, batch_size=8, num_workers=0, head_hparams={"D": 32},
-                                  lr=1e-3, save_every=1, runs_dir=str(runs), run_name="one", quiet=True))
+                                  encoder_lr=1e-3, save_every=1, runs_dir=str(runs), run_name="one", quiet=True))
     assert one is not None and [c["epoch"] for c in one.curves] == [1, 2]
     n_train = one.config["resolved"]["rows"]["train"]
     assert json.loads((runs / "demo" / "one" / "metrics.json").read_text())["train"]["samples"] == 2 * n_train

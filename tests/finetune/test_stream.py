@@ -53,7 +53,7 @@ def _cfg(train: Path, val: Path, tmp_path: Path, **kw: object) -> FinetuneConfig
     base = dict(dataset="webdataset", data_dir=str(train / "train-{000000..000003}.tar"), val_data=str(val),
                 stream=True, steps_per_epoch=3, encoders={"image": "clip-tiny", "text": "clip-tiny"},
                 runs_dir=str(tmp_path / "runs"), epochs=2, batch_size=4, num_workers=0, quiet=True,
-                head_hparams={"D": 16}, lr=1e-3, run_name="s", shuffle_buffer=8)
+                head_hparams={"D": 16}, encoder_lr=1e-3, run_name="s", shuffle_buffer=8)
     base.update(kw)
     return FinetuneConfig(**base)  # type: ignore[arg-type]
 
