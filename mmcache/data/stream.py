@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcache.data.base import LabelSpace
 from mmcache.data.io import decode_bytes
-from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space
+from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, label_str, load_label_space
 from mmcache.data.webdataset import IMAGE_EXTS, TEXT_EXTS, UNPACK_DIR
 from mmcache.errors import MMCacheError
 
@@ -169,9 +169,9 @@ def parse_sample(raw: dict[str, Any], space: LabelSpace, label_key: str = "label
     found.update({k[len("label_"):]: v for k, v in meta.items() if k.startswith("label_") and k != label_key})
     labels: dict[str, int] = {}
     for task, value in found.items():
-        if task not in space.tasks or value is None or _label_str(value) == "":
+        if task not in space.tasks or value is None or label_str(value) == "":
             continue
-        name = _label_str(value)
+        name = label_str(value)
         if name not in space.tasks[task]:
             raise BadSample(f"label {name!r} of task {task!r} is not in the label space {space.tasks[task]}")
         labels[task] = space.tasks[task].index(name)

@@ -115,8 +115,9 @@ def _get(row: dict[str, Any], *names: str) -> Any:
     return None
 
 
-def _label_str(v: Any) -> str:
-    # JSON may give 1 or 1.0 or True for a class written "1" elsewhere.
+def label_str(v: Any) -> str:
+    """A label or id value as the string it is matched by: JSON may give 1 or 1.0 or True for a class written
+    "1" elsewhere (all become "1"); other values as text without surrounding blanks."""
     if isinstance(v, bool):
         return str(int(v))
     if isinstance(v, float) and v.is_integer():
@@ -191,7 +192,7 @@ def _table_label_space(rows: list[tuple[str, dict[str, Any], str | None]], cols:
         elif task == primary and label_names is not None:
             tasks[task] = [str(n) for n in label_names]
         else:
-            tasks[task] = sorted_names({_label_str(r[col]) for _, r, _ in rows if _get(r, col) is not None})
+            tasks[task] = sorted_names({label_str(r[col]) for _, r, _ in rows if _get(r, col) is not None})
         if not tasks[task]:  # an empty label space would be saved and then refuse every label filled in later
             raise MMCacheError(f"{source}: column {col!r} is blank in every row, so task {task!r} has no classes; "
                                "fill in the labels, or remove or rename the column")
@@ -289,15 +290,8 @@ def _load_table(
     if label_names is not None and (not isinstance(label_names, list) or not label_names):
         raise MMCacheError(f"option label_names={label_names!r} must be a non-empty list of class names, "
                            'e.g. -o \'label_names=["neg","pos"]\'')
-    tables = find_tables(root)
+    tables, rows = _read_tables(root)
     base = tables[0][0].parent
-    media_root = Path(image_root) if image_root is not None else base
-    rows: list[tuple[str, dict[str, Any], str | None]] = []
-    for table, split in tables:
-        rows += [(where, row, split) for where, row in read_rows(table)]
-    if not rows:
-        raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
-
     source = tables[0][0] if len(tables) == 1 else root  # named in errors about the whole table
     seen = list(dict.fromkeys(c for _, r, _ in rows for c in r))
     use = resolve_columns(seen, columns, source)
@@ -307,71 +301,15 @@ def _load_table(
     else:
         cols = label_columns([(w, r) for w, r, _ in rows], source, label_column)
         space = _table_label_space(rows, cols, source, base, label_names, metric)
-
-    def media(v: Any, kind: str, where: str) -> str | None:
-        if v is None:
-            return None
-        if is_url(v):
-            raise MMCacheError(f"{where}: {kind} {str(v).strip()!r} is a URL; only images are fetched "
-                               "(`mmcache data fetch`): download the file and give its path")
-        return str(media_root / str(v).strip())
-
-    fetched = base / FETCHED_DIR
-    urls = 0
-    no_copy: list[tuple[str, str, Path]] = []  # rows whose image URL has no local copy: (where, url, path)
-
-    def image_of(v: Any, where: str) -> str | None:
-        nonlocal urls
-        if not is_url(v):
-            return media(v, "image", where)
-        urls += 1
-        local = table_copy(fetched, str(v))
-        if not local.is_file():
-            no_copy.append((where, str(v).strip(), local))
-        return str(local)
-
+    media = _MediaPaths(Path(image_root) if image_root is not None else base, base / FETCHED_DIR)
     ids = IdCheck()
     samples: list[Sample] = []
     for n, (where, row, table_split) in enumerate(rows):
-        labels = {}
-        for task, col in cols.items():
-            v = _get(row, col)
-            if v is not None:
-                try:
-                    labels[task] = space.index(task, _label_str(v), f"{where}: ")
-                except MMCacheError as e:  # say where the class list comes from
-                    if label_space is not None:
-                        raise MMCacheError(f"{e} (the classes the run was trained on)") from None
-                    if (base / LABELS_FILE).is_file():
-                        raise MMCacheError(f"{e}; the classes come from {base / LABELS_FILE}, which fixes them for "
-                                           f"every table in {base}: add the class there, or delete the file to "
-                                           "rebuild it from this table") from None
-                    raise
-        image, text = _get(row, *use["image"]), _get(row, *use["text"])
-        video, audio = _get(row, "video", "video_path"), _get(row, "audio", "audio_path")
-        if image is None and text is None and video is None and audio is None:
-            raise MMCacheError(f"{where}: no image, text, video or audio; fill it in or drop the row")
-        sid = _get(row, *use["id"])
-        if sid is None:
-            sid = f"{table_split}-{n}" if len(tables) > 1 else str(n)
-        sid = _label_str(sid)
-        ids.add(sid, where)
-        split = table_split or _get(row, *use["split"])
-        entity, context = _get(row, "entity", "target"), _get(row, "ctx_text", "context")
-        samples.append(
-            Sample(
-                id=sid,
-                split=normalise_split(split) if split is not None else "",
-                text=None if text is None else str(text),
-                image=image_of(image, where),
-                video=media(video, "video", where),
-                audio=media(audio, "audio", where),
-                entity=None if entity is None else str(entity),
-                context=None if context is None else str(context),
-                labels=labels,
-            )
-        )
-    notes = _url_notes(urls, no_copy, fetched, fetch_command("table", root) + _column_options(columns))
+        labels = _row_labels(row, where, cols, space, base, trained=label_space is not None)
+        default_id = f"{table_split}-{n}" if len(tables) > 1 else str(n)
+        samples.append(_row_sample(row, where, default_id, table_split, labels, use, media, ids))
+    notes = _url_notes(media.urls, media.no_copy, media.fetched,
+                       fetch_command("table", root) + _column_options(columns))
     read = {*cols.values(), *(c for names in use.values() for c in names), *FIXED_COLUMNS}
     unused = [c for c in seen if c not in read]
     if unused:
@@ -379,11 +317,106 @@ def _load_table(
                      "split_column=, label_column= name the column of a field)")
     if label_space is not None:
         return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes)
-    samples, note = fill_missing_splits(samples, str(tables[0][0]), next(iter(cols)), seed=seed, fold=fold)
+    return _with_splits(name, samples, space, base, notes, str(tables[0][0]), next(iter(cols)), seed, fold)
+
+
+def _read_tables(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, dict[str, Any], str | None]]]:
+    """The tables under `root` and their rows as (where, row, the table's split); no rows at all is an error."""
+    tables = find_tables(root)
+    rows: list[tuple[str, dict[str, Any], str | None]] = []
+    for table, split in tables:
+        rows += [(where, row, split) for where, row in read_rows(table)]
+    if not rows:
+        raise MMCacheError(f"{tables[0][0]}: the table has no rows; add rows or point --data-dir elsewhere")
+    return tables, rows
+
+
+class _MediaPaths:
+    """A row's media values as paths under `root`; an image URL becomes its local copy under `fetched`, counted
+    in `urls`, and listed in `no_copy` as (where, url, path) while that copy is missing."""
+
+    def __init__(self, root: Path, fetched: Path) -> None:
+        self.root = root
+        self.fetched = fetched
+        self.urls = 0
+        self.no_copy: list[tuple[str, str, Path]] = []
+
+    def media(self, v: Any, kind: str, where: str) -> str | None:
+        """The path of a video, audio or image value (None when blank); a URL is an error."""
+        if v is None:
+            return None
+        if is_url(v):
+            raise MMCacheError(f"{where}: {kind} {str(v).strip()!r} is a URL; only images are fetched "
+                               "(`mmcache data fetch`): download the file and give its path")
+        return str(self.root / str(v).strip())
+
+    def image(self, v: Any, where: str) -> str | None:
+        """The path of an image value, or of the local copy of an image URL."""
+        if not is_url(v):
+            return self.media(v, "image", where)
+        self.urls += 1
+        local = table_copy(self.fetched, str(v))
+        if not local.is_file():
+            self.no_copy.append((where, str(v).strip(), local))
+        return str(local)
+
+
+def _row_labels(row: dict[str, Any], where: str, cols: dict[str, str], space: LabelSpace, base: Path,
+                trained: bool) -> dict[str, int]:
+    """Task -> class index of a row's filled label columns; a class outside `space` is an error that says where
+    the class list comes from (`trained`: the classes of a trained run)."""
+    labels = {}
+    for task, col in cols.items():
+        v = _get(row, col)
+        if v is not None:
+            try:
+                labels[task] = space.index(task, label_str(v), f"{where}: ")
+            except MMCacheError as e:  # say where the class list comes from
+                if trained:
+                    raise MMCacheError(f"{e} (the classes the run was trained on)") from None
+                if (base / LABELS_FILE).is_file():
+                    raise MMCacheError(f"{e}; the classes come from {base / LABELS_FILE}, which fixes them for "
+                                       f"every table in {base}: add the class there, or delete the file to "
+                                       "rebuild it from this table") from None
+                raise
+    return labels
+
+
+def _row_sample(row: dict[str, Any], where: str, default_id: str, table_split: str | None, labels: dict[str, int],
+                use: dict[str, tuple[str, ...]], media: _MediaPaths, ids: IdCheck) -> Sample:
+    """The Sample of one row (`use`: the columns each renamed field reads; its id, else `default_id`, checked
+    by `ids`); a row with no input is an error."""
+    image, text = _get(row, *use["image"]), _get(row, *use["text"])
+    video, audio = _get(row, "video", "video_path"), _get(row, "audio", "audio_path")
+    if image is None and text is None and video is None and audio is None:
+        raise MMCacheError(f"{where}: no image, text, video or audio; fill it in or drop the row")
+    sid = _get(row, *use["id"])
+    sid = label_str(default_id if sid is None else sid)
+    ids.add(sid, where)
+    split = table_split or _get(row, *use["split"])
+    entity, context = _get(row, "entity", "target"), _get(row, "ctx_text", "context")
+    return Sample(
+        id=sid,
+        split=normalise_split(split) if split is not None else "",
+        text=None if text is None else str(text),
+        image=media.image(image, where),
+        video=media.media(video, "video", where),
+        audio=media.media(audio, "audio", where),
+        entity=None if entity is None else str(entity),
+        context=None if context is None else str(context),
+        labels=labels,
+    )
+
+
+def _with_splits(name: str, samples: list[Sample], space: LabelSpace, base: Path, notes: list[str], table: str,
+                 primary: str, seed: int, fold: int | None) -> Dataset:
+    """The dataset, rows without a split given a seeded stratified split (or fold `fold` of 10-fold CV); a fold
+    is refused for a table with its own splits."""
+    samples, note = fill_missing_splits(samples, table, primary, seed=seed, fold=fold)
     if note:
         notes.append(note)
     elif fold is not None:
-        raise MMCacheError(f"{tables[0][0]}: the table has its own splits; --fold applies only to tables without "
+        raise MMCacheError(f"{table}: the table has its own splits; --fold applies only to tables without "
                            "a split column")
     generated = note is not None
     return Dataset(name=name, samples=samples, labels=space, root=base, notes=notes,

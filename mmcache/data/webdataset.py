@@ -35,7 +35,7 @@ from mmcache.data.io import (
     progress_bar,
     warn,
 )
-from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, _label_str, load_label_space, sorted_names
+from mmcache.data.table import LABELS_FILE, PRIMARY_TASK, label_str, load_label_space, sorted_names
 from mmcache.errors import MMCacheError
 from mmcache.utils import atomic_write_text
 
@@ -177,7 +177,7 @@ def load_webdataset(root: Path, name: str | None = None, seed: int = 0, fold: in
             if not any(k in entry for k in ("image", "text", "video", "audio")):
                 raise MMCacheError(f"{where}: no image, text, video or audio member; fix the shard or remove "
                                    "the sample")
-            sid = _label_str(meta.get("id", key))
+            sid = label_str(meta.get("id", key))
             if prefix_shard:
                 sid = f"{rel.with_suffix('')}/{sid}"
             try:
@@ -189,10 +189,10 @@ def load_webdataset(root: Path, name: str | None = None, seed: int = 0, fold: in
             if primary is None:
                 primary = entry.get("cls") or path_class
             if primary is not None and str(primary).strip() != "":
-                labels[PRIMARY_TASK] = _label_str(primary)
+                labels[PRIMARY_TASK] = label_str(primary)
             for k, v in meta.items():
                 if k.startswith("label_") and k != label_key and v is not None:
-                    labels[k[len("label_"):]] = _label_str(v)
+                    labels[k[len("label_"):]] = label_str(v)
             split = meta.get("split")
             raw.append((sid, normalise_split(split) if split else path_split, labels, entry, where))
 
