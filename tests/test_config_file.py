@@ -200,3 +200,8 @@ def test_a_config_written_before_encoder_lr_reads_in_the_new_names() -> None:
     old = {"dataset": "demo", "encoders": {"image": "clip-tiny"}, "lr": 2e-5, "head_lr": 5e-3, "resolved": {}}
     cfg = FinetuneConfig.from_json(old)
     assert (cfg.lr, cfg.encoder_lr) == (5e-3, 2e-5)
+    # The older Python spelling keeps its meaning, with a warning.
+    with pytest.warns(DeprecationWarning, match="older spelling"):
+        py = FinetuneConfig(dataset="demo", encoders={"image": "clip-tiny"}, lr=2e-5, head_lr=5e-3)
+    assert (py.lr, py.encoder_lr) == (5e-3, 2e-5)
+    assert "head_lr" not in py.to_json()

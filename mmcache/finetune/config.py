@@ -5,7 +5,8 @@ learning rate, as in `heads train`; `encoder_lr` the encoders'. Importing it loa
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from typing import Any, ClassVar
 
 from mmcache.engine.config import SET, BaseConfig, option, redefault
@@ -97,6 +98,16 @@ class FinetuneConfig(BaseConfig):
     shuffle_buffer: int = option(1000, low=1, integer=True, requires=("stream", True), why="applies to streamed shards",
                                  add="--stream (with --dataset webdataset)",
                                  help="With --stream: samples each DataLoader worker mixes in its shuffle buffer.")
+
+    # The older Python spelling: `FinetuneConfig(lr=ENCODERS, head_lr=HEAD)` still means what it meant.
+    head_lr: InitVar[float | None] = None
+
+    def __post_init__(self, head_lr: float | None) -> None:
+        if head_lr is not None:
+            warnings.warn("FinetuneConfig(head_lr=...) is the older spelling: lr is now the head's learning rate and "
+                          "encoder_lr the encoders'; read as lr=head_lr, encoder_lr=lr", DeprecationWarning,
+                          stacklevel=3)
+            self.encoder_lr, self.lr = self.lr, head_lr
 
     @classmethod
     def upgrade(cls, obj: dict[str, Any]) -> dict[str, Any]:
