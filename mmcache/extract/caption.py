@@ -34,9 +34,9 @@ from mmcache.cache.store import StoreReader, store_path
 from mmcache.data.base import Dataset
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, check_options
-from mmcache.extract.roberta import _is_path, hf_weights_spec
+from mmcache.extract.roberta import hf_weights_spec
 from mmcache.extract.runner import Request, parse_requests
-from mmcache.extract.weights import hf_loading, hub_revision
+from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder
 
 CAPTIONS = "captions"  # the store folder: cache/<dataset>/captions/<name>.h5
 KEY = "caption"  # the store's one array: UTF-8 bytes, zero padded
@@ -126,10 +126,10 @@ def load_blip(cfg: dict[str, Any], example: str) -> tuple[Any, Any]:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     name = str(cfg["model"])
-    rev = hub_revision(cfg, name, _is_path(name))
+    rev = hub_revision(cfg, name, is_model_folder(name))
     if name == "tiny":
         return tiny_blip(cfg["tiny"], int(cfg.get("seed", 0)))
-    with hf_loading(name, _is_path(name), example, f"BLIP {name!r}" + (f" at revision {rev}" if rev else ""),
+    with hf_loading(name, is_model_folder(name), example, f"BLIP {name!r}" + (f" at revision {rev}" if rev else ""),
                     "the model and its processor") as cache_only:
         processor = BlipProcessor.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")
         model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")

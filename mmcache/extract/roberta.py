@@ -17,7 +17,7 @@ import torch
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.weights import hf_loading, hub_revision, weights_sha256
+from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder, weights_sha256
 
 POOLINGS = ("cls", "pooler", "mean", "sum4")
 
@@ -31,8 +31,8 @@ TINY_ROBERTA: dict[str, Any] = {"hidden_size": 64, "num_hidden_layers": 4, "num_
 register_preset("roberta-tiny", "roberta", model="tiny", tiny=TINY_ROBERTA, seed=0, pooling="mean", max_length=32)
 
 
-def _corpus() -> list[str]:
-    """A small fixed English corpus (plus the demo's words) to train the tiny tokenizer on."""
+def tiny_corpus() -> list[str]:
+    """A small fixed English corpus (plus the demo's words) to train the tiny tokenizers on (the `-tiny` presets')."""
     from mmcache.data import demo
 
     base = [
@@ -58,13 +58,13 @@ def _corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 1000) -> Any:
-    """A RoBERTa tokenizer with a byte-level BPE vocabulary trained on `_corpus()` (deterministic)."""
+    """A RoBERTa tokenizer with a byte-level BPE vocabulary trained on `tiny_corpus()` (deterministic)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
+    bpe.train_from_iterator(tiny_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
                             show_progress=False)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
@@ -84,14 +84,9 @@ def tiny_config(tiny: dict[str, Any], num_labels: int | None = None) -> Any:
                          bos_token_id=0, eos_token_id=2, **{**tiny, **extra})
 
 
-def _is_path(name: str) -> bool:
-    """A model given as a folder path (`/models/x`, `./x`, `~/x`), not a Hugging Face id (`org/name`)."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
-
-
 def hf_weights_spec(name: str) -> dict[str, Any]:
     """Spec entries pinning a local model folder (absolute `model` path + `weights_sha256`); none for a Hub id or 'tiny'."""
-    if name != "tiny" and _is_path(name):
+    if name != "tiny" and is_model_folder(name):
         path = os.path.abspath(os.path.expanduser(name))
         if not os.path.isdir(path):
             raise MMCacheError(f"model folder {path} not found; pass the folder written by save_pretrained "
@@ -118,7 +113,7 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
 
     auto = AutoModelForSequenceClassification if kind == "classifier" else AutoModel
     name = str(cfg["model"])
-    rev = hub_revision(cfg, name, _is_path(name))
+    rev = hub_revision(cfg, name, is_model_folder(name))
     if name == "tiny":
         from transformers import RobertaForSequenceClassification, RobertaModel
 
@@ -129,7 +124,7 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = cls(conf)
         return model.eval(), tok
-    local = _is_path(name)
+    local = is_model_folder(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained (model and tokenizer)")
     with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),

@@ -29,8 +29,8 @@ from torch import nn
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, register_family, register_preset
-from mmcache.extract.roberta import _corpus, _is_path, hf_weights_spec, tokenize
-from mmcache.extract.weights import hf_loading, hub_revision
+from mmcache.extract.roberta import hf_weights_spec, tiny_corpus, tokenize
+from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder
 
 PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -49,7 +49,7 @@ def tiny_wordpiece_vocab(vocab_size: int = 1000) -> dict[str, int]:
     from collections import Counter
 
     words: Counter[str] = Counter()
-    for line in _corpus():
+    for line in tiny_corpus():
         text = unicodedata.normalize("NFD", line.lower())
         text = "".join(c for c in text if unicodedata.category(c) != "Mn")
         words.update(re.findall(r"\w+|[^\w\s]", text))
@@ -86,7 +86,7 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
     from transformers import AutoTokenizer, VisualBertConfig, VisualBertModel
 
     name = str(cfg["model"])
-    rev = hub_revision(cfg, name, _is_path(name))
+    rev = hub_revision(cfg, name, is_model_folder(name))
     if name == "tiny":
         tok = tiny_bert_tokenizer(int(cfg["tiny"].get("vocab_size", 1000)))
         conf = VisualBertConfig(**{**cfg["tiny"], "vocab_size": len(tok)}, visual_embedding_dim=visual_dim,
@@ -95,7 +95,7 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = VisualBertModel(conf)
         return model, tok
-    local = _is_path(name)
+    local = is_model_folder(name)
     if local and not os.path.isdir(os.path.expanduser(name)):
         raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
     with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),
@@ -112,7 +112,7 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
                            "tokenizer=bert-base-uncased (or its folder) in the preset options")
     if own and not local:
         cfg["tokenizer"] = name  # the spec names the tokenizer the features were computed with
-    tok_local = _is_path(tok_name)
+    tok_local = is_model_folder(tok_name)
     tok_example = example.replace("]", f",tokenizer=/models/{tok_name.rstrip('/').rsplit('/', 1)[-1]}]")
     tok_rev = rev if own else None  # the revision pins the model repo (and the tokenizer it ships)
     with hf_loading(tok_name, tok_local, tok_example, f"the tokenizer {tok_name!r}", "the tokenizer") as cache_only:

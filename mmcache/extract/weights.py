@@ -176,6 +176,11 @@ def offline_hint(what: str, reason: str, local: str) -> str:
             f"and pass the local copy, e.g. {local}{tail}")
 
 
+def is_model_folder(name: str) -> bool:
+    """A model given as a folder path (`/models/x`, `./x`, `~/x`), not a Hugging Face id (`org/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
+
+
 def hub_revision(cfg: dict[str, Any], name: str, local: bool) -> str | None:
     """The preset's `revision` option pinning Hub model `name` (a commit sha, tag or branch, e.g.
     `roberta[revision=8b9a8a1]`), None when not set (the Hub's `main`). The option is part of the store's spec,
