@@ -80,7 +80,7 @@ from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, Head, InputSpec, register_head, skip_removed_keys
 from mmcache.heads.gated import batch_size, check_spec, reject_unknown, row_presence
 from mmcache.heads.linear import select_modalities
-from mmcache.heads.xattn import masked_attention, seq_dim, token_sequence
+from mmcache.heads.xattn import masked_attention, sequence_projections, sequence_width, token_sequence
 
 # Parameters older builds had that could not learn (see the module doc); their saved values are skipped on load.
 REMOVED = re.compile(r"branch_score\.(weight|bias)|cond_default|gates\.[^.]+\.band_attn\.(queries|[qk]\.(weight|bias))")
@@ -167,28 +167,39 @@ class BandQueryAttention(nn.Module):
 
     def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
-        B, T, H = t.shape
-        nh, hd = self.heads, H // self.heads
         pk = p.permute(0, 2, 1)[..., None]  # [B,K,T,1]
         v = pk * F.linear(t, self.v.weight)[:, None] + self.v.bias  # [B,K,T,H]
         has = mask.any(-1)
         if self.single_key:
-            if T != 1:
-                raise MMCacheError(f"head scabg: built for one token per row, got {T}; rebuild the head for "
-                                   "these inputs")
+            _check_one_token(t)
             return self.o(v[:, :, 0]) * has[:, None, None].to(v.dtype)
-        K, Q = self.queries.shape[:2]
         k = pk * F.linear(t, self.k.weight)[:, None]
         q = self.q(self.queries)  # [K,Q,H]
-        q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
-        k = k.view(B, K, T, nh, hd).transpose(2, 3)
-        v = v.view(B, K, T, nh, hd).transpose(2, 3)
-        # A row without real tokens would give NaN; let it see position 0 and zero its output below.
-        keep = mask | (~has[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :],
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = self.o(out.transpose(2, 3).reshape(B, K, Q, H)).mean(2)
+        out = self.o(_attend_bands(q, k, v, mask, self.heads, self.dropout if self.training else 0.0)).mean(2)
         return out * has[:, None, None].to(out.dtype)
+
+
+def _check_one_token(t: torch.Tensor) -> None:
+    """Refuse tokens t [B,T,H] with T > 1 for attention built for one token per row (`single_key`)."""
+    if t.shape[1] != 1:
+        raise MMCacheError(f"head scabg: built for one token per row, got {t.shape[1]}; rebuild the head for "
+                           "these inputs")
+
+
+def _attend_bands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: int,
+                 dropout_p: float) -> torch.Tensor:
+    """Multi-head attention of each band's queries q [K,Q,H] over its keys and values k, v [B,K,T,H], padding
+    masked by `mask` [B,T]; [B,K,Q,H] before any output projection. A row without real tokens attends to
+    position 0 only (instead of giving NaN): the caller zeros its output."""
+    B, K, T, H = k.shape
+    Q = q.shape[1]
+    nh, hd = heads, H // heads
+    q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
+    k = k.view(B, K, T, nh, hd).transpose(2, 3)
+    v = v.view(B, K, T, nh, hd).transpose(2, 3)
+    keep = mask | (~mask.any(-1)[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :], dropout_p=dropout_p)
+    return out.transpose(2, 3).reshape(B, K, Q, H)
 
 
 class _Start:
@@ -255,27 +266,17 @@ class PerBandAttention(nn.Module):
 
     def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
-        B, T, H = t.shape
-        nh, hd = self.heads, H // self.heads
         pk = p.permute(0, 2, 1)[..., None]  # [B,K,T,1]
         v = pk * torch.einsum("bth,khd->bktd", t, self.wv) + self.bv[None, :, None, :]  # [B,K,T,H]
         has = mask.any(-1)
         if self.single_key:
-            if T != 1:
-                raise MMCacheError(f"head scabg: built for one token per row, got {T}; rebuild the head for "
-                                   "these inputs")
+            _check_one_token(t)
             out = torch.einsum("bkh,khd->bkd", v[:, :, 0], self.wo) + self.bo
             return out * has[:, None, None].to(out.dtype)
-        K, Q = self.queries.shape[:2]
         k = pk * torch.einsum("bth,khd->bktd", t, self.wk)
         q = torch.einsum("kqh,khd->kqd", self.queries, self.wq) + self.bq[:, None, :]  # [K,Q,H]
-        q = q.view(1, K, Q, nh, hd).expand(B, K, Q, nh, hd).transpose(2, 3)  # [B,K,nh,Q,hd]
-        k = k.view(B, K, T, nh, hd).transpose(2, 3)
-        v = v.view(B, K, T, nh, hd).transpose(2, 3)
-        keep = mask | (~has[:, None] & (torch.arange(T, device=mask.device) == 0)[None, :])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, None, :],
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(2, 3).reshape(B, K, Q, H).mean(2)  # the output projection commutes with the mean
+        out = _attend_bands(q, k, v, mask, self.heads, self.dropout if self.training else 0.0)
+        out = out.mean(2)  # the output projection commutes with the mean
         out = torch.einsum("bkh,khd->bkd", out, self.wo) + self.bo
         return out * has[:, None, None].to(out.dtype)
 
@@ -476,8 +477,7 @@ class SCABGHead(Head):
         gate_args = (hidden, bands, queries, heads, dropout, calibrate, condition, band_queries)
         if self.branch_gates_on:
             # One projection per modality, then a gate pair (x side, y side) per branch.
-            self.projs = nn.ModuleDict({m: nn.Sequential(nn.Linear(self._in_dim(m), hidden), nn.LayerNorm(hidden))
-                                        for m in self.mods})
+            self.projs = sequence_projections(self.inputs, self.mods, hidden, self.use_tokens)
             self.branch_gates = nn.ModuleList([
                 nn.ModuleDict({side: BandGate(hidden, *gate_args, seq_len=self._seq_len(m), project=False,
                                               per_band=per_band) for side, m in (("x", x), ("y", y))})
@@ -539,7 +539,7 @@ class SCABGHead(Head):
 
     def _in_dim(self, m: str) -> int:
         """Width of modality m's sequence positions (tokens, or `pooled` as the sequence)."""
-        return seq_dim(self.inputs[m]) if self.use_tokens else self.inputs[m]["pooled"][-1]
+        return sequence_width(self.inputs[m], self.use_tokens)
 
     def branch_name(self, i: int) -> str:
         """'x-y' of branch i."""

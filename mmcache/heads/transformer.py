@@ -28,7 +28,7 @@ from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, Head, InputSpec, register_head
 from mmcache.heads.gated import batch_size, check_spec, reject_unknown, row_presence
 from mmcache.heads.linear import select_modalities
-from mmcache.heads.xattn import seq_dim, token_sequence
+from mmcache.heads.xattn import sequence_projections, token_sequence
 
 
 class _NoKeyBias(nn.Module):
@@ -77,8 +77,7 @@ class TransformerHead(Head):
         self.mods = select_modalities(list(self.inputs), modalities, ablation)
         check_spec(self.inputs, self.mods, "transformer")
         self.use_tokens = use_tokens
-        dims = {m: seq_dim(self.inputs[m]) if use_tokens else self.inputs[m]["pooled"][-1] for m in self.mods}
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dims[m], D), nn.LayerNorm(D)) for m in self.mods})
+        self.proj = sequence_projections(self.inputs, self.mods, D, use_tokens)
         self.type_emb = nn.Parameter(torch.randn(len(self.mods), D) * 0.02)
         self.cls = nn.Parameter(torch.randn(D) * 0.02)
         layer = nn.TransformerEncoderLayer(D, heads, dim_feedforward=4 * D, dropout=dropout, activation="gelu",

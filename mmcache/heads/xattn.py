@@ -31,6 +31,17 @@ def seq_dim(spec: dict[str, tuple[int, ...]]) -> int:
     return spec["tokens"][-1] if "tokens" in spec else spec["pooled"][-1]
 
 
+def sequence_width(spec: dict[str, tuple[int, ...]], use_tokens: bool = True) -> int:
+    """Width of a modality's sequence positions: `seq_dim` with `use_tokens`, else its pooled vector's."""
+    return seq_dim(spec) if use_tokens else spec["pooled"][-1]
+
+
+def sequence_projections(inputs: InputSpec, mods: list[str], width: int, use_tokens: bool = True) -> nn.ModuleDict:
+    """Per modality of `mods`, Linear + LayerNorm from its sequence width (`sequence_width`) to `width`."""
+    return nn.ModuleDict({m: nn.Sequential(nn.Linear(sequence_width(inputs[m], use_tokens), width), nn.LayerNorm(width))
+                          for m in mods})
+
+
 def token_sequence(feats: dict[str, torch.Tensor] | None, present: torch.Tensor, dtype: torch.dtype,
                    use_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x [B,T,d], mask [B,T] bool) with padded / missing positions zeroed; pooled as one token if no tokens."""
@@ -87,8 +98,7 @@ class CrossAttentionHead(Head):
         self.mods = select_modalities(list(self.inputs), modalities, ablation)
         check_spec(self.inputs, self.mods, "xattn")
         self.use_tokens = use_tokens
-        dims = {m: seq_dim(self.inputs[m]) if use_tokens else self.inputs[m]["pooled"][-1] for m in self.mods}
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dims[m], D), nn.LayerNorm(D)) for m in self.mods})
+        self.proj = sequence_projections(self.inputs, self.mods, D, use_tokens)
         # Modality embeddings tell the keys of different modalities apart once concatenated.
         self.mod_emb = nn.Parameter(torch.zeros(len(self.mods), D))
         self.attn = nn.ModuleDict({m: nn.MultiheadAttention(D, heads, dropout=dropout, batch_first=True)
