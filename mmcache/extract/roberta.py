@@ -17,7 +17,7 @@ import torch
 
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import DecodeError, Extractor, register_family, register_preset
-from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder, weights_sha256
+from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder, model_folder, weights_sha256
 
 POOLINGS = ("cls", "pooler", "mean", "sum4")
 
@@ -124,9 +124,7 @@ def load_hf(cfg: dict[str, Any], kind: str = "model", num_labels: int | None = N
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = cls(conf)
         return model.eval(), tok
-    local = is_model_folder(name)
-    if local and not os.path.isdir(os.path.expanduser(name)):
-        raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained (model and tokenizer)")
+    local = model_folder(name, "model and tokenizer")
     with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),
                     "the model and tokenizer") as cache_only:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")

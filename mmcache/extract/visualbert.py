@@ -30,7 +30,7 @@ from torch import nn
 from mmcache.errors import MMCacheError
 from mmcache.extract.base import Extractor, register_family, register_preset
 from mmcache.extract.roberta import hf_weights_spec, tiny_corpus, tokenize
-from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder
+from mmcache.extract.weights import hf_loading, hub_revision, is_model_folder, model_folder
 
 PUBLIC = "uclanlp/visualbert-vqa-coco-pre"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -95,9 +95,7 @@ def _load(cfg: dict[str, Any], visual_dim: int, example: str) -> tuple[Any, Any]
             torch.manual_seed(int(cfg.get("seed", 0)))
             model = VisualBertModel(conf)
         return model, tok
-    local = is_model_folder(name)
-    if local and not os.path.isdir(os.path.expanduser(name)):
-        raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained")
+    local = model_folder(name)
     with hf_loading(name, local, example, f"{name!r}" + (f" at revision {rev}" if rev else ""),
                     "the model") as cache_only:
         conf = VisualBertConfig.from_pretrained(name, local_files_only=cache_only, revision=rev or "main")

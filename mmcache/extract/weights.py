@@ -181,6 +181,16 @@ def is_model_folder(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
 
 
+def model_folder(name: str, holds: str = "") -> bool:
+    """Whether model `name` is given as a folder (`is_model_folder`); a folder that does not exist is an error.
+    `holds` says in the message what the folder holds (e.g. "model and tokenizer")."""
+    local = is_model_folder(name)
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        raise MMCacheError(f"model folder {name} not found; pass the folder written by save_pretrained"
+                           + (f" ({holds})" if holds else ""))
+    return local
+
+
 def hub_revision(cfg: dict[str, Any], name: str, local: bool) -> str | None:
     """The preset's `revision` option pinning Hub model `name` (a commit sha, tag or branch, e.g.
     `roberta[revision=8b9a8a1]`), None when not set (the Hub's `main`). The option is part of the store's spec,
