@@ -52,7 +52,6 @@ def load_fakeddit(root: Path, seed: int = 0, task: str | None = None, text_colum
     """Load the three multimodal splits; tasks 2_way (primary unless `task`), 3_way, 6_way."""
     space = LabelSpace(order_tasks(dict(TASKS), task, "fakeddit"), metric="accuracy")
     train = locate(root, SPLITS[0][1])
-    assert train is not None
     base = train.parent
     image_dir = find_image_dir(root)
     if image_dir is None:
@@ -88,7 +87,6 @@ def plan_fakeddit(root: Path, seed: int = 0, task: str | None = None, text_colum
                   image_ext: str = ".jpg") -> FetchPlan:
     """The `image_url` of every row of the three TSVs, each to <image folder>/<id><image_ext>."""
     train = locate(root, SPLITS[0][1])
-    assert train is not None
     base = train.parent
     image_dir = find_image_dir(root) or base / IMAGE_DIRS[0]
     jobs, no_url = [], 0

@@ -29,7 +29,6 @@ def load_hateful_memes(root: Path, seed: int = 0, unseen: bool = True) -> Datase
     """Load the jsonl splits present (train required); primary metric AUROC."""
     unseen = as_bool(unseen, "unseen")
     train = locate(root, "train.jsonl")
-    assert train is not None
     base = train.parent
     ids = IdCheck()
     samples: list[Sample] = []

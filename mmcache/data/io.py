@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from mmcache import progress
 from mmcache.data.base import id_problem
@@ -149,10 +149,19 @@ def read_delimited(path: Path, delimiter: str = ",", quoting: Literal[0, 1, 2, 3
     return list(iter_delimited(path, delimiter, quoting, required))
 
 
+@overload
+def locate(root: Path, name: str, kind: str = "file", hint: str = "", required: Literal[True] = True) -> Path: ...
+
+
+@overload
+def locate(root: Path, name: str, kind: str = "file", hint: str = "", *, required: bool) -> Path | None: ...
+
+
 def locate(root: Path, name: str, kind: str = "file", hint: str = "", required: bool = True) -> Path | None:
     """Find `name` in `root` or up to two folder levels below it (archives often add a top folder).
 
     Several hits are resolved by `hint` (a substring of the path, e.g. "2015"); still ambiguous is an error.
+    None when nothing is found, unless `required` (the default), which makes that an error.
     """
     want = Path.is_file if kind == "file" else Path.is_dir
     direct = root / name

@@ -32,7 +32,6 @@ def load_meld(root: Path, seed: int = 0, task: str | None = None) -> Dataset:
     space = LabelSpace(order_tasks({"emotion": EMOTIONS, "sentiment": SENTIMENTS}, task, "meld"),
                        metric="weighted_f1")
     train_csv = locate(root, "train_sent_emo.csv")
-    assert train_csv is not None
     base = train_csv.parent
     ids = IdCheck()
     samples: list[Sample] = []

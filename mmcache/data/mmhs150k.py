@@ -62,7 +62,6 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
     ocr = as_bool(ocr, "ocr")
     space = LabelSpace(order_tasks({"hate": BINARY, "category": CATEGORIES}, task, "mmhs150k"), metric="auroc")
     gt_path = locate(root, "MMHS150K_GT.json")
-    assert gt_path is not None
     base = gt_path.parent
     gt = parse_json(decode_bytes(gt_path.read_bytes()), gt_path, "download it again")
     if not isinstance(gt, dict):
@@ -123,7 +122,6 @@ def load_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool 
 def plan_mmhs150k(root: Path, seed: int = 0, task: str | None = None, ocr: bool = True) -> FetchPlan:
     """The `img_url` of every tweet of MMHS150K_GT.json, each to img_resized/<id>.jpg."""
     gt_path = locate(root, "MMHS150K_GT.json")
-    assert gt_path is not None
     gt = parse_json(decode_bytes(gt_path.read_bytes()), gt_path, "download it again")
     if not isinstance(gt, dict):
         raise MMCacheError(f"{gt_path}: expected a JSON object keyed by tweet id")

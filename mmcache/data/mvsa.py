@@ -93,7 +93,6 @@ def load_mvsa(root: Path, name: str, multiple: bool, seed: int = 0, fold: int | 
     if vote not in ("modality", "pair"):
         raise MMCacheError(f"vote must be 'modality' or 'pair', got {vote!r}")
     label_file = locate(root, LABEL_FILE)
-    assert label_file is not None
     base = label_file.parent
     images, texts = _media_dirs(base)
     rows = parse_label_file(label_file)

@@ -228,7 +228,8 @@ def load_table(
     `text_column`, `image_column`, `id_column`, `split_column` name the column of that field when
     it is not the default (`text`, `image`/`image_path`, `id`, `split`).
     """
-    return _load_table(root, name, seed, fold, label_names, image_root, metric, label_column,
+    return _load_table(root, name, seed=seed, fold=fold, label_names=label_names, image_root=image_root,
+                       metric=metric, label_column=label_column,
                        columns={"text": text_column, "image": image_column, "id": id_column, "split": split_column})
 
 
@@ -273,18 +274,12 @@ def _column_options(columns: dict[str, Any] | None) -> str:
     return "".join(f" -o {f}_column={c}" for f, c in (columns or {}).items() if c is not None and f == "image")
 
 
-def _load_table(
-    root: Path,
-    name: str | None = None,
-    seed: int = 0,
-    fold: int | None = None,
-    label_names: list[str] | None = None,
-    image_root: str | Path | None = None,
-    metric: str | None = None,
-    label_column: str = PRIMARY_TASK,
-    label_space: LabelSpace | None = None,
-    columns: dict[str, Any] | None = None,
-) -> Dataset:
+def _load_table(root: Path, name: str | None = None, *, seed: int = 0, fold: int | None = None,
+                label_names: list[str] | None = None, image_root: str | Path | None = None, metric: str | None = None,
+                label_column: str = PRIMARY_TASK, label_space: LabelSpace | None = None,
+                columns: dict[str, Any] | None = None) -> Dataset:
+    """`load_table` and `load_unlabelled_table`: with `label_space` the rows are read in that space (labels
+    optional, nothing saved, no split generated); `columns`: field -> the column named for it, or None."""
     root = Path(root)
     name = name or default_name(root, "table")
     if label_names is not None and (not isinstance(label_names, list) or not label_names):

@@ -78,7 +78,6 @@ def load_twitter(root: Path, year: str, seed: int = 0, captions: str | None = No
     """Load one of the TomBERT datasets (`year` "2015" or "2017")."""
     name = f"twitter{year[2:]}"
     train = locate(root, "train.tsv", hint=year)
-    assert train is not None
     base = train.parent
     image_dir = (locate(root, f"twitter{year}_images", kind="dir", required=False)
                  or locate(root, "images", kind="dir", hint=year, required=False))
