@@ -1,12 +1,16 @@
 """The full-batch logistic-regression probe behind `heads train --solver lbfgs`.
 
-It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torch computing it:
+It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torch (binary tasks on the CPU:
+numpy) computing it:
 
 - objective, per task: the criterion's mean loss over the task's labelled train rows
   + (l2/2)·‖W‖² (biases not penalised), on the features' device: parameters, per-row losses and every sum in
   float64, the two matrix products of an evaluation (logits, and the features' transpose times the residuals)
   in the features' own dtype, read where they lie (no copy): float32 features give float32 products, as
-  scikit-learn's lbfgs computes on float32 input; a `tol` below `F32_TOL` reads them as float64;
+  scikit-learn's lbfgs computes on float32 input; a `tol` below `F32_TOL` reads them as float64. Binary tasks
+  on the CPU evaluate a block of rows at a time (both products of a block while it is in the core's cache), so
+  an evaluation reads the features from memory once rather than twice: the products are matrix-vector ones,
+  bound by that reading;
 - a 2-class task is fitted as binary logistic regression (one weight vector w, stored as the
   rows -w/2, w/2 of the 2-class softmax): the same optimum as penalising both softmax rows, and
   scikit-learn's own parameterisation. Hence the scikit-learn `C` of a penalty l2 on n labelled
@@ -25,7 +29,10 @@ It fits scikit-learn's `LogisticRegression(solver="lbfgs")` objective, with torc
 
 A grid of penalties is fitted strongest first, each fit warm-started from the previous one
 (as `LogisticRegression(warm_start=True)`; from the third on, from the path through the last two solutions
-extrapolated in log(l2) when that point's objective is the lower), or all at once (`batched`); a fit that
+extrapolated in log(l2) when that point's objective is the lower), or all at once (`batched`). The objective
+is linear in l2, so a warm start's objective and gradient are the previous fit's last evaluation moved to the
+new penalty (`LogisticProbe.penalty`), with no pass over the features, and a previous solution that already
+meets tol there is kept without an iteration, as scikit-learn's warm start stops at once; a fit that
 stops without converging says so (`ProbeFit.warning`). The same optima and the same stop; the features must
 be in memory (`fit_l2_grid` refuses, suggesting `--solver adam`, when they cannot be).
 """
@@ -44,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from scipy.special import expit
 from torch import nn
 
 from mmcache.errors import MMCacheError
@@ -62,6 +70,9 @@ MAXLS = 50  # scikit-learn's line-search limit (scipy's default is 20)
 # about 1e-7 of their scale, so a stricter tol reads the features as float64 (a float64 copy of them).
 F32_TOL = 1e-5
 EVAL_ROWS = 8192  # rows fused at a time when the probe gathers its features
+# Bytes of features per block of the CPU evaluation (`LogisticProbe._blocked_products`): small enough for a block
+# read by the first product to still be in the core's cache when the second one reads it.
+BLOCK_BYTES = 1 << 19
 
 
 def sklearn_C(l2: float, n_labelled: int, num_classes: int) -> float:
@@ -89,6 +100,7 @@ class ProbeFit:
     seconds: float
     max_iter: int
     tol: float
+    grad: np.ndarray | None = field(default=None, repr=False)  # the objective's gradient at x (flat, as x)
 
     @property
     def warning(self) -> str | None:
@@ -160,23 +172,39 @@ class LogisticProbe:
         self.row_weights = self._cross_entropy_weights()
         self._mean_np = self.mean.to("cpu", torch.float64).numpy()
         self._scale_np = self.scale.to("cpu", torch.float64).numpy()
+        # Binary tasks on the CPU: the written-out evaluation's two products are matrix-vector ones, bound by reading
+        # the features, so it reads them once, a block of rows at a time (`_blocked_products`). With more logits per
+        # row (3+ classes) the products are bound by arithmetic and run over the whole matrix, as on other devices.
+        self.blocked = (z.device.type == "cpu" and z.is_contiguous() and self.row_weights is not None
+                        and all(r == 1 for r in self.rows.values()))
+        self.block_rows = max(16, BLOCK_BYTES // max(1, self.d * z.element_size()))
+        if self.blocked:  # per row and task, in the order of the parameters: the sign 1 - 2y, the row weight, both
+            assert self.row_weights is not None
+            self._z_np = z.numpy()
+            q = np.stack([1.0 - 2.0 * (self.targets[t] == 1).double().numpy() for t in self.rows], 1)
+            s = np.stack([self.row_weights[t].numpy() for t in self.rows], 1)
+            self._np_targets = (q, s, s * q)
 
     def _moments(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-feature mean and variance over the rows of z, as the probe's dtype: two passes as matrix-vector
-        products in the features' dtype, a block of rows at a time (they only choose the coordinates the solver
-        works in, so float32's digits do); refuses NaN or inf features."""
+        """Per-feature mean and variance over the rows of z, as the probe's dtype, with sums in the features' dtype
+        over a block of rows and float64 across blocks (they only choose the coordinates the solver works in, so
+        float32's digits do); refuses NaN or inf features. On the CPU one pass (`_moments_blocked`); elsewhere two,
+        as matrix-vector products."""
         n = z.shape[0]
-        ones = z.new_ones(min(n, 4096))
-        mean = z.new_zeros(z.shape[1])
-        for a in range(0, n, len(ones)):
-            blk = z[a:a + len(ones)]
-            mean += torch.mv(blk.T, ones[:len(blk)])
-        mean /= n
-        sq = torch.zeros_like(mean)
-        for a in range(0, n, len(ones)):
-            blk = z[a:a + len(ones)] - mean
-            sq += torch.mv(blk.mul_(blk).T, ones[:len(blk)])
-        var = sq / n
+        if z.device.type == "cpu":
+            mean, var = (torch.from_numpy(v) for v in _moments_blocked(z.numpy(), BLOCK_BYTES))
+        else:
+            ones = z.new_ones(min(n, 4096))
+            mean = z.new_zeros(z.shape[1])
+            for a in range(0, n, len(ones)):
+                blk = z[a:a + len(ones)]
+                mean += torch.mv(blk.T, ones[:len(blk)])
+            mean /= n
+            sq = torch.zeros_like(mean)
+            for a in range(0, n, len(ones)):
+                blk = z[a:a + len(ones)] - mean
+                sq += torch.mv(blk.mul_(blk).T, ones[:len(blk)])
+            var = sq / n
         if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             if not bool(torch.isfinite(z).all()):
                 raise MMCacheError("lbfgs: the train features hold NaN or inf values; re-extract the store or "
@@ -257,7 +285,9 @@ class LogisticProbe:
         the (class-weighted) mean cross-entropy + l2/2 ||W||^2, written out: d/dlogits = weight_i
         (softmax_i - onehot_i). A 2-class task computes its one logit m (the softmax logits are -m/2, m/2), so
         its gradient is weight_i (sigmoid(m_i) - y_i) and its penalty l2/4 ||w||^2. Two matrix products over the
-        features for all G and tasks: the logits and z.T @ residuals, in the features' dtype (sums in float64)."""
+        features for all G and tasks: the logits and z.T @ residuals, in the features' dtype (sums in float64).
+        Binary tasks on the CPU are evaluated by `_binary_loss_grad`, the same objective a block of rows at a
+        time."""
         assert self.row_weights is not None
         G, n, d, md = x.shape[0], self.z.shape[0], self.d, self.z.dtype
         raw = {t: self._raw(w, b) for t, (w, b) in self._blocks(x).items()}  # [G,r,d], [G,r] on the original features
@@ -265,44 +295,104 @@ class LogisticProbe:
         bcat = torch.cat([b.reshape(-1) for _, b in raw.values()])
         # [R,d] @ [d,n]: one pass over the features (faster than z @ W.T for a few rows R)
         m_all = torch.mm(wcat.to(md), self.z.T).to(self.dtype).T + bcat  # [n, R]
+        rr = self._residuals(m_all, G)  # [n, R]
+        gz = torch.mm(rr.T.to(md).contiguous(), self.z).to(self.dtype)  # z.T r on the original features, [R, d]
         f = x.new_zeros(G)
-        res, pen, at = [], [], 0
+        at = 0
         for t, (w, _) in raw.items():
             r = self.rows[t]
             mt = m_all[:, at:at + G * r].reshape(n, G, r)
             at += G * r
             y, s = self.targets[t].clamp(min=0), self.row_weights[t]
-            if self.num_classes[t] == 2:
-                m, yf = mt[..., 0], (y == 1).to(self.dtype)[:, None]
-                # -log p(y) = softplus(m) - y m for the pair (-m/2, m/2)
-                f = f + s @ (torch.nn.functional.softplus(m) - yf * m) + 0.25 * l2 * (w ** 2).sum((1, 2))
-                rt = ((torch.sigmoid(m) - yf) * s[:, None])[..., None]  # [n,G,1]
-                pen.append(0.5 * l2[:, None, None] * w)
+            if r == 1:  # -log p(y) = softplus(m) - y m for the pair (-m/2, m/2)
+                m = mt[..., 0]
+                f = f + s @ (torch.nn.functional.softplus(m) - (y == 1).to(self.dtype)[:, None] * m)
+                f = f + 0.25 * l2 * (w ** 2).sum((1, 2))
             else:
-                lse = torch.logsumexp(mt, -1)  # [n,G]
                 picked = mt.gather(2, y[:, None, None].expand(n, G, 1)).squeeze(2)
-                f = f + s @ (lse - picked) + 0.5 * l2 * (w ** 2).sum((1, 2))
-                rt = torch.exp(mt - lse[..., None])
-                rt.scatter_add_(2, y[:, None, None].expand(n, G, 1),
-                                -torch.ones(n, G, 1, dtype=rt.dtype, device=rt.device))
-                rt *= s[:, None, None]
-                pen.append(l2[:, None, None] * w)
-            res.append(rt.reshape(n, G * r))
-        rr = torch.cat(res, 1)  # [n, R]
-        gz = torch.mm(rr.T.to(md).contiguous(), self.z).to(self.dtype)  # z.T r on the original features, [R, d]
+                f = f + s @ (torch.logsumexp(mt, -1) - picked) + 0.5 * l2 * (w ** 2).sum((1, 2))
         gb_all = rr.sum(0)
         grads, at = [], 0
-        for t, pg in zip(raw, pen, strict=True):
+        for t, (w, _) in raw.items():
             r = self.rows[t]
             gzt, gb = gz[at:at + G * r].view(G, r, d), gb_all[at:at + G * r].view(G, r)
             at += G * r
+            pg = (0.5 if r == 1 else 1.0) * l2[:, None, None] * w  # the penalty's gradient
             # on the standardised features: zs.T r = (z.T r - mean * sum r) / scale
             gw = (gzt - gb[..., None] * self.mean + pg) / self.scale
             grads.append(torch.cat([gw, gb[..., None]], -1).reshape(G, -1))
         return f, torch.cat(grads, 1)
 
+    def _residuals(self, m_all: torch.Tensor, G: int) -> torch.Tensor:
+        """d(mean loss)/d(logits) [n, R] from the logits m_all [n, R] of G parameter vectors (torch)."""
+        n, res, at = m_all.shape[0], [], 0
+        for t, r in self.rows.items():
+            mt = m_all[:, at:at + G * r].reshape(n, G, r)
+            at += G * r
+            y, s = self.targets[t].clamp(min=0), self.row_weights[t]  # type: ignore[index]
+            if r == 1:
+                rt = (torch.sigmoid(mt) - (y == 1).to(self.dtype)[:, None, None]) * s[:, None, None]
+            else:
+                rt = torch.softmax(mt, -1)
+                rt.scatter_add_(2, y[:, None, None].expand(n, G, 1),
+                                -torch.ones(n, G, 1, dtype=rt.dtype, device=rt.device))
+                rt *= s[:, None, None]
+            res.append(rt.reshape(n, G * r))
+        return torch.cat(res, 1)
+
+    def _signs(self, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row and logit column [n, T*G] (T binary tasks, each for G parameter vectors, task-major): the sign
+        q = 1 - 2y, the row weight s, and s*q."""
+        q, s, sq = self._np_targets
+        if G == 1:
+            return q, s, sq
+        return np.repeat(q, G, 1), np.repeat(s, G, 1), np.repeat(sq, G, 1)
+
+    def _binary_loss_grad(self, xs: np.ndarray, l2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`_cross_entropy_loss_grad` of binary tasks on the CPU, in numpy (a few calls on small arrays cost less
+        there than as torch calls): objectives [G] and gradients [G, size] at G flat parameter vectors xs and
+        penalties l2 [G]. With the sign q = 1 - 2y of a row, -log p(y) = softplus(q m) and its derivative in m is
+        q sigmoid(q m) = sigmoid(m) - y, each without cancellation; the products in `_blocked_products`."""
+        G, T, d = xs.shape[0], len(self.rows), self.d
+        p = xs.reshape(G, T, d + 1)
+        w = p[..., :d] / self._scale_np  # [G, T, d], on the original features
+        b = p[..., d] - w @ self._mean_np  # [G, T]
+        q, s, sq = self._signs(G)
+        m, r, gz = self._blocked_products(w.transpose(1, 0, 2).reshape(T * G, d), b.T.reshape(-1), q, sq)
+        f = (s * np.logaddexp(0.0, q * m)).sum(0).reshape(T, G).sum(0) + 0.25 * l2 * (w * w).sum((1, 2))
+        gb = r.sum(0, dtype=np.float64).reshape(T, G).T  # [G, T]
+        gzt = gz.reshape(T, G, d).transpose(1, 0, 2)  # z.T r, [G, T, d]
+        # on the standardised features: zs.T r = (z.T r - mean * sum r) / scale; the penalty's gradient l2/2 w
+        gw = (gzt - gb[..., None] * self._mean_np + 0.5 * l2[:, None, None] * w) / self._scale_np
+        return f, np.concatenate([gw, gb[..., None]], -1).reshape(G, -1)
+
+    def _blocked_products(self, w: np.ndarray, b: np.ndarray, q: np.ndarray, sq: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The logits m = z w.T + b [n, R] (float64) of R weight vectors w [R, d], the residuals r = s q
+        sigmoid(q m) [n, R] (in the features' dtype) and z.T r [R, d] (float64), a block of `block_rows` rows at
+        a time: the block's logits, its residuals and its share of z.T r while the block is still in the core's
+        cache, so an evaluation reads the features from memory once instead of twice. Both products in the
+        features' dtype, as the whole-matrix ones; the blocks' shares of z.T r summed in float64."""
+        z, B = self._z_np, self.block_rows
+        wt = np.ascontiguousarray(w.T, dtype=z.dtype)  # [d, R]
+        n, R = z.shape[0], wt.shape[1]
+        m, r = np.empty((n, R)), np.empty((n, R), dtype=z.dtype)
+        t, part, gz = np.empty((B, R)), np.empty((R, self.d), dtype=z.dtype), np.zeros((R, self.d))
+        for a in range(0, n, B):
+            zb = z[a:a + B]
+            e = a + len(zb)
+            tb = t[:e - a]
+            np.add(zb @ wt, b, out=m[a:e])
+            np.multiply(m[a:e], q[a:e], out=tb)
+            expit(tb, out=tb)
+            np.multiply(tb, sq[a:e], out=r[a:e])
+            gz += np.matmul(r[a:e].T, zb, out=part)
+        return m, r, gz
+
     def loss_grad_many(self, xs: np.ndarray, l2s: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
         """(objectives [G], gradients [G, size]) at G flat parameter vectors, as numpy float64 for scipy."""
+        if self.blocked:
+            return self._binary_loss_grad(np.asarray(xs, dtype=np.float64), np.asarray(l2s, dtype=np.float64))
         xt = torch.from_numpy(np.asarray(xs, dtype=np.float64)).to(device=self.z.device, dtype=self.dtype)
         if self.row_weights is None:
             out = [self._autograd_loss_grad(x, l2) for x, l2 in zip(xt, l2s, strict=True)]
@@ -342,10 +432,28 @@ class LogisticProbe:
         c = self._scale_np / np.sqrt(self._scale_np ** 2 / 4 + l2)
         return np.concatenate([np.tile(np.append(c, 2.0), r) for r in self.rows.values()])
 
-    def _minimize(self, l2: float, x0: np.ndarray, loss_grad: Callable[[np.ndarray], tuple[float, np.ndarray]]
-                  ) -> ProbeFit:
+    def penalty(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """The objective's penalty per unit of l2 at flat parameters x, and its gradient: the objective is
+        linear in l2, f(x; l2) = loss(x) + l2 * P(x), with P = 1/2 ||W||^2 on the original weights (1/4 ||w||^2 for
+        a 2-class task's one weight vector), so moving a known evaluation to another penalty needs no pass over
+        the features."""
+        pen, grad, at = 0.0, np.zeros_like(x), 0
+        for r in self.rows.values():
+            k = 0.5 if r == 1 else 1.0
+            blk = x[at:at + r * (self.d + 1)].reshape(r, self.d + 1)
+            gblk = grad[at:at + r * (self.d + 1)].reshape(r, self.d + 1)
+            at += r * (self.d + 1)
+            w = blk[:, :self.d] / self._scale_np  # the original weights
+            pen += 0.5 * k * float((w * w).sum())
+            gblk[:, :self.d] = k * w / self._scale_np
+        return pen, grad
+
+    def _minimize(self, l2: float, x0: np.ndarray, loss_grad: Callable[[np.ndarray], tuple[float, np.ndarray]],
+                  start: tuple[float, np.ndarray] | None = None) -> ProbeFit:
         """scipy's L-BFGS-B from x0 in the preconditioned coordinates, stopped when the gradient with respect
-        to the original parameters is within tol (the per-iteration callback) or f stops decreasing."""
+        to the original parameters is within tol (the per-iteration callback) or f stops decreasing. `start`:
+        the objective and gradient at x0 when already known (the first point scipy evaluates, c * (x0 / c), is
+        x0 to rounding), so that evaluation is not made again."""
         t0 = time.perf_counter()
         c = self._precondition(l2)
         last: dict[str, Any] = {}
@@ -371,6 +479,8 @@ class LogisticProbe:
                 raise StopIteration
 
         p0 = x0 / c
+        if start is not None:
+            last.update(x=c * p0, f=float(start[0]), g=start[1])
         f0, g0 = fg(c * p0)  # the very point scipy evaluates first (c * p0), so that evaluation is not repeated
         if self.original_grad_max(g0) <= self.tol:  # already optimal (e.g. a warm start at the same penalty)
             res: Any = {"x": p0, "fun": f0, "nit": 0, "success": True, "message": "converged"}
@@ -383,27 +493,39 @@ class LogisticProbe:
         return ProbeFit(l2=float(l2), x=x, loss=float(last["f"]), iters=int(res["nit"]),
                         converged=bool(done[0] or res["success"]), grad_max=self.original_grad_max(last["g"]),
                         message=str(res["message"]), seconds=time.perf_counter() - t0, max_iter=self.max_iter,
-                        tol=self.tol)
+                        tol=self.tol, grad=last["g"])
 
-    def fit(self, l2: float, x0: np.ndarray | None = None) -> ProbeFit:
-        """Minimise the objective at penalty `l2` from x0 (zeros by default), as scikit-learn's lbfgs does."""
+    def fit(self, l2: float, x0: np.ndarray | None = None,
+            start: tuple[float, np.ndarray] | None = None) -> ProbeFit:
+        """Minimise the objective at penalty `l2` from x0 (zeros by default), as scikit-learn's lbfgs does;
+        `start`: the objective and gradient at x0, when known."""
         x0 = np.zeros(self.size) if x0 is None else np.asarray(x0, dtype=np.float64)
         with _eval_mode(self.crit):
-            return self._minimize(l2, x0, lambda x: self.loss_grad(x, l2))
+            return self._minimize(l2, x0, lambda x: self.loss_grad(x, l2), start)
 
-    def _start(self, fits: list[ProbeFit], l2: float) -> np.ndarray | None:
-        """The start of the fit at `l2` after `fits`: the previous solution, or, after two, the solution path
-        extrapolated linearly in log(l2) through the last two, when its objective is the lower."""
-        if len(fits) < 2:
-            return fits[-1].x if fits else None
-        a, b = fits[-2], fits[-1]
+    def _start(self, fits: list[ProbeFit], l2: float) -> tuple[np.ndarray | None, tuple[float, np.ndarray] | None]:
+        """The start of the fit at `l2` after `fits`, with the objective and gradient there: the previous solution
+        (its last evaluation moved to the new penalty, `penalty`), or, after two, the solution path extrapolated
+        linearly in log(l2) through the last two when its objective is the lower (one evaluation, which the fit
+        then starts from). The previous solution stays the start when it already meets tol at `l2` (as
+        scikit-learn's warm start, which then stops at once)."""
+        if not fits:
+            return None, None
+        b = fits[-1]
+        if b.grad is None:
+            return b.x, None
+        pb, gpb = self.penalty(b.x)
+        at_b = (b.loss + (l2 - b.l2) * pb, b.grad + (l2 - b.l2) * gpb)
+        if len(fits) < 2 or self.original_grad_max(at_b[1]) <= self.tol:
+            return b.x, at_b
+        a = fits[-2]
         if not (a.l2 > 0 and b.l2 > 0 and a.l2 != b.l2):
-            return b.x
+            return b.x, at_b
         t = (math.log(l2) - math.log(b.l2)) / (math.log(b.l2) - math.log(a.l2))
         guess = b.x + t * (b.x - a.x)
         with _eval_mode(self.crit):
-            f = self.loss_grad_many(np.stack([b.x, guess]), [l2, l2])[0]
-        return guess if f[1] < f[0] else b.x
+            at_guess = self.loss_grad(guess, l2)
+        return (guess, at_guess) if at_guess[0] < at_b[0] else (b.x, at_b)
 
     def fit_grid(self, grid: Sequence[float], batched: bool = False) -> list[ProbeFit]:
         """One fit per penalty in `grid`, in that order. Sequential (the default): each warm-started from the previous
@@ -417,7 +539,7 @@ class LogisticProbe:
         if not batched or self.row_weights is None or len(grid) < 2:
             fits: list[ProbeFit] = []
             for l2 in grid:
-                fits.append(self.fit(l2, self._start(fits, l2)))
+                fits.append(self.fit(l2, *self._start(fits, l2)))
             return fits
         with _eval_mode(self.crit):
             return _Lockstep(self, grid).run()
@@ -431,6 +553,33 @@ class LogisticProbe:
                 raise MMCacheError(f"lbfgs: classifier {t!r} is not a Linear layer of shape {tuple(w.shape)} with bias")
             clf.weight.copy_(w)
             clf.bias.copy_(b)
+
+
+def _moments_blocked(z: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance (float64) of z [n, d] in one pass: each block of rows' mean and sum of squared
+    deviations M_b, merged block by block with the pairwise update of Chan, Golub and LeVeque (counts n_a, n_b and
+    delta = mean_b - mean_a: M = M_a + M_b + delta^2 n_a n_b / (n_a + n_b)). A block's sums run in the features'
+    dtype over its deviations from a shift s close to the mean (the first row, then the mean so far): with
+    S1 = sum (z - s) and S2 = sum (z - s)^2, mean_b = s + S1/k and M_b = S2 - S1^2/k, so features far from zero
+    relative to their spread keep their digits."""
+    B = max(16, block_bytes // max(1, z.shape[1] * z.itemsize))
+    ones = np.ones(B, dtype=z.dtype)
+    count, mean, m2 = 0, np.zeros(z.shape[1]), np.zeros(z.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):  # values too large for float32: the caller falls back
+        for a in range(0, z.shape[0], B):
+            blk = z[a:a + B]
+            k = len(blk)
+            shift = blk[0] if count == 0 else mean.astype(z.dtype)
+            dev = blk - shift
+            s1 = (ones[:k] @ dev).astype(np.float64)
+            np.square(dev, out=dev)
+            mb, m2b = shift + s1 / k, (ones[:k] @ dev) - s1 * s1 / k
+            delta = mb - mean
+            tot = count + k
+            mean += delta * (k / tot)
+            m2 += m2b + delta * delta * (count * k / tot)
+            count = tot
+    return mean, np.maximum(m2, 0.0) / count
 
 
 @contextlib.contextmanager

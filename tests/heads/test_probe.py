@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from mmcache.heads import build_head
 from mmcache.heads.data import IGNORE, CachedData, load_cached
 from mmcache.heads.linear import LinearHead
 from mmcache.heads.losses import build_criterion
-from mmcache.heads.probe import LBFGS_GRID, GridResult, LogisticProbe, fit_l2_grid, sklearn_C
+from mmcache.heads.probe import LBFGS_GRID, GridResult, LogisticProbe, _moments_blocked, fit_l2_grid, sklearn_C
 
 LOADERS = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine, "digits": datasets.load_digits}
 
@@ -122,11 +124,21 @@ def test_grid_matches_sklearn(tmp_path: Path, name: str, scaled: bool) -> None:
     assert np.abs(ours - ref.predict_proba(xt)).max() < 0.02
 
 
-def test_binary_fit_is_sklearn_binary_logistic_regression(tmp_path: Path) -> None:
-    """A 2-class task at penalty l2 is scikit-learn's binary model at C = 2/(l2 n): the same weights."""
+def test_binary_fit_is_sklearn_binary_logistic_regression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-class task at penalty l2 is scikit-learn's binary model at C = 2/(l2 n): the same weights, from the
+    blocked evaluation that binary tasks on the CPU use."""
     x, y, sp = split_data("breast_cancer", scaled=True)
     data = write_cache(tmp_path / "cache", x, y, sp)
+    calls = []
+    blocked = LogisticProbe._blocked_products
+
+    def counted(self: LogisticProbe, *args: object) -> object:
+        calls.append(1)
+        return blocked(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LogisticProbe, "_blocked_products", counted)
     head, r = probe_fit(data, grid=[1e-2], tol=1e-8)
+    assert calls
     ref = LogisticRegression(C=2 / (1e-2 * len(sp["train"])), tol=1e-8, max_iter=10000).fit(x[sp["train"]], y[sp["train"]])
     w, b = head.classifiers["label"].weight.detach().double(), head.classifiers["label"].bias.detach().double()
     # Softmax rows -w/2, w/2: their difference is scikit-learn's coef_, and the rows sum to zero.
@@ -199,6 +211,93 @@ def test_written_gradient_equals_autograd_through_the_criterion() -> None:
             ref.backward()
             assert f == pytest.approx(float(ref.detach()), rel=rel)
             np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-9 if rel < 1e-9 else rel, atol=atol)
+
+
+def test_blocked_binary_evaluation_equals_the_whole_matrix_one() -> None:
+    """Binary tasks on the CPU are evaluated a block of rows at a time (numpy): the same objective and gradient as
+    the whole-matrix torch evaluation and as autograd through the criterion, for two tasks, several parameter
+    vectors at once, class weights, unlabelled rows, float32 and float64 features and a short last block."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 203, 6
+    z = torch.randn(n, d, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 0.0, 2.0]) + 5.0
+    targets = {"a": torch.randint(0, 2, (n,), generator=g), "b": torch.randint(0, 2, (n,), generator=g)}
+    targets["a"][:9] = IGNORE
+    targets["b"][50:61] = IGNORE
+    counts = {t: torch.bincount(y[y != IGNORE], minlength=2) for t, y in targets.items()}
+    rng = np.random.default_rng(1)
+    for feats, rtol in ((z.double(), 1e-10), (z, 1e-5)):
+        for class_weights in (False, True):
+            crit = build_criterion("ce", {"a": 2, "b": 2}, class_counts=counts, class_weights=class_weights)
+            probe = LogisticProbe(feats, targets, {"a": 2, "b": 2}, crit)
+            assert probe.blocked and probe.z.dtype == feats.dtype
+            probe.block_rows = 16  # 13 blocks, the last of 11 rows
+            xs, l2s = rng.normal(size=(3, probe.size)), [0.3, 1e-2, 1e-4]
+            f, grad = probe.loss_grad_many(xs, l2s)
+            probe.blocked = False
+            f_ref, g_ref = probe.loss_grad_many(xs, l2s)
+            probe.blocked = True
+            np.testing.assert_allclose(f, f_ref, rtol=rtol)
+            np.testing.assert_allclose(grad, g_ref, rtol=rtol, atol=rtol * float(np.abs(g_ref).max()))
+            xt = torch.from_numpy(xs[1]).requires_grad_(True)
+            ref = probe.objective(xt, l2s[1])
+            ref.backward()
+            assert f[1] == pytest.approx(float(ref.detach()), rel=rtol)
+            np.testing.assert_allclose(grad[1], xt.grad.numpy(), rtol=rtol, atol=rtol * float(xt.grad.abs().max()))
+    # confident rows (logits of hundreds): finite, and the loss of a wrong one is its logit
+    probe = LogisticProbe(z.double(), {"a": targets["a"]}, {"a": 2}, build_criterion("ce", {"a": 2}))
+    x = np.zeros(probe.size)
+    x[d] = 500.0  # the bias: every row predicts class 1
+    f, grad = probe.loss_grad(x, 0.0)
+    wrong = float(probe.row_weights["a"][targets["a"][targets["a"] != IGNORE] == 0].sum())
+    assert np.isfinite(grad).all() and f == pytest.approx(500.0 * wrong, rel=1e-9)
+    # more than two classes: the whole-matrix products (bound by arithmetic, not by reading the features)
+    three = LogisticProbe(z, {"a": targets["a"] % 3}, {"a": 3}, build_criterion("ce", {"a": 3}))
+    assert not three.blocked
+
+
+def test_moments_in_one_pass_are_the_two_pass_ones() -> None:
+    """The one-pass block moments (Chan et al.'s merge) equal float64 two-pass moments, also for features far from
+    zero relative to their spread, and for row counts that are not a multiple of the block."""
+    rng = np.random.default_rng(0)
+    for n, offset, spread in ((1, 0.0, 1.0), (1000, 0.0, 1.0), (1037, 1000.0, 0.01), (5000, -3.0, 200.0)):
+        z = (offset + spread * rng.standard_normal((n, 5))).astype(np.float32)
+        mean, var = _moments_blocked(z, block_bytes=64 * 5 * 4)  # blocks of 64 rows
+        ref = z.astype(np.float64)
+        np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-6, atol=1e-6 * spread)
+        np.testing.assert_allclose(var, ref.var(0), rtol=1e-5, atol=1e-12)
+
+
+def _counting(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    """fn, recording the number of parameter vectors of each call in `calls`."""
+
+    def counted(xs: np.ndarray, l2s: list[float]) -> Any:
+        calls.append(len(l2s))
+        return fn(xs, l2s)
+
+    return counted
+
+
+def test_a_warm_start_moves_the_last_evaluation_to_the_new_penalty() -> None:
+    """The objective is linear in l2: the last evaluation of a fit, moved to the next penalty with `penalty`, is the
+    evaluation there (binary and multi-class); a warm start that already meets tol costs no evaluation."""
+    for name, k in (("breast_cancer", 2), ("wine", 3)):
+        x, y, sp = split_data(name, scaled=True)
+        tr = sp["train"]
+        probe = LogisticProbe(torch.from_numpy(x[tr]), {"label": torch.from_numpy(y[tr])}, {"label": k},
+                              build_criterion("ce", {"label": k}))
+        params = np.random.default_rng(0).normal(size=probe.size)
+        (f1, g1), (f2, g2) = probe.loss_grad(params, 0.1), probe.loss_grad(params, 3e-3)
+        pen, gpen = probe.penalty(params)
+        assert f1 + (3e-3 - 0.1) * pen == pytest.approx(f2, rel=1e-9)
+        np.testing.assert_allclose(g1 + (3e-3 - 0.1) * gpen, g2, rtol=1e-9, atol=1e-12)
+        evaluations: list[int] = []
+        probe.loss_grad_many = _counting(probe.loss_grad_many, evaluations)  # type: ignore[method-assign]
+        first, again = probe.fit_grid([1e-2, 1e-2])
+        assert first.converged and again.converged and again.iters == 0
+        assert again.loss == first.loss and np.array_equal(again.x, first.x)
+        both = len(evaluations)
+        probe.fit_grid([1e-2])
+        assert len(evaluations) == 2 * both  # the first fit alone makes all of them: the second made none
 
 
 def test_other_criteria_fit_through_autograd() -> None:
