@@ -143,7 +143,20 @@ def compose_three_way(coarse: torch.Tensor, fine: torch.Tensor, classes: list[in
     return vals[:, inv]
 
 
-class BandQueryAttention(nn.Module):
+class _BandAttention(nn.Module):
+    """What both band attention blocks hold: `queries` learned queries per band (none with `single_key`, one
+    token per row, where the attention weight is 1 whatever the queries), the head count and dropout."""
+
+    def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float, single_key: bool) -> None:
+        super().__init__()
+        self.single_key = single_key
+        if not single_key:
+            self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
+        self.heads = heads
+        self.dropout = dropout
+
+
+class BandQueryAttention(_BandAttention):
     """Learned queries per band attending over that band's tokens T * p_k, with a key padding mask.
 
     Multi-head attention written out so that the key/value projections of the K bands share one
@@ -155,15 +168,11 @@ class BandQueryAttention(nn.Module):
 
     def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float,
                  single_key: bool = False) -> None:
-        super().__init__()
-        self.single_key = single_key
+        super().__init__(hidden, bands, queries, heads, dropout, single_key)
         if not single_key:
-            self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
             self.q = nn.Linear(hidden, hidden)
             self.k = nn.Linear(hidden, hidden, bias=False)
         self.v, self.o = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
-        self.heads = heads
-        self.dropout = dropout
 
     def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
@@ -243,7 +252,7 @@ def _band_weight(bands: int, d_in: int, d_out: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(bands, d_in, d_out).uniform_(-bound, bound))
 
 
-class PerBandAttention(nn.Module):
+class PerBandAttention(_BandAttention):
     """One attention block per band: band k has its own learned queries and q/k/v/o projections
     (the reference's latent cross-attention per band), over the band's tokens T * p_k, masked.
 
@@ -253,16 +262,12 @@ class PerBandAttention(nn.Module):
 
     def __init__(self, hidden: int, bands: int, queries: int, heads: int, dropout: float,
                  single_key: bool = False) -> None:
-        super().__init__()
-        self.single_key = single_key
+        super().__init__(hidden, bands, queries, heads, dropout, single_key)
         if not single_key:
-            self.queries = nn.Parameter(torch.randn(bands, queries, hidden) * hidden ** -0.5)
             self.wq, self.wk = _band_weight(bands, hidden, hidden), _band_weight(bands, hidden, hidden)
             self.bq = nn.Parameter(torch.zeros(bands, hidden))
         self.wv, self.wo = _band_weight(bands, hidden, hidden), _band_weight(bands, hidden, hidden)
         self.bv, self.bo = nn.Parameter(torch.zeros(bands, hidden)), nn.Parameter(torch.zeros(bands, hidden))
-        self.heads = heads
-        self.dropout = dropout
 
     def forward(self, t: torch.Tensor, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Band summaries [B,K,H] from tokens t [B,T,H], band probabilities p [B,T,K], mask [B,T]."""
