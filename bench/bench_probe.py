@@ -8,7 +8,8 @@ dims plus noise), a binary and a 3-class label from a linear score of the latent
 scikit-learn Cs, `sklearn_C`), strongest first, each warm-started from the previous fit (scikit-learn's
 `warm_start=True`), tol 1e-4, and keep the best validation accuracy. Timed: the probe's whole grid
 (`LogisticProbe` on the tensor, its fits, the validation of each) vs scikit-learn's grid with its validation;
-median of interleaved repeats; torch at 1 thread, BLAS at 1 thread (threadpoolctl). ratio = scikit-learn s / ours s.
+median of interleaved repeats (5; `--quick` 3); torch at 1 thread, BLAS at 1 thread (threadpoolctl).
+ratio = scikit-learn s / ours s of the medians; ratio_range = the lowest and highest ratio of one repeat's pair.
 """
 
 from __future__ import annotations
@@ -74,14 +75,16 @@ def compare(n: int, d: int, k: int, repeat: int) -> dict[str, Any]:
             out[name] = fn()
             times[name].append(time.perf_counter() - t)
     t_ours, t_sk = statistics.median(times["ours"]), statistics.median(times["sk"])
-    return {"ours_s": t_ours, "baseline_s": t_sk, "ratio": t_sk / t_ours, "acc_ours": out["ours"][0],
+    pairs = [b / a for a, b in zip(times["ours"], times["sk"], strict=True)]
+    return {"ours_s": t_ours, "baseline_s": t_sk, "ratio": t_sk / t_ours, "ratio_range": [min(pairs), max(pairs)],
+            "repeats": repeat, "acc_ours": out["ours"][0],
             "acc_baseline": out["sk"][0], "C_ours": out["ours"][1], "C_baseline": out["sk"][1],
             "same_C": out["ours"][1] == out["sk"][1], "rows": n, "features": d}
 
 
 def run(quick: bool) -> dict[str, dict[str, Any]]:
     """Binary and 3-class rows for bench/run.py, at one thread for torch and for BLAS."""
-    n, d, repeat = (5000, 512, 3) if quick else (20000, 1024, 3)
+    n, d, repeat = (5000, 512, 3) if quick else (20000, 1024, 5)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -96,7 +99,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="5,000 x 512 instead of 20,000 x 1024")
     args = ap.parse_args()
     for name, r in run(args.quick).items():
-        print(f"{name}: ours {r['ours_s']:.2f} s, scikit-learn {r['baseline_s']:.2f} s, {r['ratio']:.2f}x; "
+        lo, hi = r["ratio_range"]
+        print(f"{name}: ours {r['ours_s']:.2f} s, scikit-learn {r['baseline_s']:.2f} s, {r['ratio']:.2f}x "
+              f"({lo:.2f}-{hi:.2f}x over {r['repeats']} repeats); "
               f"val accuracy {r['acc_ours']:.4f} / {r['acc_baseline']:.4f}; C {r['C_ours']:.4g} / "
               f"{r['C_baseline']:.4g}")
 
