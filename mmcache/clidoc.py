@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 import typer
 
@@ -74,7 +75,8 @@ def markdown(prog: str, command=None, level: int = 2) -> str:  # type: ignore[no
         out += [line for para in paragraphs for line in (_escape(para), "")]
     pieces = command.collect_usage_pieces(ctx)
     out += ["```text", f"{prog} {' '.join(pieces)}".rstrip(), "```", ""]
-    args, opts = [], []
+    args: list[Any] = []
+    opts: list[Any] = []
     for param in command.params:
         record = param.get_help_record(ctx)
         if record is None or getattr(param, "hidden", False):

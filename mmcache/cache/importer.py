@@ -246,7 +246,10 @@ def _open_safetensors(path: Path, stack: contextlib.ExitStack) -> tuple[dict[str
                                "float16 or float32")
         dtype = np.dtype(_ST_DTYPES[st_dtype])
         _check_dtype(path, key, dtype, shape)
-        out[key] = Source(path, key, shape, dtype, lambda lo, hi, sl=sl: np.asarray(sl[lo:hi]))
+        def read(lo: int, hi: int, sl: Any = sl) -> np.ndarray:
+            return np.asarray(sl[lo:hi])
+
+        out[key] = Source(path, key, shape, dtype, read)
     return out, meta.get("ids")
 
 

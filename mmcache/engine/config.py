@@ -95,7 +95,8 @@ def option(default: Any = MISSING, *, factory: Any = MISSING, **meta: Any) -> An
 
 def redefault(base: type, name: str, default: Any = MISSING, *, factory: Any = MISSING, **meta: Any) -> Any:
     """`base`'s field `name` again, with a subclass's default (and any `Option` attribute replaced by `meta`)."""
-    opt = dataclasses.replace(base.__dataclass_fields__[name].metadata["option"], **meta)
+    (f,) = [f for f in dataclasses.fields(base) if f.name == name]
+    opt = dataclasses.replace(f.metadata["option"], **meta)
     return field(default=default, default_factory=factory, metadata={"option": opt})
 
 

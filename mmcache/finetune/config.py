@@ -4,8 +4,8 @@ learning rate, as in `heads train`; `encoder_lr` the encoders'. Importing it loa
 
 from __future__ import annotations
 
-from collections.abc import Collection
 import warnings
+from collections.abc import Collection
 from dataclasses import InitVar, dataclass
 from typing import Any, ClassVar
 
