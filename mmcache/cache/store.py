@@ -29,6 +29,7 @@ as one JSON-able dict. Readers take no lock and never block, even while a writer
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 import warnings
@@ -58,6 +59,7 @@ BLOCK_BYTES = 64 << 20
 SPAN_BYTES = 1 << 30
 # pread/pwrite move at most this many bytes per call on Linux.
 _IO_MAX = 0x7FFFF000
+_MADV_POPULATE_READ = 22  # Linux's madvise advice that reads a mapping's pages in (page cache, no copy)
 _STATE = "_state"  # int64 [n_rows, n_failed, updated_ns, reserved]
 _META = ("ids", "failed_ids", "failed_reasons", _STATE)
 _ORDER = ("pooled", "tokens", "mask", "boxes", "logits")  # the order arrays are listed in
@@ -110,6 +112,21 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
         if n == 0:
             raise OSError(f"unexpected end of file at byte {offset}")
         mv, offset = mv[n:], offset + n
+
+
+def _populate(m: mmap.mmap) -> None:
+    """Read every page of mapping `m` in and map it: one `madvise(MADV_POPULATE_READ)` (Linux 5.14+), else a read of
+    one byte per page."""
+    try:
+        m.madvise(_MADV_POPULATE_READ)
+        return
+    except (AttributeError, OSError, ValueError):
+        pass
+    view = np.frombuffer(m, dtype=np.uint8)
+    try:
+        int(view[:: mmap.PAGESIZE].max())
+    finally:
+        del view
 
 
 @dataclass(frozen=True)
@@ -598,26 +615,44 @@ class StoreReader:
         unknown = [k for k in keys if k not in self.shapes]
         if unknown:
             raise MMCacheError(f"{self.path} has no arrays {unknown}; it has {self.keys}")
-        if ids is None:
-            rows = np.arange(len(self.ids), dtype=np.int64)
-        else:
-            rows = self.rows(ids)
+        return self.load_rows(np.arange(len(self.ids), dtype=np.int64) if ids is None else self.rows(ids), keys)
+
+    def load_rows(self, rows: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Arrays `keys` of store rows `rows` (row numbers, as `rows(ids)` gives them), in that order, read as
+        `load` reads them."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             return {k: self._gather(fd, self._layout[k], rows) for k in keys}
         finally:
             os.close(fd)
 
-    def memmap(self, key: str) -> np.ndarray:
-        """A read-only memory map of array `key`'s committed rows, [rows, *shape] in the store's order: rows are
-        read from the file where they lie when indexed (the dataset is contiguous), nothing is loaded up front.
-        Pages it reads are the kernel's page cache, which it drops under memory pressure."""
+    def memmap(self, key: str, rows: tuple[int, int] | None = None, *, populate: bool = False) -> np.ndarray:
+        """A copy-on-write memory map of array `key`'s committed rows (`rows=(lo, hi)`: rows lo..hi-1), [rows, *shape]
+        in the store's order. Nothing is copied: the dataset is contiguous, so rows are read from the file where they
+        lie when touched, into the kernel's page cache (which it may drop under memory pressure and read again); a
+        write to the array stays in this process and never reaches the file. With `populate`, every page is read in
+        now (from the page cache when the file was read lately, else from the disk in sequential order) and mapped,
+        so touching a row later costs no read while the pages stay cached."""
         if key not in self.shapes:
             raise MMCacheError(f"{self.path} has no array {key!r}; it has {self.keys}")
         a = self._layout[key]
-        if not self.ids:
-            return np.empty((0, *a.row_shape), dtype=a.dtype)
-        return np.memmap(self.path, dtype=a.dtype, mode="r", offset=a.offset, shape=(len(self.ids), *a.row_shape))
+        lo, hi = rows if rows is not None else (0, len(self.ids))
+        if not 0 <= lo <= hi <= len(self.ids):
+            raise ValueError(f"rows {lo}:{hi} outside the {len(self.ids)} committed rows of {self.path}")
+        if hi == lo or not a.row_bytes:
+            return np.zeros((hi - lo, *a.row_shape), dtype=a.dtype)
+        offset = a.offset + lo * a.row_bytes
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping begins on a page boundary
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            m = mmap.mmap(fd, offset - start + (hi - lo) * a.row_bytes, access=mmap.ACCESS_COPY, offset=start)
+        finally:
+            os.close(fd)
+        if populate:
+            _populate(m)
+        count = (hi - lo) * int(np.prod(a.row_shape, dtype=np.int64))
+        # The array keeps the mapping alive (its base); the mapping outlives the file's name (rename, unlink).
+        return np.frombuffer(m, dtype=a.dtype, count=count, offset=offset - start).reshape(hi - lo, *a.row_shape)
 
     def row_bytes(self, key: str) -> int:
         """Bytes one row of array `key` takes in the store (and in memory, in the stored dtype)."""
@@ -628,7 +663,6 @@ class StoreReader:
         """Ids, arrays and labels of one split together, from the dataset manifest (default
         `cache/<dataset>/manifest.json` beside the store's folder), in manifest order. Ids of the split the store
         lacks (failed or not extracted) are left out and listed in `missing`."""
-        from mmcache.data.base import LabelSpace
 
         path = Path(manifest) if manifest is not None else self.manifest()
         if not path.exists():

@@ -2,11 +2,13 @@
 
 The trainer batches by index (no DataLoader, no per-sample Python): `data.batch(idx)` gathers rows `idx` (a
 LongTensor of positions) of every array, cast to float32 per batch. Features keep the stores' dtype (float16 stays
-float16, in memory and on a GPU). With `load="memory"` each array is one tensor; with `load="stream"` it is a
-`StreamedRows`, a memory map of the store that reads only the rows a batch asks for, so a dataset larger than
-memory trains with memory bounded by a few batches; `batches` / `chunks` then read the next batches in a
-background thread (pinned memory on CUDA). `load="auto"` (the default) keeps the rows in memory when they take
-at most half of what the process may use (`mmcache.memory`) and streams otherwise.
+float16, in memory and on a GPU). With `load="memory"` each array is one tensor, all of it read up front: when a
+store holds the rows in their order (the usual case) the tensor is the store's copy-on-write memory map with every
+page read in, so loading copies nothing; with `load="stream"` it is a `StreamedRows`, a memory map of the store
+that reads only the rows a batch asks for, so a dataset larger than memory trains with memory bounded by a few
+batches; `batches` / `chunks` then read the next batches in a background thread (pinned memory on CUDA).
+`load="auto"` (the default) keeps the rows in memory when they take at most half of what the process may use
+(`mmcache.memory`) and streams otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mmcache.memory import choose_load
 
 PREFETCH = 3  # batches read ahead by the background thread of a streamed dataset
 CHUNK_BYTES = 64 << 20  # an evaluation chunk's features take about this much (float32), whatever the row size
+CHECK_BYTES = 4 << 20  # the non-finite row check tests blocks of about this many bytes (they stay in the core's cache)
 
 _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64, np.dtype(np.bool_): torch.bool, np.dtype(np.uint8): torch.uint8,
@@ -47,15 +50,16 @@ class StreamedRows:
     def __init__(self, mm: np.ndarray, rows: np.ndarray | None, path: Path) -> None:
         self.path = path
         self._mm = mm
-        self._rows = rows  # data position -> store row (None: the same)
+        # The map as a tensor (no copy): a batch is one `index_select` of it, the gather in-memory rows take, which
+        # runs without holding the GIL (a numpy gather of a few hundred rows holds it), so the reads of a prefetch
+        # thread do not stall the training thread.
+        self._t = torch.from_numpy(mm)
+        self._rows = None if rows is None else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
         n = len(mm) if rows is None else len(rows)
         self.shape = torch.Size((n, *mm.shape[1:]))
         self.dtype = _TORCH_DTYPES[mm.dtype]
         self.device = torch.device("cpu")
         self._row_bytes = int(np.prod(mm.shape[1:], dtype=np.int64)) * mm.dtype.itemsize
-        # Rows gathered as opaque fixed-size records: numpy moves those about 2x faster than typed rows.
-        self._records = mm.reshape(len(mm), -1).view(np.dtype((np.void, self._row_bytes))).reshape(-1) \
-            if len(mm) and self._row_bytes else None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -70,12 +74,8 @@ class StreamedRows:
     def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
         if dim != 0:
             raise ValueError("streamed rows are selected along the row axis only")
-        pos = idx.detach().cpu().numpy().astype(np.int64, copy=False)
-        rows = pos if self._rows is None else self._rows[pos]
-        if self._records is None:
-            return torch.from_numpy(np.zeros((len(rows), *self._mm.shape[1:]), dtype=self._mm.dtype))
-        out = self._records[rows].view(self._mm.dtype).reshape(len(rows), *self._mm.shape[1:])
-        return torch.from_numpy(out)
+        pos = idx.detach().to("cpu", torch.int64)
+        return self._t.index_select(0, pos if self._rows is None else self._rows.index_select(0, pos))
 
     def __getitem__(self, key: int | slice) -> torch.Tensor:
         n = self.shape[0]
@@ -256,6 +256,44 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                            "--videotype")
     t_start = time.perf_counter()
     man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
+    labels = _manifest_labels(man, dataset, fold, tasks)
+    readers = _open_readers(man, dataset, modalities, cache_dir, teacher)
+    keep, dropped = _rows_in_every_store(man, dataset, readers)
+    ids = list(man.ids) if keep.all() else [i for i, k in zip(man.ids, keep, strict=True) if k]
+    splits = man.split_array[keep]
+
+    dev = torch.device(device)
+    wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
+    need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
+    mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
+    arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev)
+    # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
+    # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).
+    if mode == "memory":
+        _warn_non_finite(arrays.features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
+    targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
+    _warn_classes_without_train_rows(labels, targets, splits)
+    split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
+    if "train" not in split_index:
+        raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
+    manifest_split_index = split_index
+    carved_seed = None
+    if "val" not in split_index:
+        split_index = _carve_val(split_index, targets[labels.primary], val_fraction, seed)
+        carved_seed = seed
+        if not quiet:
+            _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
+                  f"seed {seed}) for validation")
+    return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=arrays.features, targets=targets,
+                      labels=labels, inputs=arrays.inputs, teacher=arrays.teacher, dropped=dropped, specs=arrays.specs,
+                      store_specs=arrays.store_specs, fold=man.fold, split_seed=man.split_seed,
+                      manifest_split_index=manifest_split_index, val_fraction=val_fraction, carved_seed=carved_seed,
+                      manifest=man, load=mode, load_seconds=time.perf_counter() - t_start)
+
+
+def _manifest_labels(man: Manifest, dataset: str, fold: int | None, tasks: list[str] | None) -> LabelSpace:
+    """The label space of the tasks asked for (None: all the manifest has); an error when the manifest holds
+    another fold than `fold`, or lacks a task."""
     if fold is not None and man.fold != fold:
         held = f"fold {man.fold}" if man.fold is not None else "the official splits (no fold)"
         raise MMCacheError(f"the manifest of {dataset!r} holds {held}, not fold {fold}; re-run "
@@ -266,7 +304,13 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         if unknown:
             raise MMCacheError(f"unknown task(s) {unknown} for dataset {dataset!r}; tasks are {list(labels.tasks)}")
         labels = LabelSpace(tasks={t: labels.tasks[t] for t in tasks}, metric=labels.metric)
+    return labels
 
+
+def _open_readers(man: Manifest, dataset: str, modalities: dict[str, str], cache_dir: Path | str,
+                  teacher: str | None) -> dict[str, StoreReader]:
+    """"<modality>/<name>" -> reader of each store asked for, teachers ("teacher/<name>", several: "nli,clip")
+    included; an error for a teacher store without logits, or a store of another dataset than the manifest's."""
     readers: dict[str, StoreReader] = {}
     for mod, name in modalities.items():
         readers[f"{mod}/{name}"] = StoreReader(store_path(cache_dir, dataset, mod, name))
@@ -277,13 +321,16 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         readers[tag] = StoreReader(store_path(cache_dir, dataset, "teacher", name.strip()))
         if "logits" not in readers[tag].keys:
             raise MMCacheError(f"{readers[tag].path} holds no `logits` array; a teacher store needs per-row logits")
-
     for r in readers.values():  # a store copied in from another dataset: its rows are not these rows
         of = r.attrs.get("dataset")
         if man.name and of and of != man.name:
             raise MMCacheError(f"{r.path} holds features of dataset {of!r}, but its manifest {man.path} is of {man.name!r}; "
                                f"extract this store for {man.name!r} (`mmcache extract`) or use another store name")
+    return readers
 
+
+def _rows_in_every_store(man: Manifest, dataset: str, readers: dict[str, StoreReader]) -> tuple[np.ndarray, dict[str, int]]:
+    """[len(manifest)] bool: the manifest's rows every store holds; and per store, the rows it lacks (warned)."""
     keep = np.ones(len(man.ids), dtype=bool)
     dropped: dict[str, int] = {}
     for tag, r in readers.items():
@@ -302,67 +349,69 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
                            "run `mmcache extract` for them")
     if dropped:
         _warn(f"training on {int(keep.sum())} of {len(man.ids)} rows")
-    ids = list(man.ids) if keep.all() else [i for i, k in zip(man.ids, keep, strict=True) if k]
-    splits = man.split_array[keep]
+    return keep, dropped
 
-    dev = torch.device(device)
-    wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
-    need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
-    mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
-    features: Features = {}
-    inputs: InputSpec = {}
-    teacher_list: list[tuple[Path, torch.Tensor]] = []
-    specs: dict[str, str] = {}
-    store_specs: dict[str, dict[str, Any]] = {}
+
+@dataclass
+class _Arrays:
+    """What `_read_arrays` gives: the features, their shapes, the teacher logits and the stores' specs."""
+
+    features: Features
+    inputs: InputSpec
+    teacher: torch.Tensor | None
+    specs: dict[str, str]
+    store_specs: dict[str, dict[str, Any]]
+
+
+def _read_arrays(readers: dict[str, StoreReader], ids: list[str], wanted: dict[str, list[str]], mode: str,
+                 dtype: torch.dtype | None, dev: torch.device) -> _Arrays:
+    """The arrays `wanted` of each store for rows `ids`: tensors on `dev` in memory mode (floats as `dtype` when
+    given), `StreamedRows` in stream mode; teachers' logits always in memory, as float32."""
+    out = _Arrays({}, {}, None, {}, {})
+    teachers: list[tuple[Path, torch.Tensor]] = []
     for tag, r in readers.items():
         mod = tag.split("/", 1)[0]
-        specs[tag] = str(r.attrs.get("spec_hash", ""))
+        out.specs[tag] = str(r.attrs.get("spec_hash", ""))
         # What rebuilds the extractor later (prediction on new data), even once the store is gone.
-        store_specs[tag] = {"spec": r.spec, "dtype": str(r.attrs.get("dtype", "float32"))}
+        out.store_specs[tag] = {"spec": r.spec, "dtype": str(r.attrs.get("dtype", "float32"))}
         if mod == "teacher":
             arr = r.load(ids, keys=["logits"])["logits"]
-            teacher_list.append((r.path, torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)))
+            teachers.append((r.path, torch.from_numpy(np.ascontiguousarray(arr)).float().to(dev)))
             continue
+        rows = r.rows(ids)
+        run = _contiguous_run(rows)
         feats: dict[str, Any] = {}
         if mode == "stream":
-            rows = r.rows(ids)
-            same = len(rows) == len(r) and bool((rows == np.arange(len(rows))).all())
             for k in wanted[tag]:
-                feats[k] = StreamedRows(r.memmap(k), None if same else rows, r.path)
+                feats[k] = StreamedRows(r.memmap(k, run) if run else r.memmap(k), None if run else rows, r.path)
         else:
-            for k, a in r.load(ids, keys=wanted[tag]).items():
-                t = torch.from_numpy(a)  # the store's dtype: no float32 copy beside it
-                del a
+            for k, t in _in_memory(r, rows, run, wanted[tag]).items():
                 if t.is_floating_point() and dtype is not None:
                     t = t.to(dtype)
                 feats[k] = t.to(dev)
-        features[mod] = feats
-        inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
+        out.features[mod] = feats
+        out.inputs[mod] = {k: tuple(int(s) for s in v.shape[1:]) for k, v in feats.items()}
+    out.teacher = _stack_teachers(teachers)
+    return out
 
-    # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
-    # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).
-    if mode == "memory":
-        _warn_non_finite(features, {tag.split("/", 1)[0]: r.path for tag, r in readers.items()}, ids)
-    teacher_t = _stack_teachers(teacher_list)
-    targets = {t: torch.from_numpy(man.targets[t][keep]).to(dev) for t in labels.tasks}
-    _warn_classes_without_train_rows(labels, targets, splits)
-    split_index = {s: torch.from_numpy(np.flatnonzero(splits == s)).to(dev) for s in dict.fromkeys(splits.tolist())}
-    if "train" not in split_index:
-        raise MMCacheError(f"manifest of {dataset!r} has no `train` rows (splits: {list(split_index)})")
-    manifest_split_index = split_index
-    carved_seed = None
-    if "val" not in split_index:
-        split_index = _carve_val(split_index, targets[labels.primary], val_fraction, seed)
-        carved_seed = seed
-        if not quiet:
-            _warn(f"no `val` split in {dataset!r}: using {len(split_index['val'])} train rows ({val_fraction:.0%}, "
-                  f"seed {seed}) for validation")
-    return CachedData(dataset=dataset, ids=ids, split_index=split_index, features=features, targets=targets,
-                      labels=labels, inputs=inputs, teacher=teacher_t, dropped=dropped, specs=specs, store_specs=store_specs,
-                      fold=man.fold,
-                      split_seed=man.split_seed, manifest_split_index=manifest_split_index,
-                      val_fraction=val_fraction, carved_seed=carved_seed, manifest=man, load=mode,
-                      load_seconds=time.perf_counter() - t_start)
+
+def _contiguous_run(rows: np.ndarray) -> tuple[int, int] | None:
+    """(lo, hi) when store rows `rows` are lo, lo+1, ..., hi-1 in this order (every row in store order, the usual
+    case), else None."""
+    if not len(rows):
+        return None
+    lo = int(rows[0])
+    return (lo, lo + len(rows)) if bool((rows == np.arange(lo, lo + len(rows))).all()) else None
+
+
+def _in_memory(r: StoreReader, rows: np.ndarray, run: tuple[int, int] | None, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Arrays `keys` of store rows `rows` as CPU tensors in the store's dtype. A contiguous run of rows is the store's
+    copy-on-write memory map with every page read in (`StoreReader.memmap(populate=True)`): the rows sit in the page
+    cache, mapped, and nothing is copied; fresh memory would first have to be faulted in page by page, which costs
+    more than the read itself. Rows in another order are gathered into fresh arrays (`StoreReader.load_rows`)."""
+    if run is None:
+        return {k: torch.from_numpy(a) for k, a in r.load_rows(rows, keys).items()}
+    return {k: torch.from_numpy(r.memmap(k, run, populate=True)) for k in keys}
 
 
 def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:
@@ -380,20 +429,23 @@ _EXPONENT = {torch.float16: (torch.int16, np.uint16, 0x7C00), torch.bfloat16: (t
 
 def _non_finite_rows(t: torch.Tensor) -> torch.Tensor:
     """[N] bool: rows of `t` holding a NaN or inf, i.e. a value whose exponent bits are all ones (an integer test,
-    several times faster on a CPU than float16 arithmetic), in blocks so memory stays small."""
-    flat = t.reshape(len(t), -1)
-    if t.dtype not in _EXPONENT:
-        return ~torch.isfinite(flat).all(1)
+    several times faster on a CPU than float16 arithmetic). On a CPU in blocks of about `CHECK_BYTES` through one
+    reused buffer, so each block is tested while it sits in the core's cache and memory stays small."""
+    flat = t.reshape(len(t), int(np.prod(t.shape[1:], dtype=np.int64)))
+    if not flat.shape[1]:
+        return torch.zeros(len(flat), dtype=torch.bool, device=t.device)
+    if t.dtype not in _EXPONENT or t.device.type != "cpu":
+        return torch.cat([~torch.isfinite(flat[s:s + 65536]).all(1) for s in range(0, len(flat), 65536)])
     itype, utype, mask = _EXPONENT[t.dtype]
-    out = []
-    for s in range(0, len(flat), 65536):
-        block = flat[s:s + 65536]
-        if block.device.type == "cpu":
-            bits = block.view(itype).numpy().view(utype) & utype(mask)
-            out.append(torch.from_numpy(bits.max(1) == mask) if bits.shape[1] else torch.zeros(len(bits), dtype=torch.bool))
-        else:
-            out.append(~torch.isfinite(block).all(1))
-    return torch.cat(out).to(t.device)
+    bits = flat.view(itype).numpy().view(utype)
+    step = max(1, CHECK_BYTES // (bits.shape[1] * bits.itemsize))
+    buf = np.empty((min(step, len(bits)), bits.shape[1]), dtype=utype)
+    out = np.empty(len(bits), dtype=bool)
+    for s in range(0, len(bits), step):
+        block = buf[:len(bits[s:s + step])]
+        np.bitwise_and(bits[s:s + step], utype(mask), out=block)
+        np.equal(block.max(1), utype(mask), out=out[s:s + len(block)])
+    return torch.from_numpy(out)
 
 
 def _warn_non_finite(features: Features, paths: dict[str, Path], ids: list[str]) -> None:

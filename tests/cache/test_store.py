@@ -434,3 +434,53 @@ def test_verify_groups_failures_by_the_listed_kind(path: Path, tmp_path: Path) -
     rep = verify_store(path)
     assert rep.ok and "2x cannot decode <image>; 1x cannot decode /data/id4.jpg" in rep.warnings[0]
     assert str(listed) in rep.warnings[0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_memmap_equals_the_hdf5_read_and_writes_never_reach_the_file(path: Path, dtype: str) -> None:
+    data = rows(300, seed=3)
+    with FeatureStore(path, SPEC, "toy", capacity=16, dtype=dtype) as st:  # grows: the arrays move in the file
+        for b in range(0, 300, 64):
+            st.write(ids_(64, b)[: 300 - b], {k: v[b:b + 64] for k, v in data.items()})
+        st.fail("bad", "cannot decode")
+    r = StoreReader(path)
+    with h5py.File(path, "r", locking=False) as f:  # what HDF5 itself reads for the committed rows
+        want = {k: f[k][:300] for k in r.keys}
+    for k in r.keys:
+        for populate in (False, True):
+            mm = r.memmap(k, populate=populate)
+            assert mm.dtype == want[k].dtype and mm.shape == want[k].shape
+            np.testing.assert_array_equal(mm, want[k])
+        np.testing.assert_array_equal(r.memmap(k, (17, 251), populate=True), want[k][17:251])
+        assert r.memmap(k, (40, 40)).shape == (0, *r.shapes[k])
+    mm = r.memmap("pooled", populate=True)
+    mm[:5] = 7  # copy-on-write: this process's copy changes, the file does not
+    assert (mm[:5] == 7).all()
+    np.testing.assert_array_equal(StoreReader(path).load()["pooled"], want["pooled"])
+    with pytest.raises(ValueError, match="outside"):
+        r.memmap("pooled", (0, 301))
+    with pytest.raises(MMCacheError, match="no array"):
+        r.memmap("nope")
+
+
+def test_a_mapped_store_keeps_its_rows_when_the_file_is_replaced_or_removed(path: Path) -> None:
+    data = rows(50)
+    with FeatureStore(path, SPEC, "toy", capacity=50) as st:
+        st.write(ids_(50), data)
+    mm = StoreReader(path).memmap("pooled", populate=True)
+    with FeatureStore(path, SPEC, "toy", capacity=400) as st:  # a rebuild: a new file renamed over the old one
+        st.write(ids_(10, 50), rows(10, seed=1))
+    np.testing.assert_array_equal(mm, data["pooled"].astype(np.float16))
+    path.unlink()
+    np.testing.assert_array_equal(mm, data["pooled"].astype(np.float16))
+
+
+def test_load_rows_reads_rows_in_the_order_asked(path: Path) -> None:
+    data = rows(80)
+    with FeatureStore(path, SPEC, "toy", capacity=80) as st:
+        st.write(ids_(80), data)
+    r = StoreReader(path)
+    order = np.array([79, 0, 5, 5, 40])
+    got = r.load_rows(order, ["pooled", "mask"])
+    np.testing.assert_array_equal(got["pooled"], data["pooled"][order].astype(np.float16))
+    np.testing.assert_array_equal(got["mask"], data["mask"][order])

@@ -214,3 +214,90 @@ def test_non_finite_rows_are_found_by_their_exponent_bits(dtype: torch.dtype) ->
     t[7] = 60_000.0  # large but finite
     t[8] = torch.finfo(dtype).tiny / 2 if dtype != torch.bfloat16 else 0.0  # subnormal: finite
     assert _non_finite_rows(t).nonzero().flatten().tolist() == [5, 100, 69_999]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_rows_in_memory_are_the_stores_rows_as_hdf5_reads_them(tmp_path: Path, dtype: str,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import h5py
+
+    from mmcache.data.base import Dataset, LabelSpace, Sample
+
+    cache = tmp_path / "cache"
+    n = 90
+    samples = [Sample(id=f"r{i:03d}", split=("train", "val", "test")[i % 3], labels={"label": i % 2}) for i in range(n)]
+    Dataset(name="t", samples=samples, labels=LabelSpace(tasks={"label": ["a", "b"]}), root=cache
+            ).write_manifest(cache / "t" / "manifest.json")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    x[[4, 50]] = np.nan
+    x[61, 2] = np.inf
+    ids = [s.id for s in samples]
+    with FeatureStore(store_path(cache, "t", "image", "f"), {"preset": "p"}, "t", capacity=n, dtype=dtype) as st:
+        st.write(ids, {"pooled": x})  # in manifest order: rows 0-88 are a run of the store, mapped
+    with FeatureStore(store_path(cache, "t", "text", "f"), {"preset": "q"}, "t", capacity=n, dtype=dtype) as st:
+        keep = list(range(n - 1))[::-1]  # another order, the last row failed: gathered into new arrays
+        st.write([ids[i] for i in keep], {"pooled": x[keep] * 2})
+        st.fail(ids[-1], "cannot decode")
+    capsys.readouterr()
+    gathered, mapped = [], []
+    load_rows, memmap = StoreReader.load_rows, StoreReader.memmap
+    monkeypatch.setattr(StoreReader, "load_rows",
+                        lambda self, *a: gathered.append(self.path.parent.name) or load_rows(self, *a))
+    monkeypatch.setattr(StoreReader, "memmap",
+                        lambda self, *a, **k: mapped.append(self.path.parent.name) or memmap(self, *a, **k))
+    mem = load_cached("t", {"image": "f", "text": "f"}, cache, quiet=True, load="memory")
+    monkeypatch.undo()
+    assert gathered == ["text"] and mapped == ["image"]
+    err = capsys.readouterr().err
+    assert len(mem.ids) == n - 1
+    assert "3 rows of" in err and "hold NaN or inf in 'pooled' (e.g. 'r004', 'r050', 'r061')" in err
+    for mod, scale in (("image", 1), ("text", 2)):
+        path = store_path(cache, "t", mod, "f")
+        with h5py.File(path, "r", locking=False) as f:
+            stored = f["pooled"][:len(StoreReader(path))]
+        r = StoreReader(path)
+        want = stored[r.rows(mem.ids)]
+        got = mem.features[mod]["pooled"]
+        assert got.dtype == (torch.float16 if dtype == "float16" else torch.float32)
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(got.numpy(), (x[[int(i[1:]) for i in mem.ids]] * scale).astype(dtype))
+    # a float32 copy on request, and a write to a row stays in this process
+    wide = load_cached("t", {"image": "f"}, cache, quiet=True, load="memory", dtype=torch.float32)
+    assert wide.features["image"]["pooled"].dtype == torch.float32
+    mem.features["image"]["pooled"][0] = 0
+    again = load_cached("t", {"image": "f"}, cache, quiet=True, load="memory")
+    np.testing.assert_array_equal(again.features["image"]["pooled"][0].numpy(), x[0].astype(dtype))
+
+
+def test_streamed_rows_gather_what_numpy_indexing_gives(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    data = np.random.default_rng(1).normal(size=(40, 3, 4)).astype(np.float16)
+    with FeatureStore(path, {"preset": "p"}, "t", capacity=40) as st:
+        st.write([f"i{k}" for k in range(40)], {"tokens": data})
+    r = StoreReader(path)
+    order = np.random.default_rng(2).permutation(40)[:25]  # data position -> store row
+    for rows, ref in ((None, data), (order, data[order])):
+        s = StreamedRows(r.memmap("tokens"), rows, path)
+        assert len(s) == len(ref) and tuple(s.shape) == ref.shape and s.dtype == torch.float16
+        for idx in ([3, 3, 0, 24], [], list(range(len(ref)))[::-1]):
+            got = s.index_select(0, torch.tensor(idx, dtype=torch.long))
+            assert got.dtype == torch.float16 and tuple(got.shape) == (len(idx), 3, 4)
+            np.testing.assert_array_equal(got.numpy(), ref[idx])
+        np.testing.assert_array_equal(s[2:9:3].numpy(), ref[2:9:3])
+        np.testing.assert_array_equal(s[-1].numpy(), ref[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_non_finite_rows_are_found_in_every_block(dtype: torch.dtype) -> None:
+    from mmcache.heads import data as hdata
+
+    t = torch.randn(1_500, 4096).to(dtype)  # rows of 8-16 KB: several blocks of CHECK_BYTES, the last one short
+    assert hdata.CHECK_BYTES // (4096 * t.element_size()) < len(t) // 2
+    bad = [0, 511, 512, 1_023, 1_499]
+    for i, v in zip(bad, ("nan", "inf", "-inf", "nan", "inf"), strict=True):
+        t[i, i % 4096] = float(v)
+    assert hdata._non_finite_rows(t).nonzero().flatten().tolist() == bad
+    assert hdata._non_finite_rows(t[:0]).shape == (0,)
+    assert not hdata._non_finite_rows(torch.zeros(3, 0, dtype=dtype)).any()
