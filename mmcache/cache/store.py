@@ -626,13 +626,16 @@ class StoreReader:
         finally:
             os.close(fd)
 
-    def memmap(self, key: str, rows: tuple[int, int] | None = None, *, populate: bool = False) -> np.ndarray:
-        """A copy-on-write memory map of array `key`'s committed rows (`rows=(lo, hi)`: rows lo..hi-1), [rows, *shape]
-        in the store's order. Nothing is copied: the dataset is contiguous, so rows are read from the file where they
-        lie when touched, into the kernel's page cache (which it may drop under memory pressure and read again); a
-        write to the array stays in this process and never reaches the file. With `populate`, every page is read in
-        now (from the page cache when the file was read lately, else from the disk in sequential order) and mapped,
-        so touching a row later costs no read while the pages stay cached."""
+    def memmap(self, key: str, rows: tuple[int, int] | None = None, *, populate: bool = False,
+               copy_on_write: bool = False) -> np.ndarray:
+        """A memory map of array `key`'s committed rows (`rows=(lo, hi)`: rows lo..hi-1), [rows, *shape] in the
+        store's order. Nothing is copied: the dataset is contiguous, so rows are read from the file where they lie
+        when touched, into the kernel's page cache (which it may drop under memory pressure and read again). The
+        array is read-only; with `copy_on_write` it is writable and a write stays in this process, never reaching
+        the file (such a map counts against the memory the system commits, as an array of its size would: only for
+        rows that fit in memory). With `populate`, every page is read in now (from the page cache when the file was
+        read lately, else from the disk in sequential order) and mapped, so touching a row later costs no read
+        while the pages stay cached."""
         if key not in self.shapes:
             raise MMCacheError(f"{self.path} has no array {key!r}; it has {self.keys}")
         a = self._layout[key]
@@ -645,7 +648,8 @@ class StoreReader:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY  # a mapping begins on a page boundary
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            m = mmap.mmap(fd, offset - start + (hi - lo) * a.row_bytes, access=mmap.ACCESS_COPY, offset=start)
+            m = mmap.mmap(fd, offset - start + (hi - lo) * a.row_bytes, offset=start,
+                          access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
         finally:
             os.close(fd)
         if populate:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,8 +53,11 @@ class StreamedRows:
         self._mm = mm
         # The map as a tensor (no copy): a batch is one `index_select` of it, the gather in-memory rows take, which
         # runs without holding the GIL (a numpy gather of a few hundred rows holds it), so the reads of a prefetch
-        # thread do not stall the training thread.
-        self._t = torch.from_numpy(mm)
+        # thread do not stall the training thread. The map is read-only (a writable one of a store larger than
+        # memory would be refused) and only ever read here, so torch's warning about it does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            self._t = torch.from_numpy(mm)
         self._rows = None if rows is None else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
         n = len(mm) if rows is None else len(rows)
         self.shape = torch.Size((n, *mm.shape[1:]))
@@ -406,12 +410,12 @@ def _contiguous_run(rows: np.ndarray) -> tuple[int, int] | None:
 
 def _in_memory(r: StoreReader, rows: np.ndarray, run: tuple[int, int] | None, keys: list[str]) -> dict[str, torch.Tensor]:
     """Arrays `keys` of store rows `rows` as CPU tensors in the store's dtype. A contiguous run of rows is the store's
-    copy-on-write memory map with every page read in (`StoreReader.memmap(populate=True)`): the rows sit in the page
+    copy-on-write memory map with every page read in (`StoreReader.memmap`, `populate`): the rows sit in the page
     cache, mapped, and nothing is copied; fresh memory would first have to be faulted in page by page, which costs
     more than the read itself. Rows in another order are gathered into fresh arrays (`StoreReader.load_rows`)."""
     if run is None:
         return {k: torch.from_numpy(a) for k, a in r.load_rows(rows, keys).items()}
-    return {k: torch.from_numpy(r.memmap(k, run, populate=True)) for k in keys}
+    return {k: torch.from_numpy(r.memmap(k, run, populate=True, copy_on_write=True)) for k in keys}
 
 
 def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:

@@ -453,7 +453,8 @@ def test_memmap_equals_the_hdf5_read_and_writes_never_reach_the_file(path: Path,
             np.testing.assert_array_equal(mm, want[k])
         np.testing.assert_array_equal(r.memmap(k, (17, 251), populate=True), want[k][17:251])
         assert r.memmap(k, (40, 40)).shape == (0, *r.shapes[k])
-    mm = r.memmap("pooled", populate=True)
+    assert not r.memmap("pooled").flags.writeable  # read-only unless asked
+    mm = r.memmap("pooled", populate=True, copy_on_write=True)
     mm[:5] = 7  # copy-on-write: this process's copy changes, the file does not
     assert (mm[:5] == 7).all()
     np.testing.assert_array_equal(StoreReader(path).load()["pooled"], want["pooled"])
