@@ -19,7 +19,8 @@ Every figure is a ratio within one run on the same data (a busy machine slows bo
                    LogisticRegression(lbfgs) over the same Cs, warm-started, one thread each, on synthetic float32
                    features (bench_probe.py: 20,000 x 1024; --quick 5,000 x 512); records both chosen Cs and accuracies
 - stream_vs_memory `heads train --load stream` vs `--load memory` epoch time of the gated head on the same pooled
-                   rows, each in a child process (bench_scale.py): the throughput streaming keeps
+                   rows, each in a child process (bench_scale.py), two of each alternating (medians): the
+                   throughput streaming keeps
 
 `--check` fails (exit 1) when a ratio is under its floor (`--quick` floors: sizes are small, the machine is
 shared). Writes `<out>.json` and `<out>.md`, each row naming its baseline and the machine. Everything the
@@ -63,7 +64,7 @@ FLOORS: dict[str, tuple[float, float, str, str]] = {
     # one thread each; the quick sizes are small enough for fixed costs to weigh
     "lbfgs_sklearn_binary": (0.7, 1.0, "sklearn LogisticRegression(lbfgs), same Cs", "--solver lbfgs grid, 2 classes"),
     "lbfgs_sklearn_3class": (0.7, 1.0, "sklearn LogisticRegression(lbfgs), same Cs", "--solver lbfgs grid, 3 classes"),
-    "stream_vs_memory": (0.6, 0.8, "heads train --load memory (rows as tensors)",
+    "stream_vs_memory": (0.7, 0.8, "heads train --load memory (rows as tensors)",
                          "heads train --load stream (rows read from the stores per batch), gated head"),
 }
 
@@ -121,9 +122,10 @@ def run(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def stream_vs_memory(n: int) -> dict[str, Any]:
-    """Epoch time per row of the gated head on `n` pooled rows, streamed vs in memory (bench_scale's children)."""
-    rows = bench_scale.run({"pooled": [n]}, None, epochs=4, heads=["gated"])
-    by = {r["mode"]: r for r in rows}
+    """Epoch time per row of the gated head on `n` pooled rows, streamed vs in memory (bench_scale's children,
+    alternating, two of each: medians)."""
+    rows = bench_scale.run({"pooled": [n]}, None, epochs=4, heads=["gated"], repeat=2, loads=False)
+    by = {r["mode"]: r for r in rows if r["table"] == "train"}
     if any("error" in r for r in rows):
         raise SystemExit(f"stream_vs_memory: {[r.get('error') for r in rows]}")
     return {"ours_s": by["stream"]["epoch_s"], "baseline_s": by["memory"]["epoch_s"],
