@@ -27,7 +27,7 @@ from mmcache.heads.lockstep import BatchOrders, labelled_train
 from mmcache.heads.losses import Criterion
 
 FUSE_CHUNK = 8192  # rows fused at once for evaluation
-FUSED_CACHE_BYTES = 256 << 20  # rows in memory whose fused features take at most this are fused once per fit
+FUSED_CACHE_BYTES = 256 << 20  # rows whose fused features take at most this are fused once per fit
 
 if TYPE_CHECKING:
     from mmcache.heads.data import CachedData
@@ -241,15 +241,15 @@ class StackTask(TaskBase):
         self.best_B = {t: b.detach().clone() for t, b in self.B.items()}
         self.loss_sum = torch.zeros(self.k_all, device=device)
         self.steps = 0
-        self.z_all: torch.Tensor | None = None  # every row's fused features, when in memory and small
+        self.z_all: torch.Tensor | None = None  # every row's fused features, when they are small
         self.z_all_ok = True
 
     def fused(self, idx: torch.Tensor) -> torch.Tensor:
-        """The fused features of rows `idx`: from the fused rows computed once when the rows are in memory and
-        those take at most FUSED_CACHE_BYTES (each row's fusion is its own, so the values are the same), else
-        fused from the batch."""
+        """The fused features of rows `idx`: from the fused rows computed once (in chunks, streamed or in memory)
+        when those take at most FUSED_CACHE_BYTES (each row's fusion is its own, so the values are the same),
+        else fused from the batch."""
         with torch.no_grad():
-            if self.z_all is None and not self.data.streamed and self.z_all_ok:
+            if self.z_all is None and self.z_all_ok:
                 n = len(self.data.ids)
                 width = self.head0.fused(self.data.batch(idx[:1])).shape[1]
                 self.z_all_ok = n * width * 4 <= FUSED_CACHE_BYTES
