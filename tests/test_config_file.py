@@ -17,6 +17,7 @@ from mmcache.engine.config import BaseConfig, option_of
 from mmcache.finetune.config import FinetuneConfig
 from mmcache.heads.config import TrainConfig
 from tests.heads.conftest import build_cache
+from tests.heads.conftest import run_heads as _heads
 
 
 def _options(app: typer.Typer, name: str) -> dict[str, Any]:
@@ -70,17 +71,6 @@ def test_a_shared_option_is_checked_the_same_way_in_both_configs(cls: type, kw: 
     with pytest.raises(MMCacheError) as e:
         cls(**base, **kw).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
-
-
-def _heads(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    from mmcache.heads.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["heads", *argv])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _metrics(run: Path) -> dict[str, Any]:
