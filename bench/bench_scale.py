@@ -3,8 +3,8 @@
 Usage: .venv/bin/python bench/bench_scale.py [--quick] [--sizes pooled=10000,100000 tokens=20000]
        [--limit-gb 6] [--repeat 2] [--out bench/results-scale]
 
-Synthetic float16 stores are written with the project's own `FeatureStore` and `Manifest` into a temporary
-folder that is deleted afterwards:
+Synthetic float16 stores are written through the public import path (`mmcache cache import`: `.npy` arrays, an
+ids file and an `id,split,label` CSV for the manifest) into a temporary folder that is deleted afterwards:
 
 - pooled: two modalities of 512-d pooled vectors, N = 10k, 100k, 1M rows; the linear probe and the gated head
 - tokens: two modalities of [50, 512] tokens + masks (about 102 KB a row), N = 20k, 100k, 200k; the xattn head
@@ -50,33 +50,51 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 
 
 def write_cache(cache: Path, dataset: str, n: int, tokens: bool, seed: int = 0) -> int:
-    """Write `n` rows of two modalities and the manifest; returns the stores' bytes on disk."""
-    from mmcache.cache.store import FeatureStore, store_path
-    from mmcache.data.base import LabelSpace
-    from mmcache.manifest import Manifest, manifest_path
+    """Write `n` rows of two modalities through the public import path (`mmcache cache import`'s
+    `import_features`: `.npy` arrays with an ids file, the manifest from an `id,split,label` CSV), one modality at
+    a time so that only one modality's arrays lie beside the stores; returns the stores' bytes on disk."""
+    from mmcache.cache.importer import import_features
+    from mmcache.cache.store import disk_bytes, store_path
 
     rng = np.random.default_rng(seed)
     ids = [f"r{i:08d}" for i in range(n)]
     y = rng.integers(0, 3, n)
     split = np.where(np.arange(n) % 10 == 0, "val", np.where(np.arange(n) % 10 == 1, "test", "train"))
-    Manifest(name=dataset, labels=LabelSpace(tasks={"label": ["c0", "c1", "c2"]}), ids=ids, splits=split.tolist(),
-             label_columns={"label": y.astype(np.int64)}).write(manifest_path(cache, dataset))
+    src = cache.parent / f"{dataset}-arrays"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "ids.txt").write_text("\n".join(ids) + "\n")
+    with open(src / "manifest.csv", "w") as fh:
+        fh.write("id,split,label\n")
+        fh.writelines(f"{i},{s},c{c}\n" for i, s, c in zip(ids, split.tolist(), y.tolist(), strict=True))
     protos = rng.standard_normal((3, DIM)).astype(np.float32)
     pool = rng.standard_normal((512, DIM)).astype(np.float32)  # rows tiled from a pool: writing is disk-bound
-    total = 0
     step = 1024 if tokens else 65536
+    total = 0
     for k, mod in enumerate(("image", "text")):
-        path = store_path(cache, dataset, mod, "synth")
-        with FeatureStore(path, {"preset": "synthetic", "modality": mod}, dataset, capacity=n) as st:
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                base = protos[y[lo:hi]] + pool[(np.arange(lo, hi) * (7 + k)) % len(pool)]
-                arrays = {"pooled": base.astype(np.float16)}
-                if tokens:
-                    arrays["tokens"] = np.repeat(base[:, None, :], TOKENS, 1).astype(np.float16)
-                    arrays["mask"] = np.ones((hi - lo, TOKENS), dtype=bool)
-                st.write(ids[lo:hi], arrays)
-        total += os.path.getsize(path)
+        files = {"pooled": np.lib.format.open_memmap(src / "pooled.npy", "w+", np.float16, (n, DIM))}
+        if tokens:
+            files["tokens"] = np.lib.format.open_memmap(src / "tokens.npy", "w+", np.float16, (n, TOKENS, DIM))
+            files["mask"] = np.lib.format.open_memmap(src / "mask.npy", "w+", np.bool_, (n, TOKENS))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            base = protos[y[lo:hi]] + pool[(np.arange(lo, hi) * (7 + k)) % len(pool)]
+            files["pooled"][lo:hi] = base
+            if tokens:
+                files["tokens"][lo:hi] = base[:, None, :]
+                files["mask"][lo:hi] = True
+        for a in files.values():
+            a.flush()
+        del files, a
+        import_features(dataset, mod, "synth", [f"{key}={src / f'{key}.npy'}" for key in
+                                                (("pooled", "tokens", "mask") if tokens else ("pooled",))],
+                        ids_file=src / "ids.txt", manifest=src / "manifest.csv" if k == 0 else None,
+                        cache_dir=cache, dtype="float16", progress=False)
+        for f in src.glob("*.npy"):
+            f.unlink()
+        total += disk_bytes(store_path(cache, dataset, mod, "synth"))
+    for f in src.iterdir():
+        f.unlink()
+    src.rmdir()
     return total
 
 

@@ -658,6 +658,23 @@ class StoreReader:
         # The array keeps the mapping alive (its base); the mapping outlives the file's name (rename, unlink).
         return np.frombuffer(m, dtype=a.dtype, count=count, offset=offset - start).reshape(hi - lo, *a.row_shape)
 
+    def read_ahead(self, keys: Sequence[str], rows: tuple[int, int] | None = None) -> None:
+        """Ask the kernel to start reading arrays `keys`' committed rows (`rows=(lo, hi)`: rows lo..hi-1) into the
+        page cache in the background (`posix_fadvise(WILLNEED)`) and return at once, so the disk works while the
+        caller does something else; a later read or `memmap` of those rows finds them cached. Nothing where the
+        system has no such advice."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        lo, hi = rows if rows is not None else (0, len(self.ids))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for k in keys:
+                a = self._layout[k]
+                if hi > lo and a.row_bytes:
+                    os.posix_fadvise(fd, a.offset + lo * a.row_bytes, (hi - lo) * a.row_bytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def row_bytes(self, key: str) -> int:
         """Bytes one row of array `key` takes in the store (and in memory, in the stored dtype)."""
         return self._layout[key].row_bytes

@@ -259,15 +259,18 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
                            "--videotype")
     t_start = time.perf_counter()
+    readers = _open_readers(dataset, modalities, cache_dir, teacher)
+    wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
+    if load != "stream":
+        _read_ahead(readers, wanted)
     man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
+    _check_stores_of(man, readers)
     labels = _manifest_labels(man, dataset, fold, tasks)
-    readers = _open_readers(man, dataset, modalities, cache_dir, teacher)
     keep, dropped = _rows_in_every_store(man, dataset, readers)
     ids = list(man.ids) if keep.all() else [i for i, k in zip(man.ids, keep, strict=True) if k]
     splits = man.split_array[keep]
 
     dev = torch.device(device)
-    wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
     need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
     mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
     arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev)
@@ -311,10 +314,10 @@ def _manifest_labels(man: Manifest, dataset: str, fold: int | None, tasks: list[
     return labels
 
 
-def _open_readers(man: Manifest, dataset: str, modalities: dict[str, str], cache_dir: Path | str,
+def _open_readers(dataset: str, modalities: dict[str, str], cache_dir: Path | str,
                   teacher: str | None) -> dict[str, StoreReader]:
     """"<modality>/<name>" -> reader of each store asked for, teachers ("teacher/<name>", several: "nli,clip")
-    included; an error for a teacher store without logits, or a store of another dataset than the manifest's."""
+    included; an error for a teacher store without logits."""
     readers: dict[str, StoreReader] = {}
     for mod, name in modalities.items():
         readers[f"{mod}/{name}"] = StoreReader(store_path(cache_dir, dataset, mod, name))
@@ -325,12 +328,26 @@ def _open_readers(man: Manifest, dataset: str, modalities: dict[str, str], cache
         readers[tag] = StoreReader(store_path(cache_dir, dataset, "teacher", name.strip()))
         if "logits" not in readers[tag].keys:
             raise MMCacheError(f"{readers[tag].path} holds no `logits` array; a teacher store needs per-row logits")
+    return readers
+
+
+def _read_ahead(readers: dict[str, StoreReader], wanted: dict[str, list[str]]) -> None:
+    """Start the disk on the rows a load into memory reads, in the background, while the manifest is read and the
+    ids aligned: only when every store's rows fit with room to spare (as `--load auto` keeps them in memory), so a
+    store larger than memory is never read ahead whole."""
+    need = sum(len(r) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
+    if choose_load("auto", need, "the stores' rows") == "memory":
+        for tag, keys in wanted.items():
+            readers[tag].read_ahead(keys)
+
+
+def _check_stores_of(man: Manifest, readers: dict[str, StoreReader]) -> None:
+    """An error for a store of another dataset than the manifest's."""
     for r in readers.values():  # a store copied in from another dataset: its rows are not these rows
         of = r.attrs.get("dataset")
         if man.name and of and of != man.name:
             raise MMCacheError(f"{r.path} holds features of dataset {of!r}, but its manifest {man.path} is of {man.name!r}; "
                                f"extract this store for {man.name!r} (`mmcache extract`) or use another store name")
-    return readers
 
 
 def _rows_in_every_store(man: Manifest, dataset: str, readers: dict[str, StoreReader]) -> tuple[np.ndarray, dict[str, int]]:
@@ -410,12 +427,14 @@ def _contiguous_run(rows: np.ndarray) -> tuple[int, int] | None:
 
 def _in_memory(r: StoreReader, rows: np.ndarray, run: tuple[int, int] | None, keys: list[str]) -> dict[str, torch.Tensor]:
     """Arrays `keys` of store rows `rows` as CPU tensors in the store's dtype. A contiguous run of rows is the store's
-    copy-on-write memory map with every page read in (`StoreReader.memmap`, `populate`): the rows sit in the page
-    cache, mapped, and nothing is copied; fresh memory would first have to be faulted in page by page, which costs
-    more than the read itself. Rows in another order are gathered into fresh arrays (`StoreReader.load_rows`)."""
+    copy-on-write memory map (`StoreReader.memmap`): the rows sit in the page cache, mapped, and nothing is copied;
+    fresh memory would first have to be faulted in page by page, which costs more than the read itself. Floating-point
+    arrays are mapped page by page by the non-finite check that reads them next (`_warn_non_finite`), as the disk
+    delivers the rows read ahead (`_read_ahead`), so the check overlaps the read; other arrays are read in and
+    mapped here (`populate`). Rows in another order are gathered into fresh arrays (`StoreReader.load_rows`)."""
     if run is None:
         return {k: torch.from_numpy(a) for k, a in r.load_rows(rows, keys).items()}
-    return {k: torch.from_numpy(r.memmap(k, run, populate=True, copy_on_write=True)) for k in keys}
+    return {k: torch.from_numpy(r.memmap(k, run, populate=r.dtypes[k].kind != "f", copy_on_write=True)) for k in keys}
 
 
 def _wanted(r: StoreReader, keys: Iterable[str] | None) -> list[str]:

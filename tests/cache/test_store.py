@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -462,6 +464,63 @@ def test_memmap_equals_the_hdf5_read_and_writes_never_reach_the_file(path: Path,
         r.memmap("pooled", (0, 301))
     with pytest.raises(MMCacheError, match="no array"):
         r.memmap("nope")
+
+
+def _resident(path: Path, offset: int, length: int) -> np.ndarray:
+    """Per page of bytes offset..offset+length of `path`: whether it is in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    start = offset - offset % mmap.PAGESIZE
+    size = offset + length - start
+    with open(path, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), size, offset=start, access=mmap.ACCESS_COPY)
+    buf = (ctypes.c_char * size).from_buffer(m)
+    vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.addressof(buf), size, vec) == 0, os.strerror(ctypes.get_errno())
+        return np.frombuffer(vec, dtype=np.uint8).copy() & 1
+    finally:
+        del buf
+        m.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and the page cache advice are Linux's")
+def test_read_ahead_brings_the_rows_asked_into_the_page_cache(path: Path) -> None:
+    import mmap
+
+    n, lo, hi = 8192, 4096, 6144  # 8 MB of float16 rows
+    x = np.random.default_rng(0).standard_normal((n, 512)).astype(np.float32)
+    with FeatureStore(path, SPEC, "toy", capacity=n) as st:
+        st.write(ids_(n), {"pooled": x})
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    r = StoreReader(path)
+    a, rb = _layout_of(r, "pooled")
+    # Rows lo/2..lo, a page in from each end: the reads that open the store may make the kernel read ahead a
+    # megabyte or so past them, into the first rows.
+    before = (a + lo // 2 * rb + mmap.PAGESIZE, lo // 2 * rb - 2 * mmap.PAGESIZE)
+    dropped = not _resident(path, *before).any()  # a file system that keeps every page (tmpfs) cannot tell
+    r.read_ahead(["pooled"], (lo, hi))
+    deadline = time.monotonic() + 10
+    while not _resident(path, a + lo * rb, (hi - lo) * rb).all() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _resident(path, a + lo * rb, (hi - lo) * rb).all()
+    if dropped:  # rows before lo were not asked for
+        assert not _resident(path, *before).any()
+    np.testing.assert_array_equal(r.memmap("pooled"), x.astype(np.float16))  # the store's dtype
+    r.read_ahead(["pooled"])  # every committed row; nothing where there are none
+    r.read_ahead(["pooled"], (7, 7))
+
+
+def _layout_of(r: StoreReader, key: str) -> tuple[int, int]:
+    """(byte offset of array `key` in the file, bytes per row)."""
+    with h5py.File(r.path, "r", locking=False) as f:
+        return int(f[key].id.get_offset()), r.row_bytes(key)
 
 
 def test_a_mapped_store_keeps_its_rows_when_the_file_is_replaced_or_removed(path: Path) -> None:

@@ -95,6 +95,7 @@ def test_load_memory_on_data_that_cannot_fit_is_one_line_before_loading(tmp_path
     monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)
     read = []
     monkeypatch.setattr(StoreReader, "load", lambda *a, **k: read.append(a) or {})  # nothing is read
+    monkeypatch.setattr(StoreReader, "read_ahead", lambda *a, **k: read.append(a))  # nor read ahead
     rc = run_heads(["train", "--dataset", "toy", "--vtype", "feat", "--ttype", "feat", "--cache-dir", str(cache),
                     "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", "--load", "memory"], monkeypatch)
     err = capsys.readouterr().err
@@ -106,10 +107,15 @@ def test_load_memory_on_data_that_cannot_fit_is_one_line_before_loading(tmp_path
     # auto streams the same data instead, and trains
     monkeypatch.undo()
     monkeypatch.setattr(memory, "available_bytes", lambda: need)  # fits, but not with room to spare
+    ahead: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(StoreReader, "read_ahead", lambda self, keys, rows=None: ahead.append((self.path.parent.name,
+                                                                                               list(keys))))
     data = load_cached("toy", MODS, cache, quiet=True)
-    assert data.load == "stream"
+    assert data.load == "stream" and not ahead  # a store that may not fit is never read ahead whole
     monkeypatch.setattr(memory, "available_bytes", lambda: 10 * need)
-    assert load_cached("toy", MODS, cache, quiet=True).load == "memory"
+    assert load_cached("toy", MODS, cache, quiet=True, keys=["pooled"]).load == "memory"
+    assert ahead == [("image", ["pooled"]), ("text", ["pooled"])]  # the disk starts before the manifest is read
+    assert load_cached("toy", MODS, cache, quiet=True, load="stream").load == "stream" and len(ahead) == 2
 
 
 def test_choose_load_modes() -> None:
