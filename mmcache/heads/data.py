@@ -259,11 +259,14 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
         raise MMCacheError("no feature stores selected; pass at least one of --vtype/--ttype/--ctype/--atype/"
                            "--videotype")
     t_start = time.perf_counter()
+    man_path = Path(manifest) if manifest else manifest_path(cache_dir, dataset)
+    if not man_path.is_file():  # no such dataset here: the manifest's one-line error, before any store's
+        Manifest.read(man_path)
     readers = _open_readers(dataset, modalities, cache_dir, teacher)
     wanted = {tag: _wanted(r, keys) for tag, r in readers.items() if not tag.startswith("teacher/")}
     if load != "stream":
         _read_ahead(readers, wanted)
-    man = Manifest.read(Path(manifest) if manifest else manifest_path(cache_dir, dataset))
+    man = Manifest.read(man_path)
     _check_stores_of(man, readers)
     labels = _manifest_labels(man, dataset, fold, tasks)
     keep, dropped = _rows_in_every_store(man, dataset, readers)

@@ -133,14 +133,16 @@ def stacked_logits(members: list[Member], data: CachedData, idx: torch.Tensor) -
 
 @torch.no_grad()
 def _stack_logits(head0: LinearHead, data: CachedData, idx: torch.Tensor, w: dict[str, torch.Tensor],
-                  b: dict[str, torch.Tensor], fused: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  b: dict[str, torch.Tensor], fused: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  read_ahead: bool = True) -> dict[str, torch.Tensor]:
     """task -> logits [len(idx), K, C] of K stacked probes (weights w [K, C, F], biases b [K, C]), the fused
     features of chunks of FUSE_CHUNK rows at a time (never a whole split of them at once): `fused(rows)`, by default
-    fused from the rows' batch; streamed chunks are read ahead."""
+    fused from the rows' batch; streamed chunks are read ahead (unless `read_ahead` is False: `fused` reads
+    memory)."""
     fuse = fused or (lambda rows: head0.fused(data.batch(rows)))
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in w}
-    for z in prefetch(fuse, (idx[s:s + FUSE_CHUNK] for s in range(0, len(idx), FUSE_CHUNK)), enabled=data.streamed):
+    chunks = (idx[s:s + FUSE_CHUNK] for s in range(0, len(idx), FUSE_CHUNK))
+    for z in prefetch(fuse, chunks, enabled=data.streamed and read_ahead):
         for t in w:
             parts[t].append((z @ w[t].reshape(-1, w[t].shape[-1]).T).view(len(z), w[t].shape[0], -1) + b[t])
     return {t: torch.cat(v) if v else torch.zeros(0, w[t].shape[0], w[t].shape[1], device=idx.device)
@@ -272,11 +274,14 @@ class StackTask(TaskBase):
         # As the single-run loop: no one-row batch (data-parallel: no rank with one row). Each rank takes its rows
         # `rank::world` of every batch (mmcache.heads.parallel).
         starts = [s for s in range(0, n, bs) if n - s >= (shard.min_batch() if shard.parallel else 2)]
-        # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed.
+        # The rows of each step (all orders' at once when batched, else per order), read ahead when streamed from
+        # the stores (not from the fused rows in memory: a thread's hand-off would cost more than the gather).
         step_rows = [self.train_idx[cast(torch.Tensor, order_pos)[:, s:s + bs][:, shard.rank::shard.world].reshape(-1)]
                      for s in starts] if self.batched else \
             [self.train_idx[shard.rows(perm[key][s:s + bs])] for s in starts for key in self.slots]
-        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed)
+        if step_rows and self.z_all is None and self.z_all_ok:
+            self.fused(step_rows[0][:1])  # the fused rows, computed now when small: steps then read memory
+        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed and self.z_all is None)
         for s in starts:
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if self.batched:
@@ -333,7 +338,7 @@ class StackTask(TaskBase):
         factor = self.factors[self.done]
         with torch.no_grad():
             vlog = _stack_logits(self.head0, self.data, self.val_idx, {t: self.W[t].detach() for t in tasks},
-                                 {t: self.B[t].detach() for t in tasks}, self.fused)
+                                 {t: self.B[t].detach() for t in tasks}, self.fused, read_ahead=self.z_all is None)
             vloss = sum(_ce(vlog[t], y_val[t], self.weights[t], self.smoothing) for t in tasks)
         # Validation metrics of all live configs from one confusion-matrix count per (task, metric) pair.
         vms: dict[int, dict[str, float]] = {}
