@@ -246,21 +246,25 @@ class StackTask(TaskBase):
         self.z_all: torch.Tensor | None = None  # every row's fused features, when they are small
         self.z_all_ok = True
 
+    @torch.no_grad()
+    def fused_rows(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Every row's fused features, computed once (in chunks, streamed or in memory) when they take at most
+        FUSED_CACHE_BYTES; None when they would take more. `idx`: any rows (one is fused to learn the width)."""
+        if self.z_all is None and self.z_all_ok:
+            n = len(self.data.ids)
+            width = self.head0.fused(self.data.batch(idx[:1])).shape[1]
+            self.z_all_ok = n * width * 4 <= FUSED_CACHE_BYTES
+            if self.z_all_ok:
+                rows = torch.arange(n, device=idx.device)
+                self.z_all = torch.cat([self.head0.fused(f) for f in self.data.chunks(rows, 8192)])
+        return self.z_all
+
     def fused(self, idx: torch.Tensor) -> torch.Tensor:
-        """The fused features of rows `idx`: from the fused rows computed once (in chunks, streamed or in memory)
-        when those take at most FUSED_CACHE_BYTES (each row's fusion is its own, so the values are the same),
-        else fused from the batch."""
+        """The fused features of rows `idx`: from `fused_rows` when they are small (each row's fusion is its own,
+        so the values are the same), else fused from the batch."""
         with torch.no_grad():
-            if self.z_all is None and self.z_all_ok:
-                n = len(self.data.ids)
-                width = self.head0.fused(self.data.batch(idx[:1])).shape[1]
-                self.z_all_ok = n * width * 4 <= FUSED_CACHE_BYTES
-                if self.z_all_ok:
-                    rows = torch.arange(n, device=idx.device)
-                    self.z_all = torch.cat([self.head0.fused(f) for f in self.data.chunks(rows, 8192)])
-            if self.z_all is not None:
-                return self.z_all.index_select(0, idx)
-            return self.head0.fused(self.data.batch(idx))
+            z = self.fused_rows(idx)
+            return z.index_select(0, idx) if z is not None else self.head0.fused(self.data.batch(idx))
 
     def train_epoch(self, epoch: int, active: list[Member]) -> None:
         bs, n, shard = self.cfg0.batch_size, self.n, self.data.shard
@@ -279,9 +283,8 @@ class StackTask(TaskBase):
         step_rows = [self.train_idx[cast(torch.Tensor, order_pos)[:, s:s + bs][:, shard.rank::shard.world].reshape(-1)]
                      for s in starts] if self.batched else \
             [self.train_idx[shard.rows(perm[key][s:s + bs])] for s in starts for key in self.slots]
-        if step_rows and self.z_all is None and self.z_all_ok:
-            self.fused(step_rows[0][:1])  # the fused rows, computed now when small: steps then read memory
-        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed and self.z_all is None)
+        in_memory = bool(step_rows) and self.fused_rows(step_rows[0]) is not None
+        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed and not in_memory)
         for s in starts:
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if self.batched:

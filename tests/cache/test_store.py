@@ -500,7 +500,9 @@ def test_read_ahead_brings_the_rows_asked_into_the_page_cache(path: Path) -> Non
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     r = StoreReader(path)
-    a, rb = _layout_of(r, "pooled")
+    with h5py.File(path, "r", locking=False) as f:
+        where = _layout(f)["pooled"]
+    a, rb = where.offset, where.row_bytes
     # Rows lo/2..lo, a page in from each end: the reads that open the store may make the kernel read ahead a
     # megabyte or so past them, into the first rows.
     before = (a + lo // 2 * rb + mmap.PAGESIZE, lo // 2 * rb - 2 * mmap.PAGESIZE)
@@ -515,12 +517,6 @@ def test_read_ahead_brings_the_rows_asked_into_the_page_cache(path: Path) -> Non
     np.testing.assert_array_equal(r.memmap("pooled"), x.astype(np.float16))  # the store's dtype
     r.read_ahead(["pooled"])  # every committed row; nothing where there are none
     r.read_ahead(["pooled"], (7, 7))
-
-
-def _layout_of(r: StoreReader, key: str) -> tuple[int, int]:
-    """(byte offset of array `key` in the file, bytes per row)."""
-    with h5py.File(r.path, "r", locking=False) as f:
-        return int(f[key].id.get_offset()), r.row_bytes(key)
 
 
 def test_a_mapped_store_keeps_its_rows_when_the_file_is_replaced_or_removed(path: Path) -> None:
