@@ -305,6 +305,8 @@ def run(sizes: dict[str, list[int]], limit: int | None, epochs: int, heads: list
                     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
                     for _ in range(repeat if len(modes) > 1 else 1):
                         for load in modes:
+                            if lim is not None:  # above the limit: the rows come from the disk, in every repeat
+                                drop_cached(_store_files(cache, ds))
                             cfg = {"dataset": ds, "modalities": {"image": "synth", "text": "synth"},
                                    "cache_dir": str(cache), "epochs": epochs, "batch_size": 256, "save": False,
                                    "quiet": True, "device": "cpu", "threads": 1, "load": load, **HEADS[head]}

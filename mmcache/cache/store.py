@@ -60,6 +60,9 @@ SPAN_BYTES = 1 << 30
 # pread/pwrite move at most this many bytes per call on Linux.
 _IO_MAX = 0x7FFFF000
 _MADV_POPULATE_READ = 22  # Linux's madvise advice that reads a mapping's pages in (page cache, no copy)
+# One page cache advice reads at most the device's readahead window (`read_ahead_kb`, 128 KB by default and
+# several MB on some virtual disks), whatever length it is given: longer ranges are advised in pieces of this size.
+_ADVICE_BYTES = 128 << 10
 _STATE = "_state"  # int64 [n_rows, n_failed, updated_ns, reserved]
 _META = ("ids", "failed_ids", "failed_reasons", _STATE)
 _ORDER = ("pooled", "tokens", "mask", "boxes", "logits")  # the order arrays are listed in
@@ -627,7 +630,7 @@ class StoreReader:
             os.close(fd)
 
     def memmap(self, key: str, rows: tuple[int, int] | None = None, *, populate: bool = False,
-               copy_on_write: bool = False) -> np.ndarray:
+               copy_on_write: bool = False, random: bool = False) -> np.ndarray:
         """A memory map of array `key`'s committed rows (`rows=(lo, hi)`: rows lo..hi-1), [rows, *shape] in the
         store's order. Nothing is copied: the dataset is contiguous, so rows are read from the file where they lie
         when touched, into the kernel's page cache (which it may drop under memory pressure and read again). The
@@ -635,7 +638,10 @@ class StoreReader:
         the file (such a map counts against the memory the system commits, as an array of its size would: only for
         rows that fit in memory). With `populate`, every page is read in now (from the page cache when the file was
         read lately, else from the disk in sequential order) and mapped, so touching a row later costs no read
-        while the pages stay cached."""
+        while the pages stay cached. With `random` (rows touched in any order, as a shuffled epoch streams them),
+        a page touched that is not cached reads that page alone (`MADV_RANDOM`), not the device's readahead window
+        around it (up to several MB a row on some virtual disks, which then fill the page cache with rows nobody
+        asked for); `read_ahead` of the rows about to be touched reads them in the background instead."""
         if key not in self.shapes:
             raise MMCacheError(f"{self.path} has no array {key!r}; it has {self.keys}")
         a = self._layout[key]
@@ -652,28 +658,54 @@ class StoreReader:
                           access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
         finally:
             os.close(fd)
+        if random and hasattr(mmap, "MADV_RANDOM"):
+            m.madvise(mmap.MADV_RANDOM)
         if populate:
             _populate(m)
         count = (hi - lo) * int(np.prod(a.row_shape, dtype=np.int64))
         # The array keeps the mapping alive (its base); the mapping outlives the file's name (rename, unlink).
         return np.frombuffer(m, dtype=a.dtype, count=count, offset=offset - start).reshape(hi - lo, *a.row_shape)
 
-    def read_ahead(self, keys: Sequence[str], rows: tuple[int, int] | None = None) -> None:
-        """Ask the kernel to start reading arrays `keys`' committed rows (`rows=(lo, hi)`: rows lo..hi-1) into the
-        page cache in the background (`posix_fadvise(WILLNEED)`) and return at once, so the disk works while the
-        caller does something else; a later read or `memmap` of those rows finds them cached. Nothing where the
-        system has no such advice."""
+    def read_ahead(self, keys: Sequence[str], rows: tuple[int, int] | np.ndarray | None = None) -> None:
+        """Ask the kernel to start reading arrays `keys`' committed rows into the page cache in the background
+        (`posix_fadvise(WILLNEED)`) and return at once, so the disk works while the caller does something else; a
+        later read or `memmap` of those rows finds them cached. `rows`: `(lo, hi)` (rows lo..hi-1, default all),
+        or an array of row numbers in any order (a streamed batch's: rows a page or less apart are advised as one
+        range). Nothing where the system has no such advice."""
         if not hasattr(os, "posix_fadvise"):
             return
-        lo, hi = rows if rows is not None else (0, len(self.ids))
+        spans = self._spans(keys, rows)
+        if not spans:
+            return
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for k in keys:
-                a = self._layout[k]
-                if hi > lo and a.row_bytes:
-                    os.posix_fadvise(fd, a.offset + lo * a.row_bytes, (hi - lo) * a.row_bytes, os.POSIX_FADV_WILLNEED)
+            for start, end in spans:
+                for pos in range(start, end, _ADVICE_BYTES):
+                    os.posix_fadvise(fd, pos, min(_ADVICE_BYTES, end - pos), os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
+
+    def _spans(self, keys: Sequence[str], rows: tuple[int, int] | np.ndarray | None) -> list[tuple[int, int]]:
+        """File byte ranges [start, end) of arrays `keys`' `rows` (as `read_ahead` takes them), in file order."""
+        n = len(self.ids)
+        if rows is None or isinstance(rows, tuple):
+            lo, hi = rows if rows is not None else (0, n)
+            return [(self._layout[k].offset + lo * self._layout[k].row_bytes,
+                     self._layout[k].offset + hi * self._layout[k].row_bytes)
+                    for k in keys if hi > lo and self._layout[k].row_bytes]
+        r = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(r) and not 0 <= r[0] <= r[-1] < n:
+            raise ValueError(f"rows outside the {n} committed rows of {self.path}")
+        out: list[tuple[int, int]] = []
+        for k in keys:
+            a = self._layout[k]
+            if not len(r) or not a.row_bytes:
+                continue
+            starts = a.offset + r * a.row_bytes
+            ends = starts + a.row_bytes
+            cut = np.flatnonzero(starts[1:] > ends[:-1] + mmap.PAGESIZE) + 1  # a gap of more than a page
+            out += zip(starts[np.r_[0, cut]].tolist(), ends[np.r_[cut - 1, len(r) - 1]].tolist(), strict=True)
+        return out
 
     def row_bytes(self, key: str) -> int:
         """Bytes one row of array `key` takes in the store (and in memory, in the stored dtype)."""

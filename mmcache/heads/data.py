@@ -44,12 +44,19 @@ _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torc
 
 
 class StreamedRows:
-    """One array of a store read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the aligned
-    data) from a memory map of the store, in the stored dtype. It offers what the trainer uses of an in-memory
-    tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`, integer and slice indexing)."""
+    """Array `key` of store `reader` read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the
+    aligned data; `rows[i]` is position i's store row, None: the store's rows in order) from a memory map of the
+    store, in the stored dtype; `read_ahead(idx)` starts the disk on rows a later batch takes. It offers what the
+    trainer uses of an in-memory tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`,
+    integer and slice indexing)."""
 
-    def __init__(self, mm: np.ndarray, rows: np.ndarray | None, path: Path) -> None:
-        self.path = path
+    def __init__(self, reader: StoreReader, key: str, rows: np.ndarray | None = None) -> None:
+        self.path = reader.path
+        self._reader, self._key = reader, key
+        run = (0, len(reader)) if rows is None else _contiguous_run(rows)
+        # Random access: an uncached page reads itself, not the readahead window around it (`StoreReader.memmap`).
+        mm = reader.memmap(key, run, random=True)
+        self._lo = run[0] if run else 0
         self._mm = mm
         # The map as a tensor (no copy): a batch is one `index_select` of it, the gather in-memory rows take, which
         # runs without holding the GIL (a numpy gather of a few hundred rows holds it), so the reads of a prefetch
@@ -58,12 +65,18 @@ class StreamedRows:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             self._t = torch.from_numpy(mm)
-        self._rows = None if rows is None else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
-        n = len(mm) if rows is None else len(rows)
+        self._rows = None if run else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        n = len(mm) if self._rows is None else len(self._rows)
         self.shape = torch.Size((n, *mm.shape[1:]))
         self.dtype = _TORCH_DTYPES[mm.dtype]
         self.device = torch.device("cpu")
         self._row_bytes = int(np.prod(mm.shape[1:], dtype=np.int64)) * mm.dtype.itemsize
+
+    def read_ahead(self, idx: torch.Tensor) -> None:
+        """Start reading rows `idx` (positions) into the page cache in the background (`StoreReader.read_ahead`)."""
+        pos = idx.detach().to("cpu", torch.int64)
+        rows = pos + self._lo if self._rows is None else self._rows.index_select(0, pos)
+        self._reader.read_ahead([self._key], rows.numpy())
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -89,30 +102,55 @@ class StreamedRows:
 
 
 def prefetch(fn: Callable[[Any], Any], items: Iterable[Any], enabled: bool = True,
-             depth: int = PREFETCH) -> Iterator[Any]:
+             depth: int = PREFETCH, ahead: Callable[[Any], None] | None = None) -> Iterator[Any]:
     """`fn(item)` for each item in order; when `enabled`, computed up to `depth` items ahead in one background
-    thread (the reads of a streamed batch overlap the training step of the one before)."""
+    thread (the reads of a streamed batch overlap the training step of the one before). With `ahead`, that thread
+    calls `ahead(item)` `depth` items before `fn(item)` (`CachedData.read_ahead`: the disk reads a later batch's
+    rows, many at once, while this one is gathered)."""
     if not enabled:
         for item in items:
             yield fn(item)
         return
+    call = fn
+    if ahead is not None:
+        items = _with_ahead(items, depth)
+
+        def call(pair: tuple[Any, list[Any]]) -> Any:
+            for later in pair[1]:
+                ahead(later)
+            return fn(pair[0])
+
     it = iter(items)
     pending: deque[Future[Any]] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="mmcache-prefetch") as pool:
         try:
             for item in it:
-                pending.append(pool.submit(fn, item))
+                pending.append(pool.submit(call, item))
                 if len(pending) >= depth:
                     break
             while pending:
                 done = pending.popleft().result()
                 nxt = next(it, _END)
                 if nxt is not _END:
-                    pending.append(pool.submit(fn, nxt))
+                    pending.append(pool.submit(call, nxt))
                 yield done
         finally:
             for f in pending:
                 f.cancel()
+
+
+def _with_ahead(items: Iterable[Any], depth: int) -> Iterator[tuple[Any, list[Any]]]:
+    """(item, the items to read ahead before it) for each item in order: items 0..depth with the first, then each
+    item `depth` places on with the one it follows, so every item is read ahead once, `depth` items early."""
+    it, buf = iter(items), deque[Any]()
+    while True:
+        new = []
+        while len(buf) <= depth and (x := next(it, _END)) is not _END:
+            buf.append(x)
+            new.append(x)
+        if not buf:
+            return
+        yield buf.popleft(), new
 
 
 _END = object()
@@ -211,7 +249,14 @@ class CachedData:
 
     def batches(self, idxs: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32) -> Iterator[Features]:
         """`batch(idx)` for each `idx` in order; a streamed dataset reads the next ones in a background thread."""
-        return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed)
+        return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed, ahead=self.read_ahead)
+
+    def read_ahead(self, idx: torch.Tensor) -> None:
+        """Start the disk on rows `idx` of every streamed array in the background (nothing in memory)."""
+        for d in self.features.values():
+            for v in d.values():
+                if isinstance(v, StreamedRows):
+                    v.read_ahead(idx)
 
     def chunks(self, idx: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> Iterator[Features]:
         """Features of rows `idx` in consecutive chunks of at most `size` rows and about `CHUNK_BYTES` (evaluation:
@@ -407,7 +452,7 @@ def _read_arrays(readers: dict[str, StoreReader], ids: list[str], wanted: dict[s
         feats: dict[str, Any] = {}
         if mode == "stream":
             for k in wanted[tag]:
-                feats[k] = StreamedRows(r.memmap(k, run) if run else r.memmap(k), None if run else rows, r.path)
+                feats[k] = StreamedRows(r, k, rows)
         else:
             for k, t in _in_memory(r, rows, run, wanted[tag]).items():
                 if t.is_floating_point() and dtype is not None:

@@ -517,6 +517,46 @@ def test_read_ahead_brings_the_rows_asked_into_the_page_cache(path: Path) -> Non
     np.testing.assert_array_equal(r.memmap("pooled"), x.astype(np.float16))  # the store's dtype
     r.read_ahead(["pooled"])  # every committed row; nothing where there are none
     r.read_ahead(["pooled"], (7, 7))
+    r.read_ahead(["pooled"], np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        r.read_ahead(["pooled"], np.array([3, n]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and the page cache advice are Linux's")
+def test_read_ahead_reads_ranges_longer_than_the_readahead_window_and_scattered_rows(path: Path) -> None:
+    n = 12_288  # 24 MB of float16 rows: one advice reads at most the device's readahead window (8 MB on some)
+    x = np.random.default_rng(0).standard_normal((n, 1024)).astype(np.float32)
+    with FeatureStore(path, SPEC, "toy", capacity=n) as st:
+        st.write(ids_(n), {"pooled": x})
+    r = StoreReader(path)
+    a = r._layout["pooled"]
+    rb = a.row_bytes
+
+    def drop() -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        return not _resident(path, a.offset + 8 * rb, (n - 16) * rb).any()
+
+    def wait(offset: int, length: int) -> np.ndarray:
+        deadline = time.monotonic() + 10
+        while not (res := _resident(path, offset, length)).all() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return res
+
+    if not drop():
+        pytest.skip("this file system keeps every page cached (tmpfs)")
+    r.read_ahead(["pooled"], (1000, n))  # 22 MB in one call
+    assert wait(a.offset + 1000 * rb, (n - 1000) * rb).all()
+    drop()
+    scattered = np.array([9000, 17, 4096, 17, 12_000, 4097])  # any order, repeats; neighbours merged
+    assert r._spans(["pooled"], scattered) == [(a.offset + k * rb, a.offset + (k + m) * rb)
+                                               for k, m in ((17, 1), (4096, 2), (9000, 1), (12_000, 1))]
+    r.read_ahead(["pooled"], scattered)
+    for k in scattered.tolist():
+        assert wait(a.offset + k * rb, rb).all()
+    assert not _resident(path, a.offset + 6000 * rb, 1000 * rb).any()  # rows not asked for
 
 
 def test_a_mapped_store_keeps_its_rows_when_the_file_is_replaced_or_removed(path: Path) -> None:

@@ -284,8 +284,10 @@ def test_streamed_rows_gather_what_numpy_indexing_gives(tmp_path: Path) -> None:
         st.write([f"i{k}" for k in range(40)], {"tokens": data})
     r = StoreReader(path)
     order = np.random.default_rng(2).permutation(40)[:25]  # data position -> store row
-    for rows, ref in ((None, data), (order, data[order])):
-        s = StreamedRows(r.memmap("tokens"), rows, path)
+    asked: list[tuple[list[str], np.ndarray]] = []
+    r.read_ahead = lambda keys, rws: asked.append((list(keys), np.asarray(rws)))  # type: ignore[method-assign]
+    for rows, ref in ((None, data), (order, data[order]), (np.arange(5, 30), data[5:30])):
+        s = StreamedRows(r, "tokens", rows)
         assert len(s) == len(ref) and tuple(s.shape) == ref.shape and s.dtype == torch.float16
         for idx in ([3, 3, 0, 24], [], list(range(len(ref)))[::-1]):
             got = s.index_select(0, torch.tensor(idx, dtype=torch.long))
@@ -293,6 +295,51 @@ def test_streamed_rows_gather_what_numpy_indexing_gives(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got.numpy(), ref[idx])
         np.testing.assert_array_equal(s[2:9:3].numpy(), ref[2:9:3])
         np.testing.assert_array_equal(s[-1].numpy(), ref[-1])
+        asked.clear()
+        s.read_ahead(torch.tensor([4, 0, 4]))  # positions -> the store rows they are
+        want = np.array([4, 0, 4]) if rows is None else np.asarray(rows)[[4, 0, 4]]
+        assert asked[0][0] == ["tokens"]
+        np.testing.assert_array_equal(asked[0][1], want)
+
+
+def test_prefetch_reads_each_item_ahead_once_before_it_is_computed() -> None:
+    log: list[tuple[str, int]] = []
+    got = list(prefetch(lambda x: log.append(("fn", x)) or x, range(7), depth=2,
+                        ahead=lambda x: log.append(("ahead", x))))
+    assert got == list(range(7))
+    # one thread does both, in order: items 0..2 ahead first, then each item two places on before the next one
+    assert log == [("ahead", 0), ("ahead", 1), ("ahead", 2), ("fn", 0), ("ahead", 3), ("fn", 1), ("ahead", 4),
+                   ("fn", 2), ("ahead", 5), ("fn", 3), ("ahead", 6), ("fn", 4), ("fn", 5), ("fn", 6)]
+    assert list(prefetch(lambda x: x, [], ahead=lambda x: log.append(("late", x)))) == []
+    assert list(prefetch(lambda x: -x, range(3), enabled=False, ahead=lambda x: log.append(("late", x)))) == [0, -1, -2]
+    assert ("late", 0) not in log  # rows in memory: nothing to read ahead
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and the page cache advice are Linux's")
+def test_streamed_batches_read_their_rows_not_the_readahead_window_around_them(tmp_path: Path) -> None:
+    from tests.cache.test_store import _resident
+
+    path = tmp_path / "s.h5"
+    n = 4096  # rows of 4 KB, 16 MB: a readahead window around a touched row (128 KB and up) spans many rows
+    x = np.random.default_rng(0).standard_normal((n, 2048)).astype(np.float16)
+    with FeatureStore(path, {"preset": "p"}, "t", capacity=n) as st:
+        st.write([f"i{k}" for k in range(n)], {"pooled": x})
+    r = StoreReader(path)
+    a = r._layout["pooled"]
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, a.offset, n * a.row_bytes, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    page_rows = range(100, n - 100, 300)
+    if _resident(path, a.offset + 100 * a.row_bytes, (n - 200) * a.row_bytes).any():
+        pytest.skip("this file system keeps every page cached (tmpfs)")
+    s = StreamedRows(r, "pooled")
+    idx = torch.tensor(list(page_rows))
+    np.testing.assert_array_equal(s.index_select(0, idx).numpy(), x[idx.numpy()])
+    for k in page_rows:  # the rows asked for are cached, their neighbours a few rows away are not
+        assert _resident(path, a.offset + k * a.row_bytes, a.row_bytes).all()
+        assert not _resident(path, a.offset + (k + 4) * a.row_bytes, 8 * a.row_bytes).any()
+        assert not _resident(path, a.offset + (k - 12) * a.row_bytes, 8 * a.row_bytes).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
