@@ -32,6 +32,7 @@ from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, InputSpec
 from mmcache.heads.parallel import RankShard
 from mmcache.manifest import IGNORE, Manifest
+from mmcache import memory
 from mmcache.memory import choose_load
 
 PREFETCH = 3  # batches read ahead by the background thread of a streamed dataset
@@ -46,16 +47,19 @@ _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torc
 class StreamedRows:
     """Array `key` of store `reader` read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the
     aligned data; `rows[i]` is position i's store row, None: the store's rows in order) from a memory map of the
-    store, in the stored dtype; `read_ahead(idx)` starts the disk on rows a later batch takes. It offers what the
+    store, in the stored dtype; with `random`, `read_ahead(idx)` starts the disk on rows a later batch takes. It
+    offers what the
     trainer uses of an in-memory tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`,
     integer and slice indexing)."""
 
-    def __init__(self, reader: StoreReader, key: str, rows: np.ndarray | None = None) -> None:
+    def __init__(self, reader: StoreReader, key: str, rows: np.ndarray | None = None, random: bool = False) -> None:
         self.path = reader.path
-        self._reader, self._key = reader, key
+        self._reader, self._key, self.random = reader, key, random
         run = (0, len(reader)) if rows is None else _contiguous_run(rows)
-        # Random access: an uncached page reads itself, not the readahead window around it (`StoreReader.memmap`).
-        mm = reader.memmap(key, run, random=True)
+        # `random`: more rows than the page cache keeps, read in a shuffled order: a page not cached reads itself,
+        # not the readahead window around it (`StoreReader.memmap`), and batches are read ahead (`read_ahead`).
+        # Rows that stay cached are left to the kernel's readahead, which fills the cache in the first epoch.
+        mm = reader.memmap(key, run, random=random)
         self._lo = run[0] if run else 0
         self._mm = mm
         # The map as a tensor (no copy): a batch is one `index_select` of it, the gather in-memory rows take, which
@@ -252,10 +256,11 @@ class CachedData:
         return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed, ahead=self.read_ahead)
 
     def read_ahead(self, idx: torch.Tensor) -> None:
-        """Start the disk on rows `idx` of every streamed array in the background (nothing in memory)."""
+        """Start the disk on rows `idx` of every streamed array larger than the page cache keeps, in the background
+        (nothing for rows in memory or that stay cached: the advice would cost more than it saves)."""
         for d in self.features.values():
             for v in d.values():
-                if isinstance(v, StreamedRows):
+                if isinstance(v, StreamedRows) and v.random:
                     v.read_ahead(idx)
 
     def chunks(self, idx: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> Iterator[Features]:
@@ -321,7 +326,10 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     dev = torch.device(device)
     need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
     mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
-    arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev)
+    # Streamed rows more than this process may keep (its memory limit caps its page cache too) are read at random
+    # places on every epoch: advised as such and read ahead per batch (`StreamedRows`).
+    random = mode == "stream" and need > memory.available_bytes()
+    arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev, random)
     # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
     # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).
     if mode == "memory":
@@ -433,9 +441,10 @@ class _Arrays:
 
 
 def _read_arrays(readers: dict[str, StoreReader], ids: list[str], wanted: dict[str, list[str]], mode: str,
-                 dtype: torch.dtype | None, dev: torch.device) -> _Arrays:
+                 dtype: torch.dtype | None, dev: torch.device, random: bool = False) -> _Arrays:
     """The arrays `wanted` of each store for rows `ids`: tensors on `dev` in memory mode (floats as `dtype` when
-    given), `StreamedRows` in stream mode; teachers' logits always in memory, as float32."""
+    given), `StreamedRows` in stream mode (`random`: larger than the page cache keeps); teachers' logits always in
+    memory, as float32."""
     out = _Arrays({}, {}, None, {}, {})
     teachers: list[tuple[Path, torch.Tensor]] = []
     for tag, r in readers.items():
@@ -452,7 +461,7 @@ def _read_arrays(readers: dict[str, StoreReader], ids: list[str], wanted: dict[s
         feats: dict[str, Any] = {}
         if mode == "stream":
             for k in wanted[tag]:
-                feats[k] = StreamedRows(r, k, rows)
+                feats[k] = StreamedRows(r, k, rows, random=random)
         else:
             for k, t in _in_memory(r, rows, run, wanted[tag]).items():
                 if t.is_floating_point() and dtype is not None:

@@ -118,6 +118,33 @@ def test_load_memory_on_data_that_cannot_fit_is_one_line_before_loading(tmp_path
     assert load_cached("toy", MODS, cache, quiet=True, load="stream").load == "stream" and len(ahead) == 2
 
 
+def test_streamed_rows_larger_than_memory_are_read_ahead_per_batch_and_train_as_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    build_cache(cache, n=100)
+    need = 100 * (24 + 16) * 2
+    cfg = _cfg(cache, head="gated", head_hparams={"D": 8}, batch_size=16)
+    want = train_many([TrainConfig(**{**cfg.to_json(), "load": "memory"})])[0]
+    asked: list[int] = []
+    real = StreamedRows.read_ahead
+    monkeypatch.setattr(StreamedRows, "read_ahead", lambda self, idx: asked.append(len(idx)) or real(self, idx))
+    data = load_cached("toy", MODS, cache, quiet=True, load="stream")  # fits: left to the kernel's readahead
+    assert data.streamed and not any(v.random for d in data.features.values() for v in d.values())
+    data.read_ahead(torch.arange(5))
+    assert not asked
+    monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)  # more rows than this process may keep
+    data = load_cached("toy", MODS, cache, quiet=True)
+    assert data.streamed and all(v.random for d in data.features.values() for v in d.values())
+    got = train_many([cfg])[0]
+    assert not isinstance(got, Exception) and not isinstance(want, Exception)
+    assert got.config["resolved"]["load"] == "stream"
+    # every batch of each epoch, validation and test read ahead, one call per streamed array
+    assert len(asked) >= 2 * 3 * (80 // 16) and set(asked) <= {16, *range(1, 81)}
+    assert got.metrics == want.metrics and got.best_epoch == want.best_epoch
+    for va, vb in zip(got.head.state_dict().values(), want.head.state_dict().values(), strict=True):
+        assert torch.equal(va, vb)
+
+
 def test_choose_load_modes() -> None:
     assert memory.choose_load("stream", 10, "x", available=1) == "stream"
     assert memory.choose_load("memory", 10, "x", available=10) == "memory"
@@ -287,7 +314,7 @@ def test_streamed_rows_gather_what_numpy_indexing_gives(tmp_path: Path) -> None:
     asked: list[tuple[list[str], np.ndarray]] = []
     r.read_ahead = lambda keys, rws: asked.append((list(keys), np.asarray(rws)))  # type: ignore[method-assign]
     for rows, ref in ((None, data), (order, data[order]), (np.arange(5, 30), data[5:30])):
-        s = StreamedRows(r, "tokens", rows)
+        s = StreamedRows(r, "tokens", rows, random=True)
         assert len(s) == len(ref) and tuple(s.shape) == ref.shape and s.dtype == torch.float16
         for idx in ([3, 3, 0, 24], [], list(range(len(ref)))[::-1]):
             got = s.index_select(0, torch.tensor(idx, dtype=torch.long))
@@ -333,7 +360,7 @@ def test_streamed_batches_read_their_rows_not_the_readahead_window_around_them(t
     page_rows = range(100, n - 100, 300)
     if _resident(path, a.offset + 100 * a.row_bytes, (n - 200) * a.row_bytes).any():
         pytest.skip("this file system keeps every page cached (tmpfs)")
-    s = StreamedRows(r, "pooled")
+    s = StreamedRows(r, "pooled", random=True)
     idx = torch.tensor(list(page_rows))
     np.testing.assert_array_equal(s.index_select(0, idx).numpy(), x[idx.numpy()])
     for k in page_rows:  # the rows asked for are cached, their neighbours a few rows away are not
