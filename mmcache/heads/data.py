@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcache import memory
 from mmcache.cache.store import StoreReader, manifest_path, store_path
 from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
 from mmcache.heads.base import Features, InputSpec
 from mmcache.heads.parallel import RankShard
 from mmcache.manifest import IGNORE, Manifest
-from mmcache import memory
 from mmcache.memory import choose_load
 
 PREFETCH = 3  # batches read ahead by the background thread of a streamed dataset
