@@ -16,7 +16,8 @@ kernel may drop and read again; in memory mode they hold the rows). The child re
 (`config.json`'s resolved `load_seconds`: manifest, id alignment and, in memory, the rows) and the median epoch
 seconds of its curves (the first epoch left out). Memory and streamed trainings alternate, `--repeat` times each;
 a row gives the medians over its repeats. With `--limit-gb` (root and a cgroup v1 memory controller) the token
-runs above the limit run under a memory cgroup of that size, as a container would. Ratios within one run: per-row
+runs above the limit run under a memory cgroup of that size, as a container would, each after the stores' pages
+were dropped from this machine's page cache (the rows come from the disk). Ratios within one run: per-row
 epoch time against the smallest size in memory, and streamed / in-memory throughput where both fit.
 
 Load seconds are also measured alone (a child that only loads), per size and mode: cold (the stores' pages
