@@ -48,9 +48,8 @@ class StreamedRows:
     """Array `key` of store `reader` read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the
     aligned data; `rows[i]` is position i's store row, None: the store's rows in order) from a memory map of the
     store, in the stored dtype; with `random`, `read_ahead(idx)` starts the disk on rows a later batch takes. It
-    offers what the
-    trainer uses of an in-memory tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`,
-    integer and slice indexing)."""
+    offers what the trainer uses of an in-memory tensor (`shape`, `dtype`, `device`, `index_select`,
+    `is_floating_point`, `len`, integer and slice indexing)."""
 
     def __init__(self, reader: StoreReader, key: str, rows: np.ndarray | None = None, random: bool = False) -> None:
         self.path = reader.path
