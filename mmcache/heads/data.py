@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcache import memory
 from mmcache.cache.store import StoreReader, manifest_path, store_path
 from mmcache.data.base import LabelSpace
 from mmcache.errors import MMCacheError
@@ -325,9 +324,10 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     dev = torch.device(device)
     need = sum(len(ids) * r.row_bytes(k) for tag, r in readers.items() for k in wanted.get(tag, []))
     mode = choose_load(load, need, f"the features of {dataset!r} ({len(ids):,} rows of {', '.join(wanted)})")
-    # Streamed rows more than this process may keep (its memory limit caps its page cache too) are read at random
-    # places on every epoch: advised as such and read ahead per batch (`StreamedRows`).
-    random = mode == "stream" and need > memory.available_bytes()
+    # Streamed rows that do not fit with room to spare (as `--load auto` decides: this process's memory limit caps
+    # its page cache too, and its own memory takes part of it) are read at random places on every epoch: advised as
+    # such and read ahead per batch (`StreamedRows`).
+    random = mode == "stream" and choose_load("auto", need, "") == "stream"
     arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev, random)
     # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
     # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).

@@ -132,6 +132,9 @@ def test_streamed_rows_larger_than_memory_are_read_ahead_per_batch_and_train_as_
     assert data.streamed and not any(v.random for d in data.features.values() for v in d.values())
     data.read_ahead(torch.arange(5))
     assert not asked
+    monkeypatch.setattr(memory, "available_bytes", lambda: need * 3 // 2)  # would fit, but not with room to spare
+    data = load_cached("toy", MODS, cache, quiet=True, load="stream")
+    assert all(v.random for d in data.features.values() for v in d.values())
     monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)  # more rows than this process may keep
     data = load_cached("toy", MODS, cache, quiet=True)
     assert data.streamed and all(v.random for d in data.features.values() for v in d.values())
