@@ -251,7 +251,13 @@ class CachedData:
 
     def batches(self, idxs: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32) -> Iterator[Features]:
         """`batch(idx)` for each `idx` in order; a streamed dataset reads the next ones in a background thread."""
-        return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed, ahead=self.read_ahead)
+        return prefetch(lambda i: self.batch(i, dtype), idxs, enabled=self.streamed, ahead=self.ahead)
+
+    @property
+    def ahead(self) -> Callable[[torch.Tensor], None] | None:
+        """`read_ahead` where some streamed array is read at random places, else None (nothing to read ahead)."""
+        rand = any(isinstance(v, StreamedRows) and v.random for d in self.features.values() for v in d.values())
+        return self.read_ahead if rand else None
 
     def read_ahead(self, idx: torch.Tensor) -> None:
         """Start the disk on rows `idx` of every streamed array larger than the page cache keeps, in the background

@@ -142,7 +142,7 @@ def _stack_logits(head0: LinearHead, data: CachedData, idx: torch.Tensor, w: dic
     fuse = fused or (lambda rows: head0.fused(data.batch(rows)))
     parts: dict[str, list[torch.Tensor]] = {t: [] for t in w}
     chunks = (idx[s:s + FUSE_CHUNK] for s in range(0, len(idx), FUSE_CHUNK))
-    for z in prefetch(fuse, chunks, enabled=data.streamed and read_ahead, ahead=data.read_ahead):
+    for z in prefetch(fuse, chunks, enabled=data.streamed and read_ahead, ahead=data.ahead):
         for t in w:
             parts[t].append((z @ w[t].reshape(-1, w[t].shape[-1]).T).view(len(z), w[t].shape[0], -1) + b[t])
     return {t: torch.cat(v) if v else torch.zeros(0, w[t].shape[0], w[t].shape[1], device=idx.device)
@@ -284,7 +284,7 @@ class StackTask(TaskBase):
                      for s in starts] if self.batched else \
             [self.train_idx[shard.rows(perm[key][s:s + bs])] for s in starts for key in self.slots]
         in_memory = bool(step_rows) and self.fused_rows(step_rows[0]) is not None
-        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed and not in_memory, ahead=self.data.read_ahead)
+        xs = prefetch(self.fused, step_rows, enabled=self.data.streamed and not in_memory, ahead=self.data.ahead)
         for s in starts:
             with torch.no_grad():  # the gradient is written out (`_ce_slots`): no autograd graph per step
                 if self.batched:
