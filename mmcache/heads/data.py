@@ -45,15 +45,16 @@ _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torc
 
 class StreamedRows:
     """Array `key` of store `reader` read where it lies: `index_select(0, idx)` reads rows `idx` (positions in the
-    aligned data; `rows[i]` is position i's store row, None: the store's rows in order) from a memory map of the
-    store, in the stored dtype; with `random`, `read_ahead(idx)` starts the disk on rows a later batch takes. It
-    offers what the trainer uses of an in-memory tensor (`shape`, `dtype`, `device`, `index_select`,
-    `is_floating_point`, `len`, integer and slice indexing)."""
+    aligned data) from a memory map of the store, in the stored dtype. `rows`: `(lo, hi)` (store rows lo..hi-1 in
+    order), an array (`rows[i]` is position i's store row) or None (every row in order). With `random`,
+    `read_ahead(idx)` starts the disk on rows a later batch takes. It offers what the trainer uses of an in-memory
+    tensor (`shape`, `dtype`, `device`, `index_select`, `is_floating_point`, `len`, integer and slice indexing)."""
 
-    def __init__(self, reader: StoreReader, key: str, rows: np.ndarray | None = None, random: bool = False) -> None:
+    def __init__(self, reader: StoreReader, key: str, rows: tuple[int, int] | np.ndarray | None = None,
+                 random: bool = False) -> None:
         self.path = reader.path
         self._reader, self._key, self.random = reader, key, random
-        run = (0, len(reader)) if rows is None else _contiguous_run(rows)
+        run = (0, len(reader)) if rows is None else rows if isinstance(rows, tuple) else _contiguous_run(rows)
         # `random`: more rows than the page cache keeps, read in a shuffled order: a page not cached reads itself,
         # not the readahead window around it (`StoreReader.memmap`), and batches are read ahead (`read_ahead`).
         # Rows that stay cached are left to the kernel's readahead, which fills the cache in the first epoch.
@@ -256,16 +257,17 @@ class CachedData:
     @property
     def ahead(self) -> Callable[[torch.Tensor], None] | None:
         """`read_ahead` where some streamed array is read at random places, else None (nothing to read ahead)."""
-        rand = any(isinstance(v, StreamedRows) and v.random for d in self.features.values() for v in d.values())
-        return self.read_ahead if rand else None
+        return self.read_ahead if self._random_rows() else None
 
     def read_ahead(self, idx: torch.Tensor) -> None:
         """Start the disk on rows `idx` of every streamed array larger than the page cache keeps, in the background
         (nothing for rows in memory or that stay cached: the advice would cost more than it saves)."""
-        for d in self.features.values():
-            for v in d.values():
-                if isinstance(v, StreamedRows) and v.random:
-                    v.read_ahead(idx)
+        for v in self._random_rows():
+            v.read_ahead(idx)
+
+    def _random_rows(self) -> list[StreamedRows]:
+        """The streamed arrays read at random places (`StreamedRows.random`)."""
+        return [v for d in self.features.values() for v in d.values() if isinstance(v, StreamedRows) and v.random]
 
     def chunks(self, idx: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> Iterator[Features]:
         """Features of rows `idx` in consecutive chunks of at most `size` rows and about `CHUNK_BYTES` (evaluation:
@@ -333,7 +335,7 @@ def load_cached(dataset: str, modalities: dict[str, str], cache_dir: Path | str 
     # Streamed rows that do not fit with room to spare (as `--load auto` decides: this process's memory limit caps
     # its page cache too, and its own memory takes part of it) are read at random places on every epoch: advised as
     # such and read ahead per batch (`StreamedRows`).
-    random = mode == "stream" and choose_load("auto", need, "") == "stream"
+    random = mode == "stream" and (load == "auto" or choose_load("auto", need, "") == "stream")
     arrays = _read_arrays(readers, ids, wanted, mode, dtype, dev, random)
     # Printed as the missing-rows warning is, quiet or not: they are problems of the data. Streamed rows are not
     # read up front (heads treat a non-finite row as missing that modality; `mmcache cache verify` lists them).
@@ -466,7 +468,7 @@ def _read_arrays(readers: dict[str, StoreReader], ids: list[str], wanted: dict[s
         feats: dict[str, Any] = {}
         if mode == "stream":
             for k in wanted[tag]:
-                feats[k] = StreamedRows(r, k, rows, random=random)
+                feats[k] = StreamedRows(r, k, run or rows, random=random)
         else:
             for k, t in _in_memory(r, rows, run, wanted[tag]).items():
                 if t.is_floating_point() and dtype is not None:
